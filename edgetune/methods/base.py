@@ -1,0 +1,265 @@
+"""What every test-time adaptation method is: the contract the runtime, export and compilers rely on.
+
+A method attaches small modules to a frozen backbone. Partitioned methods read only *taps*
+(stage outputs, pooled or whole) that the frozen int8 graph computes; their whole per-sample
+computation is ``forward_graph`` — a pure function exported as ``trainable.onnx``::
+
+    forward_graph(taps, state, momentum, target) -> (logits, loss, new_state)
+
+* ``taps``: tensors in ``taps()`` order (batch 1).
+* ``state``: forward-only running tensors (feature statistics), in ``state_names()`` order.
+* ``momentum``: shape [1], the EMA momentum for this sample (the runtime computes the schedule).
+* ``target``: shape [1, classes]; all zeros in the unsupervised protocol, a one-hot label in the
+  supervised mode. ``loss`` is cross-entropy towards ``target`` when it is non-zero, else the
+  method's unsupervised loss; a label therefore never changes a prediction already scored.
+
+Gradients of ``loss`` are taken with respect to exactly ``trainable_names()`` and applied by
+SGD with momentum (``lr``, ``momentum`` in every config). Methods that adapt the backbone itself
+(tent, bn-adapt, alpha-bn) set ``partitioned = False``: their tap is the input image.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetune.errors import ConfigError
+from edgetune.models import Backbone
+from edgetune.registry import Registry
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """A backbone tensor a method reads: stage ``stage``'s output, pooled to N x C or whole.
+
+    ``stage == -1`` is the input image (methods that run the backbone themselves).
+    """
+
+    stage: int
+    pooled: bool
+
+    @property
+    def name(self) -> str:
+        return "input" if self.stage < 0 else f"tap{self.stage}_{'pool' if self.pooled else 'map'}"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields shared by every method; each field's ``help`` is shown by the CLI."""
+
+    lr: float = field(default=0.0, metadata={"help": "SGD learning rate of the test-time update (0: no update)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the test-time update"})
+    fit_epochs: int = field(default=30, metadata={"help": "epochs of the pre-deployment fit on source data"})
+    fit_lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the pre-deployment fit"})
+    guard: bool = field(default=True, metadata={"help": "collapse guard: restore the last good weights "
+                                                        "when predictions collapse to one class"})
+
+    def replace(self, overrides: dict[str, str]) -> "MethodConfig":
+        """A copy with ``key=value`` strings applied (CLI ``--set``), cast to each field's type.
+
+        Raises:
+            ConfigError: unknown key or a value of the wrong type.
+        """
+        known = {f.name: f for f in fields(self)}
+        values: dict[str, Any] = {}
+        for key, raw in overrides.items():
+            if key not in known:
+                raise ConfigError(f"--set: {type(self).__name__} has no field {key!r} "
+                                  f"(fields: {', '.join(known)})")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, bool):
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    values[key] = raw.lower() in ("1", "true", "yes")
+                elif isinstance(current, tuple):
+                    values[key] = tuple(int(v) for v in raw.split(",") if v)
+                else:
+                    values[key] = type(current)(raw)
+            except ValueError:
+                raise ConfigError(f"--set: {key} expects {type(current).__name__} (got {raw!r})") from None
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **values})
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of softmax(logits) along the last axis."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def supervised_or(unsupervised: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy towards ``target`` when it holds a label, else the unsupervised loss (graph-safe)."""
+    labelled = target.sum()
+    ce = -(target * F.log_softmax(logits, dim=-1)).sum()
+    return labelled * ce + (1.0 - labelled) * unsupervised
+
+
+def ema_momentum(step: int, start: float, decay: float, floor: float) -> float:
+    """DUA's decaying momentum: ``max(floor, start * decay**step)``."""
+    return max(floor, start * decay ** step)
+
+
+class CollapseGuard:
+    """Detects collapse of a stream's predictions and says when to restore good weights.
+
+    Keeps an exponential histogram of predicted classes (window ~``1/rate`` samples). The
+    stream counts as collapsed when one class takes more than ``max_share`` of the recent
+    predictions; while healthy, a snapshot is due every ``every`` samples.
+    """
+
+    def __init__(self, classes: int, rate: float = 0.02, max_share: float = 0.8, every: int = 50,
+                 warmup: int = 100) -> None:
+        self.rate, self.max_share, self.every, self.warmup = rate, max_share, every, warmup
+        self.hist = torch.full((classes,), 1.0 / classes)
+        self.seen = 0
+
+    def observe(self, prediction: int) -> str:
+        """Record one prediction; returns ``"restore"``, ``"snapshot"`` or ``"ok"``."""
+        self.hist *= 1.0 - self.rate
+        self.hist[prediction] += self.rate
+        self.seen += 1
+        if self.seen >= self.warmup and float(self.hist.max()) > self.max_share:
+            self.hist.fill_(1.0 / len(self.hist))
+            self.seen = 0
+            return "restore"
+        return "snapshot" if self.seen % self.every == 0 else "ok"
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``name``, ``Config``, ``paper`` and implement ``taps`` and
+    ``forward_graph`` (and ``fit_loss`` / ``state_names`` when they attach or track anything)."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    partitioned: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
+        super().__init__()
+        self.config = config
+        # The backbone is never a submodule of a partitioned method: it is frozen, and it lives
+        # on the other side of the partition. Its classifier is copied to the float side.
+        object.__setattr__(self, "backbone", backbone)
+        self.classifier = copy.deepcopy(backbone.classifier)
+        self.num_classes = backbone.num_classes
+        self.steps = 0
+        self._initial: dict[str, torch.Tensor] | None = None
+        self._good: dict[str, torch.Tensor] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._guard: CollapseGuard | None = None
+
+    # --- what the method declares -------------------------------------------------------
+    def taps(self) -> tuple[TapSpec, ...]:
+        raise NotImplementedError
+
+    def trainable_names(self) -> list[str]:
+        """Names (in ``named_parameters()``) of the parameters updated at test time."""
+        return []
+
+    def state_names(self) -> list[str]:
+        """Names of the forward-only state buffers, in ``forward_graph`` order."""
+        return []
+
+    def forward_graph(self, taps: list[torch.Tensor], state: list[torch.Tensor], momentum: torch.Tensor,
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    # --- pre-deployment -----------------------------------------------------------------
+    def fit_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the pre-deployment fit (default: the test-time trainable ones)."""
+        named = dict(self.named_parameters())
+        return [named[n] for n in self.trainable_names()]
+
+    def fit_loss(self, taps: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Supervised loss of the attachments on a batch of source taps (used by ``fit``)."""
+        raise NotImplementedError
+
+    def calibrate(self, batches: Iterable[list[torch.Tensor]]) -> None:
+        """Measure source statistics from batches of source taps (before ``fit``)."""
+
+    # --- test time ----------------------------------------------------------------------
+    def momentum_now(self) -> float:
+        """The EMA momentum of the current sample (methods with running statistics override)."""
+        return 0.0
+
+    def reset(self) -> None:
+        """Back to the state right after ``fit`` (weights, optimizer state, statistics)."""
+        if self._initial is None:
+            self._initial = self._snapshot()
+        self.load_state_dict(self._initial, strict=True)
+        self._good = self._snapshot()
+        self.steps = 0
+        params = self._trainable()
+        self._optimizer = (torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
+                           if params and self.config.lr > 0 else None)
+        self._guard = CollapseGuard(self.num_classes) if self.config.guard and self._optimizer else None
+
+    def step(self, taps: list[torch.Tensor], target: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict one sample, then adapt on it; returns the logits of the prediction (1 x classes).
+
+        ``target`` (one-hot) is given only by the supervised mode, after the prediction was
+        scored: then the statistics are left alone and only the supervised update happens.
+        """
+        if self._optimizer is None and self._initial is None:
+            self.reset()
+        supervised = target is not None
+        if target is None:
+            target = torch.zeros(1, self.num_classes)
+        state = [self.get_buffer(n) for n in self.state_names()]
+        momentum = torch.tensor([self.momentum_now()])
+        with torch.enable_grad() if self._optimizer else torch.no_grad():
+            logits, loss, new_state = self.forward_graph(taps, state, momentum, target)
+            if self._optimizer is not None:
+                self._optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self._optimizer.step()
+        if not supervised:
+            for n, v in zip(self.state_names(), new_state):
+                self.get_buffer(n).copy_(v.detach())
+            self.steps += 1
+            self._guard_step(int(logits.argmax()))
+        return logits.detach()
+
+    def _guard_step(self, prediction: int) -> None:
+        if self._guard is None:
+            return
+        verdict = self._guard.observe(prediction)
+        if verdict == "restore" and self._good is not None:
+            self._restore_trainable(self._good)
+        elif verdict == "snapshot":
+            self._good = self._snapshot()
+
+    # --- helpers ------------------------------------------------------------------------
+    def _trainable(self) -> list[nn.Parameter]:
+        named = dict(self.named_parameters())
+        return [named[n] for n in self.trainable_names()]
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def _restore_trainable(self, snap: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in zip(self.trainable_names(), self._trainable()):
+                p.copy_(snap[n])
+        if self._optimizer is not None:
+            self._optimizer.state.clear()
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        named = dict(self.named_parameters())
+        for n in self.trainable_names():
+            yield n, named[n]
+
+
+def declare(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under its ``name`` (one line per method)."""
+    return METHODS.register(cls.name)(cls)
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "TapSpec", "CollapseGuard", "declare", "entropy",
+           "ema_momentum", "supervised_or"]
