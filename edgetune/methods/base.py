@@ -14,7 +14,9 @@ computation is ``forward_graph`` — a pure function exported as ``trainable.onn
   method's unsupervised loss; a label therefore never changes a prediction already scored.
 
 Gradients of ``loss`` are taken with respect to exactly ``trainable_names()`` and applied by
-SGD with momentum (``lr``, ``momentum`` in every config). Methods that adapt the backbone itself
+SGD with momentum (``lr``, ``momentum`` in every config). A gradient stop inside ``forward_graph``
+(e.g. a detached pseudo-label) goes through ``stop_gradient``, never a bare ``detach``, so export
+can keep it in the ONNX graph. Methods that adapt the backbone itself
 (tent, bn-adapt, alpha-bn) set ``partitioned = False``: their tap is the input image.
 """
 from __future__ import annotations
@@ -93,6 +95,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The one place a method cuts a gradient path inside ``forward_graph`` (a detached pseudo-label).
+
+    ONNX has no stop-gradient op, so a plain ``detach`` would vanish from ``trainable.onnx`` and
+    the compiled gradient would differ from torch's; routing every stop through this function
+    gives export a single hook to keep it visible.
+    """
+    return x.detach()
+
+
 def supervised_or(unsupervised: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy towards ``target`` when it holds a label, else the unsupervised loss (graph-safe)."""
     labelled = target.sum()
@@ -153,6 +165,7 @@ class Method(nn.Module):
         self._good: dict[str, torch.Tensor] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._guard: CollapseGuard | None = None
+        self.restores = 0  # collapse-guard restores since construction (reported by evaluation)
 
     # --- what the method declares -------------------------------------------------------
     def taps(self) -> tuple[TapSpec, ...]:
@@ -232,6 +245,7 @@ class Method(nn.Module):
         verdict = self._guard.observe(prediction)
         if verdict == "restore" and self._good is not None:
             self._restore_trainable(self._good)
+            self.restores += 1
         elif verdict == "snapshot":
             self._good = self._snapshot()
 
@@ -262,4 +276,4 @@ def declare(cls: type[Method]) -> type[Method]:
 
 
 __all__ = ["METHODS", "Method", "MethodConfig", "TapSpec", "CollapseGuard", "declare", "entropy",
-           "ema_momentum", "supervised_or"]
+           "ema_momentum", "stop_gradient", "supervised_or"]

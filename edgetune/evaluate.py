@@ -1,0 +1,137 @@
+"""Online evaluation at batch size 1: predict a sample, score it, then let the method adapt on it.
+
+Taps of the frozen backbone do not depend on adaptation, so they are computed per segment
+up front (torch, batched; or onnxruntime int8, sample by sample) and the method then walks
+the stream one sample at a time. Labels never reach a method in the default protocol; with
+``labelled_fraction > 0`` (the supervised mode) a chosen sample's label is revealed only after
+its prediction was scored.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgetune.adapt import Adaptable, source_taps
+from edgetune.data import Segment, to_tensor
+from edgetune.errors import ConfigError
+
+TapFunction = Callable[[Adaptable, np.ndarray], list[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """Online accuracy per corruption (in stream order) of one method on one stream."""
+
+    method: str
+    per_corruption: dict[str, float]
+    samples: int
+    labelled_fraction: float = 0.0
+    early_exit_rate: float | None = None
+    restores: int = 0
+    predictions: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.per_corruption.values()))) if self.per_corruption else float("nan")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("predictions")
+        d["mean_online_accuracy"] = self.mean
+        return d
+
+
+def torch_taps(adaptable: Adaptable, images: np.ndarray) -> list[torch.Tensor]:
+    return source_taps(adaptable, images)
+
+
+def run_stream(adaptable: Adaptable, segments: list[Segment], tap_fn: TapFunction = torch_taps,
+               labelled_fraction: float = 0.0, seed: int = 0, progress: bool = True) -> StreamResult:
+    """Stream every segment through ``adaptable`` (reset where a segment says so).
+
+    Raises:
+        ConfigError: ``labelled_fraction`` outside [0, 1].
+    """
+    if not 0.0 <= labelled_fraction <= 1.0:
+        raise ConfigError(f"eval: --labelled-fraction must be in [0, 1] (got {labelled_fraction})")
+    method = adaptable.method
+    rng = np.random.RandomState(seed + 7919)
+    per: dict[str, float] = {}
+    predictions: list[int] = []
+    exits: list[int] = []
+    total = sum(len(s.labels) for s in segments)
+    bar = tqdm(total=total, desc=f"{method.name}", disable=not progress, leave=False, unit="sample")
+    for seg in segments:
+        if seg.reset:
+            adaptable.reset()
+        taps = tap_fn(adaptable, seg.images)
+        correct = 0
+        for i, label in enumerate(seg.labels):
+            sample = [t[i:i + 1] for t in taps]
+            logits = method.step(sample)
+            pred = int(logits.argmax())
+            predictions.append(pred)
+            correct += pred == int(label)
+            exit_k = getattr(method, "last_exit", None)
+            if exit_k is not None:
+                exits.append(int(exit_k))
+            if labelled_fraction and rng.rand() < labelled_fraction:
+                target = torch.zeros(1, method.num_classes)
+                target[0, int(label)] = 1.0  # revealed only now, after the prediction was scored
+                method.step(sample, target)
+            bar.update(1)
+        per[seg.corruption] = correct / max(1, len(seg.labels))
+    bar.close()
+    early = None
+    if exits:
+        last = len(adaptable.backbone.stages) - 1
+        early = float(np.mean([e < last for e in exits]))
+    return StreamResult(method.name, per, total, labelled_fraction, early, method.restores, predictions)
+
+
+def sample_images(segment: Segment) -> torch.Tensor:
+    return to_tensor(segment.images)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What ``edgetune eval`` prints: the method next to ``source`` on the same stream."""
+
+    model: str
+    data: str
+    severity: int
+    protocol: str
+    seed: int
+    backbone: str
+    result: StreamResult
+    source: StreamResult
+    memory_bytes: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {"method": self.result.method, "model": self.model, "data": self.data, "severity": self.severity,
+                "protocol": self.protocol, "seed": self.seed, "backbone": self.backbone,
+                "samples": self.result.samples, "labelled_fraction": self.result.labelled_fraction,
+                "mean_online_accuracy": self.result.mean, "source_mean_online_accuracy": self.source.mean,
+                "per_corruption": self.result.per_corruption,
+                "source_per_corruption": self.source.per_corruption,
+                "early_exit_rate": self.result.early_exit_rate, "collapse_restores": self.result.restores,
+                "memory_bytes": self.memory_bytes}
+
+    def table(self) -> str:
+        name = self.result.method + (f" (supervised, {self.result.labelled_fraction:.0%} labelled)"
+                                     if self.result.labelled_fraction else "")
+        rows = [f"{self.model} on {self.data}, severity {self.severity}, {self.protocol}, seed {self.seed}, "
+                f"backbone {self.backbone}, {self.result.samples} samples",
+                f"{'corruption':<20} {'source':>8} {name:>10}"]
+        for c, acc in self.result.per_corruption.items():
+            rows.append(f"{c:<20} {100 * self.source.per_corruption[c]:>8.1f} {100 * acc:>10.1f}")
+        rows.append(f"{'mean':<20} {100 * self.source.mean:>8.1f} {100 * self.result.mean:>10.1f}")
+        if self.result.early_exit_rate is not None:
+            rows.append(f"early-exit rate {100 * self.result.early_exit_rate:.1f}%")
+        if self.result.restores:
+            rows.append(f"collapse guard restored weights {self.result.restores} times")
+        return "\n".join(rows)
