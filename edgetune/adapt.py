@@ -84,7 +84,8 @@ def check_sample(x: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise DataError("sample: contains NaN or Inf; drop or repair the sample before streaming it")
 
 
-def prepare(backbone: Backbone, method: str, overrides: dict[str, str] | None = None, model_name: str = "") -> Adaptable:
+def prepare(backbone: Backbone, method: str, overrides: dict[str, str] | None = None,
+            model_name: str = "") -> Adaptable:
     """Freeze ``backbone`` and attach ``method`` (config defaults, ``overrides`` as ``--set`` strings).
 
     Raises:
@@ -173,7 +174,7 @@ def _train_attachments(method: Method, taps: list[torch.Tensor], labels: torch.T
             loss.backward()
             opt.step()
             sched.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     after = _fit_val_loss(method, val_taps, val_y)
     return {"val_loss_before": before, "val_loss_after": after}
 

@@ -1,0 +1,150 @@
+"""``export``: write a fitted ``Adaptable`` as a bundle (frozen.onnx + trainable.onnx + manifest.json).
+
+Everything is built and checked in a hidden sibling folder, then moved into place: a failed
+export leaves no half-written bundle, and an existing bundle is replaced only by a complete one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edgetune.adapt import Adaptable, check_sample
+from edgetune.data import Dataset, to_tensor
+from edgetune.errors import ExportError
+from edgetune.export.manifest import (FROZEN_FILE, MANIFEST_FILE, TRAINABLE_FILE, FrozenPart, Manifest,
+                                      MomentumSchedule, OptimizerSpec, OptimizerState, TensorSpec, TrainablePart,
+                                      sha256_of)
+from edgetune.export.onnx_graphs import export_frozen, export_trainable
+from edgetune.export.ops import SUPPORTED_OPS
+from edgetune.export.quantize import quantize_frozen
+from edgetune.export.validate import (check_frozen_numerics, check_partition, check_trainable_initialisers,
+                                      check_trainable_numerics, validate_onnx)
+from edgetune.memory import memory_table
+from edgetune.methods import METHODS
+from edgetune.targets import get_target
+from edgetune.version import __version__
+
+CHECK_SAMPLES = 8
+
+
+def exportable_methods() -> list[str]:
+    """Registered methods that split into a frozen and a trainable graph."""
+    return [n for n in METHODS.names() if METHODS.get(n).partitioned]
+
+
+def export(adaptable: Adaptable, data: Dataset, out_dir: str | Path, quantize: bool = True, target: str = "host",
+           progress: bool = True) -> Manifest:
+    """Export a fitted ``adaptable`` to the bundle folder ``out_dir`` (replacing a bundle already there).
+
+    ``data``'s training images calibrate the int8 quantisation and feed the numerical checks.
+
+    Raises:
+        ExportError: the method cannot be partitioned (tent, bn-adapt, alpha-bn), ``out_dir`` holds
+            something that is not a bundle, or a check fails (partition, ops, static shapes,
+            dtypes, ONNX vs torch numerics).
+        ConfigError: unknown target (see ``edgetune list targets``).
+        DataError: the dataset's images do not fit the model's input.
+    """
+    target = get_target(target).name
+    method = adaptable.method
+    if not method.partitioned:
+        raise ExportError(f"export: method {method.name!r} adapts the backbone itself, so it cannot be split into "
+                          "a frozen int8 graph and a trainable graph; export one of "
+                          f"{', '.join(exportable_methods())} (or evaluate {method.name} in torch)")
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"export: {out} is a file; give a directory for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
+        raise ExportError(f"export: {out} is a non-empty directory without {MANIFEST_FILE} (not a bundle); "
+                          "give a new or empty directory so nothing else is overwritten")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        manifest = build_bundle(adaptable, data, staging, quantize, target, progress)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize: bool = True, target: str = "host",
+                 progress: bool = False) -> Manifest:
+    """Write and check the bundle's files in ``directory`` (no atomicity: ``export`` provides it).
+
+    Raises:
+        ExportError, DataError: as ``export``.
+    """
+    method, backbone = adaptable.method, adaptable.backbone
+    images = to_tensor(data.train_x[:CHECK_SAMPLES])
+    check_sample(images[:1], backbone.input_shape)
+    bar = tqdm(total=5, desc="export", disable=not progress, leave=False)
+
+    bar.set_postfix_str("partition")
+    check_partition(adaptable, images[:1])
+    bar.update()
+
+    bar.set_postfix_str("frozen.onnx")
+    frozen_path = directory / FROZEN_FILE
+    float_path = directory / "frozen_float.onnx" if quantize else frozen_path
+    taps = export_frozen(backbone, method.taps(), float_path)
+    x_io = [("x", (1, *backbone.input_shape))]
+    tap_io = [(t.name, t.shape) for t in taps]
+    validate_onnx(float_path, SUPPORTED_OPS["frozen"], label="frozen.onnx (float)", inputs=x_io, outputs=tap_io)
+    check_frozen_numerics(float_path, adaptable, images)
+    bar.update()
+
+    quantization = None
+    if quantize:
+        bar.set_postfix_str("int8 quantisation")
+        quantization = quantize_frozen(float_path, frozen_path, data.train_x, data.name)
+        float_path.unlink()
+        validate_onnx(frozen_path, SUPPORTED_OPS["frozen"], label="frozen.onnx", inputs=x_io, outputs=tap_io)
+    bar.update()
+
+    bar.set_postfix_str("trainable.onnx")
+    trainable_path = directory / TRAINABLE_FILE
+    with torch.no_grad():
+        example_taps = list(adaptable.frozen(images[:1]))
+    inputs, outputs, parameters = export_trainable(method, example_taps, trainable_path)
+    model = validate_onnx(trainable_path, SUPPORTED_OPS["trainable"], label="trainable.onnx",
+                          inputs=[(i.name, i.shape) for i in inputs], outputs=[(o.name, o.shape) for o in outputs])
+    check_trainable_initialisers(model, method)
+    bar.update()
+
+    bar.set_postfix_str("manifest + checks")
+    config = method.config
+    trainable = [p for p in parameters if p.trainable]
+    states = tuple(OptimizerState(f"sgd_momentum_{p.name}", p.shape, "float32", p.name) for p in trainable)
+    # The EMA momentum schedule travels as config fields (feature-align's names; composing methods reuse them).
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    schedule = (MomentumSchedule(values["momentum_start"], values["momentum_decay"], values["momentum_floor"])
+                if {"momentum_start", "momentum_decay", "momentum_floor"} <= set(values) else None)
+    manifest = Manifest(
+        model=adaptable.model_name, method=method.name,
+        config=json.loads(json.dumps(asdict(config), default=str)), num_classes=method.num_classes, target=target,
+        input=TensorSpec("x", (1, *backbone.input_shape), "float32"),
+        frozen=FrozenPart(FROZEN_FILE, sha256_of(frozen_path), quantize, taps),
+        trainable=TrainablePart(TRAINABLE_FILE, sha256_of(trainable_path), inputs, outputs, parameters,
+                                OptimizerSpec("sgd", config.lr, config.momentum, states if config.momentum > 0 else ()),
+                                schedule),
+        quantization=quantization, memory=memory_table(adaptable), edgetune_version=__version__)
+    (directory / MANIFEST_FILE).write_text(manifest.to_json())
+    check_trainable_numerics(directory, manifest, adaptable, images)
+    bar.update()
+    bar.close()
+    return manifest
+
+

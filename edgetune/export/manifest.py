@@ -1,0 +1,309 @@
+"""The bundle's manifest: what ``export`` wrote and how to call it (format ``edgetune-bundle/1``).
+
+A bundle is a folder::
+
+    frozen.onnx     input "x" float32 [1, C, H, W]; outputs = the method's taps in ``taps()``
+                    order, named by ``TapSpec.name`` ("tap3_pool" [1, 96], "tap1_map" [1, 24, 8, 8]),
+                    float32; opset 17, static shapes, int8 QDQ unless exported with --no-quantize.
+    trainable.onnx  inputs, in calling order: the taps (same names and shapes as frozen.onnx's
+                    outputs), one per state buffer "state_<buffer>", "momentum" float32 [1],
+                    "target" float32 [1, classes]. Outputs: "logits" [1, classes], "loss" [] (a
+                    scalar), then "new_state_<buffer>" per state input.
+    manifest.json   this file's ``Manifest``.
+
+Naming rule (compilers must read names from the manifest, never re-derive them): an ONNX name is
+the torch name (``Method.named_parameters()`` / ``named_buffers()``) with "." replaced by "_".
+Every parameter of the method module (trainable or not) is an initialiser of trainable.onnx under
+that name; ``trainable.parameters`` lists the trainable ones first, in the calling order of
+``Method.trainable_names()``, then the others. Buffers that are not state (source statistics) are
+initialisers too, but constants. The SGD momentum buffer of a trainable parameter ``p`` is called
+``sgd_momentum_<p>`` (``trainable.optimizer.states``, same order as the trainable parameters).
+Every file's sha256 is recorded; ``load_manifest`` refuses a bundle whose files do not match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetune.errors import CheckpointError
+
+FORMAT = "edgetune-bundle/1"
+FROZEN_FILE = "frozen.onnx"
+TRAINABLE_FILE = "trainable.onnx"
+MANIFEST_FILE = "manifest.json"
+
+INPUT_ROLES = ("tap", "state", "momentum", "target")
+OUTPUT_ROLES = ("logits", "loss", "state")
+
+
+def onnx_name(torch_name: str) -> str:
+    """The ONNX name of a torch parameter or buffer (the bundle's naming rule)."""
+    return torch_name.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A plain tensor: name, static shape, element type."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TapOutput:
+    """An output of frozen.onnx: stage ``stage``'s output, pooled to [1, C] or whole."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    stage: int
+    pooled: bool
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """An input of trainable.onnx; ``role`` is one of ``INPUT_ROLES``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+
+
+@dataclass(frozen=True)
+class GraphOutput:
+    """An output of trainable.onnx; a ``state`` output names the state input it ``updates``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+    updates: str | None = None
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """An initialiser of trainable.onnx that is a parameter of the method (``torch_name`` in torch)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    trainable: bool
+    torch_name: str
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """One optimizer buffer (same shape as the parameter it belongs to)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    of: str
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The test-time update: SGD with momentum on the trainable parameters."""
+
+    kind: str
+    lr: float
+    momentum: float
+    states: tuple[OptimizerState, ...]
+
+
+@dataclass(frozen=True)
+class MomentumSchedule:
+    """EMA momentum of sample t: ``max(floor, start * decay**t)`` (fed as trainable.onnx's "momentum")."""
+
+    start: float
+    decay: float
+    floor: float
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    file: str
+    sha256: str
+    quantized: bool
+    outputs: tuple[TapOutput, ...]
+
+
+@dataclass(frozen=True)
+class TrainablePart:
+    file: str
+    sha256: str
+    inputs: tuple[GraphInput, ...]
+    outputs: tuple[GraphOutput, ...]
+    parameters: tuple[ParameterSpec, ...]
+    optimizer: OptimizerSpec
+    momentum_schedule: MomentumSchedule | None
+
+    def trainable_parameters(self) -> tuple[ParameterSpec, ...]:
+        """The parameters the compiler differentiates ``loss`` by, in calling order."""
+        return tuple(p for p in self.parameters if p.trainable)
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """How frozen.onnx was quantised (onnxruntime static QDQ)."""
+
+    format: str
+    per_channel: bool
+    weight_type: str
+    activation_type: str
+    weight_symmetric: bool
+    activation_symmetric: bool
+    calibration_method: str
+    calibration_samples: int
+    calibration_data: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a compiler or runtime needs to call a bundle's two graphs."""
+
+    model: str
+    method: str
+    config: dict[str, Any]
+    num_classes: int
+    target: str
+    input: TensorSpec
+    frozen: FrozenPart
+    trainable: TrainablePart
+    quantization: QuantizationSpec | None
+    memory: dict[str, int]
+    edgetune_version: str
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        fields_ = asdict(self)
+        return json.dumps({"format": fields_.pop("format"), **fields_}, indent=2) + "\n"
+
+    def describe(self) -> str:
+        """A human-readable summary (``edgetune inspect``)."""
+        q = self.quantization
+        kind = (f"int8 {q.format}, {'per-channel ' if q.per_channel else ''}"
+                f"{'symmetric' if q.weight_symmetric else 'asymmetric'} weights, calibrated on "
+                f"{q.calibration_samples} {q.calibration_data} images" if q else "float32")
+        t = self.trainable
+        trained = t.trainable_parameters()
+        schedule = t.momentum_schedule
+        lines = [
+            f"{self.method} on {self.model} ({self.num_classes} classes), target {self.target}; {self.format}, "
+            f"edgetune {self.edgetune_version}",
+            f"{self.frozen.file} ({kind}): {_tensor(self.input)} -> "
+            + ", ".join(_tensor(o) for o in self.frozen.outputs),
+            f"{t.file} inputs: " + ", ".join(f"{_tensor(i)} {i.role}" for i in t.inputs),
+            f"{t.file} outputs: " + ", ".join(_tensor(o) for o in t.outputs),
+            f"trainable parameters ({sum(_numel(p.shape) for p in trained)} floats, calling order): "
+            + (", ".join(_tensor(p) for p in trained) or "none"),
+            "frozen float parameters: " + (", ".join(_tensor(p) for p in t.parameters if not p.trainable) or "none"),
+            f"optimizer: {t.optimizer.kind} lr={t.optimizer.lr:g} momentum={t.optimizer.momentum:g} "
+            f"({len(t.optimizer.states)} state buffers)",
+            "EMA momentum: " + (f"max({schedule.floor:g}, {schedule.start:g} * {schedule.decay:g}^t)" if schedule
+                                else "none"),
+            "config: " + ", ".join(f"{k}={v}" for k, v in self.config.items()),
+        ]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        """Parse a manifest.
+
+        Raises:
+            CheckpointError: not JSON, another format version, or a missing / mistyped field.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"manifest: not valid JSON ({exc}); re-export the bundle") from None
+        if not isinstance(raw, dict) or "format" not in raw:
+            raise CheckpointError("manifest: no 'format' field (not an edgetune bundle manifest); "
+                                  "re-export the bundle with `edgetune export`")
+        if raw["format"] != FORMAT:
+            raise CheckpointError(f"manifest: unknown format {raw['format']!r} (this edgetune reads {FORMAT}); "
+                                  "re-export the bundle with this edgetune version")
+        return _build(cls, raw, "manifest")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensor(spec: Any) -> str:
+    return f"{spec.name} {list(spec.shape)}"
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild a value of type ``tp`` from parsed JSON, checking types as it goes."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _build(next(a for a in args if a is not type(None)), value, where)
+    if isinstance(tp, type) and is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"manifest: {where} should be an object (got {type(value).__name__}); "
+                                  "re-export the bundle")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in fields(tp):
+            if f.name not in value:
+                if f.default is not MISSING:
+                    continue
+                raise CheckpointError(f"manifest: {where} lacks field {f.name!r} (corrupt or edited); "
+                                      "re-export the bundle")
+            kwargs[f.name] = _build(hints[f.name], value[f.name], f"{where}.{f.name}")
+        return tp(**kwargs)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise CheckpointError(f"manifest: {where} should be a list (got {value!r}); re-export the bundle")
+        return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CheckpointError(f"manifest: {where} should be an object (got {value!r}); re-export the bundle")
+        return {k: _build(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise CheckpointError(f"manifest: {where} should be {tp.__name__} (got {value!r}); re-export the bundle")
+    return value
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read ``bundle_dir/manifest.json`` and check that the graphs it names are the ones it describes.
+
+    Raises:
+        CheckpointError: missing or corrupt manifest, unknown format version, or a graph file that is
+            missing or does not match its recorded sha256.
+    """
+    d = Path(bundle_dir)
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"bundle: {path} not found; create a bundle with `edgetune export ... -o {d}`")
+    manifest = Manifest.from_json(path.read_text())
+    for part in (manifest.frozen, manifest.trainable):
+        graph = d / part.file
+        if not graph.is_file():
+            raise CheckpointError(f"bundle: {graph} is missing; re-export the bundle")
+        if sha256_of(graph) != part.sha256:
+            raise CheckpointError(f"bundle: {graph} does not match the sha256 in {MANIFEST_FILE} (corrupt or "
+                                  "edited); re-export the bundle")
+    return manifest
