@@ -99,11 +99,19 @@ def prepare(backbone: Backbone, method: str, overrides: dict[str, str] | None = 
     return Adaptable(backbone, cls(backbone, config), model_name)
 
 
+_TAP_MEMO: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _backbone_digest(backbone: Backbone) -> str:
+    h = hashlib.sha256()
+    for v in backbone.state_dict().values():
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _fit_key(adaptable: Adaptable, data: Dataset, seed: int) -> str:
     m = adaptable.method
-    h = hashlib.sha256()
-    for v in adaptable.backbone.state_dict().values():
-        h.update(v.detach().cpu().numpy().tobytes())
+    h = hashlib.sha256(_backbone_digest(adaptable.backbone).encode())
     h.update(json.dumps([m.name, asdict(m.config), data.name, seed, len(data.train_y)],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -137,7 +145,13 @@ def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = Tru
     torch.manual_seed(seed)
     rng = np.random.RandomState(seed)
     idx = np.sort(rng.permutation(len(data.train_y))[:max_samples])
-    taps = source_taps(adaptable, data.train_x[idx])
+    # Source taps depend only on the frozen backbone and the tap specs: reuse them across the
+    # configs of one method (hyperparameter searches fit many times in one process).
+    memo_key = (_backbone_digest(adaptable.backbone), adaptable.frozen.specs, data.name, seed, max_samples)
+    if memo_key not in _TAP_MEMO:
+        _TAP_MEMO.clear()
+        _TAP_MEMO[memo_key] = source_taps(adaptable, data.train_x[idx])
+    taps = _TAP_MEMO[memo_key]
     labels = torch.from_numpy(data.train_y[idx])
     method.calibrate([taps])
     report: dict[str, float] = {}
