@@ -1,0 +1,21 @@
+"""ONNX -> TVM (Relax) compilers: the frozen int8 backbone and the trainable training step.
+
+Frozen graph (issue 3)::
+
+    from edgetune.compilers import compile_frozen, FrozenRunner
+    graph = compile_frozen("bundle/frozen.onnx", target="host", out_dir="bundle/host")
+    taps = FrozenRunner(graph)(x)          # numpy, identical to onnxruntime's int8 taps
+    graph.plan                             # StaticPlan: calls, arena, workspace, constants
+
+Building blocks shared with other compiles: ``pipeline.lower`` / ``pipeline.build_vm`` (the
+pass sequence) and ``plan.extract_plan`` / ``StaticPlan`` (the static plan of any lowered,
+straight-line, static-shape Relax function).
+"""
+from edgetune.compilers.emit import EmitTarget, resolve_target
+from edgetune.compilers.frozen import CompiledGraph, ConstantBytes, check_frozen, compile_bundle, compile_frozen
+from edgetune.compilers.pipeline import build_vm, lower
+from edgetune.compilers.plan import StaticPlan, extract_plan
+from edgetune.compilers.runner import FrozenRunner
+
+__all__ = ["CompiledGraph", "ConstantBytes", "EmitTarget", "FrozenRunner", "StaticPlan", "build_vm", "check_frozen",
+           "compile_bundle", "compile_frozen", "extract_plan", "lower", "resolve_target"]

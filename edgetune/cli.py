@@ -5,12 +5,9 @@ Errors a user can fix print one line and exit 1; usage errors exit 2; ``--debug`
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import tempfile
 from dataclasses import fields
-from pathlib import Path
 
 from edgetune.errors import ConfigError, EdgetuneError
 from edgetune.version import __version__
@@ -70,44 +67,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from edgetune.adapt import fit, prepare
-    from edgetune.data import build_stream, load_dataset, parse_corruptions
-    from edgetune.evaluate import EvalReport, run_stream, torch_taps
-    from edgetune.memory import memory_table
+    from edgetune.data import load_dataset, parse_corruptions
+    from edgetune.evaluate import evaluate
 
     backbone, config = _load(args)
-    data = load_dataset(args.data)
-    progress = not args.json
-    corruptions = parse_corruptions(args.corruption)
-    segments = build_stream(data, corruptions, args.severity, args.protocol, args.seed, args.samples_per_corruption)
-    runs = {}
-    for name, overrides in ((args.method, _overrides(args.set)), ("source", {})):
-        adaptable = prepare(copy.deepcopy(backbone), name, overrides, model_name=config["model"])
-        fit(adaptable, data, seed=args.seed, progress=progress)
-        tap_fn, backbone_kind = _tap_function(args, adaptable, data)
-        runs[name] = (adaptable, run_stream(adaptable, segments, tap_fn, args.labelled_fraction if name != "source"
-                                            else 0.0, args.seed, progress))
-    adaptable, result = runs[args.method]
-    report = EvalReport(config["model"], args.data, args.severity, args.protocol, args.seed, backbone_kind,
-                        result, runs["source"][1], memory_table(adaptable))
+    report = evaluate(backbone, config["model"], args.method, load_dataset(args.data),
+                      parse_corruptions(args.corruption), args.severity, args.protocol, args.seed,
+                      args.samples_per_corruption, args.backbone, args.runtime, _overrides(args.set),
+                      args.labelled_fraction, progress=not args.json)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
-
-
-def _tap_function(args: argparse.Namespace, adaptable, data):
-    """Where the frozen taps come from: torch, onnxruntime int8, or the compiled bundle."""
-    from edgetune.evaluate import torch_taps
-    if args.backbone == "torch" and args.runtime == "torch":
-        return torch_taps, "torch"
-    if not adaptable.method.partitioned:
-        return torch_taps, f"torch ({adaptable.method.name} adapts the backbone itself)"
-    from edgetune.export import export
-    from edgetune.ort_runtime import ort_tap_function
-    bundle = Path(tempfile.mkdtemp(prefix="edgetune-eval-"))
-    export(adaptable, data, bundle, quantize=True, progress=False)
-    if args.runtime == "compiled":
-        from edgetune.compiled_runtime import compiled_tap_function
-        return compiled_tap_function(bundle, adaptable), "compiled int8 (TVM)"
-    return ort_tap_function(bundle), "onnxruntime int8"
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -196,8 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "model", None) and args.command == "export":
-        pass
     try:
         args.func(args)
     except EdgetuneError as exc:

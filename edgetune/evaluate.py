@@ -8,8 +8,8 @@ its prediction was scored.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -135,3 +135,58 @@ class EvalReport:
         if self.result.restores:
             rows.append(f"collapse guard restored weights {self.result.restores} times")
         return "\n".join(rows)
+
+
+def tap_function(adaptable: Adaptable, data, backbone: str = "torch",
+                 runtime: str = "torch") -> tuple[TapFunction, str]:
+    """Where the frozen taps come from: torch (float), onnxruntime int8, or the TVM-compiled bundle.
+
+    Returns the function and a label for reports. Methods that adapt the backbone itself
+    (not partitioned) always run it in torch.
+    """
+    if backbone == "torch" and runtime == "torch":
+        return torch_taps, "torch"
+    if not adaptable.method.partitioned:
+        return torch_taps, f"torch ({adaptable.method.name} adapts the backbone itself)"
+    import tempfile
+    from pathlib import Path
+
+    from edgetune.export import export
+    bundle = Path(tempfile.mkdtemp(prefix="edgetune-eval-"))
+    export(adaptable, data, bundle, quantize=True, progress=False)
+    if runtime == "compiled":
+        from edgetune.compiled_runtime import compiled_tap_function
+        return compiled_tap_function(bundle, adaptable), "compiled int8 (TVM)"
+    from edgetune.ort_runtime import ort_tap_function
+    return ort_tap_function(bundle), "onnxruntime int8"
+
+
+def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[str, ...], severity: int,
+             protocol: str, seed: int = 0, samples_per_corruption: int | None = None, backbone_kind: str = "torch",
+             runtime: str = "torch", overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
+             progress: bool = True) -> EvalReport:
+    """Fit ``method`` (and ``source``) on ``data``'s source split, stream the corrupted test split
+    through both, and report online accuracy side by side with the method's memory table.
+
+    Raises:
+        EdgetuneError: bad names or options (see ``prepare``, ``build_stream``, ``run_stream``).
+    """
+    import copy
+
+    from edgetune.adapt import fit, prepare
+    from edgetune.data import build_stream
+    from edgetune.memory import memory_table
+
+    segments = build_stream(data, corruptions, severity, protocol, seed, samples_per_corruption)
+    results = {}
+    kind = "torch"
+    main = None
+    for name, ovr, frac in ((method, overrides or {}, labelled_fraction), ("source", {}, 0.0)):
+        adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name)
+        fit(adaptable, data, seed=seed, progress=progress)
+        tap_fn, label = tap_function(adaptable, data, backbone_kind, runtime)
+        results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
+        if main is None:
+            main, kind = adaptable, label
+    return EvalReport(model_name, data.name, severity, protocol, seed, kind, results[method], results["source"],
+                      memory_table(main))

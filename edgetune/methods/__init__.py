@@ -1,6 +1,7 @@
 """The method registry: importing this package registers every method (one file each)."""
 from edgetune.methods.base import (METHODS, CollapseGuard, Method, MethodConfig, TapSpec, declare, entropy,
                                    supervised_or)
-from edgetune.methods import source, feature_align  # noqa: F401  (registration)
+# Import order is registration order, which is the order `edgetune list methods` shows.
+from edgetune.methods import source, bn_adapt, alpha_bn, tent, feature_align, tinytta, lst, vqt  # noqa: F401
 
 __all__ = ["METHODS", "CollapseGuard", "Method", "MethodConfig", "TapSpec", "declare", "entropy", "supervised_or"]
