@@ -1,0 +1,115 @@
+"""vqt: visual query tuning — learnable queries summarise every layer's frozen features for a linear head.
+
+Paper: C.-H. Tu, Z. Mai, W.-L. Chao. "Visual Query Tuning: Towards Effective Usage of Intermediate
+Representations for Parameter and Memory Efficient Transfer Learning". CVPR 2023.
+
+ViT (faithful): per layer, ``queries`` learnable tokens run through that layer with keys and
+values from the layer's original tokens only (``TransformerLayer.forward_queries``), so the
+backbone's own features are unchanged; the query outputs are collected and dropped; a linear
+head reads [final CLS ‖ all query outputs]. Only queries and head train; the layers the queries
+run through are frozen float copies held by this module. Choices the paper leaves open:
+
+* Taps are stage outputs, so layer k+1's input is stage k's output: queries run through layers
+  1..K-1. Layer 0 gets no queries — its input is the patch embedding inside stage 0, which is not
+  a stage output (tapping it would split stage 0 off the frozen graph for one query set).
+* Each query output is standardised by a parameter-free LayerNorm (the residual stream's scale
+  grows with depth; the final CLS tap already carries the backbone's final LayerNorm).
+* Queries start as N(0, 0.02^2) (VPT-style prompt initialisation); m=2 per layer (the head's
+  input, and what its backward keeps, grow with m).
+
+CNN (the same idea without attention layers): per stage, m learnable vectors attend to the
+stage's frozen feature map (softmax over the H*W positions of ``q . x_p / sqrt(C)``; keys and
+values are the features themselves) and return attention-weighted summaries; the head reads
+[pooled last stage ‖ all summaries]. Taps: every stage's map plus the pooled last stage. Queries
+start at zero, i.e. as global average pooling.
+
+Both: the head starts as the backbone's classifier on the final feature with zero weights on the
+queries, so an unfitted vqt predicts exactly like ``source``. Test time: queries
+and head learn by SGD from revealed labels (supervised mode, lr 1e-4); entropy minimisation
+(``entropy_weight``) is off by default — on the digits validation corruptions it cost accuracy at
+every lr tried (1e-4: -3 points episodic, -8 continual), as unsupervised updates did on the prototypes.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetune.errors import ModelError
+from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, entropy, supervised_or
+from edgetune.models.zoo import TransformerLayer
+
+
+@dataclass(frozen=True)
+class VQTConfig(MethodConfig):
+    lr: float = field(default=1e-4, metadata={"help": "SGD learning rate of queries and head at test time"})
+    entropy_weight: float = field(default=0.0, metadata={"help": "weight of the unsupervised entropy loss (0: learn "
+                                                                  "only from revealed labels, the supervised mode)"})
+    queries: int = field(default=2, metadata={"help": "learnable query tokens per layer (ViT) or per stage (CNN)"})
+
+
+@declare
+class VQT(Method):
+    name = "vqt"
+    paper = "Tu, Mai, Chao, Visual Query Tuning, CVPR 2023"
+    Config = VQTConfig
+    config: VQTConfig
+
+    def __init__(self, backbone, config: VQTConfig) -> None:
+        super().__init__(backbone, config)
+        self.depth = len(backbone.stages)
+        self.vit = backbone.kind == "vit"
+        widths = backbone.stage_widths()
+        m = max(1, config.queries)
+        if self.vit:
+            layers = list(backbone.stages[1:])
+            missing = [k + 1 for k, layer in enumerate(layers) if not hasattr(layer, "forward_queries")]
+            if missing:
+                raise ModelError(f"vqt: ViT stages {missing} have no forward_queries(queries, tokens); build the "
+                                 "model from edgetune.models.zoo.TransformerLayer or use a CNN backbone")
+            self.layers = copy.deepcopy(nn.ModuleList(layers)).requires_grad_(False)
+            self.queries = nn.ParameterList(nn.Parameter(torch.randn(m, widths[k + 1]) * 0.02)
+                                            for k in range(self.depth - 1))
+            summary = sum(m * widths[k + 1] for k in range(self.depth - 1))
+        else:
+            self.queries = nn.ParameterList(nn.Parameter(torch.zeros(m, c)) for c in widths)
+            summary = m * sum(widths)
+        self.head = nn.Linear(widths[-1] + summary, self.num_classes)
+        with torch.no_grad():  # start as the source classifier: queries contribute nothing until fitted
+            self.head.weight.zero_()
+            self.head.weight[:, :widths[-1]] = self.classifier.weight
+            self.head.bias.copy_(self.classifier.bias)
+
+    def taps(self) -> tuple[TapSpec, ...]:
+        queried = range(self.depth - 1) if self.vit else range(self.depth)
+        return tuple(TapSpec(k, pooled=False) for k in queried) + (TapSpec(self.depth - 1, pooled=True),)
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith(("queries.", "head."))]
+
+    def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """[final feature ‖ query summaries] for a batch of taps (any batch size)."""
+        n = taps[0].shape[0]
+        if self.vit:
+            parts = [taps[-1]]
+            for k, layer in enumerate(self.layers):
+                out = cast(TransformerLayer, layer).forward_queries(self.queries[k].expand(n, -1, -1), taps[k])
+                parts.append(F.layer_norm(out, out.shape[-1:]).flatten(1))
+            return torch.cat(parts, 1)
+        parts = [taps[-1]]
+        for q, fmap in zip(self.queries, taps[:-1]):
+            flat = fmap.flatten(2)  # N x C x HW
+            attention = torch.softmax(q @ flat * flat.shape[1] ** -0.5, dim=-1)  # N x m x HW
+            parts.append((attention @ flat.transpose(1, 2)).flatten(1))
+        return torch.cat(parts, 1)
+
+    def fit_loss(self, taps, labels):
+        return F.cross_entropy(self.head(self.features(taps)), labels)
+
+    def forward_graph(self, taps, state, momentum, target):
+        logits = self.head(self.features(taps))
+        return logits, supervised_or(self.config.entropy_weight * entropy(logits).sum(), logits, target), []

@@ -1,0 +1,174 @@
+"""The generic method matrix: every registered method must honour the contract in methods/base.py.
+
+tiny-cnn for most methods, mcunet-s-bn for the BatchNorm methods, vit-tiny for the transformer
+variants of vqt, lst and tinytta. The contract holds for any weights, so backbones are untrained
+(seeded) except where learning is measured (``fit`` uses the shared trained tiny-cnn).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from edgetune.adapt import fit, prepare
+from edgetune.data import to_tensor
+from edgetune.errors import ConfigError
+from edgetune.methods import METHODS
+from edgetune.models import build_model
+
+MODEL_OF = {"source": "tiny-cnn", "bn-adapt": "mcunet-s-bn", "alpha-bn": "mcunet-s-bn", "tent": "tiny-cnn",
+            "feature-align": "tiny-cnn", "tinytta": "tiny-cnn", "lst": "tiny-cnn", "vqt": "tiny-cnn"}
+CASES = list(MODEL_OF.items()) + [("vqt", "vit-tiny"), ("lst", "vit-tiny"), ("tinytta", "vit-tiny")]
+ATTACHING = ["tinytta", "lst", "vqt"]
+FAST = {"fit_epochs": "2", "lr": "0.01", "entropy_weight": "1"}  # a visible unsupervised update in a few steps
+
+
+def test_matrix_covers_every_registered_method():
+    assert METHODS.names() == ["source", "bn-adapt", "alpha-bn", "tent", "feature-align", "tinytta", "lst", "vqt"]
+    assert set(MODEL_OF) == set(METHODS.names())
+
+
+def _backbone(model: str):
+    torch.manual_seed(0)
+    return build_model(model)
+
+
+def _prepared(backbone, method: str, **overrides):
+    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    torch.manual_seed(0)
+    return prepare(backbone, method, {k: v for k, v in {**FAST, **overrides}.items() if k in fields})
+
+
+def _stream(digits, n: int = 4) -> torch.Tensor:
+    return to_tensor(digits.test_x[:n])
+
+
+@pytest.mark.parametrize("method,model", CASES)
+def test_only_declared_trainable_parameters_and_state_change(method, model, digits):
+    backbone = _backbone(model)
+    adaptable = _prepared(backbone, method)
+    m = adaptable.method
+    trainable, state = set(m.trainable_names()), set(m.state_names())
+    # Gradients can only reach what is declared (nothing hidden gets computed or updated).
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == trainable
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    backbone_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = _stream(digits)
+    for i in range(len(x)):
+        adaptable.step(x[i:i + 1])
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= trainable | state, f"undeclared tensors changed: {sorted(changed - trainable - state)}"
+    assert trainable <= changed, f"trainable parameters without an update: {sorted(trainable - changed)}"
+    assert state <= changed
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in backbone_before.items()), "backbone changed"
+
+
+@pytest.mark.parametrize("method", ATTACHING)
+def test_fit_improves_the_attachments(method, digits, tiny_cnn):
+    torch.manual_seed(0)
+    adaptable = prepare(tiny_cnn[0], method, {"fit_epochs": "3"})
+    report = fit(adaptable, digits, progress=False, use_cache=False, max_samples=400)
+    assert report["val_loss_after"] < report["val_loss_before"] - 0.01
+
+
+@pytest.mark.parametrize("method,model", CASES)
+def test_labels_reach_only_supervised_steps(method, model, digits):
+    adaptable = _prepared(_backbone(model), method)
+    m = adaptable.method
+    targets: list[torch.Tensor] = []
+    graph = m.forward_graph
+
+    def spy(taps, state, momentum, target):
+        targets.append(target.clone())
+        return graph(taps, state, momentum, target)
+
+    m.forward_graph = spy
+    x = _stream(digits, 3)
+    for i in range(len(x)):
+        adaptable.step(x[i:i + 1])
+    assert len(targets) == 3 and all(t.shape == (1, m.num_classes) and not t.any() for t in targets)
+    statistics = {n: m.get_buffer(n).clone() for n in m.state_names()}
+    weights = {n: p.detach().clone() for n, p in m.named_trainable()}
+    steps = m.steps
+    label = torch.zeros(1, m.num_classes)
+    label[0, int(digits.test_y[3])] = 1.0
+    adaptable.step(_stream(digits, 4)[3:4], label)
+    assert torch.equal(targets[-1], label)
+    assert m.steps == steps and all(torch.equal(m.get_buffer(n), v) for n, v in statistics.items())
+    learned = [n for n, p in m.named_trainable() if not torch.equal(p, weights[n])]
+    assert bool(learned) == bool(weights), "a supervised step must update the trainable parameters"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_config_fields_have_help_and_overrides_are_checked(name):
+    config_cls = METHODS.get(name).Config
+    config = config_cls()
+    assert all(f.metadata.get("help") for f in dataclasses.fields(config)), "every field needs help text"
+    changed = config.replace({"lr": "0.5", "guard": "false", "fit_epochs": "7"})
+    assert (changed.lr, changed.guard, changed.fit_epochs) == (0.5, False, 7)
+    assert type(changed) is config_cls
+    with pytest.raises(ConfigError, match="no field 'learning_rate'"):
+        config.replace({"learning_rate": "0.1"})
+    with pytest.raises(ConfigError, match="lr expects float"):
+        config.replace({"lr": "fast"})
+
+
+@pytest.mark.parametrize("method", ["bn-adapt", "alpha-bn"])
+def test_batchnorm_methods_refuse_models_without_batchnorm(method):
+    with pytest.raises(ConfigError, match=f"^{method}: the backbone has no BatchNorm.*use mcunet-s-bn"):
+        prepare(build_model("tiny-cnn"), method)
+
+
+@pytest.mark.parametrize("method,overrides", [("bn-adapt", {"momentum_start": "0", "momentum_floor": "0"}),
+                                              ("alpha-bn", {"alpha": "0"})])
+def test_batchnorm_methods_reduce_to_the_source_model(method, overrides, digits):
+    """With no weight on the test statistics both methods are exactly the BatchNorm model in eval mode."""
+    torch.manual_seed(0)
+    backbone = build_model("mcunet-s-bn")
+    with torch.no_grad():  # non-trivial source statistics
+        for mod in backbone.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    adaptable = prepare(backbone, method, overrides)
+    x = _stream(digits, 1)
+    with torch.no_grad():
+        expected = backbone(x)
+    torch.testing.assert_close(adaptable.step(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tinytta_early_exit_selects_the_first_confident_prefix_and_updates_only_heads_that_ran(digits):
+    x = _stream(digits, 2)
+    never = _prepared(_backbone("tiny-cnn"), "tinytta")
+    never.step(x[:1])
+    assert never.method.last_exit == never.method.depth - 1
+    always = _prepared(_backbone("tiny-cnn"), "tinytta", exit_threshold="0", align="false")
+    m = always.method
+    heads_before = [{k: v.clone() for k, v in h.state_dict().items()} for h in m.heads]
+    with torch.no_grad():  # exit 0 alone: the prediction is the first head's
+        expected = torch.log_softmax(m.heads[0](always.taps(x[1:2])[0]), dim=-1)
+    torch.testing.assert_close(always.step(x[1:2]), expected, rtol=1e-5, atol=1e-5)
+    assert m.last_exit == 0 and m.exit_counts.tolist() == [1.0, 0.0, 0.0, 0.0]
+    for k, head in enumerate(m.heads):
+        same = all(torch.equal(v, head.state_dict()[n]) for n, v in heads_before[k].items())
+        assert same == (k > 0), f"head {k} {'did not change' if same else 'changed'}"
+
+
+@pytest.mark.parametrize("model", ["tiny-cnn", "vit-tiny"])
+def test_vqt_starts_as_the_source_classifier(model, digits):
+    backbone = _backbone(model)
+    adaptable = prepare(backbone, "vqt", {"lr": "0"})
+    x = _stream(digits, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(adaptable.step(x), backbone(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tent_trains_exactly_the_normalisation_affines():
+    from edgetune.models.blocks import NORM_LAYERS
+    backbone = build_model("mcunet-s")
+    method = prepare(backbone, "tent").method
+    norms = [m for m in backbone.modules() if isinstance(m, NORM_LAYERS)]
+    assert len(method.trainable_names()) == 2 * len(norms) and norms
+    assert all(n.startswith("net.") and n.rsplit(".", 1)[1] in ("weight", "bias") for n in method.trainable_names())
