@@ -85,7 +85,7 @@ def check_sample(x: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 def prepare(backbone: Backbone, method: str, overrides: dict[str, str] | None = None,
-            model_name: str = "") -> Adaptable:
+            model_name: str = "", seed: int = 0) -> Adaptable:
     """Freeze ``backbone`` and attach ``method`` (config defaults, ``overrides`` as ``--set`` strings).
 
     Raises:
@@ -96,7 +96,11 @@ def prepare(backbone: Backbone, method: str, overrides: dict[str, str] | None = 
     backbone = backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    return Adaptable(backbone, cls(backbone, config), model_name)
+    # Attachments are initialised from ``seed`` alone, whatever ran before in the process.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        method_module = cls(backbone, config)
+    return Adaptable(backbone, method_module, model_name)
 
 
 _TAP_MEMO: dict[tuple, list[torch.Tensor]] = {}

@@ -73,7 +73,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     backbone, config = _load(args)
     report = evaluate(backbone, config["model"], args.method, load_dataset(args.data),
                       parse_corruptions(args.corruption), args.severity, args.protocol, args.seed,
-                      args.samples_per_corruption, args.backbone, args.runtime, _overrides(args.set),
+                      args.samples_per_corruption, args.backbone, _overrides(args.set),
                       args.labelled_fraction, progress=not args.json)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
 
@@ -134,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N samples of a seeded permutation of the test split (default: all)")
     s.add_argument("--backbone", default="torch", choices=["torch", "onnx-int8"],
                    help="run the frozen part in torch (float) or from the exported int8 frozen.onnx in onnxruntime")
-    s.add_argument("--runtime", default="torch", choices=["torch", "compiled"],
-                   help="compiled: the TVM-compiled int8 backbone + training step of the exported bundle")
     s.add_argument("--labelled-fraction", type=float, default=0.0, metavar="P",
                    help="supervised mode: reveal the label of this fraction of samples after scoring them")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -137,14 +137,13 @@ class EvalReport:
         return "\n".join(rows)
 
 
-def tap_function(adaptable: Adaptable, data, backbone: str = "torch",
-                 runtime: str = "torch") -> tuple[TapFunction, str]:
-    """Where the frozen taps come from: torch (float), onnxruntime int8, or the TVM-compiled bundle.
+def tap_function(adaptable: Adaptable, data, backbone: str = "torch") -> tuple[TapFunction, str]:
+    """Where the frozen taps come from: torch (float) or the exported int8 frozen.onnx in onnxruntime.
 
     Returns the function and a label for reports. Methods that adapt the backbone itself
     (not partitioned) always run it in torch.
     """
-    if backbone == "torch" and runtime == "torch":
+    if backbone == "torch":
         return torch_taps, "torch"
     if not adaptable.method.partitioned:
         return torch_taps, f"torch ({adaptable.method.name} adapts the backbone itself)"
@@ -154,16 +153,13 @@ def tap_function(adaptable: Adaptable, data, backbone: str = "torch",
     from edgetune.export import export
     bundle = Path(tempfile.mkdtemp(prefix="edgetune-eval-"))
     export(adaptable, data, bundle, quantize=True, progress=False)
-    if runtime == "compiled":
-        from edgetune.compiled_runtime import compiled_tap_function
-        return compiled_tap_function(bundle, adaptable), "compiled int8 (TVM)"
     from edgetune.ort_runtime import ort_tap_function
     return ort_tap_function(bundle), "onnxruntime int8"
 
 
 def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[str, ...], severity: int,
              protocol: str, seed: int = 0, samples_per_corruption: int | None = None, backbone_kind: str = "torch",
-             runtime: str = "torch", overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
+             overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
              progress: bool = True) -> EvalReport:
     """Fit ``method`` (and ``source``) on ``data``'s source split, stream the corrupted test split
     through both, and report online accuracy side by side with the method's memory table.
@@ -182,9 +178,9 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     kind = "torch"
     main = None
     for name, ovr, frac in ((method, overrides or {}, labelled_fraction), ("source", {}, 0.0)):
-        adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name)
+        adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
         fit(adaptable, data, seed=seed, progress=progress)
-        tap_fn, label = tap_function(adaptable, data, backbone_kind, runtime)
+        tap_fn, label = tap_function(adaptable, data, backbone_kind)
         results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
         if main is None:
             main, kind = adaptable, label
