@@ -34,7 +34,8 @@ if __name__ == "__main__":
     from edgetune.checkpoint import load_checkpoint
 
     data = load_dataset("digits")
-    train_source("examples.user_model:small_cnn", data, "runs/user-model", epochs=5, progress=False)
+    # Run as a script, this file's folder is on sys.path, so the model is "user_model:small_cnn".
+    train_source("user_model:small_cnn", data, "runs/user-model", epochs=15, progress=False)
     backbone, _ = load_checkpoint("runs/user-model")
     adaptable = prepare(backbone, "feature-align")
     fit(adaptable, data, progress=False)

@@ -225,7 +225,8 @@ class Method(nn.Module):
         if target is None:
             target = torch.zeros(1, self.num_classes)
         state = [self.get_buffer(n) for n in self.state_names()]
-        momentum = torch.tensor([self.momentum_now()])
+        # Feedback on an already-scored sample reads the statistics as they are (the C runtime does the same).
+        momentum = torch.tensor([0.0 if supervised else self.momentum_now()])
         with torch.enable_grad() if self._optimizer else torch.no_grad():
             logits, loss, new_state = self.forward_graph(taps, state, momentum, target)
             if self._optimizer is not None:

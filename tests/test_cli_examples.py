@@ -1,0 +1,78 @@
+"""The CLI's contract (exit codes, one-line errors, JSON) and the examples as smoke tests."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgetune.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_list_methods_is_exactly_the_eight(capsys):
+    assert main(["list", "methods"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["source", "bn-adapt", "alpha-bn", "tent", "feature-align", "tinytta", "lst", "vqt"]
+
+
+def test_unknown_method_is_one_line_with_did_you_mean(tiny_cnn, capsys):
+    _, ckpt, _ = tiny_cnn
+    assert main(["eval", "--checkpoint", str(ckpt), "--method", "tinyta", "--corruption", "contrast"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did you mean 'tinytta'" in err
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--method", "source"])  # --checkpoint missing
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", "x", "--method", "source", "--severity", "9"])
+    assert exc.value.code == 2
+
+
+def test_bad_set_and_corrupt_checkpoint_are_user_errors(tiny_cnn, tmp_path, capsys):
+    _, ckpt, _ = tiny_cnn
+    assert main(["eval", "--checkpoint", str(ckpt), "--method", "feature-align", "--set", "nosuch=1",
+                 "--corruption", "contrast"]) == 1
+    assert "has no field 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--method", "source"]) == 1
+    assert "lacks config.json" in capsys.readouterr().err
+
+
+def test_eval_json_reports_method_next_to_source(tiny_cnn, capsys):
+    _, ckpt, _ = tiny_cnn
+    code = main(["eval", "--checkpoint", str(ckpt), "--method", "feature-align", "--corruption",
+                 "contrast,gaussian_noise", "--samples-per-corruption", "120", "--backbone", "onnx-int8", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("method", "mean_online_accuracy", "source_mean_online_accuracy", "per_corruption", "memory_bytes"):
+        assert key in report
+    assert set(report["per_corruption"]) == {"contrast", "gaussian_noise"}
+    assert report["backbone"] == "onnxruntime int8" and report["samples"] == 240
+    assert 0.0 <= report["mean_online_accuracy"] <= 1.0
+    assert report["memory_bytes"]["saved_for_backward"] == 0
+
+
+def test_supervised_mode_is_reported_apart(tiny_cnn, capsys):
+    _, ckpt, _ = tiny_cnn
+    assert main(["eval", "--checkpoint", str(ckpt), "--method", "vqt", "--corruption", "contrast",
+                 "--samples-per-corruption", "60", "--labelled-fraction", "0.5", "--set", "fit_epochs=2",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labelled_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("examples/user_model.py", [], "online accuracy"),
+    ("examples/main_job.py", ["--epochs", "4"], "memory of one adaptation step"),
+])
+def test_examples_run(script, args, expect, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args] +
+                          (["--out", str(tmp_path / "demo")] if "main_job" in script else []),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expect in proc.stdout
