@@ -1,0 +1,62 @@
+"""The lowering pass sequence shared by every compile (frozen int8 graph, training step).
+
+``lower`` takes a Relax module (integer kernels already emitted, or any other static-shape
+Relax program) to the *planned* form: legalised, fused, scheduled, in destination-passing
+style, with storage reuse decided by ``StaticPlanBlockMemory``. That form is what
+``plan.extract_plan`` reads. ``build_vm`` finishes the same module for TVM's Relax VM (the
+host runner); the emitters in ``emit`` build it for shared libraries and C source.
+
+Usage::
+
+    lowered = lower(mod, target)            # IRModule, every PrimFunc scheduled
+    plan, consts = extract_plan(lowered)    # the static plan of lowered["main"]
+    exe = build_vm(lowered, target)         # tvm.runtime.Executable for relax.VirtualMachine
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from edgetune.compilers.schedule import ScheduleConfig, schedule_kernels
+
+
+def _fuse_passes() -> list[tvm.transform.Pass]:
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def _plan_passes() -> list[tvm.transform.Pass]:
+    return [relax.transform.DeadCodeElimination(),
+            relax.transform.RewriteDataflowReshape(),  # reshapes become views, not copies
+            relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),  # explicit output buffers (destination-passing style)
+            relax.transform.StaticPlanBlockMemory()]  # storage reuse -> alloc_storage / alloc_tensor
+
+
+def _vm_passes() -> list[tvm.transform.Pass]:
+    return [relax.transform.LowerAllocTensor(), relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(), relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol()]
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: ScheduleConfig | None = None) -> tvm.IRModule:
+    """Legalise, fuse, schedule and memory-plan ``mod`` for ``target``.
+
+    ``schedule`` defaults to ``ScheduleConfig.for_target(target)``. Runs before any
+    ``FoldConstant`` the caller might add, so the caller's constants keep their dtypes.
+    """
+    cfg = schedule or ScheduleConfig.for_target(target)
+    passes = _fuse_passes() + [schedule_kernels(cfg)] + _plan_passes()
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def build_vm(lowered: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Executable:
+    """Finish a module from ``lower`` for the Relax VM and compile its kernels for ``target``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="edgetune.VMFinalize")
+    def finalize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return tvm.transform.Sequential(_vm_passes())(mod)
+
+    with target:
+        return tvm.compile(lowered, target=target, relax_pipeline=finalize)

@@ -1,0 +1,266 @@
+"""Hand TIR schedules for the int8 kernels, and the pass that applies them.
+
+TVM's default CPU pipeline leaves kernels unscheduled: every stage of a fused kernel
+(padded input, int32 accumulator, each epilogue step) is a full-size buffer walked in
+naive loop order (the spike measured ~10x onnxruntime's time and 53 KB of workspace).
+The templates here (direct convolution, register-blocked) fix both:
+
+* the epilogue (requantisation, a fused residual add) is inlined and computed per tile
+  of the accumulator, so the int32 accumulator shrinks to one register tile;
+* the padded input is produced per output row (band of ``kh`` input rows; per channel
+  for depthwise convs), not per image; strided convs store it phase-split so vector
+  loads stay contiguous (``int8_kernels.qconv2d``);
+* the accumulator tile is ``oc_tile`` output channels x ``lanes`` output pixels (pixel
+  loop vectorised, channels unrolled); 1x1 convs vectorise the whole output plane, and
+  convs with short output rows swap roles (``conv_family``: output channels in the
+  vector, weights stored [I, H, W, O]).
+
+``ScheduleConfig`` carries the per-target knobs; the applied schedule of every kernel is
+recorded in its PrimFunc attribute ``edgetune.schedule`` (the static plan copies it).
+Float reductions that must keep onnxruntime's summation order (pools, boundary means) are
+never reordered or vectorised along the reduction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
+
+SCHEDULE_ATTR = "edgetune.schedule"
+FAMILIES = ("qconv2d_depthwise", "qconv2d_oc", "qconv2d", "qmatmul", "qglobal_pool", "qavg_pool", "ort_mean")
+VECTOR_PIXELS = 16  # below this many output pixels per row, vectorise over output channels instead
+
+
+def conv_family(out_channels: int, groups: int, in_per_group: int, row_pixels: int) -> str:
+    """Which conv kernel (and weight layout) a convolution gets: depthwise; ``qconv2d_oc``
+    (vectorised over output channels, weights stored [I, H, W, O]) for regular convs whose
+    output rows (whole planes for 1x1 convs) are too short to fill a vector; else ``qconv2d``
+    (vectorised over output pixels, weights OIHW)."""
+    if groups == out_channels and in_per_group == 1:
+        return "qconv2d_depthwise"
+    if groups == 1 and row_pixels < VECTOR_PIXELS and out_channels % VECTOR_PIXELS == 0:
+        return "qconv2d_oc"
+    return "qconv2d"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Target knobs: ``lanes`` pixels per vector (1: no vectorisation, e.g. the C target),
+    ``oc_tile`` output channels per register tile."""
+
+    lanes: int = 16
+    oc_tile: int = 4
+    vectorize: bool = True
+
+    @staticmethod
+    def for_target(target: tvm.target.Target) -> "ScheduleConfig":
+        if str(target.kind.name) == "c":
+            return ScheduleConfig(lanes=4, oc_tile=2, vectorize=False)
+        return ScheduleConfig()
+
+
+def _extent(sch: Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n (1 when n is odd)."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _blocks(sch: Schedule) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _name(sch: Schedule, block) -> str:
+    return sch.get(block).name_hint
+
+
+def _inline_tail(sch: Schedule, after: str) -> object:
+    """Inline the elementwise blocks after ``after`` into the last one; return the last."""
+    names = [_name(sch, b) for b in _blocks(sch)]
+    tail = names[names.index(after) + 1:]
+    for name in tail[:-1]:
+        sch.compute_inline(sch.get_sblock(name))
+    return sch.get_sblock(tail[-1])
+
+
+def _vectorize_inner(sch: Schedule, block, cfg: ScheduleConfig) -> None:
+    loops = sch.get_loops(block)
+    if cfg.vectorize and loops and _extent(sch, loops[-1]) > 1:
+        sch.vectorize(loops[-1])
+
+
+def _conv(sch: Schedule, cfg: ScheduleConfig, depthwise: bool) -> str:
+    acc = sch.get_sblock("acc")
+    epilogue = _inline_tail(sch, "acc")
+    nn, oo, i, j, rc, ry, rx = sch.get_loops(acc)
+    names = [_name(sch, b) for b in _blocks(sch)]
+    pointwise = "pad" not in names and _extent(sch, ry) == 1 and _extent(sch, rx) == 1
+    if pointwise:
+        # a 1x1 conv is a matrix product over all pixels: vectorise the whole plane
+        j = sch.fuse(i, j)
+    oc, ow = _extent(sch, oo), _extent(sch, j)
+    lanes = _divisor(ow, cfg.lanes)
+    tile = 1 if depthwise else _divisor(oc, cfg.oc_tile)
+    o_out, o_in = sch.split(oo, [None, tile])
+    j_out, j_in = sch.split(j, [None, lanes])
+    if pointwise:
+        sch.reorder(nn, o_out, j_out, rc, ry, rx, o_in, j_in)
+        where = "no padding"
+    elif depthwise:
+        # one channel at a time: its padded plane is the only input it needs
+        sch.reorder(nn, o_out, i, j_out, rc, ry, rx, o_in, j_in)
+        sch.compute_at(sch.get_sblock("pad"), o_out)
+        where = "pad per channel"
+    else:
+        # output row outer: the padded input band of a row serves every output channel
+        sch.reorder(nn, i, o_out, j_out, rc, ry, rx, o_in, j_in)
+        sch.compute_at(sch.get_sblock("pad"), i)
+        where = "pad per output row"
+    sch.reverse_compute_at(epilogue, j_out)
+    for loop in (ry, rx):
+        if _extent(sch, loop) > 1:
+            sch.unroll(loop)
+    if tile > 1:
+        sch.unroll(o_in)
+    vectorised = cfg.vectorize and lanes > 1
+    if vectorised:
+        sch.vectorize(j_in)
+        _vectorize_inner(sch, epilogue, cfg)
+    # after the loop annotations: the init block's loops copy them (vectorised zeroing)
+    sch.decompose_reduction(acc, rc)
+    kind = "pointwise" if pointwise else "depthwise" if depthwise else "direct"
+    return f"{kind} conv: {tile}oc x {lanes}px register tile, {where}, epilogue per tile" + \
+        (", vectorised" if vectorised else "")
+
+
+def _conv_oc(sch: Schedule, cfg: ScheduleConfig) -> str:
+    """Regular conv with short output rows: output channels in the vector, a few pixels unrolled."""
+    acc = sch.get_sblock("acc")
+    epilogue = _inline_tail(sch, "acc")
+    nn, oo, i, j, rc, ry, rx = sch.get_loops(acc)
+    names = [_name(sch, b) for b in _blocks(sch)]
+    lanes = _divisor(_extent(sch, oo), cfg.lanes)
+    pixels = _divisor(_extent(sch, j), cfg.oc_tile)
+    o_out, o_in = sch.split(oo, [None, lanes])
+    j_out, j_in = sch.split(j, [None, pixels])
+    sch.reorder(nn, i, o_out, j_out, rc, ry, rx, j_in, o_in)
+    if "pad" in names:
+        sch.compute_at(sch.get_sblock("pad"), i)
+    sch.reverse_compute_at(epilogue, j_out)
+    for loop in (ry, rx):
+        if _extent(sch, loop) > 1:
+            sch.unroll(loop)
+    if pixels > 1:
+        sch.unroll(j_in)
+    vectorised = cfg.vectorize and lanes > 1
+    if vectorised:
+        sch.vectorize(o_in)
+    sch.decompose_reduction(acc, rc)
+    return f"channel-vector conv: {lanes}oc x {pixels}px register tile, pad per output row, epilogue per tile" + \
+        (", vectorised" if vectorised else "")
+
+
+def _matmul(sch: Schedule, cfg: ScheduleConfig) -> str:
+    acc = sch.get_sblock("acc")
+    epilogue = _inline_tail(sch, "acc")
+    i, j, k = sch.get_loops(acc)
+    lanes = _divisor(_extent(sch, j), cfg.lanes)
+    j_out, j_in = sch.split(j, [None, lanes])
+    sch.reorder(i, j_out, k, j_in)
+    sch.reverse_compute_at(epilogue, j_out)
+    if cfg.vectorize and lanes > 1:
+        sch.vectorize(j_in)
+        _vectorize_inner(sch, epilogue, cfg)
+    sch.decompose_reduction(acc, k)
+    return f"matmul: {lanes}-column tile, epilogue per tile" + (", vectorised" if cfg.vectorize and lanes > 1 else "")
+
+
+def _pool(sch: Schedule, cfg: ScheduleConfig) -> str:
+    # the summation order of float pools is onnxruntime's: only the epilogue moves
+    acc = sch.get_sblock("acc")
+    epilogue = _inline_tail(sch, "acc")
+    spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)  # data-parallel iterators
+    sch.reverse_compute_at(epilogue, sch.get_loops(acc)[spatial - 1])
+    return "pool: epilogue per output element, summation order kept"
+
+
+def _elementwise(sch: Schedule, cfg: ScheduleConfig) -> str:
+    blocks = _blocks(sch)
+    if any(int(iv.iter_type) != 0 for b in blocks for iv in sch.get(b).iter_vars):
+        return "unscheduled (has a reduction; not an int8 kernel family)"
+    for b in blocks[:-1]:
+        try:
+            sch.compute_inline(b)
+        except ScheduleError:  # e.g. a block read by two consumers: it stays a stage of its own
+            return "elementwise: stages kept"
+    last = sch.get_sblock(_name(sch, _blocks(sch)[-1]))
+    loops = sch.get_loops(last)
+    if not loops:
+        return "elementwise: scalar"
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    lanes = _divisor(_extent(sch, fused), cfg.lanes)
+    if cfg.vectorize and lanes > 1:
+        _, inner = sch.split(fused, [None, lanes])
+        sch.vectorize(inner)
+        return f"elementwise: fused loop, {lanes} lanes"
+    return "elementwise: fused loop"
+
+
+def _boundary_mean(sch: Schedule) -> str:
+    names = [_name(sch, b) for b in _blocks(sch)]
+    if "acc" not in names:
+        return "boundary mean: onnxruntime summation order (one addition tree per row)"
+    # the packet accumulators of one channel, computed where that channel's mean is: 32 bytes
+    out = sch.get_sblock(names[-1])
+    sch.compute_at(sch.get_sblock("acc"), sch.get_loops(out)[1])
+    return "boundary mean: onnxruntime summation order, packet accumulators per channel"
+
+
+def family_of(name: str) -> str:
+    """The kernel family a (possibly fused) PrimFunc name belongs to, or "elementwise"."""
+    for family in FAMILIES:
+        if family in name:
+            return family
+    return "elementwise"
+
+
+def schedule_func(func: tirx.PrimFunc, name: str, cfg: ScheduleConfig) -> tuple[tirx.PrimFunc, str]:
+    """Schedule one kernel; returns the scheduled function and a one-line description."""
+    sch = Schedule(func)
+    family = family_of(name)
+    if family in ("qconv2d", "qconv2d_depthwise"):
+        how = _conv(sch, cfg, family == "qconv2d_depthwise")
+    elif family == "qconv2d_oc":
+        how = _conv_oc(sch, cfg)
+    elif family == "qmatmul":
+        how = _matmul(sch, cfg)
+    elif family in ("qglobal_pool", "qavg_pool"):
+        how = _pool(sch, cfg)
+    elif family == "ort_mean":
+        how = _boundary_mean(sch)
+    else:
+        how = _elementwise(sch, cfg)
+    return sch.mod["main"], how
+
+
+def schedule_kernels(cfg: ScheduleConfig) -> tvm.transform.Pass:
+    """Module pass: schedule every PrimFunc that has not been scheduled yet and record how."""
+
+    @tvm.transform.module_pass(opt_level=0, name="edgetune.ScheduleKernels")
+    def apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc) or SCHEDULE_ATTR in (func.attrs or {}):
+                continue
+            scheduled, how = schedule_func(func, gv.name_hint, cfg)
+            mod[gv] = scheduled.with_attr(SCHEDULE_ATTR, how)
+        return mod
+
+    return apply
