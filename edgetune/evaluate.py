@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from edgetune.adapt import Adaptable, source_taps
-from edgetune.data import Segment, to_tensor
+from edgetune.data import Segment
 from edgetune.errors import ConfigError
 
 TapFunction = Callable[[Adaptable, np.ndarray], list[torch.Tensor]]
@@ -91,10 +91,6 @@ def run_stream(adaptable: Adaptable, segments: list[Segment], tap_fn: TapFunctio
         last = len(adaptable.backbone.stages) - 1
         early = float(np.mean([e < last for e in exits]))
     return StreamResult(method.name, per, total, labelled_fraction, early, method.restores, predictions)
-
-
-def sample_images(segment: Segment) -> torch.Tensor:
-    return to_tensor(segment.images)
 
 
 @dataclass(frozen=True)
