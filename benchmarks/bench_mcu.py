@@ -1,0 +1,166 @@
+"""Deployed cost per target and method: instructions per sample (inference vs adaptation),
+instructions per MAC of the int8 backbone, SRAM and flash; the SRAM adaptation adds over the same
+firmware built inference-only; and tent's budget on a microcontroller (it back-propagates through
+the whole backbone, so it cannot be exported: its memory is the analytic one of edgetune.memory).
+
+Every figure comes from a simulated run (``edgetune.simulate``): Cortex-M in qemu-system-arm
+(-icount shift=0, SysTick), ARM Linux under qemu-aarch64-static (instructions counted block by
+block on a short run). Not a test. Results merge into ``results/mcu.json`` across invocations (so
+the matrix can be run in pieces) and are rendered to ``results/mcu.md``.
+
+    python benchmarks/bench_mcu.py --methods tinytta --targets cortex-m4,rpi4 --n 100
+    python benchmarks/bench_mcu.py --extras          # inference-only SRAM baseline + tent's budget
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from edgetune.adapt import fit, prepare
+from edgetune.checkpoint import load_checkpoint
+from edgetune.data import load_dataset
+from edgetune.data.corruptions import cache_dir
+from edgetune.deploy import analytic_budget, save_initial_state, write_target_project
+from edgetune.errors import BudgetError
+from edgetune.export import export
+from edgetune.memory import memory_table
+from edgetune.simulate import simulate
+from edgetune.targets import get_target
+from edgetune.train import train_source
+
+METHODS = ("feature-align", "tinytta", "lst", "vqt")
+TARGETS = ("cortex-m4", "cortex-m7", "cortex-m55", "rpi4", "android-arm64")
+
+
+def checkpoint(path: Path, model: str, data) -> torch.nn.Module:
+    if not (path / "config.json").is_file():
+        train_source(model, data, path, epochs=15, progress=False)
+    return load_checkpoint(path)[0]
+
+
+def bundle_for(backbone, model: str, method: str, data, out: Path) -> Path:
+    adaptable = prepare(copy.deepcopy(backbone), method, model_name=model)
+    fit(adaptable, data, progress=False)
+    export(adaptable, data, out, progress=False)
+    save_initial_state(out, adaptable.method)
+    return out
+
+
+def measure(bundle: Path, target: str, n: int, inference_only: bool = False) -> dict:
+    """One simulated deployment, or the budget refusal."""
+    try:
+        project = write_target_project(bundle, target, inference_only=inference_only,
+                                       out_dir=bundle / (target + ("-inference" if inference_only else "")))
+    except BudgetError as exc:
+        return {"refused": str(exc)}
+    report = simulate(project.directory, n=n, workdir=project.directory / "sim")
+    row = report.to_json()
+    row["memory"] = project.memory
+    return row
+
+
+def tent_budget(backbone_gn, data, target: str) -> dict:
+    adaptable = prepare(copy.deepcopy(backbone_gn), "tent", model_name="mcunet-s-gn")
+    table = memory_table(adaptable)
+    budget = analytic_budget(get_target(target), table)
+    return {"memory": table, "flash_bytes": budget.flash, "sram_bytes": budget.sram,
+            "fits": not budget.problems(), "table": budget.table()}
+
+
+def _n(v, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def render(results: dict) -> str:
+    lines = ["# Deployed cost per target and method (mcunet-s, digits, gaussian_noise severity 5)", "",
+             "Simulated: Cortex-M in `qemu-system-arm -icount shift=0` (SysTick ticks = guest instructions), "
+             "ARM Linux under `qemu-aarch64-static` (guest instructions counted per translated block on a 4-sample "
+             "run). SRAM = .data + .bss + the stack's painted high-water mark (the newlib stdio heap used by the "
+             "semihosting harness is not counted); flash = code + constants. Linux: flash = size of `edgetune-run`.",
+             "", "| method | target | online acc. | source acc. | instr./sample | inference | adaptation | "
+             "adapt. / inference | instr./MAC | SRAM B | flash B |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(results.get("runs", {})):
+        r = results["runs"][key]
+        method, target = key.split("|")
+        if "refused" in r:
+            lines.append(f"| {method} | {target} | refused by the budget check: "
+                         f"{r['refused'].splitlines()[0].split('(')[1].split(')')[0]} | | | | | | | | |")
+            continue
+        ratio = (r["adaptation_instructions_per_sample"] / r["inference_instructions_per_sample"]
+                 if r["inference_instructions_per_sample"] else None)
+        lines.append(f"| {method} | {target} | {100 * r['online_accuracy']:.1f} | {100 * r['source_accuracy']:.1f} | "
+                     f"{_n(r['instructions_per_sample'])} | {_n(r['inference_instructions_per_sample'])} | "
+                     f"{_n(r['adaptation_instructions_per_sample'])} | "
+                     f"{'-' if ratio is None else f'{100 * ratio:.1f} %'} | {_n(r['instructions_per_mac'], 2)} | "
+                     f"{_n(r['sram_bytes'])} | {_n(r['flash_bytes'])} |")
+    extras = results.get("extras", {})
+    if "inference_only" in extras:
+        e = extras["inference_only"]
+        lines += ["", "## What adaptation costs in SRAM (mcunet-s + tinytta, cortex-m4)", "",
+                  f"Same firmware built inference-only (no training step, parameters in flash): SRAM "
+                  f"{_n(e['inference_only_sram'])} B; with adaptation {_n(e['adaptive_sram'])} B: "
+                  f"{100 * (e['adaptive_sram'] / e['inference_only_sram'] - 1):+.0f} % (goal: <= +30 %).", "",
+                  "| part | inference-only B | adaptive B |", "|---|---|---|"]
+        for k in e["adaptive_memory"]:
+            lines.append(f"| {k} | {_n(e['inference_only_memory'].get(k))} | {_n(e['adaptive_memory'][k])} |")
+    if "tent" in extras:
+        t = extras["tent"]
+        lines += ["", "## tent (full back-propagation, mcunet-s-gn) on cortex-m4", "",
+                  f"{'fits' if t['fits'] else 'refused by the budget check'}: SRAM {_n(t['sram_bytes'])} B, "
+                  f"flash {_n(t['flash_bytes'])} B (analytic, edgetune.memory; tent cannot be exported).", "", "```",
+                  t["table"], "```"]
+    lines += ["", f"Generated by `python benchmarks/bench_mcu.py` ({results.get('when', '')})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--n", type=int, default=100, help="samples per simulated stream")
+    p.add_argument("--extras", action="store_true", help="inference-only SRAM baseline and tent's budget only")
+    p.add_argument("--work", default=None, help="checkpoints and bundles (default: the edgetune cache)")
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    work, out = Path(args.work) if args.work else cache_dir() / "bench-mcu", Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "mcu.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    data = load_dataset("digits")
+    backbone = checkpoint(work / "mcunet-s", "mcunet-s", data)
+    if args.extras:
+        bundle = bundle_for(backbone, "mcunet-s", "tinytta", data, work / "bundle-tinytta")
+        adaptive = measure(bundle, "cortex-m4", args.n)
+        baseline = measure(bundle, "cortex-m4", args.n, inference_only=True)
+        results.setdefault("extras", {})["inference_only"] = {
+            "adaptive_sram": adaptive["sram_bytes"], "inference_only_sram": baseline["sram_bytes"],
+            "adaptive_memory": adaptive["memory"], "inference_only_memory": baseline["memory"]}
+        results["extras"]["tent"] = tent_budget(checkpoint(work / "mcunet-s-gn", "mcunet-s-gn", data), data,
+                                                "cortex-m4")
+    else:
+        for method in args.methods.split(","):
+            bundle = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}")
+            for target in args.targets.split(","):
+                start = time.perf_counter()
+                results.setdefault("runs", {})[f"{method}|{target}"] = measure(bundle, target, args.n)
+                print(f"{method} on {target}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    results["when"] = time.strftime("%Y-%m-%d")
+    store.write_text(json.dumps(results, indent=1) + "\n")
+    text = render(results)
+    (out / "mcu.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

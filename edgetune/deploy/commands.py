@@ -1,0 +1,73 @@
+"""The CLI verbs of deployment: ``edgetune build OUT/`` and ``edgetune simulate OUT/ ...``.
+
+``add_commands(sub)`` adds both to ``edgetune.cli``'s sub-parsers; ``deploy_after_export``
+is what ``edgetune export --target T`` runs after writing the bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from edgetune.deploy.build import build
+
+    for built in build(args.bundle, args.target):
+        ram = "static RAM" if built.project.kind == "mcu" else "static data"
+        print(f"built {built.program} ({built.project.target}): flash {built.flash_bytes:,} B, "
+              f"{ram} {built.static_ram_bytes:,} B")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from edgetune.simulate import simulate
+
+    report = simulate(args.bundle, args.data, args.corruption, args.severity, args.n, args.protocol, args.seed,
+                      args.target, args.labelled_fraction, args.workdir)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``build`` and ``simulate`` to the CLI's sub-parsers."""
+    s = sub.add_parser("build", help="build a bundle's device projects with each target's toolchain (make)")
+    s.add_argument("bundle", help="bundle folder written by `edgetune export --target T`")
+    s.add_argument("--target", default=None, help="only this target's project")
+    s.set_defaults(func=_cmd_build)
+
+    s = sub.add_parser("simulate", help="run a bundle's device program in QEMU on a corrupted stream")
+    s.add_argument("bundle", help="bundle folder written by `edgetune export --target T`")
+    s.add_argument("--target", default=None, help="which project when the bundle has several")
+    s.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    s.add_argument("--corruption", default="gaussian_noise", help="a name, a comma list, 'all' or 'clean'")
+    s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
+    s.add_argument("--n", type=int, default=300, help="samples in the stream (split over the corruptions)")
+    s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--labelled-fraction", type=float, default=0.0, metavar="P",
+                   help="supervised mode: reveal this fraction of labels after scoring")
+    s.add_argument("--workdir", default=None, help="keep the stream, results and state files here")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    s.set_defaults(func=_cmd_simulate)
+
+
+def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = False) -> str:
+    """After ``export(..., target=T)``: keep the method's initial statistics in the bundle and write
+    (and optionally build) ``bundle/<T>/``. Returns a one-line summary; nothing for the host.
+
+    Raises:
+        BudgetError, CompileError, ToolchainError: see ``write_target_project`` and ``build``.
+    """
+    from edgetune.deploy.build import build_project
+    from edgetune.deploy.project import save_initial_state, write_target_project
+
+    save_initial_state(bundle_dir, method)
+    if target == "host":
+        return ""
+    project = write_target_project(bundle_dir, target)
+    line = f"wrote {project.directory} (model C + runtime + Makefile)"
+    if build_it:
+        built = build_project(project)
+        line += f"; built {built.program.name}: flash {built.flash_bytes:,} B"
+    return line
+
+
+__all__ = ["add_commands", "deploy_after_export"]

@@ -1,0 +1,119 @@
+"""The compiled host runtime: a bundle's generated C (TVM's int8 kernels and training step) plus the
+C runtime, built for this machine and driven through ctypes.
+
+It is the same C a device runs, so it is both what ``edgetune eval --runtime compiled`` streams
+and the oracle the simulated devices are compared to (per-sample predictions, final state).
+
+    model = HostModel(bundle)            # compiles once, cached by source content
+    step = model.step(x)                 # predict, then adapt (unsupervised)
+    model.feedback(x, label)             # supervised mode: after the prediction was scored
+    model.reset()                        # episodic protocol: back to the exported state
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgetune import cruntime as cr
+from edgetune.deploy.project import write_model_sources
+from edgetune.deploy.streams import StateEntry
+from edgetune.errors import ConfigError
+
+MODEL_GETTER = "edgetune_model"
+
+
+class HostModel:
+    """A bundle's model built into the host C runtime; one ``et_runtime`` at a time."""
+
+    def __init__(self, bundle_dir: str | Path, workdir: str | Path | None = None, adapt: bool = True) -> None:
+        """Generate the bundle's model C into ``workdir`` (default: a temporary folder), build it with
+        the runtime as a host shared library and start a runtime on it.
+
+        Raises:
+            CheckpointError, ExportError, CompileError: the bundle cannot be compiled (see
+                ``write_target_project``); ToolchainError: no host C compiler.
+        """
+        work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgetune-host-"))
+        model = work / "model"
+        self.manifest, self.layout = write_model_sources(bundle_dir, model)
+        self.lib = cr.load(extra_sources=[model / "et_model_gen.c", model / "et_kernels.c",
+                                          model / "tvm_workspace.c"], include_dirs=[model, model / "include"])
+        self.adapt = adapt
+        cr.check(self.lib.edgetune_model_reset(), "edgetune_model_reset")  # state <- the exported values
+        self.runtime = self._start()
+
+    def _start(self) -> cr.Runtime:
+        s = self.manifest.trainable.momentum_schedule
+        return cr.Runtime(self.lib, MODEL_GETTER, adapt=self.adapt,
+                          momentum=(s.start, s.decay, s.floor) if s else (0.0, 0.0, 0.0),
+                          guard=bool(self.manifest.config.get("guard", True)))
+
+    def reset(self) -> None:
+        """Back to the exported parameters, statistics and optimizer state, with a fresh runtime
+        (schedule, guard and counters restart)."""
+        cr.check(self.lib.edgetune_model_reset(), "edgetune_model_reset")
+        self.runtime = self._start()
+
+    def step(self, x: np.ndarray) -> cr.Step:
+        return self.runtime.step(x)
+
+    def feedback(self, x: np.ndarray, label: int) -> cr.Step:
+        return self.runtime.feedback(x, label)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Copies of the adapted state (parameters, optimizer state, statistics) by bundle name."""
+        return {e.name: a.reshape(e.shape).copy() for e, a in zip(self.layout, self.runtime.state())}
+
+    def counters(self) -> dict[str, int]:
+        return self.runtime.counters()
+
+
+def run_compiled_stream(bundle_dir: str | Path, segments, labelled_fraction: float = 0.0, seed: int = 0,
+                        progress: bool = True, method_name: str | None = None):
+    """``evaluate.run_stream`` on the compiled host runtime: the same segments, resets, label draws
+    and result type, with the whole sample (frozen int8 forward + method step) in C.
+
+    Raises:
+        ConfigError: ``labelled_fraction`` outside [0, 1]; see ``HostModel``.
+    """
+    from edgetune.data import to_tensor
+    from edgetune.evaluate import StreamResult
+
+    if not 0.0 <= labelled_fraction <= 1.0:
+        raise ConfigError(f"eval: --labelled-fraction must be in [0, 1] (got {labelled_fraction})")
+    model = HostModel(bundle_dir)
+    name = method_name or model.manifest.method
+    rng = np.random.RandomState(seed + 7919)  # the same draw as run_stream's
+    per: dict[str, float] = {}
+    predictions: list[int] = []
+    exits: list[bool] = []
+    total = sum(len(s.labels) for s in segments)
+    restores = 0
+    bar = tqdm(total=total, desc=f"{name} (compiled)", disable=not progress, leave=False, unit="sample")
+    first = True
+    for seg in segments:
+        if seg.reset and not first:
+            restores += model.counters()["restores"]
+            model.reset()
+        first = False
+        x = to_tensor(seg.images).numpy()
+        correct = 0
+        for i, label in enumerate(seg.labels):
+            r = model.step(x[i])
+            predictions.append(r.prediction)
+            correct += r.prediction == int(label)
+            exits.append(r.early_exit)
+            if labelled_fraction and rng.rand() < labelled_fraction:
+                model.feedback(x[i], int(label))  # revealed only now, after the prediction was scored
+            bar.update(1)
+        per[seg.corruption] = correct / max(1, len(seg.labels))
+    bar.close()
+    restores += model.counters()["restores"]
+    early = float(np.mean(exits)) if name == "tinytta" and exits else None
+    return StreamResult(name, per, total, labelled_fraction, early, restores, predictions)
+
+
+__all__ = ["HostModel", "StateEntry", "run_compiled_stream"]

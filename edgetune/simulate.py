@@ -1,0 +1,295 @@
+"""``simulate``: run a bundle's device program on simulated hardware over a corrupted stream.
+
+Cortex-M: the firmware under ``qemu-system-arm -semihosting -icount shift=0`` (samples and
+results through semihosting files; SysTick ticks are guest instructions). ARM Linux / Android:
+``edgetune-run`` under ``qemu-aarch64-static``. Each simulation is two runs over the same
+samples: with adaptation, and with adaptation off (the source accuracy, and the inference cost).
+
+Instructions per sample: the adapted run's (whole ``et_runtime_step``); inference: the run
+without adaptation; adaptation: the difference. Instructions per MAC: the frozen forward's
+instructions over the backbone's multiply-accumulates. User-mode QEMU has no instruction counter
+(and emulated time is not device time), so on Linux targets instruction figures are counted by
+``count_aarch64_instructions`` on a short run, or left out.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgetune.deploy.build import Built, build_project, find_projects
+from edgetune.deploy.streams import EARLY_EXIT, REJECTED, read_results, read_state, write_stream
+from edgetune.errors import ConfigError, ToolchainError
+from edgetune.targets import get_target
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run of the device program: per-sample records, the summary line, the final state."""
+
+    records: np.ndarray
+    summary: dict
+    state: dict[str, np.ndarray]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    target: str
+    method: str
+    model: str
+    data: str
+    corruption: str
+    severity: int
+    protocol: str
+    n: int
+    online_accuracy: float
+    source_accuracy: float
+    flash_bytes: int
+    sram_bytes: int | None  # static RAM + measured stack high-water mark (microcontrollers)
+    static_ram_bytes: int
+    stack_bytes: int | None
+    instructions_per_sample: float | None
+    inference_instructions_per_sample: float | None
+    adaptation_instructions_per_sample: float | None
+    frozen_instructions_per_sample: float | None
+    instructions_per_mac: float | None
+    macs: int
+    early_exit_rate: float
+    rejected: int
+    restores: int
+    updates: int
+    simulator_seconds: float
+    predictions: list[int] = field(repr=False)
+    source_predictions: list[int] = field(repr=False)
+    final_state: dict[str, np.ndarray] = field(repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("predictions", "source_predictions", "final_state"):
+            d.pop(k)
+        return d
+
+    def table(self) -> str:
+        def insns(v: float | None) -> str:
+            return "-" if v is None else f"{v:,.0f}"
+
+        ipm = "-" if self.instructions_per_mac is None else f"{self.instructions_per_mac:.2f}"
+        sram = "-" if self.sram_bytes is None else f"{self.sram_bytes:,} B (static {self.static_ram_bytes:,} + " \
+                                                  f"stack high-water {self.stack_bytes:,})"
+        rows = [f"{self.method} on {self.model}, {self.target}: {self.data} {self.corruption} severity "
+                f"{self.severity}, {self.protocol}, {self.n} samples",
+                f"  online accuracy          {100 * self.online_accuracy:6.1f} %   (source, same samples: "
+                f"{100 * self.source_accuracy:.1f} %)",
+                f"  flash                    {self.flash_bytes:,} B",
+                f"  SRAM                     {sram}",
+                f"  instructions / sample    {insns(self.instructions_per_sample)}  (inference "
+                f"{insns(self.inference_instructions_per_sample)} + adaptation "
+                f"{insns(self.adaptation_instructions_per_sample)})",
+                f"  backbone                 {insns(self.frozen_instructions_per_sample)} instructions for "
+                f"{self.macs:,} MACs = {ipm} per MAC",
+                f"  early exits {100 * self.early_exit_rate:.1f} %, updates {self.updates}, guard restores "
+                f"{self.restores}, rejected {self.rejected}"]
+        return "\n".join(rows)
+
+
+def stream_samples(data: str, corruptions: tuple[str, ...], severity: int, protocol: str, n: int, seed: int = 0,
+                   labelled_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[bool], list[int]]:
+    """(float32 samples N x 1 x H x W, labels, reset flags, feedback labels) of ``n`` samples of the
+    corrupted test stream (as ``edgetune eval`` builds it; ``n`` split evenly over corruptions).
+
+    Raises:
+        ConfigError: n < 1 or a labelled fraction outside [0, 1]; see ``build_stream``.
+    """
+    from edgetune.data import build_stream, load_dataset, to_tensor
+
+    if n < 1:
+        raise ConfigError(f"simulate: --n must be at least 1 (got {n})")
+    if not 0.0 <= labelled_fraction <= 1.0:
+        raise ConfigError(f"simulate: labelled fraction must be in [0, 1] (got {labelled_fraction})")
+    per = math.ceil(n / len(corruptions))
+    segments = build_stream(load_dataset(data), corruptions, severity, protocol, seed, per)
+    images = np.concatenate([s.images for s in segments])[:n]
+    labels = np.concatenate([s.labels for s in segments])[:n]
+    resets = []
+    for s in segments:
+        resets += [s.reset] + [False] * (len(s.labels) - 1)
+    resets = resets[:n]
+    rng = np.random.RandomState(seed + 7919)  # the same draw as evaluate.run_stream's
+    feedback = [int(y) if labelled_fraction and rng.rand() < labelled_fraction else -1 for y in labels]
+    return to_tensor(images).numpy(), labels, resets, feedback
+
+
+def run_program(built: Built, stream: Path, workdir: Path, adapt: bool = True, timeout: float = 900,
+                extra: tuple[str, ...] = ()) -> RunResult:
+    """Run the built program over ``stream`` in the target's simulator, files in ``workdir``.
+
+    Raises:
+        ToolchainError: the simulator is missing, fails or times out.
+    """
+    t = get_target(built.project.target)
+    tag = "adapt" if adapt else "source"
+    files = {"results": f"{tag}_results.bin", "state": f"{tag}_state.bin", "summary": f"{tag}_summary.json"}
+    workdir.mkdir(parents=True, exist_ok=True)
+    local = workdir / stream.name
+    if local.resolve() != stream.resolve():
+        local.write_bytes(stream.read_bytes())
+    args = [f"--stream={local.name}", *(f"--{k}={v}" for k, v in files.items()), *(() if adapt else ("--no-adapt",)),
+            *extra]
+    cmd = t.simulator_command(built.program.resolve(), args)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise ToolchainError(f"simulate: {cmd[0]} is not installed; install it (Debian: apt install "
+                             "qemu-system-arm qemu-user-static)") from None
+    except subprocess.TimeoutExpired:
+        raise ToolchainError(f"simulate: {cmd[0]} did not finish within {timeout:.0f} s; simulate fewer samples "
+                             "(--n)") from None
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+        raise ToolchainError(f"simulate: {built.program.name} failed under {cmd[0]} (exit {proc.returncode}: "
+                             f"{tail}); rebuild with `edgetune build` and check the bundle")
+    summary = json.loads((workdir / files["summary"]).read_text())
+    return RunResult(read_results(workdir / files["results"]), summary,
+                     read_state(workdir / files["state"], built.project.state_layout), seconds)
+
+
+FROZEN_SYMBOL = "__tvm_ffi_f_"  # the frozen forward's kernels (compilers/emit_model.py prefixes)
+
+
+def _trace_instructions(path: Path) -> tuple[int, int]:
+    """(all, frozen kernels') guest instructions of a QEMU ``-d in_asm,exec,nochain`` log: every
+    executed translation block counted with the instructions it was translated from."""
+    sizes: dict[int, int] = {}
+    total = frozen = 0
+    start, n = -1, 0
+    with path.open(errors="replace") as f:
+        for line in f:
+            if line.startswith("Trace "):
+                pc = int(line.split("[", 1)[1].split("/", 2)[1], 16)
+                c = sizes.get(pc, 0)
+                total += c
+                if line.rsplit("]", 1)[-1].strip().startswith(FROZEN_SYMBOL):
+                    frozen += c
+            elif line.startswith("IN:"):
+                start, n = -1, 0
+            elif line.startswith("0x"):
+                if start < 0:
+                    start = int(line.split(":", 1)[0], 16)
+                n += 1
+                sizes[start] = n
+    return total, frozen
+
+
+def count_instructions(built: Built, x: np.ndarray, workdir: Path, adapt: bool, first: int = 1,
+                       last: int = 4) -> tuple[float, float]:
+    """Guest instructions per sample of a user-mode QEMU target, (whole step, frozen kernels), exact
+    for samples ``first``..``last - 1`` of ``x``: runs of ``first`` and ``last`` samples are traced
+    block by block and subtracted (start-up and I/O cancel out).
+
+    Raises:
+        ToolchainError: the simulator fails.
+    """
+    t = get_target(built.project.target)
+    counts = []
+    for k in (first, last):
+        stream = write_stream(workdir / f"count{k}.bin", x[:k])
+        log = workdir / f"trace{k}.log"
+        args = [f"--stream={stream.name}", *(() if adapt else ("--no-adapt",))]
+        cmd = t.simulator_command(built.program.resolve(), args)
+        cmd = [cmd[0], "-d", "in_asm,exec,nochain", "-D", str(log), *cmd[1:]]
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise ToolchainError(f"simulate: instruction count run failed (exit {proc.returncode}: "
+                                 f"{proc.stdout[-300:]}); check {cmd[0]}")
+        counts.append(_trace_instructions(log))
+        log.unlink()
+    n = last - first
+    return (counts[1][0] - counts[0][0]) / n, (counts[1][1] - counts[0][1]) / n
+
+
+def _per_sample(ticks: int, samples: int, built: Built) -> float | None:
+    t = get_target(built.project.target)
+    if t.kind != "mcu" or samples == 0:
+        return None
+    return t.ticks_to_instructions(ticks) / samples
+
+
+def simulate(bundle_dir: str | Path, data: str = "digits", corruption: str = "gaussian_noise", severity: int = 5,
+             n: int = 300, protocol: str = "episodic", seed: int = 0, target: str | None = None,
+             labelled_fraction: float = 0.0, workdir: str | Path | None = None) -> SimulationReport:
+    """Build the bundle's target project if needed, stream ``n`` corrupted samples through it in
+    the simulator (with and without adaptation) and measure accuracy, memory and instructions.
+
+    ``corruption``: one name, a comma list, ``all`` or ``clean`` (as ``edgetune eval``).
+
+    Raises:
+        CheckpointError: the bundle has no target project (export it with --target).
+        ConfigError: the bundle has projects for several targets and ``target`` is not given, or
+            bad stream options.
+        ToolchainError: the toolchain or simulator is missing or fails.
+    """
+    from edgetune.data import parse_corruptions
+
+    projects = find_projects(bundle_dir, target)
+    if len(projects) > 1:
+        raise ConfigError(f"simulate: {bundle_dir} has projects for {', '.join(p.target for p in projects)}; "
+                          "pick one with --target")
+    built = build_project(projects[0])
+    corruptions = parse_corruptions(corruption)
+    x, labels, resets, feedback = stream_samples(data, corruptions, severity, protocol, n, seed, labelled_fraction)
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgetune-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stream = write_stream(work / "stream.bin", x, resets, feedback, built.project.classes)
+    adapted = run_program(built, stream, work, adapt=True)
+    source = run_program(built, stream, work, adapt=False)
+    counted = None
+    if get_target(built.project.target).kind != "mcu" and len(x) >= 4:
+        step, _ = count_instructions(built, x, work, adapt=True)
+        inference, frozen = count_instructions(built, x, work, adapt=False)
+        counted = (step, inference, frozen)
+    return report(built, adapted, source, labels, data, corruption, severity, protocol, counted)
+
+
+def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarray, data: str, corruption: str,
+           severity: int, protocol: str, counted: tuple[float, float, float] | None = None) -> SimulationReport:
+    """The figures of a simulation from its two runs (see the module docstring); ``counted``:
+    (step, inference, frozen) instructions per sample counted by ``count_instructions`` where
+    the simulator has no instruction counter."""
+    p = built.project
+    pred, pred_src = adapted.records["prediction"], source.records["prediction"]
+    ok = (adapted.records["flags"] & REJECTED) == 0
+    accepted = int(ok.sum())
+    sa, ss = adapted.summary, source.summary
+    total = _per_sample(sa["ticks"]["step"], sa["accepted"], built)
+    inference = _per_sample(ss["ticks"]["step"], ss["accepted"], built)
+    frozen = _per_sample(ss["ticks"]["frozen"], ss["accepted"], built)
+    if counted is not None:
+        total, inference, frozen = counted
+    mcu = get_target(p.target).kind == "mcu"
+    stack = max(sa["stack_used_bytes"], ss["stack_used_bytes"]) if mcu else None
+    return SimulationReport(
+        target=p.target, method=p.method, model=p.model, data=data, corruption=corruption, severity=severity,
+        protocol=protocol, n=len(labels), online_accuracy=float(np.mean(pred == labels)),
+        source_accuracy=float(np.mean(pred_src == labels)), flash_bytes=built.flash_bytes,
+        sram_bytes=built.static_ram_bytes + stack if stack is not None else None,
+        static_ram_bytes=built.static_ram_bytes, stack_bytes=stack, instructions_per_sample=total,
+        inference_instructions_per_sample=inference,
+        adaptation_instructions_per_sample=None if total is None or inference is None else total - inference,
+        frozen_instructions_per_sample=frozen,
+        instructions_per_mac=None if frozen is None or not p.macs else frozen / p.macs, macs=p.macs,
+        early_exit_rate=float(np.mean((adapted.records["flags"][ok] & EARLY_EXIT) != 0)) if accepted else 0.0,
+        rejected=int(sa["rejected"]), restores=int(sa["restores"]), updates=int(sa["updates"]),
+        simulator_seconds=adapted.seconds + source.seconds, predictions=[int(v) for v in pred],
+        source_predictions=[int(v) for v in pred_src], final_state=adapted.state)
+
+
+__all__ = ["RunResult", "SimulationReport", "report", "run_program", "simulate", "stream_samples"]

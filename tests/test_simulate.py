@@ -1,0 +1,217 @@
+"""edgetune-run's file formats and options (host build, hand-written model), the stream builder, and
+``simulate`` / ``edgetune simulate`` end to end on a small bundle in QEMU."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetune.deploy import read_results, read_state, save_initial_state, write_stream, write_target_project
+from edgetune.deploy.commands import add_commands
+from edgetune.deploy.streams import EARLY_EXIT, FEEDBACK, REJECTED, RESET, SAVED, UPDATED, StateEntry
+from edgetune.errors import CheckpointError, ConfigError, DataError
+from edgetune.simulate import simulate, stream_samples
+from edgetune.targets import HERE, RUNTIME_CFLAGS, RUNTIME_DIR, runtime_sources
+
+C_DIR = Path(__file__).parent / "c"
+KEYS = {"target", "method", "n", "online_accuracy", "source_accuracy", "flash_bytes", "sram_bytes",
+        "instructions_per_sample", "inference_instructions_per_sample", "adaptation_instructions_per_sample",
+        "instructions_per_mac"}
+
+# The app's model port around tests/c/fake_model.c (16 inputs, 4 classes, SGD head, running mean).
+FAKE_PORT = r"""
+#include "et_app.h"
+#include "fake_model.h"
+static float input[FM_IN];
+static uint32_t work[64];
+static et_status reset(void) { return fake_model_init(3u, 0.02f); }
+static et_app_port port = {"fake on fake", 0, {0.1, 0.94, 0.005}, ET_GUARD_DEFAULTS, 1u, input, work, sizeof work,
+                           reset};
+et_status et_app_port_get(const et_app_port **out) {
+  if (port.model == 0 && fake_model_get(&port.model) != ET_OK) return ET_E_MODEL;
+  *out = &port;
+  return ET_OK;
+}
+"""
+FAKE_LAYOUT = (StateEntry("w", "param", (4, 8)), StateEntry("b", "param", (4,)), StateEntry("vw", "optim", (4, 8)),
+               StateEntry("vb", "optim", (4,)), StateEntry("mean", "stat", (8,)))
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory) -> Path:
+    """edgetune-run built natively (gcc, the runtime's strict flags) around the hand-written model."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    out = tmp_path_factory.mktemp("fake-run")
+    (out / "port.c").write_text(FAKE_PORT)
+    app = HERE / "app"
+    cmd = ["gcc", *RUNTIME_CFLAGS, "-O2", f"-I{RUNTIME_DIR}", f"-I{app}", f"-I{C_DIR}", *map(str, runtime_sources()),
+           str(app / "et_app.c"), str(app / "et_app_linux.c"), str(C_DIR / "fake_model.c"), str(out / "port.c"),
+           "-lm", "-o", str(out / "edgetune-run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out / "edgetune-run"
+
+
+def samples(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-0.25, 0.25, (n, 16)).astype(np.float32)
+    for i in range(n):
+        x[i, i % 4::4] += 1.0  # four classes in turn
+    return x
+
+
+def run(program: Path, cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    proc = subprocess.run([str(program), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    return proc, json.loads(last) if proc.returncode == 0 else None
+
+
+def test_run_writes_records_state_and_summary(fake_run, tmp_path):
+    x = samples(120)
+    x[7, 3] = np.nan  # rejected, never learned from
+    feedback = [-1] * 120
+    feedback[10] = 2
+    write_stream(tmp_path / "s.bin", x, resets=[i == 60 for i in range(120)], feedback=feedback, classes=4)
+    proc, summary = run(fake_run, tmp_path, "s.bin", "--results=r.bin", "--state=st.bin", "--summary=sum.json",
+                        "--checkpoint=ck.bin", "--save-every=25")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary == json.loads((tmp_path / "sum.json").read_text())
+    assert summary["samples"] == 120 + 1 and summary["accepted"] == 119 and summary["rejected"] == 1
+    assert summary["labelled"] == 1 and summary["resets"] == 1 and summary["updates"] == 119 + 1
+    records = read_results(tmp_path / "r.bin")
+    flags = records["flags"]
+    assert len(records) == 120 and records["prediction"][7] == -1 and flags[7] & REJECTED
+    assert flags[10] & FEEDBACK and flags[60] & RESET and not flags[59] & RESET
+    assert (flags[np.arange(120) != 7] & UPDATED).all()
+    assert sum(bool(f & SAVED) for f in flags) >= 4  # every 25 accepted samples
+    assert set(np.unique(records["prediction"][records["prediction"] >= 0])) <= {0, 1, 2, 3}
+    assert (records["step"] >= records["frozen"] + records["method"]).all()
+    state = read_state(tmp_path / "st.bin", FAKE_LAYOUT)
+    assert state["w"].shape == (4, 8) and np.isfinite(state["w"]).all() and state["mean"].any()
+    assert bool(EARLY_EXIT)  # the flag exists for methods with exits (the fake model sets it when confident)
+
+
+def test_no_adapt_and_max(fake_run, tmp_path):
+    write_stream(tmp_path / "s.bin", samples(50))
+    proc, summary = run(fake_run, tmp_path, "--stream=s.bin", "--no-adapt", "--max=20", "--state=st.bin")
+    assert proc.returncode == 0 and summary["samples"] == 20 and summary["updates"] == 0 and summary["adapt"] == 0
+    proc, again = run(fake_run, tmp_path, "s.bin", "--no-adapt", "--max=20", "--state=st2.bin")
+    assert (tmp_path / "st.bin").read_bytes() == (tmp_path / "st2.bin").read_bytes()  # deterministic
+
+
+def test_resume_continues_from_the_checkpoint(fake_run, tmp_path):
+    write_stream(tmp_path / "a.bin", samples(80)[:40])
+    write_stream(tmp_path / "b.bin", samples(80)[40:])
+    write_stream(tmp_path / "all.bin", samples(80))
+    _, first = run(fake_run, tmp_path, "a.bin", "--checkpoint=ck.bin")
+    _, second = run(fake_run, tmp_path, "b.bin", "--checkpoint=ck.bin", "--resume", "--state=resumed.bin")
+    _, whole = run(fake_run, tmp_path, "all.bin", "--state=whole.bin")
+    assert first["save_seq"] == 1 and second["boot_seq"] == 1 and second["save_seq"] >= 2  # + guard snapshots
+    resumed = read_state(tmp_path / "resumed.bin", FAKE_LAYOUT)
+    straight = read_state(tmp_path / "whole.bin", FAKE_LAYOUT)
+    for name in resumed:  # a reboot in the middle of a stream changes nothing but the weight snapshot's age
+        assert np.allclose(resumed[name], straight[name], atol=1e-3), name
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "no stream given"), (("s.bin", "--what"), "bad argument '--what'"), (("s.bin", "--max=x"), "bad argument"),
+    (("s.bin", "--resume"), "--resume needs --checkpoint")])
+def test_bad_arguments_exit_2_with_the_reason(fake_run, tmp_path, args, message):
+    proc, _ = run(fake_run, tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_stream_for_another_model_is_refused(fake_run, tmp_path):
+    write_stream(tmp_path / "s.bin", np.zeros((3, 10), np.float32))
+    proc, _ = run(fake_run, tmp_path, "s.bin")
+    assert proc.returncode == 1 and "floats per sample differ" in proc.stdout
+    (tmp_path / "junk.bin").write_bytes(b"not a stream at all, long enough to hold a header")
+    proc, _ = run(fake_run, tmp_path, "junk.bin")
+    assert proc.returncode == 1 and "not an edgetune stream" in proc.stdout
+
+
+def test_stream_file_errors(tmp_path):
+    with pytest.raises(DataError, match="no samples"):
+        write_stream(tmp_path / "s.bin", np.zeros((0, 4), np.float32))
+    with pytest.raises(DataError, match="one of each per sample"):
+        write_stream(tmp_path / "s.bin", np.zeros((3, 4), np.float32), resets=[True])
+    (tmp_path / "r.bin").write_bytes(b"ETRS" + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
+                                     + (28).to_bytes(4, "little") + bytes(28))
+    with pytest.raises(CheckpointError, match="1 of 5 records"):
+        read_results(tmp_path / "r.bin")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_results(tmp_path / "missing.bin")
+
+
+def test_stream_samples_follow_the_protocol(digits):
+    x, labels, resets, feedback = stream_samples("digits", ("gaussian_noise", "fog"), 3, "episodic", 10)
+    assert x.shape == (10, 1, 32, 32) and x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
+    assert resets == [True] + [False] * 4 + [True] + [False] * 4 and feedback == [-1] * 10
+    _, _, resets, _ = stream_samples("digits", ("gaussian_noise", "fog"), 3, "continual", 10)
+    assert resets == [True] + [False] * 9
+    _, labels, _, feedback = stream_samples("digits", ("gaussian_noise",), 3, "episodic", 50, labelled_fraction=0.5)
+    revealed = [f for f in feedback if f >= 0]
+    assert 10 < len(revealed) < 40 and all(f == int(y) for f, y in zip(feedback, labels) if f >= 0)
+    with pytest.raises(ConfigError, match="--n must be at least 1"):
+        stream_samples("digits", ("fog",), 3, "episodic", 0)
+
+
+# --- simulate() on a real bundle -------------------------------------------------------------------------
+QEMU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "aarch64-linux-gnu-gcc", "qemu-aarch64-static", "make")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_cnn, digits, tmp_path_factory) -> Path:
+    from edgetune.adapt import fit, prepare
+    from edgetune.export import export
+
+    adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "feature-align", model_name="tiny-cnn")
+    fit(adaptable, digits, progress=False)
+    out = tmp_path_factory.mktemp("sim-bundle")
+    export(adaptable, digits, out, progress=False)
+    save_initial_state(out, adaptable.method)
+    return out
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif(any(shutil.which(t) is None for t in QEMU_TOOLS), reason=f"needs {', '.join(QEMU_TOOLS)}")
+def test_simulate_reports_accuracy_memory_and_instructions(bundle, tmp_path):
+    write_target_project(bundle, "cortex-m4")
+    report = simulate(bundle, n=40, workdir=tmp_path)  # builds the project first
+    d = report.to_json()
+    assert KEYS <= set(d) and d["target"] == "cortex-m4" and d["method"] == "feature-align" and d["n"] == 40
+    assert 0.0 <= d["source_accuracy"] <= 1.0 and 0.0 <= d["online_accuracy"] <= 1.0
+    assert d["sram_bytes"] == d["static_ram_bytes"] + d["stack_bytes"] and d["sram_bytes"] < 256 * 1024
+    assert 1_000_000 < d["inference_instructions_per_sample"] <= d["instructions_per_sample"]
+    assert d["adaptation_instructions_per_sample"] == pytest.approx(
+        d["instructions_per_sample"] - d["inference_instructions_per_sample"])
+    assert 0.5 < d["instructions_per_mac"] < 20 and d["macs"] > 1_000_000
+    assert d["early_exit_rate"] == 0.0 and d["rejected"] == 0
+    assert "online accuracy" in report.table() and "per MAC" in report.table()
+    with pytest.raises(ConfigError, match="pick one with --target"):
+        write_target_project(bundle, "rpi4")
+        simulate(bundle, n=4)
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif(any(shutil.which(t) is None for t in QEMU_TOOLS), reason=f"needs {', '.join(QEMU_TOOLS)}")
+def test_simulate_cli_on_a_linux_target_counts_instructions(bundle, tmp_path, capsys):
+    write_target_project(bundle, "rpi4")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["simulate", str(bundle), "--target", "rpi4", "--n", "8", "--json", "--workdir",
+                              str(tmp_path)])
+    args.func(args)
+    d = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(d) and d["target"] == "rpi4" and d["n"] == 8 and d["sram_bytes"] is None
+    assert d["inference_instructions_per_sample"] > 1_000_000 and d["instructions_per_mac"] > 0.5
+    args = parser.parse_args(["build", str(bundle), "--target", "rpi4"])
+    args.func(args)
+    assert "built" in capsys.readouterr().out
