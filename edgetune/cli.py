@@ -88,6 +88,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     fit(adaptable, data, seed=args.seed)
     manifest = export(adaptable, data, args.out, quantize=not args.no_quantize, target=args.target)
     print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})")
+    from edgetune.deploy.commands import deploy_after_export
+    line = deploy_after_export(args.out, adaptable.method, args.target, build_it=args.build)
+    if line:
+        print(line)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -132,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--samples-per-corruption", type=int, default=None, metavar="N",
                    help="first N samples of a seeded permutation of the test split (default: all)")
-    s.add_argument("--backbone", default="torch", choices=["torch", "onnx-int8"],
-                   help="run the frozen part in torch (float) or from the exported int8 frozen.onnx in onnxruntime")
+    s.add_argument("--runtime", "--backbone", dest="backbone", default="torch",
+                   choices=["torch", "onnx-int8", "compiled"],
+                   help="torch: the float torch reference; onnx-int8: the exported int8 frozen.onnx in onnxruntime, "
+                        "method step in torch; compiled: the whole sample in the bundle's TVM-compiled C (int8 "
+                        "backbone + training step + C runtime) built for this machine")
     s.add_argument("--labelled-fraction", type=float, default=0.0, metavar="P",
                    help="supervised mode: reveal the label of this fraction of samples after scoring them")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -150,12 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help="source data for fitting and calibration (default: the checkpoint's)")
     s.add_argument("--no-quantize", action="store_true", help="keep the frozen backbone in float32")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method config field (see `edgetune list methods -v`)")
+    s.add_argument("--build", action="store_true",
+                   help="device targets: also build the project with the target's toolchain (as `edgetune build`)")
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("inspect", help="print a bundle's manifest and memory table")
     s.add_argument("bundle")
     s.set_defaults(func=_cmd_inspect)
+
+    from edgetune.deploy.commands import add_commands
+    add_commands(sub)
     return p
 
 

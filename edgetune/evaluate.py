@@ -153,6 +153,34 @@ def tap_function(adaptable: Adaptable, data, backbone: str = "torch") -> tuple[T
     return ort_tap_function(bundle), "onnxruntime int8"
 
 
+BACKBONES = ("torch", "onnx-int8", "compiled")
+
+
+def _compiled(adaptable: Adaptable, data, segments: list[Segment], labelled_fraction: float, seed: int,
+              progress: bool) -> tuple[StreamResult, str]:
+    """Export ``adaptable`` (int8) and stream the segments through its compiled host runtime.
+
+    Raises:
+        ConfigError: the method adapts the backbone itself, so there is no compiled program for it.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from edgetune.deploy import save_initial_state
+    from edgetune.deploy.host import run_compiled_stream
+    from edgetune.export import export
+
+    method = adaptable.method
+    if not method.partitioned:
+        raise ConfigError(f"eval: {method.name} adapts the backbone itself and has no compiled program; use "
+                          "--runtime torch, or a partitioned method (feature-align, tinytta, lst, vqt)")
+    bundle = Path(tempfile.mkdtemp(prefix="edgetune-eval-"))
+    export(adaptable, data, bundle, quantize=True, progress=False)
+    save_initial_state(bundle, method)
+    result = run_compiled_stream(bundle, segments, labelled_fraction, seed, progress, method.name)
+    return result, "compiled int8 (TVM C kernels + C runtime, host)"
+
+
 def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[str, ...], severity: int,
              protocol: str, seed: int = 0, samples_per_corruption: int | None = None, backbone_kind: str = "torch",
              overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
@@ -173,11 +201,16 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     results = {}
     kind = "torch"
     main = None
+    if backbone_kind not in BACKBONES:
+        raise ConfigError(f"eval: unknown runtime {backbone_kind!r}; pick one of {', '.join(BACKBONES)}")
     for name, ovr, frac in ((method, overrides or {}, labelled_fraction), ("source", {}, 0.0)):
         adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
         fit(adaptable, data, seed=seed, progress=progress)
-        tap_fn, label = tap_function(adaptable, data, backbone_kind)
-        results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
+        if backbone_kind == "compiled":
+            results[name], label = _compiled(adaptable, data, segments, frac, seed, progress)
+        else:
+            tap_fn, label = tap_function(adaptable, data, backbone_kind)
+            results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
         if main is None:
             main, kind = adaptable, label
     return EvalReport(model_name, data.name, severity, protocol, seed, kind, results[method], results["source"],

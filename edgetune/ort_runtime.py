@@ -17,11 +17,18 @@ from edgetune.data import to_tensor
 from edgetune.export.manifest import Manifest, load_manifest
 
 
-def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU onnxruntime session (one thread by default: deterministic, and the host is shared)."""
+def session(path: str | Path, threads: int = 1, int8_kernels: bool = False) -> ort.InferenceSession:
+    """A CPU onnxruntime session (one thread by default: deterministic, and the host is shared).
+
+    ``int8_kernels``: run every quantised QDQ op as an integer kernel
+    (``session.qdqisint8allowed=1``, onnxruntime's default on ARM; on x86 it otherwise keeps some
+    requantisations in float). That is the arithmetic the compiled backbone reproduces bit-exactly.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if int8_kernels:
+        options.add_session_config_entry("session.qdqisint8allowed", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -34,7 +41,7 @@ class OrtTaps:
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest | None = None) -> None:
         self.manifest = manifest or load_manifest(bundle_dir)
-        self.session = session(Path(bundle_dir) / self.manifest.frozen.file)
+        self.session = session(Path(bundle_dir) / self.manifest.frozen.file, int8_kernels=True)
         self.names = [o.name for o in self.manifest.frozen.outputs]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,13 +1,16 @@
-"""The main job through the Python API: train, fit tinytta, export an int8 bundle, adapt online.
+"""The main job through the Python API: a pretrained model keeps learning on a simulated Cortex-M.
 
-    python examples/main_job.py --out runs/demo
+    python examples/main_job.py --out runs/demo                 # Fashion-MNIST, committed checkpoint
+    python examples/main_job.py --data digits --train-epochs 15  # train on digits first
 
-1. train mcunet-s on scikit-learn's digits (clean source data);
-2. fit tinytta's exit heads and measure source feature statistics;
-3. export the bundle: frozen int8 backbone (QDQ ONNX) + trainable attachments + manifest;
-4. stream the 15 corruptions at severity 5 through the int8 backbone (onnxruntime) at batch 1,
-   predicting then adapting on every sample, next to the no-adaptation source floor;
-5. print accuracy before/after adaptation and the memory table of one adaptation step.
+1. load the committed mcunet-s checkpoint for the data (or train one on the clean source split);
+2. fit tinytta's early-exit heads on labelled source data (before deployment);
+3. export the bundle (int8 frozen backbone + trainable heads) and write the firmware project for
+   cortex-m4: TVM's C kernels, the model's plan and weights, the C runtime, board support and a
+   linker script sized to the target's 256 KB SRAM / 1 MB flash; build it with arm-none-eabi-gcc;
+4. stream a corrupted test stream into the firmware under qemu-system-arm, one sample at a time,
+   twice on the same samples: adapting, and with adaptation off;
+5. print accuracy with and without adaptation, SRAM, flash and guest instructions per sample.
 """
 from __future__ import annotations
 
@@ -19,48 +22,61 @@ import torch
 
 from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
-from edgetune.data import TEST_CORRUPTIONS, build_stream, load_dataset
-from edgetune.evaluate import EvalReport, run_stream
+from edgetune.data import load_dataset
+from edgetune.deploy import build_project, save_initial_state, write_target_project
 from edgetune.export import export
-from edgetune.memory import format_memory_table, memory_table
-from edgetune.ort_runtime import ort_tap_function
+from edgetune.simulate import simulate
 from edgetune.train import train_source
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="folder for the checkpoint and the bundle")
+    parser.add_argument("--out", default="runs/demo", help="folder for the checkpoint, bundle and simulation files")
+    parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     parser.add_argument("--model", default="mcunet-s")
     parser.add_argument("--method", default="tinytta")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--target", default="cortex-m4")
+    parser.add_argument("--train-epochs", type=int, default=0,
+                        help="train the backbone for this many epochs instead of loading checkpoints/<model>-<data>")
+    parser.add_argument("--corruption", default="gaussian_noise", help="a name, a comma list or 'all'")
+    parser.add_argument("--severity", type=int, default=5)
+    parser.add_argument("--protocol", default="continual", choices=["episodic", "continual", "label-shift"])
+    parser.add_argument("--n", type=int, default=500, help="samples streamed into the simulated device")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
-    data = load_dataset("digits")
+    data = load_dataset(args.data)
 
-    report = train_source(args.model, data, out / "checkpoint", epochs=args.epochs, seed=args.seed)
-    print(f"1. {args.model} trained on digits: clean test accuracy {100 * report['test_accuracy']:.1f}%")
-    backbone, _ = load_checkpoint(out / "checkpoint")
+    committed = ROOT / "checkpoints" / f"{args.model}-{args.data}"
+    if args.train_epochs or not committed.is_dir():
+        report = train_source(args.model, data, out / "checkpoint", epochs=args.train_epochs or 15, seed=args.seed)
+        print(f"1. trained {args.model} on {args.data}: clean test accuracy {100 * report['test_accuracy']:.1f}%")
+        backbone, _ = load_checkpoint(out / "checkpoint")
+    else:
+        backbone, config = load_checkpoint(committed)
+        print(f"1. loaded checkpoints/{committed.name} ({config['model']} trained on clean {args.data})")
 
-    stream = build_stream(data, TEST_CORRUPTIONS, severity=5, protocol="episodic", seed=args.seed)
-    results = {}
-    for name in (args.method, "source"):
-        adaptable = prepare(copy.deepcopy(backbone), name, model_name=args.model, seed=args.seed)
-        fit(adaptable, data, seed=args.seed)
-        bundle = out / f"bundle-{name}"
-        manifest = export(adaptable, data, bundle, quantize=True)
-        if name == args.method:
-            print(f"2-3. fitted and exported {manifest.method} to {bundle} (frozen int8 + trainable ONNX + manifest)")
-            memory = memory_table(adaptable)
-        results[name] = run_stream(adaptable, stream, ort_tap_function(bundle), seed=args.seed)
+    adaptable = prepare(copy.deepcopy(backbone), args.method, model_name=args.model, seed=args.seed)
+    fit(adaptable, data, seed=args.seed)
+    print(f"2. fitted {args.method}'s attachments on labelled {args.data} source data")
 
-    table = EvalReport(args.model, "digits", 5, "episodic", args.seed, "onnxruntime int8", results[args.method],
-                       results["source"], memory)
-    print("4. online accuracy at batch 1 (predict, then adapt on the same sample):")
-    print(table.table())
-    print("5. memory of one adaptation step at batch 1:")
-    print(format_memory_table(memory))
+    bundle = out / "bundle"
+    manifest = export(adaptable, data, bundle, quantize=True, target=args.target)
+    save_initial_state(bundle, adaptable.method)
+    project = write_target_project(bundle, args.target)
+    built = build_project(project)
+    print(f"3. exported {manifest.method} on {manifest.model} and built {built.program.relative_to(bundle)} for "
+          f"{args.target}: flash {built.flash_bytes:,} B, static RAM {built.static_ram_bytes:,} B")
+
+    print(f"4. streaming {args.n} samples ({args.corruption}, severity {args.severity}, {args.protocol}) through "
+          f"the firmware in QEMU, with and without adaptation ...")
+    report = simulate(bundle, args.data, args.corruption, args.severity, args.n, args.protocol, args.seed,
+                      target=args.target, workdir=out / "simulation")
+    print("5. result")
+    print(report.table())
 
 
 if __name__ == "__main__":

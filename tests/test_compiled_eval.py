@@ -1,0 +1,49 @@
+"""``edgetune eval --runtime compiled``: the whole sample in the bundle's compiled C on the host, the
+same protocol and report as the torch runtimes (issue 3's compiled host runtime)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgetune.cli import main
+from edgetune.errors import ConfigError
+from edgetune.evaluate import evaluate
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a host C compiler (apt install gcc)")
+CORRUPTIONS = ("gaussian_noise", "contrast")
+
+
+@pytest.mark.parametrize("method", ["feature-align", "tinytta"])
+def test_compiled_runtime_follows_the_int8_reference(tiny_cnn, digits, method):
+    """Same segments, resets and int8 taps as ``--runtime onnx-int8`` (whose method step is torch):
+    the C step predicts the same class for (nearly) every sample; float summation order may flip a
+    near-tie, nothing more."""
+    args = (tiny_cnn[0], "tiny-cnn", method, digits, CORRUPTIONS, 5, "episodic", 0, 60)
+    ref = evaluate(*args, backbone_kind="onnx-int8", progress=False)
+    got = evaluate(*args, backbone_kind="compiled", progress=False)
+    assert got.backbone.startswith("compiled")
+    assert got.result.samples == ref.result.samples == 120
+    assert list(got.result.per_corruption) == list(CORRUPTIONS)
+    same = np.mean(np.array(got.result.predictions) == np.array(ref.result.predictions))
+    assert same >= 0.98, same
+    assert abs(got.result.mean - ref.result.mean) <= 0.02
+    assert got.source.predictions == ref.source.predictions  # no adaptation: int8 taps are bit-exact
+    if method == "tinytta":
+        assert got.result.early_exit_rate is not None
+
+
+def test_compiled_runtime_refuses_methods_that_adapt_the_backbone(tiny_cnn, digits):
+    with pytest.raises(ConfigError, match="no compiled program"):
+        evaluate(tiny_cnn[0], "tiny-cnn", "tent", digits, ("contrast",), 5, "episodic", 0, 5,
+                 backbone_kind="compiled", progress=False)
+
+
+def test_cli_eval_compiled_prints_the_same_json(tiny_cnn, capsys):
+    assert main(["eval", "--checkpoint", str(tiny_cnn[1]), "--method", "feature-align", "--corruption", "contrast",
+                 "--samples-per-corruption", "30", "--runtime", "compiled", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backbone"].startswith("compiled") and out["samples"] == 30
+    assert set(out["per_corruption"]) == {"contrast"} and 0.0 <= out["mean_online_accuracy"] <= 1.0
