@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,14 +29,15 @@ from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
 from edgetune.data import load_dataset
 from edgetune.data.corruptions import cache_dir
-from edgetune.deploy import analytic_budget, save_initial_state, write_target_project
+from edgetune.deploy import TargetProject, analytic_budget, save_initial_state, write_stream, write_target_project
 from edgetune.errors import BudgetError
 from edgetune.export import export
 from edgetune.memory import memory_table
-from edgetune.simulate import simulate
+from edgetune.simulate import simulate, stream_samples
 from edgetune.targets import get_target
 from edgetune.train import train_source
 
+ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("feature-align", "tinytta", "lst", "vqt")
 TARGETS = ("cortex-m4", "cortex-m7", "cortex-m55", "rpi4", "android-arm64")
 
@@ -52,6 +56,27 @@ def bundle_for(backbone, model: str, method: str, data, out: Path) -> Path:
     return out
 
 
+def native_peak_rss(project: TargetProject, n: int, work: Path) -> int:
+    """Peak resident set (bytes) of ``edgetune-run`` over an ``n``-sample stream, for a Linux
+    project built natively for this machine from the same sources (TVM's C kernels, the host's
+    gcc and libc). qemu-aarch64-static cannot report the guest's memory: its own RSS includes the
+    translator, so the native build is the measurable stand-in for the device program."""
+    native = work / "native"
+    if native.exists():
+        shutil.rmtree(native)
+    shutil.copytree(project.directory, native, ignore=shutil.ignore_patterns("build", "sim"))
+    subprocess.run(["make", "-j2", "KERNELS=c", "CC=gcc", "AR=ar", "ARCH=", "build/edgetune-run"], cwd=native,
+                   check=True, capture_output=True)
+    x, _, resets, feedback = stream_samples("digits", ("gaussian_noise",), 5, "episodic", n)
+    stream = write_stream(native / "stream.bin", x, resets, feedback, project.classes)
+    proc = subprocess.Popen([str(native / "build" / "edgetune-run"), str(stream), "--state=state.bin"], cwd=native,
+                            stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"native edgetune-run failed with status {status}")
+    return usage.ru_maxrss * 1024
+
+
 def measure(bundle: Path, target: str, n: int, inference_only: bool = False) -> dict:
     """One simulated deployment, or the budget refusal."""
     try:
@@ -62,6 +87,9 @@ def measure(bundle: Path, target: str, n: int, inference_only: bool = False) -> 
     report = simulate(project.directory, n=n, workdir=project.directory / "sim")
     row = report.to_json()
     row["memory"] = project.memory
+    if get_target(target).kind == "linux":
+        row["peak_rss_bytes"] = native_peak_rss(project, n, project.directory)
+        row["bundle_bytes"] = sum(f.stat().st_size for f in (project.directory / "build").glob("*") if f.is_file())
     return row
 
 
@@ -84,15 +112,19 @@ def render(results: dict) -> str:
              "Simulated: Cortex-M in `qemu-system-arm -icount shift=0` (SysTick ticks = guest instructions), "
              "ARM Linux under `qemu-aarch64-static` (guest instructions counted per translated block on a 4-sample "
              "run). SRAM = .data + .bss + the stack's painted high-water mark (the newlib stdio heap used by the "
-             "semihosting harness is not counted); flash = code + constants. Linux: flash = size of `edgetune-run`.",
+             "semihosting harness is not counted); flash = code + constants. Linux: flash = size of `edgetune-run` "
+             "(kernels from TVM's LLVM backend for the target CPU), bundle = `edgetune-run` + `libedgetune.so` + "
+             "`libedgetune.a`, peak RSS = `edgetune-run` built natively from the same sources (QEMU user mode "
+             "cannot report the guest's memory).",
              "", "| method | target | online acc. | source acc. | instr./sample | inference | adaptation | "
-             "adapt. / inference | instr./MAC | SRAM B | flash B |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "adapt. / inference | instr./MAC | SRAM B | flash B | bundle B | peak RSS B |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(results.get("runs", {})):
         r = results["runs"][key]
         method, target = key.split("|")
         if "refused" in r:
             lines.append(f"| {method} | {target} | refused by the budget check: "
-                         f"{r['refused'].splitlines()[0].split('(')[1].split(')')[0]} | | | | | | | | |")
+                         f"{r['refused'].splitlines()[0].split('(')[1].split(')')[0]} | | | | | | | | | | |")
             continue
         ratio = (r["adaptation_instructions_per_sample"] / r["inference_instructions_per_sample"]
                  if r["inference_instructions_per_sample"] else None)
@@ -100,7 +132,8 @@ def render(results: dict) -> str:
                      f"{_n(r['instructions_per_sample'])} | {_n(r['inference_instructions_per_sample'])} | "
                      f"{_n(r['adaptation_instructions_per_sample'])} | "
                      f"{'-' if ratio is None else f'{100 * ratio:.1f} %'} | {_n(r['instructions_per_mac'], 2)} | "
-                     f"{_n(r['sram_bytes'])} | {_n(r['flash_bytes'])} |")
+                     f"{_n(r['sram_bytes'])} | {_n(r['flash_bytes'])} | {_n(r.get('bundle_bytes'))} | "
+                     f"{_n(r.get('peak_rss_bytes'))} |")
     extras = results.get("extras", {})
     if "inference_only" in extras:
         e = extras["inference_only"]
@@ -137,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     store = out / "mcu.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     data = load_dataset("digits")
-    backbone = checkpoint(work / "mcunet-s", "mcunet-s", data)
+    backbone = checkpoint(ROOT / "checkpoints" / "mcunet-s-digits", "mcunet-s", data)
     if args.extras:
         bundle = bundle_for(backbone, "mcunet-s", "tinytta", data, work / "bundle-tinytta")
         adaptive = measure(bundle, "cortex-m4", args.n)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -718,6 +720,27 @@ class GeneratedModel:
     workspace_bytes: int  # the LIFO pool those kernels need
     kernels: int  # distinct kernels
     seconds: dict[str, float]
+    kernels_ir: Any = field(default=None, repr=False, compare=False)  # the kernels' TIR (for LLVM objects)
+
+
+def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
+    """The same kernels as ``generated.kernels_c``, compiled by TVM's LLVM backend for ``tvm_target``
+    (e.g. aarch64 with the CPU's features) into an object file with the same symbols.
+
+    Raises:
+        CompileError: the model was generated without its kernels' TIR, or LLVM fails.
+    """
+    if generated.kernels_ir is None:
+        raise CompileError("emit: this generated model carries no kernel TIR; regenerate it with generate_model")
+    try:
+        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+            built = tvm.tirx.build(generated.kernels_ir, target=tvm.target.Target(tvm_target))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        built.write_to_file(str(path))
+    except (ValueError, RuntimeError) as exc:  # what tvm-ffi raises for a failed build
+        raise CompileError(f"emit: LLVM could not compile the kernels for {tvm_target} "
+                           f"({str(exc).splitlines()[0][:120]}); check the target's tvm_target") from None
+    return path
 
 
 def workspace_pool_bytes(kernels_c: str) -> int:
@@ -818,9 +841,9 @@ def generate_model(bundle_dir, manifest, initial_state: Mapping[str, np.ndarray]
     sources = emit_model(iface, frozen, infer, train)
     pool = workspace_pool_bytes(kernels_c)  # exact; the plans' figure also counts kernel stack arrays
     sources = replace(sources, memory=replace(sources.memory, workspace=pool))
-    return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds)
+    return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels))
 
 
 __all__ = ["GeneratedModel", "Interface", "ModelMemory", "ModelSources", "Planned", "Tensor", "c_array_values",
-           "emit_model", "generate_model", "inplace_safe", "interface_from_manifest", "workspace_pool_bytes",
-           "written_args"]
+           "emit_kernels_object", "emit_model", "generate_model", "inplace_safe", "interface_from_manifest",
+           "workspace_pool_bytes", "written_args"]

@@ -192,10 +192,39 @@ def _pool(sch: Schedule, cfg: ScheduleConfig) -> str:
     return "pool: epilogue per output element, summation order kept"
 
 
+def _float_reduction(sch: Schedule) -> str:
+    """A float kernel with one reduction (matmul, sum, max of a training step): its elementwise
+    producers inlined, its epilogue computed per output element so the reduced intermediate is a
+    scalar instead of a whole tensor in the workspace. The summation order is kept."""
+    blocks = _blocks(sch)
+    reducing = [b for b in blocks if any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars)]
+    if len(reducing) != 1:
+        return "unscheduled (several reductions; not an int8 kernel family)"
+    name = _name(sch, reducing[0])
+    for b in blocks[:blocks.index(reducing[0])]:
+        try:
+            sch.compute_inline(b)
+        except ScheduleError:  # read twice or not injective: it stays a stage of its own
+            pass
+    names = [_name(sch, b) for b in _blocks(sch)]
+    if names[-1] == name:
+        return "float reduction: producers inlined, summation order kept"
+    acc = sch.get_sblock(name)
+    epilogue = _inline_tail(sch, name)
+    spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)
+    if spatial == 0:
+        return "float reduction: producers inlined, summation order kept"
+    sch.reverse_compute_at(epilogue, sch.get_loops(acc)[spatial - 1])
+    loops = sch.get_loops(acc)
+    if len(loops) > spatial:  # the initialisation in its own loop: C compilers then see it dominate
+        sch.decompose_reduction(acc, loops[spatial])
+    return "float reduction: epilogue per output element, summation order kept"
+
+
 def _elementwise(sch: Schedule, cfg: ScheduleConfig) -> str:
     blocks = _blocks(sch)
     if any(int(iv.iter_type) != 0 for b in blocks for iv in sch.get(b).iter_vars):
-        return "unscheduled (has a reduction; not an int8 kernel family)"
+        return _float_reduction(sch)
     for b in blocks[:-1]:
         try:
             sch.compute_inline(b)

@@ -162,7 +162,14 @@ def run_program(built: Built, stream: Path, workdir: Path, adapt: bool = True, t
                      read_state(workdir / files["state"], built.project.state_layout), seconds)
 
 
-FROZEN_SYMBOL = "__tvm_ffi_f_"  # the frozen forward's kernels (compilers/emit_model.py prefixes)
+# The frozen forward's kernels (compilers/emit_model.py prefixes them "f_"): TVM's C kernels are the
+# exported "__tvm_ffi_f_<kernel>" functions; its LLVM backend wraps each around "f_<kernel>_compute_".
+FROZEN_SYMBOL = "__tvm_ffi_f_"
+
+
+def _frozen_symbol(name: str) -> bool:
+    return name.startswith(FROZEN_SYMBOL) or (name.startswith("f_") and name.endswith("_compute_"))
+
 
 
 def _trace_instructions(path: Path) -> tuple[int, int]:
@@ -177,7 +184,7 @@ def _trace_instructions(path: Path) -> tuple[int, int]:
                 pc = int(line.split("[", 1)[1].split("/", 2)[1], 16)
                 c = sizes.get(pc, 0)
                 total += c
-                if line.rsplit("]", 1)[-1].strip().startswith(FROZEN_SYMBOL):
+                if _frozen_symbol(line.rsplit("]", 1)[-1].strip()):
                     frozen += c
             elif line.startswith("IN:"):
                 start, n = -1, 0

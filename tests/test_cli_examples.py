@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,14 @@ def test_supervised_mode_is_reported_apart(tiny_cnn, capsys):
     assert json.loads(capsys.readouterr().out)["labelled_fraction"] == 0.5
 
 
+MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
+
+
 @pytest.mark.parametrize("script,args,expect", [
     ("examples/user_model.py", [], "online accuracy"),
-    ("examples/main_job.py", ["--epochs", "4"], "memory of one adaptation step"),
+    pytest.param("examples/main_job.py", ["--data", "digits", "--n", "30"], "instructions / sample",
+                 marks=pytest.mark.skipif(any(shutil.which(t) is None for t in MCU_TOOLS),
+                                          reason="the main job needs gcc-arm-none-eabi and qemu-system-arm")),
 ])
 def test_examples_run(script, args, expect, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args] +
@@ -76,3 +82,6 @@ def test_examples_run(script, args, expect, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert expect in proc.stdout
+    if "main_job" in script:  # the result table: adapted and source accuracy on the same samples, memory
+        assert "online accuracy" in proc.stdout and "(source, same samples:" in proc.stdout
+        assert "SRAM" in proc.stdout and "flash" in proc.stdout

@@ -151,6 +151,11 @@ def test_tinytta_early_exit_selects_the_first_confident_prefix_and_updates_only_
         expected = torch.log_softmax(m.heads[0](always.taps(x[1:2])[0]), dim=-1)
     torch.testing.assert_close(always.step(x[1:2]), expected, rtol=1e-5, atol=1e-5)
     assert m.last_exit == 0 and m.exit_counts.tolist() == [1.0, 0.0, 0.0, 0.0]
+    # alone, the first head's soft target is its own prediction (a zero gradient): feedback with a
+    # label moves it, and still only the heads that ran
+    label = (int(expected.argmax()) + 1) % m.num_classes
+    always.step(x[1:2], torch.nn.functional.one_hot(torch.tensor([label]), m.num_classes).float())
+    assert m.last_exit == 0
     for k, head in enumerate(m.heads):
         same = all(torch.equal(v, head.state_dict()[n]) for n, v in heads_before[k].items())
         assert same == (k > 0), f"head {k} {'did not change' if same else 'changed'}"

@@ -177,6 +177,9 @@ def write_target_project(bundle_dir: str | Path, target: str | Target, inference
         _portable(out, t, name)
         program = "build/fw.elf"
     else:
+        from edgetune.compilers.emit_model import emit_kernels_object
+
+        emit_kernels_object(generated, t.tvm_target, out / "model" / "et_kernels_llvm.o")
         (out / "Makefile").write_text(linux_makefile(t, name))
         (out / "README.md").write_text(linux_readme(t, name))
         program = "build/edgetune-run"

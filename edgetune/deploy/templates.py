@@ -77,10 +77,19 @@ CFLAGS  = {_flags(tc.cflags)} {_flags(std)}
 WARN    = {_flags(warn)}
 KOPT    = {KERNEL_OPT}
 INC     = -Iruntime -Iapp -Imodel -Imodel/include
-LDFLAGS = {_flags(tc.ldflags)} {static}
+LDFLAGS = {_flags(tc.ldflags)} {static} -Wl,--strip-debug
 LIBS    = {_flags(tc.libs)}
 LIB_SRC = $(wildcard runtime/*.c) model/et_model_gen.c model/tvm_workspace.c
-LIB_OBJ = $(LIB_SRC:%.c=build/%.o) build/model/et_kernels.o
+# KERNELS=llvm (default): the kernels compiled by TVM's LLVM backend for this CPU
+# ({t.cpu}, {' '.join(t.tvm_target.get('mattr', []))}) into model/et_kernels_llvm.o;
+# KERNELS=c: build the same kernels from TVM's C source with $(CC)
+KERNELS ?= llvm
+ifeq ($(KERNELS),c)
+KERNEL_OBJ = build/model/et_kernels.o
+else
+KERNEL_OBJ = model/et_kernels_llvm.o
+endif
+LIB_OBJ = $(LIB_SRC:%.c=build/%.o) $(KERNEL_OBJ)
 RUN_OBJ = $(LIB_OBJ) build/app/et_app.o build/app/et_app_linux.o build/model/et_port_gen.o
 
 all: build/edgetune-run build/libedgetune.so build/libedgetune.a
@@ -185,6 +194,10 @@ Build (on a Linux host): `make` (needs `{t.toolchain.cc}`) ->
 * `build/edgetune-run`{sysroot}: the streaming program;
 * `build/libedgetune.so`, `build/libedgetune.a` + `model/edgetune.h` (with `runtime/`): the runtime
   and this model for embedding in an app{android}.
+
+The kernels are `model/et_kernels_llvm.o`, compiled by TVM's LLVM backend for {t.cpu}
+({', '.join(t.tvm_target.get('mattr', [])) or 'baseline ISA'}); `make KERNELS=c` builds the same
+kernels from TVM's C source (`model/et_kernels.c`) with `{t.toolchain.cc}` instead.
 
 Copy and run:
 
