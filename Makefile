@@ -1,7 +1,7 @@
 # The two README commands: `make demo` (set up + main job) and `make test` (set up + tests).
 PY ?= python3
 APT_PACKAGES = gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm qemu-user-static \
-               gcc-aarch64-linux-gnu g++-aarch64-linux-gnu dataset-fashion-mnist file
+               gcc-aarch64-linux-gnu g++-aarch64-linux-gnu dataset-fashion-mnist file time
 RUN ?= runs/demo
 
 .PHONY: setup setup-apt setup-pip demo test lint bench

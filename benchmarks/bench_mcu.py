@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -69,12 +68,13 @@ def native_peak_rss(project: TargetProject, n: int, work: Path) -> int:
                    check=True, capture_output=True)
     x, _, resets, feedback = stream_samples("digits", ("gaussian_noise",), 5, "episodic", n)
     stream = write_stream(native / "stream.bin", x, resets, feedback, project.classes)
-    proc = subprocess.Popen([str(native / "build" / "edgetune-run"), str(stream), "--state=state.bin"], cwd=native,
-                            stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"native edgetune-run failed with status {status}")
-    return usage.ru_maxrss * 1024
+    # GNU time forks the program itself: a child forked straight from this (large) Python process
+    # would inherit its high-water mark into ru_maxrss across exec
+    proc = subprocess.run(["/usr/bin/time", "-f", "peak-rss-kb %M", str(native / "build" / "edgetune-run"),
+                           str(stream), "--state=state.bin"], cwd=native, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"native edgetune-run failed ({proc.stderr.strip()[-300:]})")
+    return 1024 * int(proc.stderr.strip().splitlines()[-1].split()[-1])
 
 
 def measure(bundle: Path, target: str, n: int, inference_only: bool = False) -> dict:
