@@ -144,6 +144,12 @@ def render(results: dict) -> str:
                   "| part | inference-only B | adaptive B |", "|---|---|---|"]
         for k in e["adaptive_memory"]:
             lines.append(f"| {k} | {_n(e['inference_only_memory'].get(k))} | {_n(e['adaptive_memory'][k])} |")
+    if "overhead" in extras:
+        lines += ["", "## SRAM with adaptation vs the same firmware built inference-only, per method", "",
+                  "| method | target | inference-only B | with adaptation B | overhead |", "|---|---|---|---|---|"]
+        for method, o in sorted(extras["overhead"].items()):
+            lines.append(f"| {method} | {o['target']} | {_n(o['inference_only_sram'])} | {_n(o['adaptive_sram'])} | "
+                         f"{100 * (o['adaptive_sram'] / o['inference_only_sram'] - 1):+.0f} % |")
     if "tent" in extras:
         t = extras["tent"]
         lines += ["", "## tent (full back-propagation, mcunet-s-gn) on cortex-m4", "",
@@ -178,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault("extras", {})["inference_only"] = {
             "adaptive_sram": adaptive["sram_bytes"], "inference_only_sram": baseline["sram_bytes"],
             "adaptive_memory": adaptive["memory"], "inference_only_memory": baseline["memory"]}
+        overhead = results["extras"].setdefault("overhead", {})
+        for method, target in (("feature-align", "cortex-m4"), ("tinytta", "cortex-m4"), ("lst", "cortex-m4"),
+                               ("vqt", "cortex-m7")):
+            b = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}")
+            adaptive, baseline = measure(b, target, args.n), measure(b, target, args.n, inference_only=True)
+            overhead[method] = {"target": target, "adaptive_sram": adaptive["sram_bytes"],
+                                "inference_only_sram": baseline["sram_bytes"]}
         results["extras"]["tent"] = tent_budget(checkpoint(work / "mcunet-s-gn", "mcunet-s-gn", data), data,
                                                 "cortex-m4")
     else:

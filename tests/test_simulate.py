@@ -215,3 +215,24 @@ def test_simulate_cli_on_a_linux_target_counts_instructions(bundle, tmp_path, ca
     args = parser.parse_args(["build", str(bundle), "--target", "rpi4"])
     args.func(args)
     assert "built" in capsys.readouterr().out
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif(any(shutil.which(t) is None for t in QEMU_TOOLS), reason=f"needs {', '.join(QEMU_TOOLS)}")
+def test_cli_export_for_a_microcontroller_writes_and_builds_the_firmware(tiny_cnn, tmp_path, capsys):
+    from edgetune.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "tiny-cnn", "--method", "feature-align", "--checkpoint", str(tiny_cnn[1]),
+                 "--target", "cortex-m4", "-o", str(out), "--build"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "built fw.elf" in printed
+    project = out / "cortex-m4"
+    assert (project / "build" / "fw.elf").is_file() and (project / "link.ld").is_file()
+    assert (project / "portable" / "model" / "et_model_gen.c").is_file()
+    assert (out / "initial_state.npz").is_file()  # the statistics the firmware starts from
+    assert main(["simulate", str(out), "--n", "6", "--json", "--workdir", str(tmp_path / "sim")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["target"] == "cortex-m4" and d["n"] == 6 and d["flash_bytes"] > 0
+    assert main(["simulate", str(out), "--n", "0"]) == 1  # a one-line error, not a traceback
+    assert "--n must be at least 1" in capsys.readouterr().err
