@@ -26,6 +26,7 @@ import tvm
 
 from edgetune.compilers.emit import kernel_module
 from edgetune.compilers.plan import ALIGNMENT, StaticPlan
+from edgetune.errors import CompileError
 
 CTYPES = {"float32": "float", "float64": "double", "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t",
           "uint16": "uint16_t", "int32": "int32_t", "uint32": "uint32_t", "int64": "int64_t", "uint64": "uint64_t",
@@ -53,12 +54,17 @@ class CSources:
         return (self.kernels, self.model, self.workspace)
 
 
-def _dl_dtype(dtype: str) -> str:
+def dl_dtype(dtype: str) -> str:
+    """The C initialiser of a ``DLDataType`` for a tensor dtype name ("int8" -> "{kDLInt, 8, 1}").
+
+    Raises:
+        CompileError: a dtype with no DLPack code.
+    """
     if dtype == "bool":
         return "{kDLBool, 8, 1}"
     m = re.fullmatch(r"([a-z]+)(\d+)", dtype)
     if m is None or m.group(1) not in DLCODES:
-        raise ValueError(f"no DLPack code for dtype {dtype}")
+        raise CompileError(f"emit: dtype {dtype!r} has no DLPack code; only int/uint/float/bool tensors")
     return "{%s, %s, 1}" % (DLCODES[m.group(1)], m.group(2))
 
 
@@ -158,7 +164,7 @@ def write_driver(plan: StaticPlan, constants: dict[str, np.ndarray], out_dir: Pa
         body.append(f"    DLTensor t[{len(call.args)}] = {{")
         for arg in call.args:
             ptr, shape, dtype = data_expr(arg)
-            body.append(f"      {{{ptr}, {{kDLCPU, 0}}, {len(shape)}, {_dl_dtype(dtype)}, "
+            body.append(f"      {{{ptr}, {{kDLCPU, 0}}, {len(shape)}, {dl_dtype(dtype)}, "
                         f"(int64_t*){shape_name(shape)}, NULL, 0}},  /* {arg} */")
         body.append("    };")
         body.append(f"    TVMFFIAny a[{len(call.args)}];")

@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgetune import cruntime as cr
 from edgetune.adapt import Adaptable, fit, prepare
 from edgetune.deploy import (TargetProject, build_project, read_state, save_initial_state, write_stream,
                              write_target_project)
@@ -35,6 +33,7 @@ from edgetune.errors import BudgetError
 from edgetune.export import export, load_manifest
 from edgetune.simulate import run_program, stream_samples
 from edgetune.targets import HERE, get_target
+from test_board_qemu import read_slots  # the independent (zlib) reader of the slot format
 
 N = 300
 TOL = 1e-4
@@ -198,21 +197,6 @@ def test_android_binary_is_fully_static_and_runs_without_a_sysroot(small, tmp_pa
     assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["samples"] == 3
 
 
-def _valid_slots(path: Path) -> dict[int, int]:
-    """Slot -> sequence number of every valid A/B slot, parsed independently (zlib CRC)."""
-    raw = path.read_bytes()
-    payload = struct.unpack_from("<I", raw, 12)[0] if len(raw) >= 24 else 0
-    size = cr.slot_bytes(payload)
-    out = {}
-    for k in (0, 1):
-        s = raw[k * size:(k + 1) * size]
-        if len(s) >= 24:
-            magic, version, seq, length, _layout, crc = struct.unpack_from("<4sIIIII", s)
-            if magic == b"ETCK" and version == 1 and zlib.crc32(s[4:20] + s[24:24 + length]) == crc:
-                out[k] = seq
-    return out
-
-
 @pytest.mark.parametrize("target", ["cortex-m4", "android-arm64"])
 def test_killed_in_a_checkpoint_write_the_next_start_resumes_from_the_previous_slot(small, stream, target,
                                                                                     tmp_path):
@@ -223,7 +207,7 @@ def test_killed_in_a_checkpoint_write_the_next_start_resumes_from_the_previous_s
     first, later = write_stream(tmp_path / "a.bin", stream[0][:40]), write_stream(tmp_path / "b.bin", stream[0][40:80])
     ck = ["--checkpoint=ck.bin", "--save-every=20"]
     run_program(built, first, tmp_path, extra=tuple(ck))
-    assert _valid_slots(tmp_path / "ck.bin") == {0: 1, 1: 2}
+    assert read_slots(tmp_path / "ck.bin") == {0: 1, 1: 2}
     pristine = (tmp_path / "ck.bin").read_bytes()
     payload = struct.unpack_from("<I", pristine, 12)[0]
     t = get_target(target)
@@ -242,7 +226,7 @@ def test_killed_in_a_checkpoint_write_the_next_start_resumes_from_the_previous_s
         proc.wait()
     assert any(s.startswith("CUT") for s in seen), seen
     assert (tmp_path / "ck.bin").read_bytes() != pristine  # the write really started
-    assert _valid_slots(tmp_path / "ck.bin") == {1: 2}  # the older slot (0) is torn, the newest intact
+    assert read_slots(tmp_path / "ck.bin") == {1: 2}  # the older slot (0) is torn, the newest intact
     runs = {}
     for name, content in (("after-kill", (tmp_path / "ck.bin").read_bytes()), ("before-write", pristine)):
         (tmp_path / name).mkdir()

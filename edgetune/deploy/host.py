@@ -112,7 +112,8 @@ def run_compiled_stream(bundle_dir: str | Path, segments, labelled_fraction: flo
         per[seg.corruption] = correct / max(1, len(seg.labels))
     bar.close()
     restores += model.counters()["restores"]
-    early = float(np.mean(exits)) if name == "tinytta" and exits else None
+    has_exits = "exit_threshold" in model.manifest.config  # a method with early exits (tinytta)
+    early = float(np.mean(exits)) if has_exits and exits else None
     return StreamResult(name, per, total, labelled_fraction, early, restores, predictions)
 
 
