@@ -87,7 +87,24 @@ KERNELS_PROLOGUE = """/* TVM-generated kernels (edgetune), asserts stripped. Do 
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #pragma GCC diagnostic ignored "-Wunused-but-set-variable"
 #endif
+/* nearbyintf without a libm call (Cortex-M4's FPU has no round-to-integral instruction): adding
+ * and subtracting 2^23 rounds to an integer in the default rounding mode, round half to even,
+ * exactly as nearbyintf does for every float (larger magnitudes are integers already). */
+static inline float et_nearbyintf(float x) {
+  if (x < 8388608.0f && x > -8388608.0f) {
+    float m = x >= 0.0f ? 8388608.0f : -8388608.0f;
+    return (x + m) - m;
+  }
+  return x;
+}
 """
+
+
+def c_kernels(source: str) -> str:
+    """TVM's C kernel source as edgetune ships it: the prologue above, and rounding through
+    ``et_nearbyintf``."""
+    source = re.sub(r"^TVM_DLL float nearbyintf\(float\);\n", "", source, flags=re.M)  # TVM's extern declarations
+    return KERNELS_PROLOGUE + source.replace("nearbyintf(", "et_nearbyintf(")
 
 
 def write_kernels(lowered: tvm.IRModule, plan: StaticPlan, path: Path, prefix: str) -> Path:
@@ -96,7 +113,7 @@ def write_kernels(lowered: tvm.IRModule, plan: StaticPlan, path: Path, prefix: s
         built = tvm.tirx.build(kernel_module(lowered, plan, prefix), target=tvm.target.Target({"kind": "c"}))
     # TVM's C codegen leaves unused shape/device locals and packed-API parameters behind; they are
     # harmless, and silencing them keeps the firmware build -Wall -Wextra -Werror clean
-    path.write_text(KERNELS_PROLOGUE + built.inspect_source())
+    path.write_text(c_kernels(built.inspect_source()))
     return path
 
 

@@ -784,7 +784,7 @@ def generate_model(bundle_dir, manifest, initial_state: Mapping[str, np.ndarray]
     from pathlib import Path
 
     from edgetune.compilers.emit import kernel_module
-    from edgetune.compilers.emit_c import KERNELS_PROLOGUE
+    from edgetune.compilers.emit_c import c_kernels
     from edgetune.compilers.frozen import check_frozen
     from edgetune.compilers.int8_rewrite import rewrite_int8
     from edgetune.compilers.onnx_import import import_onnx, read_onnx
@@ -819,7 +819,7 @@ def generate_model(bundle_dir, manifest, initial_state: Mapping[str, np.ndarray]
     t0 = time.perf_counter()
     with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
         built = tvm.tirx.build(tvm.IRModule(kernels), target=target)
-    kernels_c = KERNELS_PROLOGUE + built.inspect_source()
+    kernels_c = c_kernels(built.inspect_source())
     seconds["codegen"] = time.perf_counter() - t0
 
     def planned(low, plan, consts, prefix) -> Planned:
