@@ -89,7 +89,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     manifest = export(adaptable, data, args.out, quantize=not args.no_quantize, target=args.target)
     print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})")
     from edgetune.deploy.commands import deploy_after_export
-    line = deploy_after_export(args.out, adaptable.method, args.target, build_it=args.build)
+    line = deploy_after_export(args.out, adaptable.method, args.target, build_it=args.build,
+                               compile_host=not args.no_compile)
     if line:
         print(line)
 
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
+    s.add_argument("--no-compile", action="store_true",
+                   help="host: only the ONNX bundle, without compiling it for this machine")
     s.add_argument("--build", action="store_true",
                    help="device targets: also build the project with the target's toolchain (as `edgetune build`)")
     s.set_defaults(func=_cmd_export)

@@ -47,3 +47,16 @@ def test_cli_eval_compiled_prints_the_same_json(tiny_cnn, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["backbone"].startswith("compiled") and out["samples"] == 30
     assert set(out["per_corruption"]) == {"contrast"} and 0.0 <= out["mean_online_accuracy"] <= 1.0
+
+
+def test_cli_export_for_the_host_writes_the_compiled_artifacts(tiny_cnn, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["export", "tiny-cnn", "--method", "feature-align", "--checkpoint", str(tiny_cnn[1]),
+                 "-o", str(out)]) == 0
+    assert "int8 backbone compiled for this machine" in capsys.readouterr().out
+    host = out / "host"
+    assert any(host.glob("*.so")) and (host / "model" / "et_model_gen.c").is_file()
+    bare = tmp_path / "bare"
+    assert main(["export", "tiny-cnn", "--method", "feature-align", "--checkpoint", str(tiny_cnn[1]),
+                 "-o", str(bare), "--no-compile"]) == 0
+    assert not (bare / "host").exists() and (bare / "manifest.json").is_file()

@@ -53,19 +53,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_simulate)
 
 
-def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = False) -> str:
+def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = False, compile_host: bool = True) -> str:
     """After ``export(..., target=T)``: keep the method's initial statistics in the bundle and write
-    (and optionally build) ``bundle/<T>/``. Returns a one-line summary; nothing for the host.
+    (and optionally build) ``bundle/<T>/``. For the host (``compile_host``): the int8 backbone
+    compiled for this machine and the model's C, in ``bundle/host/``. Returns a one-line summary.
 
     Raises:
         BudgetError, CompileError, ToolchainError: see ``write_target_project`` and ``build``.
     """
+    from pathlib import Path
+
     from edgetune.deploy.build import build_project
-    from edgetune.deploy.project import save_initial_state, write_target_project
+    from edgetune.deploy.project import save_initial_state, write_model_sources, write_target_project
+    from edgetune.export import load_manifest
 
     save_initial_state(bundle_dir, method)
     if target == "host":
-        return ""
+        if not compile_host:
+            return ""
+        if not load_manifest(bundle_dir).frozen.quantized:
+            return "host: a float bundle; nothing compiled (the compiler lowers int8 backbones)"
+        from edgetune.compilers import compile_bundle
+
+        compile_bundle(bundle_dir, "host")
+        write_model_sources(bundle_dir, Path(bundle_dir) / "host" / "model")
+        return (f"wrote {Path(bundle_dir) / 'host'} (the int8 backbone compiled for this machine, and the model's C "
+                "that `edgetune eval --runtime compiled` builds)")
     project = write_target_project(bundle_dir, target)
     line = f"wrote {project.directory} (model C + runtime + Makefile)"
     if build_it:
