@@ -87,9 +87,10 @@ KERNELS_PROLOGUE = """/* TVM-generated kernels (edgetune), asserts stripped. Do 
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #pragma GCC diagnostic ignored "-Wunused-but-set-variable"
 #endif
-/* nearbyintf without a libm call (Cortex-M4's FPU has no round-to-integral instruction): adding
- * and subtracting 2^23 rounds to an integer in the default rounding mode, round half to even,
- * exactly as nearbyintf does for every float (larger magnitudes are integers already). */
+#if defined(__arm__) && !defined(__ARM_FEATURE_DIRECTED_ROUNDING)
+/* nearbyintf without a libm call where the FPU has no round-to-integral instruction (Cortex-M4):
+ * adding and subtracting 2^23 rounds to an integer in the default rounding mode, round half to
+ * even, exactly as nearbyintf does for every float (larger magnitudes are integers already). */
 static inline float et_nearbyintf(float x) {
   if (x < 8388608.0f && x > -8388608.0f) {
     float m = x >= 0.0f ? 8388608.0f : -8388608.0f;
@@ -97,6 +98,10 @@ static inline float et_nearbyintf(float x) {
   }
   return x;
 }
+#else
+#include <math.h>
+#define et_nearbyintf nearbyintf /* one instruction (VRINTR, FRINTX) or the host's libm */
+#endif
 """
 
 
