@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -232,11 +233,13 @@ def _per_sample(ticks: int, samples: int, built: Built) -> float | None:
 
 def simulate(bundle_dir: str | Path, data: str = "digits", corruption: str = "gaussian_noise", severity: int = 5,
              n: int = 300, protocol: str = "episodic", seed: int = 0, target: str | None = None,
-             labelled_fraction: float = 0.0, workdir: str | Path | None = None) -> SimulationReport:
+             labelled_fraction: float = 0.0, workdir: str | Path | None = None,
+             progress: bool = False) -> SimulationReport:
     """Build the bundle's target project if needed, stream ``n`` corrupted samples through it in
     the simulator (with and without adaptation) and measure accuracy, memory and instructions.
 
     ``corruption``: one name, a comma list, ``all`` or ``clean`` (as ``edgetune eval``).
+    ``progress``: say on stderr what runs while the simulator works.
 
     Raises:
         CheckpointError: the bundle has no target project (export it with --target).
@@ -256,6 +259,10 @@ def simulate(bundle_dir: str | Path, data: str = "digits", corruption: str = "ga
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgetune-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     stream = write_stream(work / "stream.bin", x, resets, feedback, built.project.classes)
+    if progress:
+        simulator = get_target(built.project.target).simulator_command(built.program, [])[0]
+        print(f"edgetune: {len(x)} samples through {built.program.name} in {simulator}, adapting and then with "
+              "adaptation off (a few seconds per 100 samples) ...", file=sys.stderr, flush=True)
     adapted = run_program(built, stream, work, adapt=True)
     source = run_program(built, stream, work, adapt=False)
     counted = None

@@ -19,14 +19,10 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
-    import sys
-
     from edgetune.simulate import simulate
 
-    print(f"edgetune: simulating {args.n} samples twice (adapting, then with adaptation off); QEMU takes "
-          "a few seconds per 100 samples ...", file=sys.stderr)
     report = simulate(args.bundle, args.data, args.corruption, args.severity, args.n, args.protocol, args.seed,
-                      args.target, args.labelled_fraction, args.workdir)
+                      args.target, args.labelled_fraction, args.workdir, progress=True)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
 
 
