@@ -197,21 +197,21 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     from edgetune.data import build_stream
     from edgetune.memory import memory_table
 
-    segments = build_stream(data, corruptions, severity, protocol, seed, samples_per_corruption)
-    results = {}
-    kind = "torch"
-    main = None
     if backbone_kind not in BACKBONES:
         raise ConfigError(f"eval: unknown runtime {backbone_kind!r}; pick one of {', '.join(BACKBONES)}")
+    segments = build_stream(data, corruptions, severity, protocol, seed, samples_per_corruption)
+    results: dict[str, StreamResult] = {}
+    labels: dict[str, str] = {}
+    memory: dict[str, int] = {}
     for name, ovr, frac in ((method, overrides or {}, labelled_fraction), ("source", {}, 0.0)):
         adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
         fit(adaptable, data, seed=seed, progress=progress)
         if backbone_kind == "compiled":
-            results[name], label = _compiled(adaptable, data, segments, frac, seed, progress)
+            results[name], labels[name] = _compiled(adaptable, data, segments, frac, seed, progress)
         else:
-            tap_fn, label = tap_function(adaptable, data, backbone_kind)
+            tap_fn, labels[name] = tap_function(adaptable, data, backbone_kind)
             results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
-        if main is None:
-            main, kind = adaptable, label
-    return EvalReport(model_name, data.name, severity, protocol, seed, kind, results[method], results["source"],
-                      memory_table(main))
+        if name == method:
+            memory = memory_table(adaptable)
+    return EvalReport(model_name, data.name, severity, protocol, seed, labels[method], results[method],
+                      results["source"], memory)
