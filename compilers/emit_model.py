@@ -711,7 +711,7 @@ class GeneratedModel:
     workspace_bytes: int  # the LIFO pool those kernels need
     kernels: int  # distinct kernels
     seconds: dict[str, float]
-    kernels_ir: Any = field(default=None, repr=False, compare=False)  # the kernels' TIR (for LLVM objects)
+    kernels_ir: Any = field(repr=False, compare=False)  # the kernels' TIR (tvm.IRModule), for LLVM objects
 
 
 def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
@@ -719,10 +719,8 @@ def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path)
     (e.g. aarch64 with the CPU's features) into an object file with the same symbols.
 
     Raises:
-        CompileError: the model was generated without its kernels' TIR, or LLVM fails.
+        CompileError: LLVM fails.
     """
-    if generated.kernels_ir is None:
-        raise CompileError("emit: this generated model carries no kernel TIR; regenerate it with generate_model")
     try:
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
             built = tvm.tirx.build(generated.kernels_ir, target=tvm.target.Target(tvm_target))

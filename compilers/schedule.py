@@ -183,12 +183,25 @@ def _matmul(sch: Schedule, cfg: ScheduleConfig) -> str:
     return f"matmul: {lanes}-column tile, epilogue per tile" + (", vectorised" if cfg.vectorize and lanes > 1 else "")
 
 
+def _reduces(sch: Schedule, block) -> bool:
+    return any(int(iv.iter_type) != 0 for iv in sch.get(block).iter_vars)
+
+
+def _epilogue_per_output(sch: Schedule, name: str) -> tuple[object, int]:
+    """Inline the elementwise blocks after reduction ``name`` into one epilogue computed per output
+    element, under the reduction's data-parallel loops; the reduction's own loops (and so its
+    summation order) stay as they are. Returns (reduction block, its data-parallel loop count)."""
+    acc = sch.get_sblock(name)
+    epilogue = _inline_tail(sch, name)
+    spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)
+    if spatial:
+        sch.reverse_compute_at(epilogue, sch.get_loops(acc)[spatial - 1])
+    return acc, spatial
+
+
 def _pool(sch: Schedule, cfg: ScheduleConfig) -> str:
     # the summation order of float pools is onnxruntime's: only the epilogue moves
-    acc = sch.get_sblock("acc")
-    epilogue = _inline_tail(sch, "acc")
-    spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)  # data-parallel iterators
-    sch.reverse_compute_at(epilogue, sch.get_loops(acc)[spatial - 1])
+    _epilogue_per_output(sch, "acc")
     return "pool: epilogue per output element, summation order kept"
 
 
@@ -197,7 +210,7 @@ def _float_reduction(sch: Schedule) -> str:
     producers inlined, its epilogue computed per output element so the reduced intermediate is a
     scalar instead of a whole tensor in the workspace. The summation order is kept."""
     blocks = _blocks(sch)
-    reducing = [b for b in blocks if any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars)]
+    reducing = [b for b in blocks if _reduces(sch, b)]
     if len(reducing) != 1:
         return "unscheduled (several reductions; not an int8 kernel family)"
     name = _name(sch, reducing[0])
@@ -206,15 +219,11 @@ def _float_reduction(sch: Schedule) -> str:
             sch.compute_inline(b)
         except ScheduleError:  # read twice or not injective: it stays a stage of its own
             pass
-    names = [_name(sch, b) for b in _blocks(sch)]
-    if names[-1] == name:
+    if _name(sch, _blocks(sch)[-1]) == name:
         return "float reduction: producers inlined, summation order kept"
-    acc = sch.get_sblock(name)
-    epilogue = _inline_tail(sch, name)
-    spatial = sum(1 for iv in sch.get(acc).iter_vars if int(iv.iter_type) == 0)
+    acc, spatial = _epilogue_per_output(sch, name)
     if spatial == 0:
         return "float reduction: producers inlined, summation order kept"
-    sch.reverse_compute_at(epilogue, sch.get_loops(acc)[spatial - 1])
     loops = sch.get_loops(acc)
     if len(loops) > spatial:  # the initialisation in its own loop: C compilers then see it dominate
         sch.decompose_reduction(acc, loops[spatial])
@@ -223,7 +232,7 @@ def _float_reduction(sch: Schedule) -> str:
 
 def _elementwise(sch: Schedule, cfg: ScheduleConfig) -> str:
     blocks = _blocks(sch)
-    if any(int(iv.iter_type) != 0 for b in blocks for iv in sch.get(b).iter_vars):
+    if any(_reduces(sch, b) for b in blocks):
         return _float_reduction(sch)
     for b in blocks[:-1]:
         try:
