@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -49,6 +50,98 @@ def torch_taps(adaptable: Adaptable, images: np.ndarray) -> list[torch.Tensor]:
     return source_taps(adaptable, images)
 
 
+def revealed(n: int, labelled_fraction: float, seed: int = 0, component: str = "eval") -> np.ndarray:
+    """Which of a stream's ``n`` samples get their label revealed after being scored (the
+    supervised mode): one seeded draw, the same for every runtime and for the simulator.
+
+    Raises:
+        ConfigError: ``labelled_fraction`` outside [0, 1].
+    """
+    if not 0.0 <= labelled_fraction <= 1.0:
+        raise ConfigError(f"{component}: --labelled-fraction must be in [0, 1] (got {labelled_fraction})")
+    if not labelled_fraction:
+        return np.zeros(n, dtype=bool)
+    return np.random.RandomState(seed + 7919).rand(n) < labelled_fraction
+
+
+class StreamRunner(Protocol):
+    """One adapting model that ``walk_stream`` drives, a segment at a time and a sample at a time."""
+
+    @property
+    def restores(self) -> int: ...  # collapse-guard restores so far
+
+    def reset(self) -> None: ...
+    def begin(self, images: np.ndarray) -> None: ...  # a segment's uint8 images, before its first sample
+    def step(self, i: int) -> tuple[int, bool | None]: ...  # (prediction, exited early; None: no exits)
+    def feedback(self, i: int, label: int) -> None: ...  # supervised: only after sample i was scored
+
+
+def walk_stream(runner: StreamRunner, segments: list[Segment], name: str, labelled_fraction: float = 0.0,
+                seed: int = 0, progress: bool = True, desc: str | None = None) -> StreamResult:
+    """Stream every segment through ``runner`` (reset where a segment says so): predict and
+    score each sample, then reveal its label if the draw of ``revealed`` says so.
+
+    Raises:
+        ConfigError: ``labelled_fraction`` outside [0, 1].
+    """
+    total = sum(len(s.labels) for s in segments)
+    reveal = revealed(total, labelled_fraction, seed)
+    per: dict[str, float] = {}
+    predictions: list[int] = []
+    exits: list[bool] = []
+    bar = tqdm(total=total, desc=desc or name, disable=not progress, leave=False, unit="sample")
+    for seg in segments:
+        if seg.reset:
+            runner.reset()
+        runner.begin(seg.images)
+        correct = 0
+        for i, label in enumerate(seg.labels):
+            pred, early = runner.step(i)
+            predictions.append(pred)
+            correct += pred == int(label)
+            if early is not None:
+                exits.append(early)
+            if reveal[len(predictions) - 1]:
+                runner.feedback(i, int(label))  # revealed only now, after the prediction was scored
+            bar.update(1)
+        per[seg.corruption] = correct / max(1, len(seg.labels))
+    bar.close()
+    early_rate = float(np.mean(exits)) if exits else None
+    return StreamResult(name, per, total, labelled_fraction, early_rate, runner.restores, predictions)
+
+
+class _TorchRunner:
+    """The torch reference: taps of a segment computed up front, the method steps per sample."""
+
+    def __init__(self, adaptable: Adaptable, tap_fn: TapFunction) -> None:
+        self.adaptable, self.tap_fn, self.method = adaptable, tap_fn, adaptable.method
+        self.last_stage = len(adaptable.backbone.stages) - 1
+        self.taps: list[torch.Tensor] = []
+
+    @property
+    def restores(self) -> int:
+        return self.method.restores
+
+    def reset(self) -> None:
+        self.adaptable.reset()
+
+    def begin(self, images: np.ndarray) -> None:
+        self.taps = self.tap_fn(self.adaptable, images)
+
+    def _sample(self, i: int) -> list[torch.Tensor]:
+        return [t[i:i + 1] for t in self.taps]
+
+    def step(self, i: int) -> tuple[int, bool | None]:
+        pred = int(self.method.step(self._sample(i)).argmax())
+        exit_k = getattr(self.method, "last_exit", None)
+        return pred, None if exit_k is None else int(exit_k) < self.last_stage
+
+    def feedback(self, i: int, label: int) -> None:
+        target = torch.zeros(1, self.method.num_classes)
+        target[0, label] = 1.0
+        self.method.step(self._sample(i), target)
+
+
 def run_stream(adaptable: Adaptable, segments: list[Segment], tap_fn: TapFunction = torch_taps,
                labelled_fraction: float = 0.0, seed: int = 0, progress: bool = True) -> StreamResult:
     """Stream every segment through ``adaptable`` (reset where a segment says so).
@@ -56,41 +149,8 @@ def run_stream(adaptable: Adaptable, segments: list[Segment], tap_fn: TapFunctio
     Raises:
         ConfigError: ``labelled_fraction`` outside [0, 1].
     """
-    if not 0.0 <= labelled_fraction <= 1.0:
-        raise ConfigError(f"eval: --labelled-fraction must be in [0, 1] (got {labelled_fraction})")
-    method = adaptable.method
-    rng = np.random.RandomState(seed + 7919)
-    per: dict[str, float] = {}
-    predictions: list[int] = []
-    exits: list[int] = []
-    total = sum(len(s.labels) for s in segments)
-    bar = tqdm(total=total, desc=f"{method.name}", disable=not progress, leave=False, unit="sample")
-    for seg in segments:
-        if seg.reset:
-            adaptable.reset()
-        taps = tap_fn(adaptable, seg.images)
-        correct = 0
-        for i, label in enumerate(seg.labels):
-            sample = [t[i:i + 1] for t in taps]
-            logits = method.step(sample)
-            pred = int(logits.argmax())
-            predictions.append(pred)
-            correct += pred == int(label)
-            exit_k = getattr(method, "last_exit", None)
-            if exit_k is not None:
-                exits.append(int(exit_k))
-            if labelled_fraction and rng.rand() < labelled_fraction:
-                target = torch.zeros(1, method.num_classes)
-                target[0, int(label)] = 1.0  # revealed only now, after the prediction was scored
-                method.step(sample, target)
-            bar.update(1)
-        per[seg.corruption] = correct / max(1, len(seg.labels))
-    bar.close()
-    early = None
-    if exits:
-        last = len(adaptable.backbone.stages) - 1
-        early = float(np.mean([e < last for e in exits]))
-    return StreamResult(method.name, per, total, labelled_fraction, early, method.restores, predictions)
+    return walk_stream(_TorchRunner(adaptable, tap_fn), segments, adaptable.method.name, labelled_fraction, seed,
+                       progress)
 
 
 @dataclass(frozen=True)

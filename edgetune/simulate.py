@@ -109,11 +109,11 @@ def stream_samples(data: str, corruptions: tuple[str, ...], severity: int, proto
         ConfigError: n < 1 or a labelled fraction outside [0, 1]; see ``build_stream``.
     """
     from edgetune.data import build_stream, load_dataset, to_tensor
+    from edgetune.evaluate import revealed
 
     if n < 1:
         raise ConfigError(f"simulate: --n must be at least 1 (got {n})")
-    if not 0.0 <= labelled_fraction <= 1.0:
-        raise ConfigError(f"simulate: labelled fraction must be in [0, 1] (got {labelled_fraction})")
+    reveal = revealed(n, labelled_fraction, seed, "simulate")
     per = math.ceil(n / len(corruptions))
     segments = build_stream(load_dataset(data), corruptions, severity, protocol, seed, per)
     images = np.concatenate([s.images for s in segments])[:n]
@@ -122,8 +122,7 @@ def stream_samples(data: str, corruptions: tuple[str, ...], severity: int, proto
     for s in segments:
         resets += [s.reset] + [False] * (len(s.labels) - 1)
     resets = resets[:n]
-    rng = np.random.RandomState(seed + 7919)  # the same draw as evaluate.run_stream's
-    feedback = [int(y) if labelled_fraction and rng.rand() < labelled_fraction else -1 for y in labels]
+    feedback = [int(y) if shown else -1 for y, shown in zip(labels, reveal)]
     return to_tensor(images).numpy(), labels, resets, feedback
 
 

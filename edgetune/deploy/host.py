@@ -15,12 +15,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from edgetune import cruntime as cr
 from edgetune.deploy.project import write_model_sources
-from edgetune.deploy.streams import StateEntry
-from edgetune.errors import ConfigError
 
 MODEL_GETTER = "edgetune_model"
 
@@ -71,6 +68,36 @@ class HostModel:
         return self.runtime.counters()
 
 
+class _CompiledRunner:
+    """``evaluate.walk_stream``'s runner around a ``HostModel``: the whole sample in C."""
+
+    def __init__(self, model: HostModel) -> None:
+        self.model = model
+        self.has_exits = "exit_threshold" in model.manifest.config  # a method with early exits (tinytta)
+        self.finished_restores = 0  # of runtimes already replaced by a reset
+        self.x = np.zeros((0,), np.float32)
+
+    @property
+    def restores(self) -> int:
+        return self.finished_restores + self.model.counters()["restores"]
+
+    def reset(self) -> None:
+        self.finished_restores = self.restores
+        self.model.reset()
+
+    def begin(self, images: np.ndarray) -> None:
+        from edgetune.data import to_tensor
+
+        self.x = to_tensor(images).numpy()
+
+    def step(self, i: int) -> tuple[int, bool | None]:
+        r = self.model.step(self.x[i])
+        return r.prediction, r.early_exit if self.has_exits else None
+
+    def feedback(self, i: int, label: int) -> None:
+        self.model.feedback(self.x[i], label)
+
+
 def run_compiled_stream(bundle_dir: str | Path, segments, labelled_fraction: float = 0.0, seed: int = 0,
                         progress: bool = True, method_name: str | None = None):
     """``evaluate.run_stream`` on the compiled host runtime: the same segments, resets, label draws
@@ -79,42 +106,13 @@ def run_compiled_stream(bundle_dir: str | Path, segments, labelled_fraction: flo
     Raises:
         ConfigError: ``labelled_fraction`` outside [0, 1]; see ``HostModel``.
     """
-    from edgetune.data import to_tensor
-    from edgetune.evaluate import StreamResult
+    from edgetune.evaluate import revealed, walk_stream
 
-    if not 0.0 <= labelled_fraction <= 1.0:
-        raise ConfigError(f"eval: --labelled-fraction must be in [0, 1] (got {labelled_fraction})")
+    revealed(0, labelled_fraction)  # bad options fail before the bundle is compiled
     model = HostModel(bundle_dir)
     name = method_name or model.manifest.method
-    rng = np.random.RandomState(seed + 7919)  # the same draw as run_stream's
-    per: dict[str, float] = {}
-    predictions: list[int] = []
-    exits: list[bool] = []
-    total = sum(len(s.labels) for s in segments)
-    restores = 0
-    bar = tqdm(total=total, desc=f"{name} (compiled)", disable=not progress, leave=False, unit="sample")
-    first = True
-    for seg in segments:
-        if seg.reset and not first:
-            restores += model.counters()["restores"]
-            model.reset()
-        first = False
-        x = to_tensor(seg.images).numpy()
-        correct = 0
-        for i, label in enumerate(seg.labels):
-            r = model.step(x[i])
-            predictions.append(r.prediction)
-            correct += r.prediction == int(label)
-            exits.append(r.early_exit)
-            if labelled_fraction and rng.rand() < labelled_fraction:
-                model.feedback(x[i], int(label))  # revealed only now, after the prediction was scored
-            bar.update(1)
-        per[seg.corruption] = correct / max(1, len(seg.labels))
-    bar.close()
-    restores += model.counters()["restores"]
-    has_exits = "exit_threshold" in model.manifest.config  # a method with early exits (tinytta)
-    early = float(np.mean(exits)) if has_exits and exits else None
-    return StreamResult(name, per, total, labelled_fraction, early, restores, predictions)
+    return walk_stream(_CompiledRunner(model), segments, name, labelled_fraction, seed, progress,
+                       desc=f"{name} (compiled)")
 
 
-__all__ = ["HostModel", "StateEntry", "run_compiled_stream"]
+__all__ = ["HostModel", "run_compiled_stream"]
