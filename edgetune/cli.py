@@ -61,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from edgetune.data import load_dataset
     from edgetune.train import train_source
     report = train_source(args.model, load_dataset(args.data), args.out, epochs=args.epochs, lr=args.lr,
-                          seed=args.seed)
+                          seed=args.seed, augment=not args.no_augment, train_images=args.train_images)
     print(f"wrote {args.out}: val accuracy {100 * report['val_accuracy']:.1f}%, "
           f"test accuracy {100 * report['test_accuracy']:.1f}% ({report['train_seconds']} s)")
 
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=15)
     s.add_argument("--lr", type=float, default=3e-3)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-images", type=int, default=None, metavar="N",
+                   help="train on a seeded subset of N training images (default: all)")
+    s.add_argument("--no-augment", action="store_true", help="no random-shift augmentation")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="online test-time adaptation on a corrupted stream, next to source")

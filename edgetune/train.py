@@ -1,6 +1,7 @@
 """``train-source``: train a zoo backbone on the clean source split (the pretrained model TTA starts from)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -31,17 +32,30 @@ def accuracy(model: Backbone, images: np.ndarray, labels: np.ndarray, batch: int
     return correct / max(1, len(labels))
 
 
+def training_subset(data: Dataset, images: int | None, seed: int) -> Dataset:
+    """``data`` with a seeded ``images``-sized subset of its training split (None: all of it)."""
+    if images is None or images >= len(data.train_y):
+        return data
+    if images <= 0:
+        raise ConfigError(f"train-source: --train-images must be positive (got {images})")
+    keep = np.random.RandomState(seed).permutation(len(data.train_y))[:images]
+    return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
+
+
 def train_source(model_name: str, data: Dataset, out_dir: str | Path, epochs: int = 10, lr: float = 3e-3,
-                 batch: int = 128, seed: int = 0, progress: bool = True) -> dict[str, float]:
+                 batch: int = 128, seed: int = 0, progress: bool = True, augment: bool = True,
+                 train_images: int | None = None) -> dict[str, float]:
     """Train ``model_name`` on ``data``'s clean training split and write a checkpoint to ``out_dir``.
 
-    AdamW with a one-cycle schedule and shift augmentation; returns validation/test accuracy.
+    AdamW with a one-cycle schedule and (unless ``augment`` is off) shift augmentation, on the
+    whole training split or a seeded subset of ``train_images``; returns validation/test accuracy.
 
     Raises:
-        ConfigError: a non-positive epoch count or batch size.
+        ConfigError: a non-positive epoch count, batch size or subset size.
     """
     if epochs <= 0 or batch <= 0:
         raise ConfigError(f"train-source: --epochs and --batch must be positive (got {epochs}, {batch})")
+    data = training_subset(data, train_images, seed)
     torch.manual_seed(seed)
     model = build_model(model_name, num_classes=data.num_classes)
     x_train, y_train = to_tensor(data.train_x), torch.from_numpy(data.train_y)
@@ -56,7 +70,8 @@ def train_source(model_name: str, data: Dataset, out_dir: str | Path, epochs: in
         perm = torch.randperm(len(y_train), generator=g)
         for i in range(0, len(y_train), batch):
             b = perm[i:i + batch]
-            loss = F.cross_entropy(model(_augment(x_train[b], g)), y_train[b])
+            x = _augment(x_train[b], g) if augment else x_train[b]
+            loss = F.cross_entropy(model(x), y_train[b])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -66,5 +81,6 @@ def train_source(model_name: str, data: Dataset, out_dir: str | Path, epochs: in
               "test_accuracy": accuracy(model, data.test_x, data.test_y),
               "train_seconds": round(time.time() - start, 1)}
     save_checkpoint(out_dir, model_name, model.eval(),
-                    {"data": data.name, "epochs": epochs, "lr": lr, "seed": seed, **report})
+                    {"data": data.name, "epochs": epochs, "lr": lr, "seed": seed, "augment": augment,
+                     "train_images": len(y_train), **report})
     return report

@@ -45,6 +45,18 @@ def test_bad_set_and_corrupt_checkpoint_are_user_errors(tiny_cnn, tmp_path, caps
     assert "lacks config.json" in capsys.readouterr().err
 
 
+def test_train_source_subset_and_augmentation_are_recorded(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert main(["train-source", "--model", "tiny-cnn", "--data", "digits", "--epochs", "1", "--train-images", "200",
+                 "--no-augment", "-o", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_images"] == 200 and config["augment"] is False
+    capsys.readouterr()
+    assert main(["train-source", "--model", "tiny-cnn", "--train-images", "0", "-o", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--train-images must be positive" in err
+
+
 def test_eval_json_reports_method_next_to_source(tiny_cnn, capsys):
     _, ckpt, _ = tiny_cnn
     code = main(["eval", "--checkpoint", str(ckpt), "--method", "feature-align", "--corruption",
