@@ -17,7 +17,7 @@ from edgetune.models import Backbone, build_model
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random +-2 px shift (one per batch) and, for natural images, horizontal flips."""
+    """A random +-2 px shift of the whole batch (zero padding)."""
     pad = F.pad(x, (2, 2, 2, 2))
     dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
     return pad[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
