@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 from edgetune.errors import ConfigError, ModelError
 from edgetune.models.backbone import Backbone
+from edgetune.models.reference import DSCNN, IMUConv1d, MobileNetV1, MobileNetV3Small, ResNet8
 from edgetune.models.zoo import McuNetS, TinyCNN, VitTiny
 from edgetune.registry import Registry
 
+# A factory takes num_classes and input_shape (None: the model's own default input).
 ModelFactory = Callable[..., Backbone]
 MODELS: Registry[ModelFactory] = Registry("model")
 MODELS.add("tiny-cnn", lambda **kw: TinyCNN(**kw))
@@ -16,6 +19,13 @@ MODELS.add("mcunet-s", lambda **kw: McuNetS(norm="ws", **kw))
 MODELS.add("mcunet-s-gn", lambda **kw: McuNetS(norm="gn", **kw))
 MODELS.add("mcunet-s-bn", lambda **kw: McuNetS(norm="bn", **kw))
 MODELS.add("vit-tiny", lambda **kw: VitTiny(**kw))
+MODELS.add("resnet8", lambda input_shape=None, **kw: ResNet8(input_shape=input_shape or (3, 32, 32), **kw))
+MODELS.add("ds-cnn", lambda input_shape=None, **kw: DSCNN(input_shape=input_shape or (1, 49, 10), **kw))
+MODELS.add("mobilenet-v1-025",
+           lambda input_shape=None, **kw: MobileNetV1(input_shape=input_shape or (3, 96, 96), **kw))
+MODELS.add("mobilenet-v3-s",
+           lambda input_shape=None, **kw: MobileNetV3Small(input_shape=input_shape or (3, 32, 32), **kw))
+MODELS.add("imu-conv1d", lambda input_shape=None, **kw: IMUConv1d(input_shape=input_shape or (6, 100), **kw))
 
 MODEL_HELP = {
     "tiny-cnn": "4 conv stages, ~28k params, weight-standardised (tests)",
@@ -23,26 +33,71 @@ MODEL_HELP = {
     "mcunet-s-gn": "mcunet-s with GroupNorm (per-sample statistics; tent's batch-1 model)",
     "mcunet-s-bn": "mcunet-s with BatchNorm (bn-adapt / alpha-bn baselines)",
     "vit-tiny": "ViT, 32x32, patch 4, 4 layers, width 64 (vqt's faithful setting)",
+    "resnet8": "MLPerf Tiny image classification ResNet-8, 3x32x32, 16-32-64 residual stacks, BN, ~78k params",
+    "ds-cnn": "MLPerf Tiny keyword spotting DS-CNN, 1x49x10 MFCC, 64 channels, 4 separable blocks, ~23k params",
+    "mobilenet-v1-025": "MLPerf Tiny visual wake words MobileNetV1 x0.25, 3x96x96, 2 classes, ~214k params",
+    "mobilenet-v3-s": "MobileNetV3-small style (hardswish, squeeze-excitation, BN), 3x32x32, x0.5, ~260k params",
+    "imu-conv1d": "Conv1d network for 6x100 IMU windows (N x C x T), 6 classes, ~35k params",
 }
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 32) -> Backbone:
+def _input_shape(in_channels: int | None, image_size: int | None,
+                 input_shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if len(shape) not in (2, 3) or min(shape) < 1:
+            raise ConfigError(f"model: input shape must be C,T or C,H,W with positive sizes (got {shape}); "
+                              "give e.g. 3,32,32 or 6,100")
+        return shape
+    if in_channels is None and image_size is None:
+        return None
+    size = image_size if image_size is not None else 32
+    return (in_channels if in_channels is not None else 1, size, size)
+
+
+def _call_user(factory: Callable[..., object], name: str, num_classes: int,
+               shape: tuple[int, ...] | None) -> object:
+    """Call a user callable with ``input_shape`` when it takes one, else with ``in_channels`` and
+    ``image_size`` (the older convention, square images only)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if shape is None:
+        return factory(num_classes=num_classes)
+    if "input_shape" in params:
+        return factory(num_classes=num_classes, input_shape=shape)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ConfigError(f"model: {name} takes in_channels and image_size, so only square images, but the input "
+                          f"shape is {shape}; add an input_shape parameter to the callable")
+    return factory(num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+
+
+def build_model(name: str, num_classes: int = 10, in_channels: int | None = None, image_size: int | None = None,
+                input_shape: tuple[int, ...] | None = None) -> Backbone:
     """Build a zoo model or a user model given as ``package.module:callable``.
 
+    The input is ``input_shape`` (C,H,W or C,T) when given, else a square ``in_channels`` x
+    ``image_size`` image when either is given, else the model's default (``edgetune list models``).
+
     Raises:
-        ConfigError: unknown zoo name or a user reference that cannot be imported.
-        ModelError: the user callable does not return a ``Backbone``.
+        ConfigError: unknown zoo name, a user reference that cannot be imported, a malformed
+            input shape, or a non-square shape for a user callable without ``input_shape``.
+        ModelError: the user callable does not return a ``Backbone``, or a zoo model does not
+            take inputs of that rank.
     """
-    kwargs = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    shape = _input_shape(in_channels, image_size, input_shape)
     if ":" not in name:
-        return MODELS.get(name)(**kwargs)
+        factory = MODELS.get(name)
+        return factory(num_classes=num_classes) if shape is None else factory(num_classes=num_classes,
+                                                                               input_shape=shape)
     module_name, _, attr = name.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        user = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model: cannot import {name!r} ({exc}); give an importable "
                           "package.module:callable") from None
-    model = factory(**kwargs)
+    model = _call_user(user, name, num_classes, shape)
     if not isinstance(model, Backbone):
         raise ModelError(f"model: {name} returned {type(model).__name__}, not an edgetune Backbone; "
                          "subclass edgetune.models.Backbone (set stages, classifier, input_shape)")

@@ -16,14 +16,16 @@ from edgetune.models.blocks import fuse_for_export
 class Backbone(nn.Module):
     """Base class of every model edgetune adapts.
 
-    Subclasses set ``input_shape`` (C, H, W), ``num_classes``, ``stages`` (an
-    ``nn.ModuleList``; stage k maps stage k-1's output to its own) and ``classifier``
-    (an ``nn.Linear`` on the pooled output of the last stage), and may override ``pool``.
-    ``kind`` is ``"cnn"`` (stage outputs are N x C x H x W) or ``"vit"`` (N x tokens x C).
+    Subclasses set ``input_shape`` (one sample without the batch axis: C x H x W for images,
+    C x T for 1-D signals such as sensor windows), ``num_classes``, ``stages`` (an
+    ``nn.ModuleList``; stage k maps stage k-1's output to its own) and ``classifier`` (an
+    ``nn.Linear`` on the pooled output of the last stage), and may override ``pool``.
+    ``kind`` is ``"cnn"`` (stage outputs are N x C x H x W, or N x C x T for Conv1d
+    networks) or ``"vit"`` (N x tokens x C).
     """
 
     kind = "cnn"
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     stages: nn.ModuleList
     classifier: nn.Linear
@@ -36,8 +38,9 @@ class Backbone(nn.Module):
         return outs
 
     def pool(self, feature: torch.Tensor, stage: int) -> torch.Tensor:
-        """Pool one stage output to N x C (global average pooling for CNNs)."""
-        return feature.mean(dim=(2, 3))
+        """Pool one stage output to N x C: global average pooling over every axis after the
+        channels (H and W of a 2-D map, T of a 1-D one)."""
+        return feature.mean(dim=tuple(range(2, feature.dim())))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.stages) - 1

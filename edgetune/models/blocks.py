@@ -122,11 +122,46 @@ class InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
+# Only plain convs fold: a subclass (WSConv2d) may transform its weight in forward.
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def fold_batchnorm(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
+    """``conv`` followed by eval-mode ``bn`` as one conv with a bias, or None when they do not fold
+    (not a plain Conv1d/Conv2d then a BatchNorm1d/2d of its output channels with running statistics)."""
+    if (type(conv) not in _PLAIN_CONVS or type(bn) not in _BATCH_NORMS or bn.running_var is None
+            or bn.num_features != conv.out_channels):
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
+    fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+    fused.weight.data.copy_((conv.weight * scale.reshape(shape)).detach())
+    bias = conv.bias * scale + shift if conv.bias is not None else shift
+    fused.bias.data.copy_(bias.detach())
+    return fused
+
+
 def fuse_for_export(module: nn.Module) -> nn.Module:
-    """Replace every ``ConvNormAct`` in ``module`` (in place) by its folded equivalent."""
-    for name, child in module.named_children():
+    """Fold, in place, every normalisation of ``module`` that can be folded: each ``ConvNormAct``,
+    and each plain conv directly followed by a BatchNorm inside an ``nn.Sequential`` (the way most
+    user models write conv -> BN; the BN becomes an ``nn.Identity``). Expects eval mode (running
+    statistics). A BatchNorm anywhere else (after an activation, say) stays as it is."""
+    children = list(module.named_children())
+    for k, (name, child) in enumerate(children):
         if isinstance(child, ConvNormAct):
             setattr(module, name, child.fused())
-        else:
-            fuse_for_export(child)
+            continue
+        if isinstance(module, nn.Sequential) and k + 1 < len(children):
+            fused = fold_batchnorm(child, children[k + 1][1])
+            if fused is not None:
+                setattr(module, name, fused)
+                setattr(module, children[k + 1][0], nn.Identity())
+                children[k + 1] = (children[k + 1][0], nn.Identity())
+                continue
+        fuse_for_export(child)
     return module

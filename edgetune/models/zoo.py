@@ -4,17 +4,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgetune.errors import ModelError
 from edgetune.models.backbone import Backbone
 from edgetune.models.blocks import ConvNormAct, InvertedResidual
+
+
+def _image_shape(in_channels: int, image_size: int, input_shape: tuple[int, ...] | None,
+                 model: str) -> tuple[int, int, int]:
+    """C x H x W from ``input_shape`` when given (any H, W), else a square ``image_size`` image.
+
+    Raises:
+        ModelError: ``input_shape`` is not C x H x W (these zoo models are 2-D).
+    """
+    if input_shape is None:
+        return (in_channels, image_size, image_size)
+    if len(input_shape) != 3:
+        raise ModelError(f"model: {model} takes C x H x W images (got input shape {tuple(input_shape)}); use "
+                         "imu-conv1d or your own Backbone for 1-D inputs")
+    return (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
 
 
 class TinyCNN(Backbone):
     """Four 3x3 conv stages (16-32-32-48 channels, strides 1-2-2-2), ~28k parameters: for tests."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 32,
-                 norm: str = "ws") -> None:
+                 norm: str = "ws", input_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.input_shape = (in_channels, image_size, image_size)
+        self.input_shape = _image_shape(in_channels, image_size, input_shape, type(self).__name__)
+        in_channels = self.input_shape[0]
         self.num_classes = num_classes
         widths, strides = (16, 32, 32, 48), (1, 2, 2, 2)
         cins = (in_channels,) + widths[:-1]
@@ -30,9 +47,10 @@ class McuNetS(Backbone):
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 32,
-                 norm: str = "ws") -> None:
+                 norm: str = "ws", input_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.input_shape = (in_channels, image_size, image_size)
+        self.input_shape = _image_shape(in_channels, image_size, input_shape, type(self).__name__)
+        in_channels = self.input_shape[0]
         self.num_classes = num_classes
 
         def ir(ci: int, co: int, s: int, e: int = 4) -> InvertedResidual:
@@ -117,11 +135,13 @@ class VitTiny(Backbone):
     kind = "vit"
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 32,
-                 dim: int = 64, depth: int = 4, heads: int = 4, mlp: int = 128, patch: int = 4) -> None:
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp: int = 128, patch: int = 4,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.input_shape = (in_channels, image_size, image_size)
+        self.input_shape = _image_shape(in_channels, image_size, input_shape, "VitTiny")
+        c, h, w = self.input_shape
         self.num_classes = num_classes
-        self.embed = PatchEmbed(in_channels, dim, patch, (image_size // patch) ** 2)
+        self.embed = PatchEmbed(c, dim, patch, (h // patch) * (w // patch))
         self.layers = nn.ModuleList(TransformerLayer(dim, heads, mlp) for _ in range(depth))
         self.stages = nn.ModuleList(
             [_EmbedThenLayer(self.embed, self.layers[0])] + list(self.layers[1:]))
