@@ -35,7 +35,7 @@ from edgetune.compilers.emit import EmitTarget, resolve_target
 from edgetune.compilers.emit_c import CSources, emit_c_source, write_workspace
 from edgetune.compilers.onnx_import import check_onnx, import_onnx
 from edgetune.compilers.optimizers import Optimizer, optimizer_from_manifest
-from edgetune.compilers.pipeline import lower
+from edgetune.compilers.pipeline import clip_takes, lower
 from edgetune.compilers.plan import StaticPlan, extract_plan
 from edgetune.errors import CompileError, DataError
 
@@ -518,7 +518,7 @@ def compile_train_step(model: onnx.ModelProto | str | Path, manifest: Any) -> Tr
         model = onnx.load(str(model))
     sig = read_signature(manifest)
     mod, initial = import_forward(model, sig)
-    return TrainProgram(build_train_module(mod, sig), sig, initial)
+    return TrainProgram(clip_takes(build_train_module(mod, sig)), sig, initial)
 
 
 @dataclass(frozen=True)
