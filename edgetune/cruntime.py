@@ -40,6 +40,7 @@ class Status(enum.IntEnum):
     E_NO_CHECKPOINT = 5
     E_CORRUPT = 6
     E_CAPACITY = 7
+    E_BAD_STATE = 8
 
 
 class StateKind(enum.IntEnum):
@@ -58,6 +59,8 @@ _ERRORS: dict[int, tuple[type[EdgetuneError], str]] = {
     Status.E_NO_CHECKPOINT: (CheckpointError, "no valid slot: save one first"),
     Status.E_CORRUPT: (CheckpointError, "the slot changed while it was read; load again"),
     Status.E_CAPACITY: (ConfigError, "make the checkpoint slots or the workspace larger"),
+    Status.E_BAD_STATE: (CheckpointError, "every valid slot holds non-finite state or inconsistent counters; "
+                                          "restore a backup of the checkpoint or start from the bundle's state"),
 }
 
 
@@ -107,7 +110,7 @@ class IOPosix(Structure):
 
 class Ckpt(Structure):
     _fields_ = [("io", IO), ("base", c_uint32), ("slot_bytes", c_uint32), ("newest", c_int32), ("seq", c_uint32),
-                ("scanned_layout", c_uint32), ("scanned_payload", c_uint32), ("scanned", c_uint32)]
+                ("older", c_int32), ("older_seq", c_uint32), ("scanned_layout", c_uint32), ("scanned_payload", c_uint32), ("scanned", c_uint32)]
 
 
 class GuardConfig(Structure):
@@ -562,10 +565,12 @@ class Runtime:
         return seq.value
 
     def boot(self, ckpt: Checkpoint) -> int | None:
-        """Load the newest valid checkpoint; its sequence number, or None when there is none.
+        """Load the newest valid checkpoint whose state is finite and whose counters are consistent
+        (else the other valid slot); its sequence number, or None when there is no valid slot.
 
         Raises:
-            CheckpointError: storage failure or a slot that changed while it was read.
+            CheckpointError: storage failure, a slot that changed while it was read, or every valid
+                slot holding unusable state (the runtime must then be initialised again).
         """
         seq = c_uint32()
         st = self._lib.et_runtime_boot(self._rt, byref(ckpt.ck), byref(seq))

@@ -7,6 +7,7 @@ import copy
 import json
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from edgetune.simulate import simulate, stream_samples
 from edgetune.targets import HERE, RUNTIME_CFLAGS, RUNTIME_DIR, runtime_sources
 
 C_DIR = Path(__file__).parent / "c"
+BAD_LABEL = 256  # ET_APP_F_BAD_LABEL
 KEYS = {"target", "method", "n", "online_accuracy", "source_accuracy", "flash_bytes", "sram_bytes",
         "instructions_per_sample", "inference_instructions_per_sample", "adaptation_instructions_per_sample",
         "instructions_per_mac"}
@@ -236,3 +238,87 @@ def test_cli_export_for_a_microcontroller_writes_and_builds_the_firmware(tiny_cn
     assert d["target"] == "cortex-m4" and d["n"] == 6 and d["flash_bytes"] > 0
     assert main(["simulate", str(out), "--n", "0"]) == 1  # a one-line error, not a traceback
     assert "--n must be at least 1" in capsys.readouterr().err
+
+
+def _slots(path: Path, payload: int) -> list[dict]:
+    """The two A/B slots of a checkpoint file: offset, magic, sequence number and CRC validity."""
+    raw = path.read_bytes()
+    size = 24 + ((payload + 7) & ~7)
+    out = []
+    for k in range(2):
+        at = k * size
+        head = raw[at:at + 24]
+        if len(head) < 24:
+            out.append({"at": at, "valid": False})
+            continue
+        magic, _version, seq, length, _layout, crc = np.frombuffer(head, "<u4")
+        body = raw[at + 24:at + 24 + length]
+        valid = magic == 0x4B435445 and zlib.crc32(head[4:20] + body) == crc
+        out.append({"at": at, "valid": bool(valid), "seq": int(seq)})
+    return out
+
+
+def _poison(path: Path, slot: dict, offset: int) -> None:
+    """Write NaN into a slot's payload at ``offset`` and re-seal its CRC: CRC-valid, non-finite state."""
+    raw = bytearray(path.read_bytes())
+    at = slot["at"]
+    raw[at + 24 + offset:at + 28 + offset] = np.float32(np.nan).tobytes()
+    length = int(np.frombuffer(bytes(raw[at + 12:at + 16]), "<u4")[0])
+    raw[at + 20:at + 24] = np.uint32(zlib.crc32(bytes(raw[at + 4:at + 20]) + bytes(raw[at + 24:at + 24 + length]))
+                                     ).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+WEIGHT_OFFSET = 40 + 4 * 4  # the runtime's meta (40 bytes) and guard histogram (4 classes) come first
+
+
+def test_resume_on_a_missing_file_is_a_first_start(fake_run, tmp_path):
+    write_stream(tmp_path / "s.bin", samples(30))
+    proc, summary = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary["resumed"] is False and "first start" in summary["resume_reason"] and summary["boot_seq"] == 0
+    _, again = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume")
+    assert again["resumed"] is True and again["resume_reason"] == "" and again["boot_seq"] == summary["save_seq"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 100, bytes(range(256)) * 8], ids=["empty", "zeros", "garbage"])
+def test_resume_refuses_an_unusable_checkpoint_and_writes_nothing(fake_run, tmp_path, content):
+    write_stream(tmp_path / "s.bin", samples(30))
+    (tmp_path / "ck.bin").write_bytes(content)
+    proc, _ = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume", "--results=r.bin")
+    assert proc.returncode == 3
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--fresh-ok" in proc.stderr and "no valid slot" in proc.stderr
+    assert (tmp_path / "ck.bin").read_bytes() == content and not (tmp_path / "r.bin").exists()
+    proc, summary = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume", "--fresh-ok")
+    assert proc.returncode == 0 and "warning" in proc.stderr
+    assert summary["resumed"] is False and "no valid slot" in summary["resume_reason"] and summary["saves"] >= 1
+
+
+def test_a_crc_valid_slot_with_non_finite_state_falls_back_to_the_other_slot(fake_run, tmp_path):
+    write_stream(tmp_path / "s.bin", samples(40))
+    _, one = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--save-every=10")
+    slots = _slots(tmp_path / "ck.bin", one["payload_bytes"])
+    assert all(s["valid"] for s in slots), slots  # our reading of the format matches the runtime's CRC
+    newest = max(slots, key=lambda s: s["seq"])
+    older = min(slots, key=lambda s: s["seq"])
+    _poison(tmp_path / "ck.bin", newest, WEIGHT_OFFSET)
+    assert all(s["valid"] for s in _slots(tmp_path / "ck.bin", one["payload_bytes"]))
+    proc, resumed = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume", "--state=st.bin")
+    assert proc.returncode == 0 and resumed["resumed"] is True and resumed["boot_seq"] == older["seq"]
+    assert np.isfinite(read_state(tmp_path / "st.bin", FAKE_LAYOUT)["w"]).all()
+    # both slots poisoned: nothing usable is left, and the run says so instead of starting fresh
+    for s in _slots(tmp_path / "ck.bin", one["payload_bytes"]):
+        _poison(tmp_path / "ck.bin", s, WEIGHT_OFFSET)
+    proc, _ = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume")
+    assert proc.returncode == 3 and "non-finite state" in proc.stderr
+
+
+def test_an_out_of_range_feedback_label_is_counted_and_the_stream_goes_on(fake_run, tmp_path):
+    feedback = [-1] * 30
+    feedback[5], feedback[9] = 99, 1
+    write_stream(tmp_path / "s.bin", samples(30), feedback=feedback, classes=4)
+    proc, summary = run(fake_run, tmp_path, "s.bin", "--results=r.bin", "--checkpoint=ck.bin")
+    assert proc.returncode == 0, proc.stdout
+    flags = read_results(tmp_path / "r.bin")["flags"]
+    assert summary["bad_labels"] == 1 and summary["labelled"] == 1 and summary["saves"] >= 1
+    assert flags[5] & BAD_LABEL and not flags[5] & FEEDBACK and flags[9] & FEEDBACK

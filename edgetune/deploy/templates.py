@@ -134,7 +134,9 @@ Run in QEMU: `make run STREAM=samples.bin`, or through edgetune: `edgetune simul
 Arguments go on the semihosting command line (`-append`): `--stream=FILE` (samples),
 `--results=FILE` (one record per sample: prediction, flags, SysTick ticks), `--state=FILE` (the
 adapted state at the end), `--summary=FILE` (one JSON line, also printed), `--checkpoint=FILE`
-(A/B checkpoint slots; `--resume` boots from the newest valid one), `--no-adapt` (source
+(A/B checkpoint slots; `--resume` boots from the newest slot whose CRC, state and counters are
+valid, else the other one; a checkpoint with no usable slot stops the run with exit code 3 and
+writes nothing, unless `--fresh-ok`), `--no-adapt` (source
 behaviour), `--save-every=N`, `--max=N`. Under `-icount shift=0` one SysTick tick is
 {1e9 / (t.simulator.clock_hz or 1):.0f} guest instructions.
 
@@ -209,8 +211,13 @@ edgetune-run samples.bin --results=results.bin --state=state.bin --checkpoint=ck
 `samples.bin` is a stream written by `edgetune.deploy.write_stream` (or `-` for stdin). Files written:
 `results.bin` (one record per sample: prediction, flags, nanoseconds), `state.bin` (the adapted
 state at the end), `ckpt.bin` (A/B checkpoint slots with CRC, fsync'd: killing the program at any
-moment loses at most the samples since the last save; `--resume` continues from it), and with
-`--summary=FILE` a one-line JSON summary (also printed). `--no-adapt` gives the source behaviour.
+moment loses at most the samples since the last save; `--resume` continues from the newest slot
+whose CRC, state and counters are valid, else from the other one), and with `--summary=FILE` a
+one-line JSON summary (also printed; `resumed` and `resume_reason` say whether the state was
+resumed and why not). A missing checkpoint file is a first start; an existing one with no usable
+slot (empty, truncated, damaged, non-finite state) stops the run with exit code 3 before anything
+is written, unless `--fresh-ok` starts again from the bundle's state. A feedback label outside the
+model's classes is ignored and counted (`bad_labels`). `--no-adapt` gives the source behaviour.
 
 Under `qemu-aarch64-static` (what `edgetune simulate` uses) the program's nanoseconds are emulated
 time, not device speed.

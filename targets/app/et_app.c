@@ -77,6 +77,8 @@ et_status et_app_parse(int argc, char **argv, et_app_options *opt, char *err, ui
       opt->adapt = 0u;
     } else if (ET_KEY("--resume") && value == NULL) {
       opt->resume = 1u;
+    } else if (ET_KEY("--fresh-ok") && value == NULL) {
+      opt->fresh_ok = 1u;
     } else if (ET_KEY("--save-every")) {
       ok = et_parse_u32(value, &opt->save_every);
     } else if (ET_KEY("--max")) {
@@ -140,7 +142,8 @@ static et_status et_cut_sync(void *ctx) {
 /* --- the run ---------------------------------------------------------------------------------- */
 typedef struct et_run_totals {
   uint64_t step, frozen, method, guard;
-  uint32_t accepted, stack_used, boot_seq, save_seq, payload, resets;
+  uint32_t accepted, stack_used, boot_seq, save_seq, payload, resets, bad_labels, resumed;
+  const char *resume_reason; /* why the state was not resumed ("" when it was, or not asked) */
   et_counters counters; /* of runtime instances already finished (episodic resets) */
 } et_run_totals;
 
@@ -217,6 +220,8 @@ static void et_summary(FILE *out, const et_app_port *port, const et_app_options 
           (unsigned long)c->rejected, (unsigned long)c->updates, (unsigned long)c->restores,
           (unsigned long)c->snapshots, (unsigned long)c->early_exits, (unsigned long)c->labelled,
           (unsigned long)c->saves, (unsigned long)t->resets);
+  fprintf(out, "\"bad_labels\": %lu, \"resumed\": %s, \"resume_reason\": \"%s\", ", (unsigned long)t->bad_labels,
+          t->resumed ? "true" : "false", t->resume_reason);
   fprintf(out, "\"boot_seq\": %lu, \"save_seq\": %lu, \"payload_bytes\": %lu, \"clock_hz\": %s, ",
           (unsigned long)t->boot_seq, (unsigned long)t->save_seq, (unsigned long)t->payload,
           et_u64(hooks->clock_hz, b[0]));
@@ -237,6 +242,42 @@ static void et_record(uint8_t rec[ET_APP_RESULT_BYTES], const et_step_result *r,
   et_put32(rec + 24, et_float_bits(r->loss));
 }
 
+/* --resume: boot from the checkpoint, or say why not (stderr + summary) and stop unless --fresh-ok. */
+static int et_resume(et_runtime *rt, et_ckpt *ck, const et_app_port *port, const et_app_options *opt,
+                     const et_app_hooks *hooks, et_run_totals *t) {
+  et_status st = et_runtime_boot(rt, ck, &t->boot_seq);
+  if (st == ET_OK) {
+    t->resumed = 1u;
+    return 0;
+  }
+  if (st == ET_E_NO_CHECKPOINT && !opt->checkpoint_found) {
+    t->resume_reason = "no checkpoint file yet (first start)";
+    return 0;
+  }
+  if (st == ET_E_NO_CHECKPOINT)
+    t->resume_reason = "no valid slot (empty, truncated, damaged or another model's file)";
+  else if (st == ET_E_BAD_STATE)
+    t->resume_reason = "every valid slot holds non-finite state or inconsistent counters";
+  else if (st == ET_E_CORRUPT)
+    t->resume_reason = "the checkpoint changed while it was read";
+  else
+    return et_fail("boot from the checkpoint", st);
+  t->boot_seq = 0u;
+  if (!opt->fresh_ok) {
+    fprintf(stderr, "edgetune-run: error: checkpoint %s is unusable: %s; nothing was written. Restore a backup of "
+                    "it, or pass --fresh-ok to start again from the bundle's state\n", opt->checkpoint,
+            t->resume_reason);
+    printf("edgetune-run: error: checkpoint unusable: %s\n", t->resume_reason);
+    fflush(stdout);
+    return ET_APP_EXIT_CHECKPOINT_UNUSABLE;
+  }
+  fprintf(stderr, "edgetune-run: warning: checkpoint %s is unusable: %s; starting from the bundle's state "
+                  "(--fresh-ok)\n", opt->checkpoint, t->resume_reason);
+  /* the failed load may have left partial state in the buffers */
+  if ((st = et_start(rt, port, opt, hooks)) != ET_OK) return et_fail("runtime init", st);
+  return 0;
+}
+
 int et_app_run(const et_app_options *opt, const et_app_hooks *hooks, const et_io *checkpoint_io) {
   static et_runtime rt;
   static et_ckpt ck;
@@ -254,19 +295,11 @@ int et_app_run(const et_app_options *opt, const et_app_hooks *hooks, const et_io
   if ((st = et_app_port_get(&port)) != ET_OK) return et_fail("model port", st);
   m = port->model;
   memset(&t, 0, sizeof t);
+  t.resume_reason = opt->resume ? "" : "not asked (no --resume)";
   in = strcmp(opt->stream, "-") == 0 ? stdin : fopen(opt->stream, "rb");
   if (in == NULL) return et_fail("cannot open the stream", ET_E_IO);
   if ((rc = et_read_header(in, m, &count)) != 0) return rc;
   if (opt->max_samples != 0u && opt->max_samples < count) count = opt->max_samples;
-  if (opt->results != NULL) {
-    uint8_t h[16];
-    if ((res = fopen(opt->results, "wb")) == NULL) return et_fail("cannot create the results file", ET_E_IO);
-    et_put32(h, ET_APP_RESULTS_MAGIC);
-    et_put32(h + 4, ET_APP_VERSION);
-    et_put32(h + 8, count);
-    et_put32(h + 12, ET_APP_RESULT_BYTES);
-    if (fwrite(h, 1, 16, res) != 16) return et_fail("cannot write the results file", ET_E_IO);
-  }
   if ((st = et_start(&rt, port, opt, hooks)) != ET_OK) return et_fail("runtime init", st);
 
   if (checkpoint_io != NULL) {
@@ -283,10 +316,16 @@ int et_app_run(const et_app_options *opt, const et_app_hooks *hooks, const et_io
     }
     if ((st = et_runtime_payload_bytes(&rt, &t.payload)) != ET_OK) return et_fail("checkpoint payload", st);
     if ((st = et_ckpt_open(&ck, &io, 0, ET_CKPT_SLOT_BYTES(t.payload))) != ET_OK) return et_fail("checkpoint", st);
-    if (opt->resume) {
-      st = et_runtime_boot(&rt, &ck, &t.boot_seq);
-      if (st != ET_OK && st != ET_E_NO_CHECKPOINT) return et_fail("boot from the checkpoint", st);
-    }
+    if (opt->resume && (rc = et_resume(&rt, &ck, port, opt, hooks, &t)) != 0) return rc;
+  }
+  if (opt->results != NULL) {
+    uint8_t h[16];
+    if ((res = fopen(opt->results, "wb")) == NULL) return et_fail("cannot create the results file", ET_E_IO);
+    et_put32(h, ET_APP_RESULTS_MAGIC);
+    et_put32(h + 4, ET_APP_VERSION);
+    et_put32(h + 8, count);
+    et_put32(h + 12, ET_APP_RESULT_BYTES);
+    if (fwrite(h, 1, 16, res) != 16) return et_fail("cannot write the results file", ET_E_IO);
   }
 
   for (i = 0; i < count; ++i) {
@@ -323,7 +362,10 @@ int et_app_run(const et_app_options *opt, const et_app_hooks *hooks, const et_io
       t.guard += r.ticks_guard;
       flags |= (r.updated ? ET_APP_F_UPDATED : 0u) | (r.early_exit ? ET_APP_F_EARLY_EXIT : 0u) |
                (r.restored ? ET_APP_F_RESTORED : 0u) | (r.snapshot ? ET_APP_F_SNAPSHOT : 0u);
-      if (label >= 0 && opt->adapt) { /* scored above; only now is the label revealed */
+      if (label >= 0 && (uint32_t)label >= m->classes) { /* a bad label is not learned from; the stream goes on */
+        flags |= ET_APP_F_BAD_LABEL;
+        t.bad_labels += 1u;
+      } else if (label >= 0 && opt->adapt) { /* scored above; only now is the label revealed */
         et_step_result fb;
         if ((st = et_runtime_feedback(&rt, port->input, (uint32_t)label, &fb)) != ET_OK) return et_fail("feedback", st);
         flags |= ET_APP_F_FEEDBACK;

@@ -40,6 +40,12 @@
 #define ET_APP_F_FEEDBACK 32u
 #define ET_APP_F_RESET 64u
 #define ET_APP_F_SAVED 128u
+#define ET_APP_F_BAD_LABEL 256u /* the feedback label was out of range: ignored and counted */
+
+/* Exit codes of et_app_run (2 is a bad command line, printed by the mains). */
+#define ET_APP_EXIT_OK 0
+#define ET_APP_EXIT_FAILED 1
+#define ET_APP_EXIT_CHECKPOINT_UNUSABLE 3 /* --resume found a checkpoint it cannot use, and no --fresh-ok */
 
 /* What the model code gives the app (generated from the bundle's manifest). */
 typedef struct et_app_port {
@@ -76,18 +82,23 @@ typedef struct et_app_options {
   const char *summary;    /* NULL: summary on standard output only */
   const char *checkpoint; /* NULL: no persistence */
   uint32_t adapt;         /* 0: the source behaviour (no statistics update, no train_step) */
-  uint32_t resume;        /* boot from the checkpoint's newest valid slot */
+  uint32_t resume;        /* boot from the checkpoint's newest usable slot */
+  uint32_t fresh_ok;      /* with resume: an unusable checkpoint starts from the bundle's state instead of failing */
+  uint32_t checkpoint_found; /* set by the main: the checkpoint file existed before it was opened */
   uint32_t save_every;    /* also save every N accepted samples (0: at guard snapshots and at the end) */
   uint32_t max_samples;   /* 0: the whole stream */
   uint32_t cut_after;     /* > 0: simulate a power cut once this many checkpoint bytes were written */
 } et_app_options;
 
 /* Parses "--key=value" / "--flag" arguments (and one positional stream path). Keys: stream,
- * results, state, summary, checkpoint, adapt (0/1), no-adapt, resume, save-every, max,
+ * results, state, summary, checkpoint, adapt (0/1), no-adapt, resume, fresh-ok, save-every, max,
  * cut-after-bytes. ET_E_ARG with a message in `err` (len bytes) on an unknown or bad argument. */
 et_status et_app_parse(int argc, char **argv, et_app_options *opt, char *err, uint32_t len);
 
-/* Runs the stream; returns the process exit code (0 ok, 1 failure with a message printed).
+/* Runs the stream; returns the process exit code (ET_APP_EXIT_*; a message is printed on failure).
+ * With --resume, a missing checkpoint file is a first boot; an existing one without a usable slot
+ * (empty, truncated, damaged, non-finite state) stops the run before anything is written, unless
+ * --fresh-ok. The summary says whether the state was resumed and why not.
  * `checkpoint_io` is the storage behind opt->checkpoint (opened by the main), NULL for none. */
 int et_app_run(const et_app_options *opt, const et_app_hooks *hooks, const et_io *checkpoint_io);
 

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "et_app.h"
 
@@ -35,13 +36,14 @@ int main(int argc, char **argv) {
   int rc;
   if (et_app_parse(argc, argv, &opt, err, sizeof err) != ET_OK) {
     fprintf(stderr, "edgetune-run: error: %s\nusage: %s STREAM|- [--results=FILE] [--state=FILE] [--summary=FILE] "
-                    "[--checkpoint=FILE [--resume] [--save-every=N]] [--no-adapt] [--max=N]\n", err, argv[0]);
+                    "[--checkpoint=FILE [--resume [--fresh-ok]] [--save-every=N]] [--no-adapt] [--max=N]\n", err, argv[0]);
     return 2;
   }
   memset(&hooks, 0, sizeof hooks);
   hooks.clock = et_linux_clock;
   hooks.clock_hz = 1000000000u;
   hooks.power_cut = et_linux_power_cut;
+  if (opt.checkpoint != NULL) opt.checkpoint_found = access(opt.checkpoint, F_OK) == 0 ? 1u : 0u;
   if (opt.checkpoint != NULL && et_io_posix_open(&io, &file, opt.checkpoint) != ET_OK) {
     fprintf(stderr, "edgetune-run: error: cannot open checkpoint %s\n", opt.checkpoint);
     return 1;

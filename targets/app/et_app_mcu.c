@@ -54,7 +54,7 @@ int main(void) {
   for (tok = strtok(line, " "); tok != NULL && argc < ET_APP_MAX_ARGS; tok = strtok(NULL, " ")) argv[argc++] = tok;
   if (et_app_parse(argc, argv, &opt, err, sizeof err) != ET_OK) {
     printf("edgetune-run: error: %s\nusage: fw.elf --stream=FILE [--results=FILE] [--state=FILE] "
-           "[--summary=FILE] [--checkpoint=FILE [--resume] [--save-every=N]] [--no-adapt] [--max=N]\n", err);
+           "[--summary=FILE] [--checkpoint=FILE [--resume [--fresh-ok]] [--save-every=N]] [--no-adapt] [--max=N]\n", err);
     return 2;
   }
   memset(&hooks, 0, sizeof hooks);
@@ -65,6 +65,11 @@ int main(void) {
   hooks.stack_used = et_mcu_stack_used;
   et_board_stack_size(&hooks.stack_bytes);
   hooks.power_cut = et_mcu_power_cut;
+  if (opt.checkpoint != NULL) {
+    FILE *probe = fopen(opt.checkpoint, "rb");
+    opt.checkpoint_found = probe != NULL ? 1u : 0u;
+    if (probe != NULL) fclose(probe);
+  }
   if (opt.checkpoint != NULL && et_io_stdio_open(&io, &file, opt.checkpoint) != ET_OK) {
     printf("edgetune-run: error: cannot open checkpoint %s\n", opt.checkpoint);
     return 1;

@@ -27,6 +27,8 @@ et_status et_ckpt_open(et_ckpt *ck, const et_io *io, uint32_t base, uint32_t slo
   ck->slot_bytes = slot_bytes;
   ck->newest = -1;
   ck->seq = 0;
+  ck->older = -1;
+  ck->older_seq = 0;
   ck->scanned = 0;
   ck->scanned_layout = 0;
   ck->scanned_payload = 0;
@@ -90,6 +92,8 @@ static et_status et_ckpt_scan(et_ckpt *ck, uint32_t layout, uint32_t payload) {
   else
     ck->newest = valid[0] ? 0 : (valid[1] ? 1 : -1);
   ck->seq = ck->newest < 0 ? 0u : seq[ck->newest];
+  ck->older = (valid[0] && valid[1]) ? 1 - ck->newest : -1;
+  ck->older_seq = ck->older < 0 ? 0u : seq[ck->older];
   ck->scanned = 1;
   ck->scanned_layout = layout;
   ck->scanned_payload = payload;
@@ -109,14 +113,24 @@ static et_status et_ckpt_prepare(et_ckpt *ck, const et_state_list *lists, uint32
 }
 
 et_status et_ckpt_load(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id, uint32_t *seq) {
+  return et_ckpt_load_rank(ck, lists, nlists, layout_id, 0u, seq);
+}
+
+et_status et_ckpt_load_rank(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id,
+                            uint32_t rank, uint32_t *seq) {
   uint8_t head[ET_CKPT_HEADER_BYTES];
-  uint32_t payload, crc = 0, off, i, j;
-  et_status st = et_ckpt_prepare(ck, lists, nlists, layout_id, &payload);
+  uint32_t payload, crc = 0, off, i, j, want;
+  int32_t slot;
+  et_status st;
+  if (rank > 1u) return ET_E_ARG;
+  st = et_ckpt_prepare(ck, lists, nlists, layout_id, &payload);
   if (st != ET_OK) return st;
-  if (ck->newest < 0) return ET_E_NO_CHECKPOINT;
-  off = et_slot_offset(ck, ck->newest);
+  slot = rank == 0u ? ck->newest : ck->older;
+  want = rank == 0u ? ck->seq : ck->older_seq;
+  if (slot < 0) return ET_E_NO_CHECKPOINT;
+  off = et_slot_offset(ck, slot);
   if (ck->io.read(ck->io.ctx, off, head, ET_CKPT_HEADER_BYTES) != ET_OK) return ET_E_IO;
-  if (et_get_u32(head) != ET_CKPT_MAGIC || et_get_u32(head + 8) != ck->seq) return ET_E_CORRUPT;
+  if (et_get_u32(head) != ET_CKPT_MAGIC || et_get_u32(head + 8) != want) return ET_E_CORRUPT;
   if (et_crc32_update(&crc, head + 4, 16) != ET_OK) return ET_E_ARG;
   off += ET_CKPT_HEADER_BYTES;
   for (i = 0; i < nlists; ++i) {
@@ -130,7 +144,7 @@ et_status et_ckpt_load(et_ckpt *ck, const et_state_list *lists, uint32_t nlists,
   }
   /* checked again on what landed in the buffers: the storage may have changed since the scan */
   if (crc != et_get_u32(head + 20)) return ET_E_CORRUPT;
-  if (seq != NULL) *seq = ck->seq;
+  if (seq != NULL) *seq = want;
   return ET_OK;
 }
 
@@ -145,6 +159,7 @@ et_status et_ckpt_save(et_ckpt *ck, const et_state_list *lists, uint32_t nlists,
   next = ck->seq + 1u;
   if (next == 0u) next = 1u; /* 0 means "none" */
   at = et_slot_offset(ck, target);
+  ck->older = -1; /* the target is the older slot: from the next write on it is no longer valid */
 
   if (ck->io.write(ck->io.ctx, at, magic, 4) != ET_OK || ck->io.sync(ck->io.ctx) != ET_OK) return ET_E_IO;
 
@@ -167,6 +182,8 @@ et_status et_ckpt_save(et_ckpt *ck, const et_state_list *lists, uint32_t nlists,
   et_put_u32(magic, ET_CKPT_MAGIC);
   if (ck->io.write(ck->io.ctx, at, magic, 4) != ET_OK || ck->io.sync(ck->io.ctx) != ET_OK) return ET_E_IO;
 
+  ck->older = ck->newest; /* the previous newest is still intact */
+  ck->older_seq = ck->seq;
   ck->newest = target;
   ck->seq = next;
   if (seq != NULL) *seq = next;

@@ -8,7 +8,8 @@
  *   2. payload, then version..CRC (the CRC is the last thing before the commit), sync
  *   3. magic, sync               (the commit: a torn 4-byte magic is never "ETCK")
  * so a power cut at any byte leaves the previous slot untouched and this one invalid.
- * Boot loads the newest slot whose magic, version, length, layout and CRC are all valid. */
+ * Boot loads the newest slot whose magic, version, length, layout and CRC are all valid; when
+ * the caller finds that slot's content unusable it can load the other valid one (rank 1). */
 #ifndef ET_CKPT_H
 #define ET_CKPT_H
 
@@ -26,6 +27,8 @@ typedef struct et_ckpt {
   uint32_t slot_bytes; /* capacity of each slot, header included */
   int32_t newest;      /* slot holding the newest valid checkpoint, -1 when none */
   uint32_t seq;        /* its sequence number (0 when none) */
+  int32_t older;       /* the other slot when it is valid too, -1 otherwise */
+  uint32_t older_seq;
   uint32_t scanned_layout;
   uint32_t scanned_payload;
   uint32_t scanned; /* 1 once `newest` reflects the storage for (scanned_layout, scanned_payload) */
@@ -38,6 +41,10 @@ et_status et_ckpt_payload_bytes(const et_state_list *lists, uint32_t nlists, uin
  * ET_E_NO_CHECKPOINT (buffers untouched) when no slot is valid for this layout; ET_E_CORRUPT
  * (buffers undefined) when the slot changed while it was read. */
 et_status et_ckpt_load(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id, uint32_t *seq);
+/* As et_ckpt_load for rank 0; rank 1 loads the older valid slot (ET_E_NO_CHECKPOINT when there is
+ * none). A save always goes to the slot that is not the newest, so it may overwrite rank 1. */
+et_status et_ckpt_load_rank(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id,
+                            uint32_t rank, uint32_t *seq);
 /* Writes the buffers into the older slot with the next sequence number (returned in *seq). */
 et_status et_ckpt_save(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id, uint32_t *seq);
 

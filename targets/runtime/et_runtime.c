@@ -272,15 +272,50 @@ et_status et_runtime_save(et_runtime *rt, et_ckpt *ck, uint32_t *seq) {
   return st;
 }
 
+/* A CRC-valid slot can still hold state no healthy run produces (written by a diverged model,
+ * or by a bug elsewhere): every float must be finite and the bookkeeping consistent. */
+static int et_floats_finite(const void *data, uint32_t bytes) {
+  const uint8_t *p = (const uint8_t *)data;
+  uint32_t i;
+  float f;
+  for (i = 0; i + 4u <= bytes; i += 4u) {
+    memcpy(&f, p + i, 4);
+    if (!isfinite(f)) return 0;
+  }
+  return 1;
+}
+
+static int et_state_sane(const et_runtime *rt) {
+  const et_counters *c = &rt->meta.counters;
+  const et_model *m = rt->model;
+  uint32_t i;
+  if (rt->meta.guard_seen > 0x7FFFFFFFu || rt->meta.step > c->samples) return 0;
+  if (c->rejected > c->samples || c->updates > c->samples || c->restores > c->samples ||
+      c->snapshots > c->samples || c->early_exits > c->samples || c->labelled > c->samples)
+    return 0;
+  for (i = 0; i < m->classes; ++i)
+    if (!isfinite(rt->guard.hist[i]) || rt->guard.hist[i] < 0.0f || rt->guard.hist[i] > 1.0001f) return 0;
+  for (i = 0; i < m->state_count; ++i)
+    if (!et_floats_finite(m->state[i].data, m->state[i].bytes)) return 0;
+  return 1;
+}
+
 et_status et_runtime_boot(et_runtime *rt, et_ckpt *ck, uint32_t *seq) {
   et_state_list lists[2];
-  et_status st;
+  et_status st = ET_E_NO_CHECKPOINT;
+  uint32_t rank, insane = 0;
   if (rt == NULL || rt->model == NULL || ck == NULL) return ET_E_ARG;
   et_lists(rt, lists);
-  st = et_ckpt_load(ck, lists, 2, rt->layout_id, seq);
-  if (st != ET_OK) return st;
-  if (rt->meta.guard_seen > 0x7FFFFFFFu) return ET_E_CORRUPT;
-  rt->guard.seen = rt->meta.guard_seen;
-  et_snapshot_take(rt); /* the loaded weights were saved while healthy: they are the good ones now */
-  return ET_OK;
+  for (rank = 0; rank < 2u; ++rank) {
+    st = et_ckpt_load_rank(ck, lists, 2, rt->layout_id, rank, seq);
+    if (st == ET_E_NO_CHECKPOINT) break;
+    if (st != ET_OK) return st;
+    if (et_state_sane(rt)) {
+      rt->guard.seen = rt->meta.guard_seen;
+      et_snapshot_take(rt); /* the loaded weights were saved while healthy: they are the good ones now */
+      return ET_OK;
+    }
+    insane += 1u; /* fall back to the other valid slot */
+  }
+  return insane > 0u ? ET_E_BAD_STATE : st;
 }

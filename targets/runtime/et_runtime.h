@@ -3,7 +3,8 @@
  *
  *   static et_runtime rt;  static uint32_t work[...];     (no malloc anywhere)
  *   et_runtime_init(&rt, &model, &cfg, work, sizeof work);
- *   et_runtime_boot(&rt, &ckpt, &seq);                     (ET_E_NO_CHECKPOINT on first boot)
+ *   et_runtime_boot(&rt, &ckpt, &seq);                     (ET_E_NO_CHECKPOINT on first boot,
+ *                                                           ET_E_BAD_STATE: no usable slot)
  *   for each sample: et_runtime_step(&rt, x, &result);     (ET_E_INPUT: rejected and counted)
  *   when result.snapshot (the guard found the stream healthy), or every N samples for methods
  *   without a train_step (no guard): et_runtime_save(&rt, &ckpt, &seq);
@@ -86,7 +87,10 @@ et_status et_runtime_feedback(et_runtime *rt, const float *input, uint32_t label
 et_status et_runtime_counters(const et_runtime *rt, et_counters *out);
 /* Persists runtime meta + guard histogram + the model's state buffers (older slot). */
 et_status et_runtime_save(et_runtime *rt, et_ckpt *ck, uint32_t *seq);
-/* Loads the newest valid checkpoint; ET_E_NO_CHECKPOINT leaves everything as initialised. */
+/* Loads the newest valid checkpoint whose state is finite and whose metadata is consistent,
+ * falling back to the other valid slot. ET_E_NO_CHECKPOINT (no valid slot) leaves everything as
+ * initialised; after ET_E_BAD_STATE (every valid slot failed those checks) or ET_E_CORRUPT the
+ * buffers are undefined: initialise the model and runtime again before stepping. */
 et_status et_runtime_boot(et_runtime *rt, et_ckpt *ck, uint32_t *seq);
 /* The payload length of this runtime's checkpoints (size the slots with ET_CKPT_SLOT_BYTES). */
 et_status et_runtime_payload_bytes(const et_runtime *rt, uint32_t *bytes);

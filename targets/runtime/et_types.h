@@ -14,7 +14,8 @@ typedef enum et_status {
   ET_E_IO = 4,            /* the storage behind et_io failed (read, write, sync, open) */
   ET_E_NO_CHECKPOINT = 5, /* neither slot holds a valid checkpoint of this state layout */
   ET_E_CORRUPT = 6,       /* a slot changed between its check and its load: buffers are undefined */
-  ET_E_CAPACITY = 7       /* the state does not fit the slot or the workspace */
+  ET_E_CAPACITY = 7,      /* the state does not fit the slot or the workspace */
+  ET_E_BAD_STATE = 8      /* every CRC-valid slot holds non-finite state or out-of-range metadata */
 } et_status;
 
 /* What a registered buffer holds decides what the collapse guard does with it. */
@@ -24,6 +25,7 @@ typedef enum et_state_kind {
   ET_STATE_STAT = 2   /* running statistics and runtime bookkeeping: kept on collapse */
 } et_state_kind;
 
+/* A registered buffer holds float32 values (the boot check reads them as such). */
 typedef struct et_state_buf {
   void *data;
   uint32_t bytes;
