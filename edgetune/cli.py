@@ -1,16 +1,89 @@
 """The ``edgetune`` command line: one verb per stage of the pipeline.
 
-Errors a user can fix print one line and exit 1; usage errors exit 2; ``--debug`` shows tracebacks.
+Every error is one line ``edgetune: error: <component>: <what>; <how to fix>`` with an exit code
+per error class (``EXIT_CODES``, shown in ``--help``); usage errors exit 2; anything else is a bug
+and says how to get its traceback (``--debug`` or ``EDGETUNE_DEBUG=1``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
+import warnings
 from dataclasses import fields
+from pathlib import Path
 
-from edgetune.errors import ConfigError, EdgetuneError
+from edgetune.errors import (BUG_EXIT_CODE, EXIT_CODES, INTERRUPTED_EXIT_CODE, USAGE_EXIT_CODE, ConfigError,
+                             EdgetuneError)
 from edgetune.version import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (like every other error) and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(USAGE_EXIT_CODE, f"edgetune: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+def _count(text: str) -> int:
+    """A positive integer (sample counts, epochs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed: an integer >= 0 (numpy's seeds are unsigned)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^32) (got {value})")
+    return value
+
+
+def _rate(text: str) -> float:
+    """A learning rate: a positive finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive and finite (got {text})")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (got {text!r})") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (got {text})")
+    return value
+
+
+def _check_out(path: str, option: str = "-o") -> None:
+    """Refuse an output path under a file or in a folder that cannot be written, before any work.
+
+    Raises:
+        ConfigError: as described.
+    """
+    out = Path(path)
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{option}: {out} is under the file {parent}; give a path in a folder")
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: cannot write in {existing} (read-only); give a path in a writable folder")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -47,19 +120,48 @@ def _cmd_list(args: argparse.Namespace) -> None:
             print(t.describe())
 
 
+def _is_onnx(model: str | None) -> bool:
+    return bool(model) and str(model).lower().endswith(".onnx")
+
+
 def _load(args: argparse.Namespace):
+    """The backbone ``args`` names: an ONNX file (``--taps``, ``--classifier``) or a checkpoint folder.
+
+    Raises:
+        ConfigError, ModelError, CheckpointError: see ``load_onnx_backbone`` / ``load_checkpoint``.
+    """
+    model = getattr(args, "model", None)
+    if _is_onnx(model):
+        from edgetune.models.onnx_backbone import check_taps_for_method, load_onnx_backbone
+        if args.checkpoint:
+            raise ConfigError(f"{args.command}: --checkpoint is not used with an ONNX model (its weights are in "
+                              f"{model}); drop --checkpoint")
+        taps = [t.strip() for t in args.taps.split(",") if t.strip()] if args.taps else None
+        backbone = load_onnx_backbone(model, taps, args.classifier)
+        check_taps_for_method(backbone, args.method)
+        return backbone, {"model": Path(model).name, "num_classes": backbone.num_classes,
+                          "input_shape": list(backbone.input_shape), "onnx": backbone.source}
+    if getattr(args, "taps", None) or getattr(args, "classifier", None):
+        raise ConfigError(f"{args.command}: --taps and --classifier apply to an ONNX model (MODEL.onnx); "
+                          "drop them for a checkpoint")
+    if not args.checkpoint:
+        from edgetune.checkpoint import HOW_TO_CREATE
+        args.usage_error(f"--checkpoint CKPT is required unless the model is an .onnx file ({HOW_TO_CREATE})")
     from edgetune.checkpoint import load_checkpoint
     backbone, config = load_checkpoint(args.checkpoint)
-    model = getattr(args, "model", None)
     if model and model != config["model"]:
-        raise ConfigError(f"--model {model} does not match the checkpoint's model {config['model']!r}; "
-                          "drop --model or pass the matching checkpoint")
+        option = "the model argument" if args.command == "export" else "--model"
+        raise ConfigError(f"{args.command}: {option} {model!r} does not match the checkpoint's model "
+                          f"{config['model']!r}; pass {config['model']} or the matching checkpoint")
     return backbone, config
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from edgetune.data import load_dataset
+    from edgetune.checkpoint import check_output_folder
     from edgetune.train import train_source
+    _check_out(args.out)
+    check_output_folder(args.out)
     report = train_source(args.model, load_dataset(args.data), args.out, epochs=args.epochs, lr=args.lr,
                           seed=args.seed, augment=not args.no_augment, train_images=args.train_images)
     print(f"wrote {args.out}: val accuracy {100 * report['val_accuracy']:.1f}%, "
@@ -82,7 +184,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from edgetune.adapt import fit, prepare
     from edgetune.data import load_dataset
     from edgetune.export import export
+    _check_out(args.out)
+    if _is_onnx(args.model) and not args.data:
+        raise ConfigError(f"export: {args.model} records no source data; pass --data NAME (what the attachments are "
+                          "fitted on and int8 calibration reads)")
     backbone, config = _load(args)
+    from edgetune.deploy.budget import preflight_budget  # before data and fit: oversized models refused in seconds
+    preflight_budget(backbone, args.target, args.method, _overrides(args.set), not args.no_quantize, config["model"])
     data = load_dataset(args.data or config.get("data", "digits"))
     adaptable = prepare(backbone, args.method, _overrides(args.set), model_name=config["model"])
     fit(adaptable, data, seed=args.seed)
@@ -95,7 +203,29 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _cmd_import(args: argparse.Namespace) -> None:
+    from edgetune.checkpoint import import_checkpoint, parse_input_shape
+    _check_out(args.out)
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
+    config = import_checkpoint(args.model, args.weights, args.out, shape, args.num_classes)
+    print(f"wrote {args.out}: {config['model']}, {config['num_classes']} classes, input {config['input_shape']}, "
+          f"from {config['imported']['weights']}")
+
+
+def _inspect_onnx(path: str, classifier: str | None) -> None:
+    from edgetune.models.onnx_backbone import tap_candidates
+    candidates, per_stage = tap_candidates(path, classifier)
+    print(f"{path}: tap candidates (tensors every path passes through), in graph order")
+    for c in candidates:
+        print(f"  {c.name:<60} {'x'.join(str(d) for d in c.shape):<14} {c.op:<18} {c.why}")
+    print(f"default (source, feature-align): --taps {candidates[-1].name}")
+    print(f"per stage (tinytta, lst, vqt):    --taps {','.join(per_stage)}")
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
+    if _is_onnx(args.bundle):
+        _inspect_onnx(args.bundle, args.classifier)
+        return
     from edgetune.export import load_manifest
     from edgetune.memory import format_memory_table
     manifest = load_manifest(args.bundle)
@@ -104,10 +234,12 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="edgetune",
+    p = _Parser(
+        prog="edgetune", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Keep a pretrained model learning on the device it is deployed to: int8 frozen backbone, "
-                    "small trainable attachments, test-time adaptation one sample at a time.")
+                    "small trainable attachments, test-time adaptation one sample at a time.",
+        epilog="exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in sorted(EXIT_CODES.items()))
+               + "\n  0    success\n\nerrors print one line; --debug (or EDGETUNE_DEBUG=1) shows the traceback")
     p.add_argument("--version", action="version", version=f"edgetune {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -121,76 +253,128 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="zoo name (see `edgetune list models`) or package.module:callable")
     s.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
     s.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
-    s.add_argument("--epochs", type=int, default=15)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=_count, default=15)
+    s.add_argument("--lr", type=_rate, default=3e-3)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--train-images", type=int, default=None, metavar="N",
                    help="train on a seeded subset of N training images (default: all)")
     s.add_argument("--no-augment", action="store_true", help="no random-shift augmentation")
     s.set_defaults(func=_cmd_train)
 
+    s = sub.add_parser("import-checkpoint", help="make a checkpoint from torch weights trained elsewhere")
+    s.add_argument("--model", required=True, help="package.module:callable building the architecture (or a zoo name)")
+    s.add_argument("--weights", required=True, help="file written by torch.save(model.state_dict(), 'W.pt')")
+    s.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="input the model was trained on (C,H,W or C,T; default: the model's own)")
+    s.add_argument("--num-classes", type=_count, default=None, metavar="K",
+                   help="classes (default: rows of classifier.weight in the weights)")
+    s.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
+    s.set_defaults(func=_cmd_import)
+
     s = sub.add_parser("eval", help="online test-time adaptation on a corrupted stream, next to source")
-    s.add_argument("--model", help="model name (optional: taken from the checkpoint)")
-    s.add_argument("--checkpoint", required=True, help="folder written by train-source")
+    s.add_argument("--model", help="a model.onnx file (then no --checkpoint), or a model name (optional: taken "
+                                   "from the checkpoint)")
+    s.add_argument("--checkpoint", default=None, help="folder written by train-source or import-checkpoint")
+    _onnx_options(s)
     s.add_argument("--method", required=True, help="see `edgetune list methods`")
     s.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
     s.add_argument("--corruption", default="all", help="'all' (the 15 test corruptions), 'clean', or a comma list")
     s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
     s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--samples-per-corruption", type=int, default=None, metavar="N",
+    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--samples-per-corruption", type=_count, default=None, metavar="N",
                    help="first N samples of a seeded permutation of the test split (default: all)")
     s.add_argument("--runtime", "--backbone", dest="backbone", default="torch",
                    choices=["torch", "onnx-int8", "compiled"],
                    help="torch: the float torch reference; onnx-int8: the exported int8 frozen.onnx in onnxruntime, "
                         "method step in torch; compiled: the whole sample in the bundle's TVM-compiled C (int8 "
                         "backbone + training step + C runtime) built for this machine")
-    s.add_argument("--labelled-fraction", type=float, default=0.0, metavar="P",
+    s.add_argument("--labelled-fraction", type=_fraction, default=0.0, metavar="P",
                    help="supervised mode: reveal the label of this fraction of samples after scoring them")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    s.set_defaults(func=_cmd_eval)
+    s.set_defaults(func=_cmd_eval, usage_error=s.error)
 
     s = sub.add_parser("export", help="fit the method's attachments and write a deployable bundle")
-    s.add_argument("model", help="model name (must match the checkpoint)")
+    s.add_argument("model", help="a model.onnx file (then no --checkpoint), or the checkpoint's model name")
     s.add_argument("--method", required=True)
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", default=None, help="folder written by train-source or import-checkpoint")
+    _onnx_options(s)
     s.add_argument("--target", default="host", help="see `edgetune list targets`")
     s.add_argument("-o", "--out", required=True, help="bundle folder to write")
     s.add_argument("--data", default=None, help="source data for fitting and calibration (default: the checkpoint's)")
     s.add_argument("--no-quantize", action="store_true", help="keep the frozen backbone in float32")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
     s.add_argument("--no-compile", action="store_true",
                    help="host: only the ONNX bundle, without compiling it for this machine")
     s.add_argument("--build", action="store_true",
                    help="device targets: also build the project with the target's toolchain (as `edgetune build`)")
-    s.set_defaults(func=_cmd_export)
+    s.set_defaults(func=_cmd_export, usage_error=s.error)
 
-    s = sub.add_parser("inspect", help="print a bundle's manifest and memory table")
-    s.add_argument("bundle")
+    s = sub.add_parser("inspect", help="print a bundle's manifest and memory table, or a model.onnx's tap candidates")
+    s.add_argument("bundle", help="bundle folder, or a .onnx model")
+    s.add_argument("--classifier", default=None, metavar="NODE", help="model.onnx: the classifier Gemm/MatMul")
     s.set_defaults(func=_cmd_inspect)
 
     from edgetune.deploy.commands import add_commands
     add_commands(sub)
+    for command in sub.choices.values():
+        # --debug is accepted after the verb too; SUPPRESS keeps the top-level value when absent.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return p
+
+
+def _onnx_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--taps", default=None, metavar="NAME[,NAME...]",
+                   help="model.onnx: tensor names where the stages end, in graph order (default: the classifier's "
+                        "input feature; `edgetune inspect model.onnx` lists candidates)")
+    s.add_argument("--classifier", default=None, metavar="NODE",
+                   help="model.onnx: the Gemm/MatMul that becomes the trainable classifier (default: the last)")
+
+
+def _quiet() -> None:
+    """Normal output is edgetune's own: third-party warnings and INFO logs stay out of it."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("EDGETUNE_DEBUG", "") not in ("", "0")
+    if not debug:
+        _quiet()
     try:
         args.func(args)
     except EdgetuneError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"edgetune: error: {exc}", file=sys.stderr)
-        return 1
+        line = " ".join(str(exc).split())  # one line, whatever a message quoted
+        print(f"edgetune: error: {line}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("edgetune: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
+    except OSError as exc:  # the machine refused (disk full, permissions): the user's to fix, not a bug
+        if debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"edgetune: error: {args.command}: {exc.strerror or type(exc).__name__}{where}; check the path, "
+              "its permissions and free space", file=sys.stderr)
+        return ConfigError.exit_code
+    except Exception as exc:  # anything else is a bug in edgetune: say so in one line, keep the traceback opt-in
+        if debug:
+            raise
+        what = " ".join(str(exc).split())[:160]
+        print(f"edgetune: error: internal error in {args.command} ({type(exc).__name__}: {what}); this is a bug in "
+              "edgetune: re-run with --debug (or EDGETUNE_DEBUG=1) for the traceback and report it",
+              file=sys.stderr)
+        return BUG_EXIT_CODE
     return 0
 
 

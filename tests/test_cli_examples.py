@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from edgetune.cli import main
+from edgetune.errors import (BudgetError, CheckpointError, CompileError, ConfigError, DataError, ExportError,
+                             ModelError, ToolchainError)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +44,68 @@ def test_bad_set_and_corrupt_checkpoint_are_user_errors(tiny_cnn, tmp_path, caps
     assert main(["eval", "--checkpoint", str(ckpt), "--method", "feature-align", "--set", "nosuch=1",
                  "--corruption", "contrast"]) == 1
     assert "has no field 'nosuch'" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(tmp_path), "--method", "source"]) == 1
-    assert "lacks config.json" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--method", "source"]) == CheckpointError.exit_code
+    err = capsys.readouterr().err
+    assert "lacks config.json" in err and "import-checkpoint" in err  # both ways to make a checkpoint
+
+
+def test_error_boundary_one_line_per_class_and_bugs(monkeypatch, tmp_path, capsys):
+    """Every EdgetuneError class has its own exit code; a non-edgetune exception is reported as a bug in
+    one line that says how to get the traceback; --debug / EDGETUNE_DEBUG=1 re-raise it."""
+    codes = [c.exit_code for c in (ConfigError, DataError, ModelError, CheckpointError, ExportError, CompileError,
+                                   BudgetError, ToolchainError)]
+    assert len(set(codes)) == len(codes) and 2 not in codes
+    import edgetune.cli as cli
+
+    def broken(args):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "_cmd_list", broken)
+    monkeypatch.delenv("EDGETUNE_DEBUG", raising=False)
+    assert main(["list", "models"]) == 70
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edgetune: error: internal error in list (ValueError: boom")
+    assert "--debug" in err and "EDGETUNE_DEBUG=1" in err
+    with pytest.raises(ValueError):
+        main(["list", "models", "--debug"])
+    monkeypatch.setenv("EDGETUNE_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(["list", "models"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train-source", "--model", "tiny-cnn", "--seed", "-1", "-o", "X"], "--seed: must be in [0, 2^32)"),
+    (["train-source", "--model", "tiny-cnn", "--lr", "-1", "-o", "X"], "--lr: must be positive and finite"),
+    (["train-source", "--model", "tiny-cnn", "--lr", "nan", "-o", "X"], "--lr: must be positive and finite"),
+    (["train-source", "--model", "tiny-cnn", "--epochs", "0", "-o", "X"], "--epochs: must be a positive integer"),
+    (["export", "tiny-cnn", "--method", "source", "--checkpoint", "C", "--seed", "-1", "-o", "X"], "--seed"),
+    (["eval", "--checkpoint", "C", "--method", "source", "--samples-per-corruption", "0"], "positive integer"),
+    (["eval", "--checkpoint", "C", "--method", "source", "--labelled-fraction", "2"], "must be in [0, 1]"),
+])
+def test_numbers_are_range_checked_as_one_usage_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edgetune: error:") and fragment in err
+
+
+def test_output_under_a_file_or_read_only_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    assert main(["train-source", "--model", "tiny-cnn", "--epochs", "1", "-o", str(afile / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is under the file" in err
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to refuse there
+            return
+        assert main(["export", "tiny-cnn", "--method", "source", "--checkpoint", "C", "-o", str(locked / "b")]) == 1
+        assert "read-only" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
 
 
 def test_train_source_subset_and_augmentation_are_recorded(tmp_path, capsys):

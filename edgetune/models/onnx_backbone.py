@@ -1,0 +1,748 @@
+"""An existing ONNX file as an edgetune ``Backbone`` (``edgetune export model.onnx --taps A,B``).
+
+The graph is interpreted in torch (one function per ONNX op in ``OPS``), so fit, eval and
+export run unchanged: ``stages`` are the sub-graphs between consecutive taps (tensor names the
+user picks, each a cut every path passes through), ``pool`` is what the graph does between the
+last tap and the classifier, and ``classifier`` is an ``nn.Linear`` holding the weights of the
+named (default: last) Gemm/MatMul, which moves to the float, trainable side.
+
+An already-quantised QDQ graph runs as fake quantisation (QuantizeLinear rounds and saturates,
+DequantizeLinear scales back), and ``frozen_graph`` hands the user's own QDQ nodes, cut at the
+taps, to export, which writes them as frozen.onnx instead of quantising again.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from edgetune.errors import ConfigError, ModelError
+from edgetune.models.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class Node:
+    """One ONNX node as the interpreter needs it (attributes decoded to Python values)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any] = field(hash=False)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+
+OpFunction = Callable[[Node, list[Any]], Any]
+OPS: dict[str, OpFunction] = {}
+
+
+def _op(*names: str) -> Callable[[OpFunction], OpFunction]:
+    def register(fn: OpFunction) -> OpFunction:
+        for n in names:
+            OPS[n] = fn
+        return fn
+    return register
+
+
+def _ints(t: Any) -> list[int]:
+    """A shape/axes/pads operand as Python ints (constants in the graph: static in the export trace)."""
+    return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+def _pad_spatial(x: torch.Tensor, pads: list[int], value: float = 0.0) -> torch.Tensor:
+    """ONNX pads [b1, b2, ..., e1, e2, ...] over the spatial dims -> F.pad (last dim first)."""
+    k = len(pads) // 2
+    torch_pads: list[int] = []
+    for d in reversed(range(k)):
+        torch_pads += [pads[d], pads[d + k]]
+    return F.pad(x, torch_pads, value=value) if any(torch_pads) else x
+
+
+def _window_pads(node: Node, x: torch.Tensor, kernel: list[int], strides: list[int],
+                 dilations: list[int]) -> list[int]:
+    auto = node.attr("auto_pad", "NOTSET")
+    k = len(kernel)
+    if auto in ("NOTSET", "VALID"):
+        return list(node.attr("pads", [0] * 2 * k)) if auto == "NOTSET" else [0] * 2 * k
+    begin, end = [], []
+    for d in range(k):
+        size = x.shape[2 + d]
+        out = -(-size // strides[d])
+        total = max(0, (out - 1) * strides[d] + (kernel[d] - 1) * dilations[d] + 1 - size)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _symmetric(pads: list[int]) -> bool:
+    k = len(pads) // 2
+    return pads[:k] == pads[k:]
+
+
+@_op("Conv")
+def _conv(node: Node, a: list[Any]) -> torch.Tensor:
+    x, w = a[0], a[1]
+    b = a[2] if len(a) > 2 else None
+    k = w.dim() - 2
+    strides = list(node.attr("strides", [1] * k))
+    dilations = list(node.attr("dilations", [1] * k))
+    pads = _window_pads(node, x, list(w.shape[2:]), strides, dilations)
+    padding: Any = pads[:k]
+    if not _symmetric(pads):
+        x, padding = _pad_spatial(x, pads), 0
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[k]
+    return conv(x, w, b, strides, padding, dilations, node.attr("group", 1))
+
+
+def _pool(node: Node, x: torch.Tensor, kind: str) -> torch.Tensor:
+    kernel = list(node.attr("kernel_shape"))
+    k = len(kernel)
+    strides = list(node.attr("strides", [1] * k))
+    dilations = list(node.attr("dilations", [1] * k))
+    pads = _window_pads(node, x, kernel, strides, dilations)
+    ceil = bool(node.attr("ceil_mode", 0))
+    if kind == "max":
+        padding: Any = pads[:k]
+        if not _symmetric(pads) or any(2 * p > kk for p, kk in zip(pads[:k], kernel)):
+            x, padding = _pad_spatial(x, pads, float("-inf")), 0
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
+        return fn(x, kernel, strides, padding, dilations, ceil)
+    include = bool(node.attr("count_include_pad", 0))
+    padding = pads[:k]
+    if not _symmetric(pads):
+        if not include:
+            raise ModelError(f"onnx: AveragePool {node.name!r} has asymmetric pads {pads} without "
+                             "count_include_pad; re-export the model with symmetric padding")
+        x, padding = _pad_spatial(x, pads), 0
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[k]
+    return fn(x, kernel, strides, padding, ceil, include)
+
+
+OPS["MaxPool"] = lambda n, a: _pool(n, a[0], "max")
+OPS["AveragePool"] = lambda n, a: _pool(n, a[0], "avg")
+OPS["GlobalAveragePool"] = lambda n, a: a[0].mean(dim=tuple(range(2, a[0].dim())), keepdim=True)
+OPS["GlobalMaxPool"] = lambda n, a: a[0].amax(dim=tuple(range(2, a[0].dim())), keepdim=True)
+OPS["Relu"] = lambda n, a: F.relu(a[0])
+OPS["LeakyRelu"] = lambda n, a: F.leaky_relu(a[0], n.attr("alpha", 0.01))
+OPS["Sigmoid"] = lambda n, a: torch.sigmoid(a[0])
+OPS["Tanh"] = lambda n, a: torch.tanh(a[0])
+OPS["HardSwish"] = lambda n, a: F.hardswish(a[0])
+OPS["HardSigmoid"] = lambda n, a: torch.clamp(n.attr("alpha", 0.2) * a[0] + n.attr("beta", 0.5), 0.0, 1.0)
+OPS["Erf"] = lambda n, a: torch.erf(a[0])
+OPS["Exp"] = lambda n, a: torch.exp(a[0])
+OPS["Sqrt"] = lambda n, a: torch.sqrt(a[0])
+OPS["Neg"] = lambda n, a: -a[0]
+OPS["Reciprocal"] = lambda n, a: 1.0 / a[0]
+OPS["Pow"] = lambda n, a: torch.pow(a[0], a[1])
+OPS["Add"] = lambda n, a: a[0] + a[1]
+OPS["Sub"] = lambda n, a: a[0] - a[1]
+OPS["Mul"] = lambda n, a: a[0] * a[1]
+OPS["Div"] = lambda n, a: a[0] / a[1]
+OPS["MatMul"] = lambda n, a: torch.matmul(a[0], a[1])
+OPS["Identity"] = lambda n, a: a[0]
+OPS["Dropout"] = lambda n, a: a[0]  # inference graph: dropout is the identity
+OPS["Softmax"] = lambda n, a: torch.softmax(a[0], dim=n.attr("axis", -1))
+OPS["Concat"] = lambda n, a: torch.cat([t for t in a if t is not None], dim=n.attr("axis"))
+OPS["Transpose"] = lambda n, a: a[0].permute(*(n.attr("perm") or list(reversed(range(a[0].dim())))))
+OPS["Shape"] = lambda n, a: torch.tensor(list(a[0].shape), dtype=torch.int64)
+
+
+@_op("Clip")
+def _clip(node: Node, a: list[Any]) -> torch.Tensor:
+    lo = a[1] if len(a) > 1 and a[1] is not None else node.attr("min")
+    hi = a[2] if len(a) > 2 and a[2] is not None else node.attr("max")
+    lo = float(lo) if lo is not None else None
+    hi = float(hi) if hi is not None else None
+    return torch.clamp(a[0], lo, hi)
+
+
+@_op("Flatten")
+def _flatten(node: Node, a: list[Any]) -> torch.Tensor:
+    axis = node.attr("axis", 1) % max(1, a[0].dim())
+    return a[0].reshape(1, -1) if axis == 0 else a[0].flatten(axis).flatten(0, axis - 1)
+
+
+@_op("Reshape")
+def _reshape(node: Node, a: list[Any]) -> torch.Tensor:
+    x, shape = a[0], _ints(a[1])
+    shape = [x.shape[i] if s == 0 and not node.attr("allowzero", 0) else s for i, s in enumerate(shape)]
+    # The file was exported at batch 1: its literal batch of 1 stands for "the batch" (fit runs batched).
+    if shape and shape[0] == 1 and x.shape[0] != 1:
+        shape[0] = x.shape[0]
+    return x.reshape(shape)
+
+
+def _axes(node: Node, a: list[Any], position: int) -> list[int] | None:
+    if len(a) > position and a[position] is not None:
+        return _ints(a[position])
+    axes = node.attr("axes")
+    return list(axes) if axes is not None else None
+
+
+@_op("Squeeze")
+def _squeeze(node: Node, a: list[Any]) -> torch.Tensor:
+    axes = _axes(node, a, 1)
+    x = a[0]
+    if axes is None:
+        return x.squeeze()
+    for ax in sorted((ax % x.dim() for ax in axes), reverse=True):
+        x = x.squeeze(ax)
+    return x
+
+
+@_op("Unsqueeze")
+def _unsqueeze(node: Node, a: list[Any]) -> torch.Tensor:
+    x = a[0]
+    axes = _axes(node, a, 1) or []
+    rank = x.dim() + len(axes)
+    for ax in sorted(ax % rank for ax in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+def _reduce(fn: Callable[..., torch.Tensor]) -> OpFunction:
+    def run(node: Node, a: list[Any]) -> torch.Tensor:
+        axes = _axes(node, a, 1)
+        keep = bool(node.attr("keepdims", 1))
+        if axes is None or not axes:
+            if node.attr("noop_with_empty_axes", 0):
+                return a[0]
+            axes = list(range(a[0].dim()))
+        return fn(a[0], dim=tuple(ax % a[0].dim() for ax in axes), keepdim=keep)
+    return run
+
+
+OPS["ReduceMean"] = _reduce(torch.mean)
+OPS["ReduceSum"] = _reduce(torch.sum)
+OPS["ReduceMax"] = _reduce(torch.amax)
+
+
+@_op("Gemm")
+def _gemm(node: Node, a: list[Any]) -> torch.Tensor:
+    x, w = a[0], a[1]
+    if node.attr("transA", 0):
+        x = x.t()
+    if not node.attr("transB", 0):
+        w = w.t()
+    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    bias = a[2] if len(a) > 2 and a[2] is not None else None
+    if alpha == 1.0 and beta == 1.0:
+        return F.linear(x, w, bias)
+    y = alpha * F.linear(x, w)
+    return y + beta * bias if bias is not None else y
+
+
+@_op("BatchNormalization")
+def _batch_norm(node: Node, a: list[Any]) -> torch.Tensor:
+    x, scale, bias, mean, var = a[:5]
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attr("epsilon", 1e-5))
+
+
+@_op("LayerNormalization")
+def _layer_norm(node: Node, a: list[Any]) -> torch.Tensor:
+    x, scale = a[0], a[1]
+    bias = a[2] if len(a) > 2 else None
+    axis = node.attr("axis", -1) % x.dim()
+    return F.layer_norm(x, tuple(x.shape[axis:]), scale, bias, node.attr("epsilon", 1e-5))
+
+
+@_op("Pad")
+def _pad(node: Node, a: list[Any]) -> torch.Tensor:
+    x = a[0]
+    pads = _ints(a[1]) if len(a) > 1 and a[1] is not None else list(node.attr("pads"))
+    value = float(a[2]) if len(a) > 2 and a[2] is not None else node.attr("value", 0.0)
+    axes = _axes(node, a, 3) or list(range(x.dim()))
+    k = len(axes)
+    full = [0] * (2 * x.dim())
+    for i, ax in enumerate(axes):
+        full[ax % x.dim()], full[x.dim() + ax % x.dim()] = pads[i], pads[i + k]
+    torch_pads: list[int] = []
+    for d in reversed(range(x.dim())):
+        torch_pads += [full[d], full[d + x.dim()]]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[node.attr("mode", "constant")]
+    return F.pad(x, torch_pads, mode=mode, value=value) if mode == "constant" else F.pad(x, torch_pads, mode=mode)
+
+
+@_op("Slice")
+def _slice(node: Node, a: list[Any]) -> torch.Tensor:
+    x = a[0]
+    starts, ends = _ints(a[1]), _ints(a[2])
+    axes = _ints(a[3]) if len(a) > 3 and a[3] is not None else list(range(len(starts)))
+    steps = _ints(a[4]) if len(a) > 4 and a[4] is not None else [1] * len(starts)
+    index: list[Any] = [slice(None)] * x.dim()
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        if st < 0:
+            raise ModelError(f"onnx: Slice {node.name!r} has a negative step ({st}); re-export without flips")
+        size = x.shape[ax]
+        index[ax % x.dim()] = slice(max(0, min(size, s if s >= 0 else s + size)),
+                                    max(0, min(size, e if e >= 0 else e + size)), st)
+    return x[tuple(index)]
+
+
+@_op("Gather")
+def _gather(node: Node, a: list[Any]) -> torch.Tensor:
+    x, idx = a[0], a[1]
+    axis = node.attr("axis", 0) % x.dim()
+    idx = torch.as_tensor(idx, dtype=torch.int64)
+    out = torch.index_select(x, axis, idx.reshape(-1) % x.shape[axis])
+    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+
+
+def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-tensor (scalar) or per-axis (1-D) quantisation parameter shaped to broadcast over ``x``."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return t.reshape(shape)
+
+
+_QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int16: (-32768, 32767),
+           torch.uint16: (0, 65535), torch.int32: (-2 ** 31, 2 ** 31 - 1)}
+
+
+@_op("QuantizeLinear")
+def _quantize(node: Node, a: list[Any]) -> torch.Tensor:
+    x, scale = a[0], a[1]
+    zp = a[2] if len(a) > 2 and a[2] is not None else torch.zeros((), dtype=torch.uint8)
+    lo, hi = _QRANGE[zp.dtype]
+    axis = node.attr("axis", 1)
+    # Fake quantisation: integer values carried in float32 (round half to even, as ONNX specifies).
+    q = torch.round(x / _per_axis(scale, x, axis)) + _per_axis(zp, x, axis).to(torch.float32)
+    return torch.clamp(q, lo, hi)
+
+
+@_op("DequantizeLinear")
+def _dequantize(node: Node, a: list[Any]) -> torch.Tensor:
+    q, scale = a[0].to(torch.float32), a[1]
+    zp = a[2] if len(a) > 2 and a[2] is not None else None
+    axis = node.attr("axis", 1)
+    if zp is not None:
+        q = q - _per_axis(zp, q, axis).to(torch.float32)
+    return q * _per_axis(scale, q, axis)
+
+
+_FOLDABLE_DTYPES = (np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.bool_)
+
+
+class OnnxSubgraph(nn.Module):
+    """A run of ONNX nodes from one tensor to another, interpreted in torch; constants are buffers
+    (so they are part of ``state_dict`` and of every cache key derived from it)."""
+
+    def __init__(self, nodes: Sequence[Node], source: str, output: str, consts: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.nodes = tuple(nodes)
+        self.source, self.output = source, output
+        used = sorted({i for n in self.nodes for i in n.inputs if i in consts})
+        self._buffer_of = {name: f"c{k}" for k, name in enumerate(used)}
+        for name in used:
+            self.register_buffer(self._buffer_of[name], torch.from_numpy(np.array(consts[name])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, Any] = {self.source: x}
+        for node in self.nodes:
+            args = [None if not i else env[i] if i in env else getattr(self, self._buffer_of[i])
+                    for i in node.inputs]
+            out = OPS[node.op](node, args)
+            env[node.outputs[0]] = out
+        return env[self.output]
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        elif isinstance(v, list):
+            v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        out[a.name] = v
+    return out
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+
+
+@dataclass
+class ParsedGraph:
+    """An ONNX file read for interpretation: its nodes (constants folded away), constants and shapes."""
+
+    path: str
+    model: onnx.ModelProto
+    nodes: list[Node]
+    consts: dict[str, np.ndarray]
+    shapes: dict[str, tuple]
+    input_name: str
+    input_shape: tuple[int, ...]
+    producer: dict[str, Node]
+    sha256: str
+    quantized: bool
+
+
+def parse_onnx(path: str | Path) -> ParsedGraph:
+    """Read ``path``, check it has one static float input and only ops ``OPS`` interprets.
+
+    Raises:
+        ModelError: the file is missing or not ONNX, has several (or dynamic) inputs, or uses ops
+            edgetune cannot run (every such op listed at once with its node name).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"onnx: {p} is not a file; give the path of a .onnx model")
+    raw = p.read_bytes()
+    try:
+        model = onnx.load_from_string(raw)
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # protobuf DecodeError, onnx's ValidationError / InferenceError
+        first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnx: {p.name} is not a readable ONNX model ({first}); re-export it "
+                         "(torch.onnx.export, opset >= 13)") from None
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in consts]
+    if len(inputs) != 1:
+        raise ModelError(f"onnx: {p.name} has {len(inputs)} graph inputs ({', '.join(i.name for i in inputs)}); "
+                         "edgetune needs exactly one image/signal input")
+    dims = _dims(inputs[0]) or ()
+    if len(dims) not in (3, 4) or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        raise ModelError(f"onnx: input {inputs[0].name!r} has shape {list(dims)}; edgetune needs N x C x H x W "
+                         "or N x C x T with static C, H, W (T); re-export with a fixed input size")
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ModelError(f"onnx: input {inputs[0].name!r} is not float32; export the model with a float input")
+    shapes = {vi.name: _dims(vi) for vi in [*g.value_info, *g.input, *g.output]}
+    unknown = [f"{(n.domain + '::') if n.domain not in ('', 'ai.onnx') else ''}{n.op_type} (node "
+               f"{n.name or n.output[0]!r})" for n in g.node
+               if n.op_type != "Constant" and (n.op_type not in OPS or n.domain not in ("", "ai.onnx"))]
+    if unknown:
+        raise ModelError(f"onnx: {p.name} uses ops edgetune cannot interpret: {', '.join(unknown)}; "
+                         "re-export the model without them (supported: " + ", ".join(sorted(OPS)) + ")")
+    nodes: list[Node] = []
+    for n in g.node:
+        node = Node(n.name or n.output[0], n.op_type, tuple(n.input), tuple(n.output), _attrs(n))
+        if n.op_type == "Constant":
+            value = node.attrs.get("value")
+            if value is None:
+                for key in ("value_float", "value_floats", "value_int", "value_ints"):
+                    if key in node.attrs:
+                        value = np.array(node.attrs[key], dtype=np.float32 if "float" in key else np.int64)
+            consts[n.output[0]] = np.array(value)
+            continue
+        if all(not i or i in consts for i in node.inputs) and n.op_type != "QuantizeLinear":
+            # Constant sub-expressions (a DequantizeLinear of int8 weights, shape arithmetic) fold once here.
+            args = [None if not i else torch.from_numpy(np.array(consts[i])) for i in node.inputs]
+            consts[n.output[0]] = np.array(OPS[n.op_type](node, args))
+            continue
+        nodes.append(node)
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node)
+    return ParsedGraph(p.name, model, nodes, consts, shapes, inputs[0].name, tuple(int(d) for d in dims[1:]),
+                       {o: n for n in nodes for o in n.outputs}, hashlib.sha256(raw).hexdigest(), quantized)
+
+
+def _segment(graph: ParsedGraph, source: str, target: str) -> list[Node]:
+    """The nodes computing ``target`` from ``source`` alone (plus constants), in graph order.
+
+    Raises:
+        ConfigError: ``target`` also depends on another tensor (the tap does not cut the graph).
+    """
+    needed: set[str] = set()
+    stack = [target]
+    while stack:
+        t = stack.pop()
+        if t == source or t in graph.consts or not t:
+            continue
+        node = graph.producer.get(t)
+        if node is None:
+            raise ConfigError(f"onnx: tap {target!r} is not computed from {source!r} alone (it also reads "
+                              f"{t!r}, e.g. a skip connection around the tap); pick tap tensors every path passes "
+                              "through, in graph order (`edgetune inspect MODEL.onnx` lists them)")
+        if node.name in needed:
+            continue
+        needed.add(node.name)
+        stack.extend(node.inputs)
+    return [n for n in graph.nodes if n.name in needed]
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """The Gemm/MatMul (and a bias Add after a MatMul) that becomes the trainable ``nn.Linear``."""
+
+    nodes: tuple[str, ...]
+    feature: str
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def find_classifier(graph: ParsedGraph, name: str | None = None) -> Classifier:
+    """The named (default: the last) Gemm/MatMul with constant weights, as weight (out x in) and bias.
+
+    Raises:
+        ConfigError: no such node, or its weights are not constants.
+    """
+    linear = [n for n in graph.nodes if n.op in ("Gemm", "MatMul") and n.inputs[1] in graph.consts]
+    if not linear:
+        raise ConfigError(f"onnx: {graph.path} has no Gemm/MatMul with constant weights to use as the classifier; "
+                          "edgetune needs a model that ends in a linear layer")
+    if name is None:
+        node = linear[-1]
+    else:
+        match = [n for n in linear if n.name == name or name in n.outputs]
+        if not match:
+            raise ConfigError(f"onnx: --classifier {name!r} is not a Gemm/MatMul with constant weights in "
+                              f"{graph.path}; pick one of {', '.join(n.name for n in linear)}")
+        node = match[0]
+    w = np.array(graph.consts[node.inputs[1]], dtype=np.float32)
+    if node.op == "Gemm":
+        if node.attr("transA", 0):
+            raise ConfigError(f"onnx: classifier {node.name!r} has transA=1; re-export with the feature as input A")
+        w = (w if node.attr("transB", 0) else w.T) * node.attr("alpha", 1.0)
+        c = node.inputs[2] if len(node.inputs) > 2 else ""
+        b = (np.broadcast_to(np.array(graph.consts[c], dtype=np.float32) * node.attr("beta", 1.0), (w.shape[0],))
+             if c else np.zeros(w.shape[0], np.float32))
+        return Classifier((node.name,), node.inputs[0], np.ascontiguousarray(w), np.array(b))
+    w = w.T
+    after = [n for n in graph.nodes if node.outputs[0] in n.inputs]
+    if len(after) == 1 and after[0].op == "Add":
+        other = [i for i in after[0].inputs if i != node.outputs[0]]
+        if other and other[0] in graph.consts and np.size(graph.consts[other[0]]) in (1, w.shape[0]):
+            b = np.broadcast_to(np.array(graph.consts[other[0]], dtype=np.float32).reshape(-1), (w.shape[0],))
+            return Classifier((node.name, after[0].name), node.inputs[0], np.ascontiguousarray(w), np.array(b))
+    return Classifier((node.name,), node.inputs[0], np.ascontiguousarray(w), np.zeros(w.shape[0], np.float32))
+
+
+class OnnxBackbone(Backbone):
+    """A float or QDQ ONNX graph cut at user-named taps (see the module docstring)."""
+
+    def __init__(self, graph: ParsedGraph, taps: Sequence[str], classifier: Classifier) -> None:
+        super().__init__()
+        self.input_shape = graph.input_shape  # type: ignore[assignment]
+        self.num_classes = int(classifier.weight.shape[0])
+        self.tap_names = tuple(taps)
+        self.source = {"onnx": graph.path, "sha256": graph.sha256, "taps": list(taps),
+                       "classifier": list(classifier.nodes), "quantized": graph.quantized}
+        self.quantized = graph.quantized
+        bounds = [graph.input_name, *taps]
+        self.stages = nn.ModuleList(OnnxSubgraph(_segment(graph, a, b), a, b, graph.consts)
+                                    for a, b in zip(bounds, bounds[1:]))
+        self.head_pool = (OnnxSubgraph(_segment(graph, taps[-1], classifier.feature), taps[-1], classifier.feature,
+                                       graph.consts) if classifier.feature != taps[-1] else None)
+        self.classifier = nn.Linear(classifier.weight.shape[1], self.num_classes)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.from_numpy(classifier.weight))
+            self.classifier.bias.copy_(torch.from_numpy(classifier.bias))
+        self._graph_bytes = graph.model.SerializeToString()
+        self._input_name = graph.input_name
+        self._feature = classifier.feature
+
+    def pool(self, feature: torch.Tensor, stage: int) -> torch.Tensor:
+        if stage == len(self.stages) - 1:
+            return self.head_pool(feature) if self.head_pool is not None else feature
+        return feature.mean(dim=tuple(range(2, feature.dim()))) if feature.dim() > 2 else feature
+
+    def for_export(self) -> "OnnxBackbone":
+        return copy.deepcopy(self).eval()  # nothing to fold: the graph is exported as it was given
+
+    def frozen_graph(self, specs: Sequence[Any]) -> onnx.ModelProto:
+        """The user's own graph (QDQ nodes as given) from input ``x`` to the taps ``specs`` asks for
+        (``TapSpec``: stage, pooled), named as the bundle names them; intermediate pooled taps get a
+        ReduceMean over the spatial axes, the last one the graph's own pooling.
+
+        Raises:
+            ModelError: a spec reads the input image itself (stage -1), which has no QDQ graph.
+        """
+        model = onnx.load_from_string(self._graph_bytes)
+        g = model.graph
+        produced: dict[str, str] = {}  # tap name -> graph tensor
+        extra: list[onnx.NodeProto] = []
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
+        last = len(self.stages) - 1
+        for spec in specs:
+            if spec.stage < 0:
+                raise ModelError("onnx: a method reading the input image needs the backbone in torch; "
+                                 "export a partitioned method (feature-align, tinytta, lst, vqt, source)")
+            tensor = self.tap_names[spec.stage]
+            if spec.pooled and spec.stage == last:
+                tensor = self._feature
+            elif spec.pooled and self._rank(spec.stage) > 2:
+                pooled = f"{spec.name}_reduce"
+                axes = list(range(2, self._rank(spec.stage)))
+                if opset >= 18:
+                    axes_name = f"{spec.name}_axes"
+                    g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+                    extra.append(onnx.helper.make_node("ReduceMean", [tensor, axes_name], [pooled], keepdims=0,
+                                                       name=pooled))
+                else:
+                    extra.append(onnx.helper.make_node("ReduceMean", [tensor], [pooled], axes=axes, keepdims=0,
+                                                       name=pooled))
+                tensor = pooled
+            produced[spec.name] = tensor
+        g.node.extend(extra)
+        for name, tensor in produced.items():
+            g.node.append(onnx.helper.make_node("Identity", [tensor], [name], name=f"{name}_out"))
+        del g.output[:]
+        g.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in produced)
+        g.input[0].name = "x"
+        for node in g.node:
+            node.input[:] = ["x" if i == self._input_name else i for i in node.input]
+        del g.value_info[:]
+        model = onnx.utils.Extractor(model).extract_model(["x"], list(produced))
+        return _drop_identities(onnx.shape_inference.infer_shapes(model), set(produced))
+
+    def _rank(self, stage: int) -> int:
+        return len(self.stage_shapes()[stage]) + 1
+
+
+def _drop_identities(model: onnx.ModelProto, outputs: set[str]) -> onnx.ModelProto:
+    """Rename each output Identity's input tensor to the output name where that tensor has no other use."""
+    g = model.graph
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    graph_outputs = {o.name for o in g.output}
+    for node in [n for n in g.node if n.op_type == "Identity" and n.output[0] in outputs]:
+        src = node.input[0]
+        if uses.get(src, 0) != 1 or src in graph_outputs or any(src == i.name for i in g.input):
+            continue
+        g.node.remove(node)
+        for n in g.node:
+            n.output[:] = [node.output[0] if o == src else o for o in n.output]
+            n.input[:] = [node.output[0] if i == src else i for i in n.input]
+    del g.value_info[:]
+    return onnx.shape_inference.infer_shapes(model)
+
+
+# Methods that read one tap per stage need at least this many taps (the rest read the pooled feature).
+MIN_TAPS = {"tinytta": 2, "lst": 2, "vqt": 2}
+
+
+def check_taps_for_method(backbone: OnnxBackbone, method: str) -> None:
+    """Refuse a method whose per-stage attachments need more taps than ``--taps`` gave.
+
+    Raises:
+        ConfigError: naming the method, how many taps it needs and how many were given.
+    """
+    need = MIN_TAPS.get(method, 1)
+    have = len(backbone.tap_names)
+    if have < need:
+        raise ConfigError(f"onnx: method {method} attaches to every stage and needs at least {need} taps (got {have}:"
+                          f" {','.join(backbone.tap_names)}); pass --taps A,B,... with block outputs in graph order "
+                          "(`edgetune inspect MODEL.onnx` suggests them)")
+    if method in ("lst", "vqt"):
+        flat = [n for n, s in zip(backbone.tap_names, backbone.stage_shapes()) if len(s) < 3]
+        if flat:
+            raise ConfigError(f"onnx: method {method} needs feature maps (N x C x H x W) at every tap, but "
+                              f"{', '.join(flat)} is already pooled; end --taps at the last feature map")
+
+
+def load_onnx_backbone(path: str | Path, taps: Sequence[str] | None = None,
+                       classifier: str | None = None) -> OnnxBackbone:
+    """An ``OnnxBackbone`` for ``path`` cut at ``taps`` (default: the classifier's input feature).
+
+    Raises:
+        ModelError: see ``parse_onnx``.
+        ConfigError: unknown tap names, taps out of graph order or not cutting the graph, a tap that
+            is not a float tensor, or no usable classifier.
+    """
+    graph = parse_onnx(path)
+    head = find_classifier(graph, classifier)
+    taps = list(taps) if taps else [head.feature]
+    order = {o: k for k, n in enumerate(graph.nodes) for o in n.outputs}
+    unknown = [t for t in taps if t not in order]
+    if unknown:
+        raise ConfigError(f"onnx: --taps {', '.join(unknown)} not found among {graph.path}'s computed tensors; "
+                          "`edgetune inspect MODEL.onnx` lists the candidates")
+    feature_at = order.get(head.feature, len(graph.nodes))
+    late = [t for t in taps if order[t] > feature_at]
+    if late or [order[t] for t in taps] != sorted(order[t] for t in taps) or len(set(taps)) != len(taps):
+        raise ConfigError(f"onnx: --taps must be distinct tensors in graph order, before the classifier's input "
+                          f"{head.feature!r} (got {','.join(taps)}); `edgetune inspect MODEL.onnx` lists them")
+    quantised = [t for t in taps if graph.producer[t].op == "QuantizeLinear"]
+    if quantised:
+        raise ConfigError(f"onnx: taps {', '.join(quantised)} are int8 (QuantizeLinear outputs); pick the float "
+                          "DequantizeLinear output that follows each")
+    model = OnnxBackbone(graph, taps, head)
+    with torch.no_grad():
+        try:
+            feature = model.pool(model.stage_outputs(torch.zeros(1, *model.input_shape))[-1], len(taps) - 1)
+        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
+            raise ModelError(f"onnx: interpreting {graph.path} failed ({str(exc).strip().splitlines()[0][:120]}); "
+                             "check the graph with onnxruntime and re-export it") from None
+    if tuple(feature.shape) != (1, model.classifier.in_features):
+        raise ConfigError(f"onnx: the classifier's input {head.feature!r} has shape {tuple(feature.shape)}, not "
+                          f"1 x {model.classifier.in_features}; name the Gemm/MatMul on the pooled feature with "
+                          "--classifier")
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class TapCandidate:
+    """A tensor ``edgetune inspect MODEL.onnx`` offers as a tap."""
+
+    name: str
+    shape: tuple
+    op: str
+    why: str
+
+
+def tap_candidates(path: str | Path, classifier: str | None = None) -> tuple[list[TapCandidate], list[str]]:
+    """Tensors that cut the graph (nothing else is live there) and are the last at their shape, plus
+    the classifier's input feature; and a suggested ``--taps`` for per-stage methods.
+
+    Raises:
+        ModelError, ConfigError: as ``load_onnx_backbone``.
+    """
+    graph = parse_onnx(path)
+    head = find_classifier(graph, classifier)
+    feature_at = next(k for k, n in enumerate(graph.nodes) if head.feature in n.outputs)
+    last_use: dict[str, int] = {}
+    for k, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            last_use[i] = k
+    cuts: list[tuple[str, Node]] = []
+    live: set[str] = {graph.input_name}
+    for k, n in enumerate(graph.nodes[:feature_at + 1]):
+        live |= set(n.outputs)
+        live = {t for t in live if last_use.get(t, -1) > k or t == n.outputs[0]}
+        if live == {n.outputs[0]} and n.op not in ("QuantizeLinear",):
+            cuts.append((n.outputs[0], n))
+    found: list[TapCandidate] = []
+    for (name, node), nxt in zip(cuts, [*cuts[1:], (None, None)]):
+        shape = graph.shapes.get(name)
+        if name == head.feature or shape is None or len(shape) < 3:
+            continue
+        next_shape = graph.shapes.get(nxt[0]) if nxt[0] else None
+        if node.op in ("Add", "Concat", "Sum"):
+            found.append(TapCandidate(name, tuple(shape), node.op, "block output (branches merge)"))
+        elif next_shape is None or tuple(next_shape[2:]) != tuple(shape[2:]) or len(next_shape) < 3:
+            found.append(TapCandidate(name, tuple(shape), node.op, "last cut before the resolution changes"))
+    # Per-stage methods: at each resolution the last block output (narrower than the expansions inside a
+    # block), at the last resolution the pooling's own input.
+    last_at: dict[tuple, str] = {}
+    for c in found:
+        if c.op in ("Add", "Concat", "Sum") or tuple(c.shape[2:]) not in last_at:
+            last_at[tuple(c.shape[2:])] = c.name
+    if found:
+        last_at[tuple(found[-1].shape[2:])] = found[-1].name
+    per_stage = list(last_at.values()) or [head.feature]
+    found.append(TapCandidate(head.feature, tuple(graph.shapes.get(head.feature) or ()),
+                              graph.producer[head.feature].op if head.feature in graph.producer else "input",
+                              f"pooled feature (input of classifier {head.nodes[0]}): the default --taps"))
+    return found, per_stage
