@@ -102,7 +102,8 @@ def analytic_budget(target: Target, categories: Mapping[str, int]) -> MemoryBudg
     return MemoryBudget(target.name, tuple(rows), target.flash_bytes, target.ram_bytes)
 
 
-def check_budget(budget: MemoryBudget, quantized: bool = True, method: str = "", model: str = "") -> None:
+def check_budget(budget: MemoryBudget, quantized: bool = True, method: str = "", model: str = "",
+                 estimated: bool = False) -> None:
     """Refuse a firmware that does not fit, before anything is built.
 
     Raises:
@@ -123,8 +124,78 @@ def check_budget(budget: MemoryBudget, quantized: bool = True, method: str = "",
               and (t.flash_bytes or 0) >= budget.flash and t.name != budget.target]
     if bigger:
         tries.append(f"a target with more memory ({', '.join(bigger)})")
+    how = ", estimated from the ONNX graphs before compiling" if estimated else ""
     raise BudgetError(f"budget: {method + ' on ' + model + ' ' if method else ''}does not fit {budget.target} "
-                      f"({'; '.join(problems)}); try {', or '.join(tries)}\n{budget.table()}")
+                      f"({'; '.join(problems)}{how}); try {', or '.join(tries)}\n{budget.table()}")
 
 
-__all__ = ["MemoryBudget", "MemoryRow", "analytic_budget", "check_budget", "firmware_budget"]
+def preflight_budget(model, target: str | Target, method: str | None = None, overrides: dict[str, str] | None = None,
+                     quantize: bool = True, model_name: str = "") -> MemoryBudget | None:
+    """Refuse, in seconds and before any fit or compile, a model whose firmware cannot fit a
+    microcontroller target. ``model`` is an ``Adaptable`` (``method`` None), or a backbone that
+    is prepared here for ``method`` (with config ``overrides``, as ``--set`` strings). Both graphs
+    are exported in float to a temporary folder and estimated from their shapes
+    (``edgetune.deploy.estimate``: no TVM, nothing fitted). Returns the estimated table, or None
+    for a target without a memory budget and for a method that cannot be exported (``export``
+    refuses those itself).
+
+    Raises:
+        BudgetError: the estimate is over the target's flash or SRAM (the message carries the table).
+        ConfigError: unknown target or method, or a bad override.
+        ExportError: a graph cannot be exported to ONNX.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import torch
+
+    from edgetune.adapt import Adaptable, prepare
+    from edgetune.deploy.estimate import MethodState, estimate_budget
+    from edgetune.export.onnx_graphs import export_frozen, export_trainable
+    from edgetune.memory import saved_for_backward
+    from edgetune.targets import get_target
+
+    t = target if isinstance(target, Target) else get_target(target)
+    if t.kind != "mcu":
+        return None
+    if isinstance(model, Adaptable):
+        adaptable = model
+    else:
+        if method is None:
+            raise ValueError("preflight_budget: give the method to prepare the backbone for")
+        adaptable = prepare(model, method, overrides, model_name=model_name)
+    m, backbone = adaptable.method, adaptable.backbone
+    if not m.partitioned:
+        return None
+    with tempfile.TemporaryDirectory(prefix="edgetune-budget-") as tmp:
+        if getattr(backbone, "quantized", False):  # an already-quantised ONNX model: its own QDQ graph is frozen.onnx
+            frozen = backbone.frozen_graph(m.taps())
+        else:
+            export_frozen(backbone, m.taps(), Path(tmp) / "frozen.onnx")
+            frozen = onnx.load(str(Path(tmp) / "frozen.onnx"))
+        with torch.no_grad():
+            taps = list(adaptable.frozen(torch.zeros(1, *backbone.input_shape)))
+        _, _, parameters = export_trainable(m, taps, Path(tmp) / "trainable.onnx")
+        trainable = onnx.load(str(Path(tmp) / "trainable.onnx"))
+    config = m.config
+    params = sum(_elems(p.shape) for p in parameters if p.trainable)
+    learns = config.lr > 0 and params > 0
+    state = MethodState(
+        params=params, optimizer=params if config.momentum > 0 else 0,
+        states=tuple(m.get_buffer(n).numel() for n in m.state_names()), classes=m.num_classes,
+        input_elems=_elems(backbone.input_shape), learns=learns,
+        backward=saved_for_backward(adaptable) + 4 * params if learns else 0)
+    budget = estimate_budget(t, frozen, trainable, state, quantize)
+    check_budget(budget, quantize, m.name, adaptable.model_name, estimated=True)
+    return budget
+
+
+def _elems(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+__all__ = ["MemoryBudget", "MemoryRow", "analytic_budget", "check_budget", "firmware_budget", "preflight_budget"]

@@ -1,0 +1,371 @@
+"""A firmware's flash and SRAM from the ONNX graphs alone, before any TVM work (onnx + numpy only).
+
+``write_target_project`` compiles a bundle for minutes before the generated model's exact
+figures exist; a model that cannot fit should be refused in seconds. This estimate reads only
+the graphs' shapes and constants and mirrors what the compiler will make of them:
+
+* flash: per quantised Conv/Gemm/MatMul its int8 weight, an int32 bias (always: it carries the
+  input zero-point correction) and a float32 requantisation scale per output channel; a
+  256-entry dequantisation table per pooled tap; every other initialiser (float islands, the
+  method's parameters and constants) in float32; the initial values of the RAM tensors; each
+  constant 64-byte aligned, as the emitter lays them out. Code: a base plus a cost per kernel,
+  both measured on linked Cortex-M firmware (``benchmarks/budget_estimate.py``).
+* SRAM: the activation arena from a static liveness plan over the ONNX shapes, allocated the
+  way TVM's ``StaticPlanBlockMemory`` shares storage (one pool per dtype, a freed block is reused
+  by a request within a factor 16 of its size, growing it when smaller), int8 for quantised
+  tensors and float32 otherwise. A tensor lives from its producer to its last consumer; views
+  (Reshape/Flatten/Squeeze/Unsqueeze/Identity) and dequantised activations alias their input;
+  an op whose only consumers quantise its output is fused into that kernel. The method step's
+  arena adds, when it learns, what one backward keeps (saved tensors + gradients, from the
+  manifest's memory table). Then the rows every firmware has: taps, parameters, optimizer
+  state, running statistics, I/O, the runtime's work area, static data, stack and heap.
+
+The result is the same ``MemoryBudget`` table ``firmware_budget`` gives after compiling, so a
+refusal reads the same before and after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgetune.deploy.budget import STATIC_DATA_BYTES, MemoryBudget, MemoryRow
+from edgetune.targets import Target
+
+ALIGN = 64  # the emitter's and the planner's alignment of every constant and arena block
+MATCH_RANGE = 16  # StaticPlanBlockMemory reuses a free block within this size factor
+VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+# Activations the int8 quantiser fuses into the kernel before them (one requantised output).
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu"})
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+DEQUANT_TABLE_BYTES = 256 * 4  # boundary mean of a pooled tap: one float per int8 value
+STRUCTURAL_OPS = frozenset({"Constant", "QuantizeLinear", "DequantizeLinear", *VIEW_OPS})
+# Code, measured on linked cortex-m4 / cortex-m7 firmware (arm-none-eabi-gcc -O2, newlib + rdimon):
+# runtime + app + board + libc, and per kernel of the frozen graph / per node of the method graph
+# (a learning method also links its backward kernels). Fitted as an upper envelope.
+CODE_BASE_BYTES = 60 * 1024
+CODE_PER_FROZEN_KERNEL_BYTES = 2600
+CODE_PER_METHOD_NODE_BYTES = 500
+
+
+@dataclass(frozen=True)
+class GraphEstimate:
+    """What one graph takes: flash constants, its arena (planned and the ideal peak), kernel
+    workspace, kernels, and its float32 outputs (taps of the frozen graph)."""
+
+    constants: int
+    arena: int
+    peak: int
+    workspace: int
+    kernels: int
+    outputs: int
+
+
+def _align(n: int) -> int:
+    return (max(1, n) + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _elem_bytes(elem_type: int) -> int:
+    return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (static shape, element bytes) of every tensor shape inference resolves."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    g = inferred.graph
+    for v in [*g.input, *g.value_info, *g.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape") and t.elem_type:
+            out[v.name] = (tuple(max(1, d.dim_value) for d in t.shape.dim), _elem_bytes(t.elem_type))
+    for init in g.initializer:
+        out[init.name] = (tuple(init.dims), _elem_bytes(init.data_type))
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def plan_arena(tensors: list[tuple[int, str, int, int]]) -> tuple[int, int]:
+    """(planned arena, ideal peak) for tensors ``(bytes, pool, birth, death)`` (node indices, inclusive).
+
+    The planned figure follows TVM's ``StaticPlanBlockMemory``: tensors are allocated in birth
+    order; a tensor's block is released after its last consumer ran (so a kernel's inputs and
+    output never share memory); a request takes the smallest free block of its pool at least as
+    large (within ``MATCH_RANGE``), else the largest smaller one within range, grown to fit; else
+    a new block. The arena is the sum of the aligned blocks. The peak is the largest sum of live
+    tensors at one node: no planner can do better.
+    """
+    if not tensors:
+        return 0, 0
+    order = sorted(range(len(tensors)), key=lambda i: (tensors[i][2], i))
+    blocks: list[int] = []  # block sizes
+    free: dict[str, list[int]] = {}  # pool -> free block ids
+    release: dict[int, list[tuple[str, int]]] = {}  # node index after which blocks are freed
+    for i in order:
+        size, pool, birth, death = tensors[i]
+        for t in sorted(k for k in release if k < birth):
+            for p, b in release.pop(t):
+                free.setdefault(p, []).append(b)
+        candidates = free.get(pool, [])
+        bigger = [b for b in candidates if size <= blocks[b] <= size * MATCH_RANGE]
+        smaller = [b for b in candidates if size // MATCH_RANGE <= blocks[b] < size]
+        if bigger:
+            block = min(bigger, key=lambda b: (blocks[b], b))
+        elif smaller:
+            block = max(smaller, key=lambda b: (blocks[b], -b))
+            blocks[block] = size
+        else:
+            blocks.append(size)
+            block = len(blocks) - 1
+        if block in candidates:
+            candidates.remove(block)
+        release.setdefault(death, []).append((pool, block))
+    arena = sum(_align(b) for b in blocks)
+    last = max(t[3] for t in tensors)
+    first = min(t[2] for t in tensors)
+    peak = max(sum(_align(t[0]) for t in tensors if t[2] <= k <= t[3]) for k in range(first, last + 1))
+    return arena, peak
+
+
+class _Walk:
+    """One pass over a graph in node order: which tensors are materialised, and how long they live."""
+
+    def __init__(self, model: onnx.ModelProto, quantize: bool) -> None:
+        self.graph = model.graph
+        self.types = _value_types(model)
+        self.inits = {i.name: i for i in self.graph.initializer}
+        for node in self.graph.node:  # Constant nodes are initialisers too
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+                self.inits[node.output[0]] = node.attribute[0].t
+        self.const = set(self.inits)  # + values computed from constants alone (folded by the compiler)
+        for node in self.graph.node:
+            if node.input and all(not n or n in self.const for n in node.input):
+                self.const.update(node.output)
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in self.graph.output}
+        self.qdq = any(n.op_type == "QuantizeLinear" for n in self.graph.node)
+        self.quantize = quantize
+
+    def nbytes(self, name: str, elem: int | None = None) -> int:
+        shape, size = self.types.get(name, ((1,), 4))
+        return _numel(shape) * (size if elem is None else elem)
+
+    def fused(self, name: str) -> bool:
+        """Not materialised: every consumer finishes this value inside its own kernel."""
+        if name in self.outputs or name not in self.consumers:
+            return False
+        uses = self.consumers[name]
+        if self.qdq:
+            return all(u.op_type == "QuantizeLinear" for u in uses)
+        return len(uses) == 1 and uses[0].op_type in FUSED_ACTIVATIONS
+
+    def activation_bytes(self, name: str) -> int:
+        if self.qdq:
+            return self.nbytes(name)  # QuantizeLinear outputs are int8 already; float islands float32
+        return self.nbytes(name, 1 if self.quantize else 4)
+
+
+def _constant_bytes(walk: _Walk, node: onnx.NodeProto, counted: set[str]) -> int:
+    """Flash bytes of the constants ``node`` brings in (each initialiser counted once)."""
+    if node.op_type == "DequantizeLinear":
+        name = node.input[0]
+        if name in walk.inits and name not in counted and walk.inits[name].data_type != onnx.TensorProto.INT32:
+            counted.add(name)  # a pre-quantised weight, stored as it is (int32 biases: see below)
+            return _align(walk.nbytes(name))
+        return 0
+    if node.op_type == "QuantizeLinear":
+        return 0
+    total = 0
+    weights = (node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in walk.const
+               and (walk.qdq or walk.quantize))
+    if weights:  # an int32 bias (it carries the input zero-point correction) + a requantisation scale per channel
+        w = walk.types.get(node.input[1], ((1,), 4))[0]
+        channels = w[-1] if node.op_type == "MatMul" else w[0]
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
+            channels = w[-1]
+        total += 2 * _align(4 * channels)
+    for k, name in enumerate(node.input):
+        if name not in walk.inits or name in counted:
+            continue
+        counted.add(name)
+        if weights and k == 1:
+            total += _align(walk.nbytes(name, 1))
+        elif weights and k == 2:
+            continue  # replaced by the int32 bias above
+        elif _numel(walk.types.get(name, ((1,), 4))[0]) > 1:  # scalars become kernel immediates
+            total += _align(walk.nbytes(name, 4))
+    return total
+
+
+def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_inputs: bool = True) -> GraphEstimate:
+    """The memory one graph takes once compiled.
+
+    ``quantize``: a float graph (no QDQ nodes) is estimated as the int8 graph the quantiser will
+    make of it (int8 weights and activations); a QDQ graph is read as it is. The graph's inputs
+    and outputs are the caller's buffers (not in the arena) when ``external_inputs``.
+    """
+    walk = _Walk(model, quantize)
+    nodes = list(walk.graph.node)
+    born: dict[str, int] = {}
+    died: dict[str, int] = {}
+    size: dict[str, tuple[int, str]] = {}
+    reads: dict[str, set[str]] = {}  # value -> the materialised tensors it is computed from
+    counted: set[str] = set()
+    constants = tables = kernels = 0
+    workspace = 0
+    int8_input = walk.quantize and not walk.qdq
+    for inp in walk.graph.input:
+        if inp.name in walk.inits:
+            continue
+        if int8_input:  # the quantise kernel's int8 copy of the float input
+            size[inp.name] = (walk.nbytes(inp.name, 1), "int8")
+            born[inp.name], died[inp.name] = -1, -1
+            kernels += 1
+        elif not external_inputs:
+            size[inp.name] = (walk.nbytes(inp.name), "float32")
+            born[inp.name], died[inp.name] = -1, -1
+        reads[inp.name] = {inp.name} if inp.name in size else set()
+    for k, node in enumerate(nodes):
+        if node.op_type == "Constant":
+            continue
+        constants += _constant_bytes(walk, node, counted)
+        ins: set[str] = set()
+        for name in node.input:
+            ins |= reads.get(name, set())
+        for name in ins:
+            died[name] = max(died.get(name, k), k)
+        out = node.output[0]
+        if out in walk.const:
+            continue
+        if node.op_type in VIEW_OPS or (node.op_type == "DequantizeLinear"):
+            reads[out] = ins
+            continue
+        if node.op_type == "ReduceMean" and out in walk.outputs:
+            tables += DEQUANT_TABLE_BYTES if (walk.qdq or walk.quantize) else 0
+        workspace = max(workspace, _conv_band(walk, node))
+        if walk.fused(out):
+            reads[out] = ins
+            continue
+        kernels += 1
+        if out in walk.outputs and external_inputs:
+            reads[out] = ins  # the int8 rewrite emits the float boundary last: its inputs live to the end
+            continue
+        for o in node.output:
+            if not o:
+                continue
+            elem = walk.activation_bytes(o)
+            pool = "int8" if elem == _numel(walk.types.get(o, ((1,), 4))[0]) else "float32"
+            size[o] = (elem, pool)
+            born[o], died[o] = k, k
+            reads[o] = {o}
+    for o in walk.outputs:  # what an output is computed from lives to the end
+        for name in reads.get(o, set()):
+            died[name] = len(nodes)
+    planned, peak = plan_arena([(size[n][0], size[n][1], born[n], died[n]) for n in size])
+    outputs = sum(_align(walk.nbytes(o.name, 4)) for o in walk.graph.output)
+    return GraphEstimate(constants + tables, planned, peak, workspace, kernels, outputs)
+
+
+def _conv_band(walk: _Walk, node: onnx.NodeProto) -> int:
+    """The kernel's padded input band (``compilers/schedule.py``: kh input rows of every input
+    channel, the padded row rounded up to the vector lanes), int8 when quantised."""
+    if node.op_type != "Conv":
+        return 0
+    x = walk.types.get(node.input[0], ((1,), 4))[0]
+    w = walk.types.get(node.input[1], ((1,), 4))[0]
+    if len(x) != 4 or len(w) != 4:
+        return 0
+    attrs = {a.name: a for a in node.attribute}
+    pads = list(attrs["pads"].ints) if "pads" in attrs else [0, 0, 0, 0]
+    group = attrs["group"].i if "group" in attrs else 1
+    channels = 1 if group == x[1] and w[1] == 1 else x[1]
+    row = (x[3] + pads[1] + pads[3] + 3) // 4 * 4
+    elem = 1 if (walk.qdq or walk.quantize) else 4
+    return _align(channels * w[2] * row * elem)
+
+
+@dataclass(frozen=True)
+class MethodState:
+    """The method's RAM tensors and step, as the manifest (or the torch method) describes them."""
+
+    params: int  # trainable parameters (float32 elements)
+    optimizer: int  # optimizer state elements
+    states: tuple[int, ...]  # elements of each running-statistics tensor
+    classes: int
+    input_elems: int
+    learns: bool  # a training step runs on the device
+    backward: int  # bytes one backward keeps: saved tensors + gradients (edgetune.memory)
+
+    @property
+    def state_bytes(self) -> int:
+        """The statistics as the emitter lays them out (each 64-byte aligned): their initial values
+        in flash, their updated values in the step's scratch."""
+        return sum(_align(4 * n) for n in self.states)
+
+
+def estimate_budget(target: Target, frozen: onnx.ModelProto, trainable: onnx.ModelProto, state: MethodState,
+                    quantize: bool = True) -> MemoryBudget:
+    """The firmware's memory table from the two graphs and the method's state (no TVM).
+
+    ``frozen`` may be the bundle's int8 QDQ graph or the float graph ``quantize`` will turn into one.
+    """
+    f = estimate_graph(frozen, quantize)
+    t = estimate_graph(trainable, quantize=False)
+    kernels = f.kernels + t.kernels * (2 if state.learns else 1)
+    method_nodes = sum(1 for n in trainable.graph.node if n.op_type not in STRUCTURAL_OPS)
+    code = (CODE_BASE_BYTES + CODE_PER_FROZEN_KERNEL_BYTES * f.kernels
+            + CODE_PER_METHOD_NODE_BYTES * method_nodes * (2 if state.learns else 1))
+    # parameters and optimizer state are updated in place; the new statistics go to scratch first
+    step = t.arena + state.state_bytes + (state.backward if state.learns else 0)
+    param_bytes = 4 * state.params if state.learns else 0
+    board = target.board
+    rows = [
+        MemoryRow("frozen weights, constants, initial values", f.constants + t.constants + state.state_bytes, 0),
+        MemoryRow(f"code (estimate: runtime + libc + {kernels} kernels)", code, 0),
+        MemoryRow("activation arena (frozen + method step)", 0, max(f.arena, step)),
+        MemoryRow("kernel workspace", 0, max(f.workspace, t.workspace)),
+        MemoryRow("taps", 0, f.outputs),
+        MemoryRow("trainable parameters", 0, param_bytes),
+        MemoryRow("optimizer state", 0, 4 * state.optimizer if state.learns else 0),
+        MemoryRow("running statistics", 0, 4 * sum(state.states)),
+        MemoryRow("input sample, logits, target", 0, 4 * (state.input_elems + 2 * state.classes + 2)),
+        MemoryRow("runtime: guard histogram + weight snapshot", 0, 4 * state.classes + param_bytes),
+        MemoryRow("static data (libc, runtime, app)", 0, STATIC_DATA_BYTES),
+    ]
+    if board is not None:
+        rows += [MemoryRow("stack (reserved)", 0, board.stack_bytes),
+                 MemoryRow("heap (reserved, libc stdio)", 0, board.heap_bytes)]
+    return MemoryBudget(target.name, tuple(rows), target.flash_bytes, target.ram_bytes)
+
+
+def estimate_bundle(bundle_dir: str | Path, target: Target, inference_only: bool = False) -> MemoryBudget:
+    """``estimate_budget`` of an exported bundle (its manifest, frozen.onnx and trainable.onnx).
+
+    Raises:
+        CheckpointError: the bundle is missing or corrupt.
+    """
+    from edgetune.export import load_manifest
+
+    bundle = Path(bundle_dir)
+    manifest = load_manifest(bundle)
+    tr = manifest.trainable
+    learns = not inference_only and tr.optimizer.lr > 0 and bool(tr.trainable_parameters())
+    memory = manifest.memory
+    state = MethodState(
+        params=sum(_numel(tuple(p.shape)) for p in tr.trainable_parameters()),
+        optimizer=sum(_numel(tuple(s.shape)) for s in tr.optimizer.states),
+        states=tuple(_numel(tuple(i.shape)) for i in tr.inputs if i.role == "state"),
+        classes=manifest.num_classes, input_elems=_numel(tuple(manifest.input.shape)), learns=learns,
+        backward=int(memory.get("saved_for_backward", 0)) + int(memory.get("gradients", 0)))
+    return estimate_budget(target, onnx.load(str(bundle / manifest.frozen.file)),
+                           onnx.load(str(bundle / tr.file)), state, manifest.frozen.quantized)
+
+
+__all__ = ["GraphEstimate", "MethodState", "estimate_budget", "estimate_bundle", "estimate_graph", "plan_arena"]
