@@ -147,3 +147,24 @@ def elementwise(fn, params: te.Tensor, *tensors: te.Tensor) -> te.Tensor:
     """``fn(p, *values)`` applied elementwise over same-shaped tensors; ``p`` lists ``params``' values."""
     p = [params[i] for i in range(int(params.shape[0]))]
     return te.compute(tensors[0].shape, lambda *idx: fn(p, *(t[idx] for t in tensors)), name="out")
+
+
+def qmax_pool(x: te.Tensor, *, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
+              dilation: tuple[int, int], out_hw: tuple[int, int]) -> te.Tensor:
+    """MaxPool of int8 NCHW values (exact: the max of dequantized values is the dequantized max).
+
+    Windows are clipped to the image (padding never wins, as MaxPool pads with -inf); ``out_hw``
+    comes from the imported op, so ``ceil_mode`` windows that run past the edge are clipped too.
+    """
+    n, c, h, w = (int(d) for d in x.shape)
+    (kh, kw), (sh, sw), (dh, dw), (top, left, _, _) = kernel, strides, dilation, pads
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    lowest = tirx.const(-128, x.dtype)
+
+    def window_max(nn, cc, i, j):
+        yy, xx = i * sh - top + ry * dh, j * sw - left + rx * dw
+        inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
+        value = x[nn, cc, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+        return te.max(tirx.if_then_else(inside, value, lowest), axis=[ry, rx])
+
+    return te.compute((n, c, *out_hw), window_max, name="out")

@@ -9,12 +9,15 @@ constants.
 
 The walk is lazy: ``dequantize`` and float ops are only recorded; a ``quantize`` decides how
 the float expression it closes is computed in integers, and a graph output decides what
-crosses the float boundary (a ``dequantize``, a view of one, or a spatial mean of one). A
-float op that is neither closed by a ``quantize`` nor part of the boundary is an error,
-never a silent float kernel.
+crosses the float boundary (a ``dequantize``, a view of one, or a spatial mean of one). Which
+Relax op gets which int8 rule comes from the op table (``edgetune.export.ops.relax_rules``).
 
-Problems are reported with ONNX node names by ``int8_check.check_int8`` before this pass
-runs; an error raised here means the two disagree (a compiler bug), and says so.
+A float expression with no int8 rule, or whose rule's preconditions fail, becomes a *float
+island*: its int8 inputs are dequantized (DequantizeLinear's arithmetic), the imported float
+ops run as TVM lowers them, and the ``quantize`` that closes it is a QuantizeLinear kernel —
+what onnxruntime computes for ops it leaves in float. ``float_islands`` (op table) lists them
+with ONNX node names; quantisation the kernels cannot represent is reported by
+``int8_check.check_int8`` before this pass runs.
 """
 from __future__ import annotations
 
@@ -30,10 +33,12 @@ from edgetune.compilers import int8_math as im
 from edgetune.compilers.boundary import dequant_table, spatial_mean
 from edgetune.compilers.schedule import conv_family
 from edgetune.errors import CompileError
+from edgetune.export.ops import relax_rules
 
 R = relax.op
 F32 = np.float32
-VIEW_OPS = ("relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims", "relax.flatten")
+RELAX_RULES = relax_rules()  # Relax op -> int8 rule name (the op table's single dispatch)
+VIEW_OPS = tuple(op for op, rule in RELAX_RULES.items() if rule == "view")
 KERNEL_ATTR = "edgetune.kernel"  # PrimFunc attribute: which int8 kernel family (read by schedule)
 
 
@@ -82,6 +87,14 @@ class _Tuple:
     items: tuple
 
 
+@dataclass(frozen=True, eq=False)
+class _Item:
+    """Element ``index`` of a tuple-valued float op (batch_norm's result, split)."""
+
+    base: object
+    index: int
+
+
 class _Unsupported(Exception):
     pass
 
@@ -105,11 +118,18 @@ def _shape(expr: relax.Expr) -> list[int]:
 
 
 class _Lowering:
-    def __init__(self, func: relax.Function, fixed_point: bool) -> None:
-        self.func = func
+    def __init__(self, mod: tvm.IRModule, fixed_point: bool) -> None:
+        self.mod = mod
+        self.func = mod["main"]
         self.fixed_point = fixed_point
         self.bb = relax.BlockBuilder()
         self.env: dict[relax.Var, object] = {}
+        self.floats: dict[int, relax.Expr] = {}  # id(value) -> its float tensor in the new function
+        self.islands: list[str] = []  # Relax ops computed in float (for the compile record)
+        self.rules = {"conv": lambda c, s, z: self.conv(c, None, s, z), "matmul": lambda c, s, z: self.matmul(
+            c, None, s, z), "add": self.lower_add, "concat": self.concat, "avg_pool": self.avg_pool,
+            "global_pool": self.global_pool, "mean": self.global_pool, "max_pool": self.max_pool,
+            "clip": self.clip, "view": self.view}
 
     def emit_kernel(self, family: str, te_func, *args, **kwargs) -> relax.Var:
         """Emit one int8 kernel (a TE unit) and tag its PrimFunc with its family for the scheduler."""
@@ -172,6 +192,9 @@ class _Lowering:
                 self.env[var] = _Float(value)
         elif isinstance(value, (relax.Var, relax.Tuple)):
             self.env[var] = self.value(value)
+        elif isinstance(value, relax.TupleGetItem):
+            base = self.value(value.tuple_value)
+            self.env[var] = base.items[int(value.index)] if isinstance(base, _Tuple) else _Item(base, int(value.index))
         else:
             raise _Unsupported(f"binding of {type(value).__name__}")
 
@@ -203,22 +226,77 @@ class _Lowering:
                                     self.params(sy), v.var)
         if isinstance(v, _DQ):
             return self.rescale(v, sy, zy)
+        const = _const_np(v) if isinstance(v, relax.Expr) else None
+        if const is not None:  # QuantizeLinear of a float constant, done once here (IEEE division, as MLAS)
+            return relax.const(np.clip(np.rint(const.astype(F32) / sy) + zy, im.QMIN, im.QMAX).astype(np.int8))
         if not isinstance(v, _Float):
-            raise _Unsupported(f"quantize of {type(v).__name__}")
+            return self.island(v, sy, zy)
         call = v.call
-        name = call.op.name
-        rules = {"relax.add": self.lower_add, "relax.nn.conv2d": lambda c, s, z: self.conv(c, None, s, z),
-                 "relax.matmul": lambda c, s, z: self.matmul(c, None, s, z), "relax.mean": self.global_pool,
-                 "relax.nn.avg_pool2d": self.avg_pool, "relax.concat": self.concat,
-                 "relax.nn.relu": self.clip, "relax.clip": self.clip, "relax.maximum": self.clip,
-                 "relax.minimum": self.clip, "relax.call_tir": self.clip}
-        if name in rules:
-            return rules[name](call, sy, zy)
-        if name in VIEW_OPS:
-            x = self.activation(call.args[0], name)
-            moved = self.bb.emit(relax.Call(call.op, [x.q, *call.args[1:]], call.attrs))
-            return self.rescale(_DQ(moved, x.scale, x.zp), sy, zy)
-        raise _Unsupported(f"no int8 lowering for {name}")
+        rule = RELAX_RULES.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
+        if rule is not None:
+            try:
+                return self.rules[rule](call, sy, zy)
+            except _Unsupported:
+                pass  # the rule's preconditions do not hold here: the expression runs in float
+        return self.island(v, sy, zy)
+
+    def view(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """Data movement commutes with the (monotonic, elementwise) requantisation: move int8, rescale."""
+        x = self.activation(call.args[0], call.op.name)
+        moved = self.bb.emit(relax.Call(call.op, [x.q, *call.args[1:]], call.attrs))
+        return self.rescale(_DQ(moved, x.scale, x.zp), sy, zy)
+
+    # --- float islands ------------------------------------------------------------------
+    def island(self, v: object, sy: F32, zy: int) -> relax.Expr:
+        """``quantize(f)`` of a float expression with no int8 rule: f in float, then QuantizeLinear."""
+        f = self.floating(v)
+        fn = partial(kernels.elementwise, lambda p, x: im.quantize(x, p[0], zy))
+        return self.emit_kernel("quantize", fn, self.params(sy), f)
+
+    def floating(self, v: object) -> relax.Expr:
+        """The float32 tensor of a value, as onnxruntime's float ops see it (emitted once)."""
+        if isinstance(v, _Input):
+            return v.var
+        if isinstance(v, relax.Expr):  # a constant or shape argument of the imported graph
+            return v
+        if isinstance(v, _Tuple):
+            return relax.Tuple([self.floating(item) for item in v.items])
+        if isinstance(v, _Q):
+            raise _Unsupported("an int8 tensor is used by a float op without a DequantizeLinear")
+        key = id(v)
+        if key in self.floats:
+            return self.floats[key]
+        if isinstance(v, _DQ):
+            fn = partial(kernels.elementwise, lambda p, q: im.dequantize(q, p[0], v.zp))
+            out = self.emit_kernel("dequantize", fn, self.params(v.scale), v.q)
+        elif isinstance(v, _QConst):
+            shape = [1] * v.data.ndim
+            if v.scale.size > 1:
+                shape[v.axis % v.data.ndim] = -1
+            value = (v.data.astype(np.int32) - v.zp.reshape(shape).astype(np.int32)).astype(F32) * \
+                v.scale.reshape(shape)
+            out = relax.const(value.astype(F32))
+        elif isinstance(v, _Item):
+            out = self.bb.emit(relax.TupleGetItem(self.floating(v.base), v.index))
+        elif isinstance(v, _Float):
+            out = self.bb.emit(self.float_call(v.call))
+            self.islands.append(v.call.op.name if isinstance(v.call.op, tvm.ir.Op) else str(v.call.op))
+        else:
+            raise _Unsupported(f"float value of {type(v).__name__}")
+        self.floats[key] = out
+        return out
+
+    def float_arg(self, arg: relax.Expr) -> relax.Expr:
+        if isinstance(arg, relax.Var):
+            return self.floating(self.value(arg))
+        if isinstance(arg, relax.Tuple):
+            return relax.Tuple([self.float_arg(f) for f in arg.fields])
+        if isinstance(arg, tvm.ir.GlobalVar):  # a call_tir kernel of the imported module (e.g. topi's pad)
+            return self.bb.add_func(self.mod[arg], arg.name_hint)
+        return arg
+
+    def float_call(self, call: relax.Call) -> relax.Call:
+        return relax.Call(call.op, [self.float_arg(a) for a in call.args], call.attrs, call.ty_args)
 
     def rescale(self, x: _DQ, sy: F32, zy: int) -> relax.Expr:
         if F32(x.scale) == F32(sy) and x.zp == zy:
@@ -269,26 +347,38 @@ class _Lowering:
         return total.astype(np.int32)
 
     def conv(self, call: relax.Call, bias: _QConst | None, sy: F32, zy: int) -> relax.Expr:
+        """QLinearConv; a 1-D conv (N x C x T) runs as a 2-D one with H = 1."""
         x = self.activation(call.args[0], "conv input")
         w = self.weight(call.args[1])
         a = call.attrs
-        if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
-            raise _Unsupported("conv layout other than NCHW/OIHW")
-        if w.data.ndim != 4:
-            raise _Unsupported("conv that is not 2-D")
+        one_d = call.op.name == "relax.nn.conv1d"
+        layouts = ("NCW", "OIW", "NCW") if one_d else ("NCHW", "OIHW", "NCHW")
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != layouts:
+            raise _Unsupported(f"conv layout other than {'/'.join(layouts[:2])}")
+        if w.data.ndim != (3 if one_d else 4):
+            raise _Unsupported("conv weight of unexpected rank")
         o = w.data.shape[0]
-        pad = [int(p) for p in a.padding]  # top, left, bottom, right
-        b = self.bias_int32(bias, o, x.zp * w.data.astype(np.int64).sum(axis=(1, 2, 3)))
+        if one_d:  # [l, r] -> top 0, left l, bottom 0, right r; H = 1 everywhere
+            left, right = (int(p) for p in a.padding)
+            pad, strides, dilation = [0, left, 0, right], (1, int(a.strides[0])), (1, int(a.dilation[0]))
+            n, c, t = _shape(x.q)
+            xq = self.bb.emit(R.reshape(x.q, (n, c, 1, t)))
+            wdata = w.data[:, :, None, :]
+            out_hw = [1, _shape(call)[2]]
+        else:
+            pad = [int(p) for p in a.padding]  # top, left, bottom, right
+            strides, dilation = tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation)
+            xq, wdata, out_hw = x.q, w.data, _shape(call)[2:]
+        b = self.bias_int32(bias, o, x.zp * wdata.astype(np.int64).sum(axis=(1, 2, 3)))
         scale = im.requant_scale(x.scale, np.broadcast_to(w.scale, (o,)), sy)
         groups = int(a.groups)
-        out_hw = _shape(call)[2:]
-        pointwise = w.data.shape[2:] == (1, 1) and not any(pad) and all(int(s) == 1 for s in a.strides)
-        family = conv_family(o, groups, w.data.shape[1], out_hw[0] * out_hw[1] if pointwise else out_hw[1])
-        weight = np.ascontiguousarray(w.data.transpose(1, 2, 3, 0)) if family == "qconv2d_oc" else w.data
-        return self.emit_kernel(family, kernels.qconv2d, x.q, relax.const(weight), relax.const(b),
-                                *self.requant_consts(scale), strides=tuple(int(s) for s in a.strides),
-                                pads=tuple(pad), dilation=tuple(int(d) for d in a.dilation), groups=groups,
-                                zx=x.zp, zy=zy, channels_last_weight=family == "qconv2d_oc")
+        pointwise = wdata.shape[2:] == (1, 1) and not any(pad) and all(s == 1 for s in strides)
+        family = conv_family(o, groups, wdata.shape[1], out_hw[0] * out_hw[1] if pointwise else out_hw[1])
+        weight = np.ascontiguousarray(wdata.transpose(1, 2, 3, 0)) if family == "qconv2d_oc" else wdata
+        y = self.emit_kernel(family, kernels.qconv2d, xq, relax.const(weight), relax.const(b),
+                             *self.requant_consts(scale), strides=strides, pads=tuple(pad), dilation=dilation,
+                             groups=groups, zx=x.zp, zy=zy, channels_last_weight=family == "qconv2d_oc")
+        return self.bb.emit(R.reshape(y, _shape(call))) if one_d else y
 
     def matmul(self, call: relax.Call, bias: _QConst | None, sy: F32, zy: int) -> relax.Expr:
         a = self.activation(call.args[0], "matmul input")
@@ -344,6 +434,30 @@ class _Lowering:
                                 self.params(sy), kernel=tuple(int(k) for k in a.pool_size),
                                 strides=tuple(int(s) for s in a.strides), pads=tuple(int(p) for p in a.padding),
                                 out_hw=out_hw, count_include_pad=bool(a.count_include_pad), zy=zy)
+
+    def max_pool(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """MaxPool on int8 (dequantization is monotonic, so the max commutes with it), then rescale;
+        a 1-D pool runs as a 2-D one with H = 1."""
+        x = self.activation(call.args[0], "pool input")
+        a = call.attrs
+        one_d = call.op.name == "relax.nn.max_pool1d"
+        if str(a.layout) != ("NCW" if one_d else "NCHW"):
+            raise _Unsupported("max pool with a layout other than NCHW / NCW")
+        if one_d:
+            n, c, t = _shape(x.q)
+            xq = self.bb.emit(R.reshape(x.q, (n, c, 1, t)))
+            kernel, strides = (1, int(a.pool_size[0])), (1, int(a.strides[0]))
+            dilation, pads = (1, int(a.dilation[0])), (0, int(a.padding[0]), 0, int(a.padding[1]))
+            out_hw = (1, _shape(call)[2])
+        else:
+            xq, kernel, strides = x.q, tuple(int(k) for k in a.pool_size), tuple(int(s) for s in a.strides)
+            dilation, pads = tuple(int(d) for d in a.dilation), tuple(int(p) for p in a.padding)
+            out_hw = tuple(_shape(call)[2:])
+        y = self.emit_kernel("qmax_pool", kernels.qmax_pool, xq, kernel=kernel, strides=strides, pads=pads,
+                             dilation=dilation, out_hw=out_hw)
+        if one_d:
+            y = self.bb.emit(R.reshape(y, _shape(call)))
+        return self.rescale(_DQ(y, x.scale, x.zp), sy, zy)
 
     def concat(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         parts = self.value(call.args[0])
@@ -419,16 +533,19 @@ class _Lowering:
             return self.emit_kernel("dequantize", fn, self.params(v.scale), v.q)
         if isinstance(v, _Q):
             return v.expr
-        if isinstance(v, _Float) and v.call.op.name in VIEW_OPS:
-            x = self.activation(v.call.args[0], "output view input")
-            moved = self.bb.emit(relax.Call(v.call.op, [x.q, *v.call.args[1:]], v.call.attrs))
-            return self.output(_DQ(moved, x.scale, x.zp))
-        if isinstance(v, _Float) and v.call.op.name == "relax.mean":
-            x = self.activation(v.call.args[0], "output mean input")
-            self.spatial_axes(v.call, x.q)
-            return self.emit_kernel("ort_mean", spatial_mean, x.q, relax.const(dequant_table(x.scale, x.zp)),
-                                    keepdims=bool(v.call.attrs.keepdims))
-        raise _Unsupported(f"graph output computed in float by {getattr(getattr(v, 'call', None), 'op', v)}")
+        try:
+            if isinstance(v, _Float) and v.call.op.name in VIEW_OPS:
+                x = self.activation(v.call.args[0], "output view input")
+                moved = self.bb.emit(relax.Call(v.call.op, [x.q, *v.call.args[1:]], v.call.attrs))
+                return self.output(_DQ(moved, x.scale, x.zp))
+            if isinstance(v, _Float) and v.call.op.name == "relax.mean":
+                x = self.activation(v.call.args[0], "output mean input")
+                self.spatial_axes(v.call, x.q)
+                return self.emit_kernel("ort_mean", spatial_mean, x.q, relax.const(dequant_table(x.scale, x.zp)),
+                                        keepdims=bool(v.call.attrs.keepdims))
+        except _Unsupported:
+            pass  # not a boundary of a dequantized int8 tensor: computed in float
+        return self.floating(v)  # a float island ending at the graph output
 
 
 def rewrite_int8(mod: tvm.IRModule, fixed_point: bool = False) -> tvm.IRModule:
@@ -441,7 +558,7 @@ def rewrite_int8(mod: tvm.IRModule, fixed_point: bool = False) -> tvm.IRModule:
             passed this is a compiler bug; the message names the Relax op).
     """
     try:
-        out = _Lowering(mod["main"], fixed_point).run()
+        out = _Lowering(mod, fixed_point).run()
     except _Unsupported as exc:
         raise CompileError(f"int8: cannot lower the graph to integer kernels ({exc}); int8_check should have "
                            "reported this with node names — please report it as a compiler bug") from None

@@ -30,7 +30,8 @@ from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
 SCHEDULE_ATTR = "edgetune.schedule"
-FAMILIES = ("qconv2d_depthwise", "qconv2d_oc", "qconv2d", "qmatmul", "qglobal_pool", "qavg_pool", "ort_mean")
+FAMILIES = ("qconv2d_depthwise", "qconv2d_oc", "qconv2d", "qmatmul", "qglobal_pool", "qavg_pool", "qmax_pool",
+            "ort_mean")
 VECTOR_PIXELS = 16  # below this many output pixels per row, vectorise over output channels instead
 
 
@@ -117,13 +118,17 @@ def _conv(sch: Schedule, cfg: ScheduleConfig, depthwise: bool) -> str:
     elif depthwise:
         # one channel at a time: its padded plane is the only input it needs
         sch.reorder(nn, o_out, i, j_out, rc, ry, rx, o_in, j_in)
-        sch.compute_at(sch.get_sblock("pad"), o_out)
-        where = "pad per channel"
+        where = "no padding"
+        if "pad" in names:
+            sch.compute_at(sch.get_sblock("pad"), o_out)
+            where = "pad per channel"
     else:
         # output row outer: the padded input band of a row serves every output channel
         sch.reorder(nn, i, o_out, j_out, rc, ry, rx, o_in, j_in)
-        sch.compute_at(sch.get_sblock("pad"), i)
-        where = "pad per output row"
+        where = "no padding"  # an unpadded (Keras 'valid') conv with stride 1 reads its input in place
+        if "pad" in names:
+            sch.compute_at(sch.get_sblock("pad"), i)
+            where = "pad per output row"
     sch.reverse_compute_at(epilogue, j_out)
     for loop in (ry, rx):
         if _extent(sch, loop) > 1:
@@ -152,8 +157,10 @@ def _conv_oc(sch: Schedule, cfg: ScheduleConfig) -> str:
     o_out, o_in = sch.split(oo, [None, lanes])
     j_out, j_in = sch.split(j, [None, pixels])
     sch.reorder(nn, i, o_out, j_out, rc, ry, rx, j_in, o_in)
+    where = "no padding"
     if "pad" in names:
         sch.compute_at(sch.get_sblock("pad"), i)
+        where = "pad per output row"
     sch.reverse_compute_at(epilogue, j_out)
     for loop in (ry, rx):
         if _extent(sch, loop) > 1:
@@ -164,7 +171,7 @@ def _conv_oc(sch: Schedule, cfg: ScheduleConfig) -> str:
     if vectorised:
         sch.vectorize(o_in)
     sch.decompose_reduction(acc, rc)
-    return f"channel-vector conv: {lanes}oc x {pixels}px register tile, pad per output row, epilogue per tile" + \
+    return f"channel-vector conv: {lanes}oc x {pixels}px register tile, {where}, epilogue per tile" + \
         (", vectorised" if vectorised else "")
 
 
@@ -271,26 +278,30 @@ def family_of(name: str) -> str:
 
 
 def schedule_func(func: tirx.PrimFunc, name: str, cfg: ScheduleConfig) -> tuple[tirx.PrimFunc, str]:
-    """Schedule one kernel; returns the scheduled function and a one-line description."""
+    """Schedule one kernel; returns the scheduled function and a one-line description.
+
+    A kernel the templates cannot schedule (opaque TIR, or an int8 kernel that FuseOps fused with
+    a float island's broadcast or slice) runs as TVM lowered it, and the record says so.
+    """
     sch = Schedule(func)
     family = family_of(name)
-    if family in ("qconv2d", "qconv2d_depthwise"):
-        how = _conv(sch, cfg, family == "qconv2d_depthwise")
-    elif family == "qconv2d_oc":
-        how = _conv_oc(sch, cfg)
-    elif family == "qmatmul":
-        how = _matmul(sch, cfg)
-    elif family in ("qglobal_pool", "qavg_pool"):
-        how = _pool(sch, cfg)
-    elif family == "ort_mean":
-        how = _boundary_mean(sch)
-    else:
-        try:
+    try:
+        if family in ("qconv2d", "qconv2d_depthwise"):
+            how = _conv(sch, cfg, family == "qconv2d_depthwise")
+        elif family == "qconv2d_oc":
+            how = _conv_oc(sch, cfg)
+        elif family == "qmatmul":
+            how = _matmul(sch, cfg)
+        elif family == "qmax_pool":
+            how = "max pool: one int8 window per output element"
+        elif family in ("qglobal_pool", "qavg_pool"):
+            how = _pool(sch, cfg)
+        elif family == "ort_mean":
+            how = _boundary_mean(sch)
+        else:
             how = _elementwise(sch, cfg)
-        except ScheduleError as exc:
-            # Kernels written as opaque TIR (e.g. topi's take_backward in a training step) have no
-            # block structure to schedule: they run as TVM lowered them, and the record says so.
-            return func, f"unscheduled ({str(exc).splitlines()[0][:80]})"
+    except (ScheduleError, ValueError, RuntimeError) as exc:  # tvm-ffi raises ValueError for failed checks
+        return func, f"unscheduled ({str(exc).strip().splitlines()[0][:80]})"
     return sch.mod["main"], how
 
 

@@ -1,25 +1,305 @@
-"""Which ONNX ops each side of the partition may contain (data, checked before anything is compiled).
+"""The op table: for every ONNX op edgetune accepts, its export-time sides, int8 rule and kernel family.
 
-Both sets are subsets of what TVM's Relax ONNX frontend imports. Shape arithmetic (Shape,
-ConstantOfShape, Range) is deliberately absent: export folds it away, so a graph that still has
-it had a dynamic shape. The compilers check per target whether an op lowers (int8 rewrite,
-gradient); this table is the export-time contract they start from.
+One row per ONNX op (the pattern of TVM's Relax ONNX frontend: one converter per op, one map).
+Everything else derives from it:
+
+* ``SUPPORTED_OPS`` — the export-time contract per side of the partition (``frozen``,
+  ``trainable``), checked by ``edgetune.export.validate`` before anything is compiled;
+* ``int8_ops()`` / ``view_ops()`` / ``boundary_ops()`` / ``SHAPE_INPUTS`` — what the compilers'
+  int8 check (``compilers/int8_check.py``) treats as a quantised unit;
+* ``relax_rules()`` — the Relax op -> int8 rule dispatch of the QDQ rewrite
+  (``compilers/int8_rewrite.py``).
+
+An op whose rule is ``ISLAND`` (or whose int8 rule's preconditions fail on a given node) runs in
+float between a dequantise and a quantise: a *float island*. ``float_islands`` lists them for a
+QDQ graph with their bytes and MACs, from the ONNX graph alone (no TVM import): this module is
+imported by ``edgetune`` code that must not pull in TVM.
+
+Shape arithmetic (Shape, ConstantOfShape, Range) is deliberately absent: export folds it away,
+so a graph that still has it had a dynamic shape.
 """
 from __future__ import annotations
 
-_LAYOUT = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Gather", "Split",
-           "Expand", "Identity", "Constant")
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Sqrt", "Pow", "Erf", "Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid",
-                "HardSwish")
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ISLAND = "island"  # computed in float between dequantize and quantize
+QDQ = "qdq"  # QuantizeLinear / DequantizeLinear themselves
+FLOAT_ONLY = "float-only"  # only on the trainable side
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """One ONNX op: which sides may hold it, how the int8 rewrite lowers it, which kernel runs it.
+
+    ``int8``: the rewrite rule (``conv``, ``matmul``, ``add``, ``concat``, ``avg_pool``,
+    ``global_pool``, ``max_pool``, ``mean``, ``clip``, ``view``), ``island``, ``qdq`` or
+    ``float-only``. ``relax``: the Relax ops TVM's frontend emits for it that the rule lowers.
+    ``shape_inputs``: input positions that must be constants (shapes, axes, bounds).
+    ``boundary``: may turn an int8 tensor into a float graph output without a float kernel.
+    """
+
+    op: str
+    frozen: bool
+    trainable: bool
+    int8: str
+    family: str
+    relax: tuple[str, ...] = ()
+    shape_inputs: frozenset[int] = frozenset()
+    boundary: bool = False
+
+
+def _r(op: str, int8: str, family: str, relax: tuple[str, ...] = (), *, frozen: bool = True, trainable: bool = True,
+       shape_inputs: tuple[int, ...] = (), boundary: bool = False) -> OpRule:
+    return OpRule(op, frozen, trainable, int8, family, relax, frozenset(shape_inputs), boundary)
+
+
+_VIEW = "data movement (int8)"
+_FLOAT = "float island"
+OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
+    _r("QuantizeLinear", QDQ, "elementwise", ("relax.quantize",), trainable=False),
+    _r("DequantizeLinear", QDQ, "elementwise", ("relax.dequantize",), trainable=False),
+    _r("Conv", "conv", "qconv2d", ("relax.nn.conv2d", "relax.nn.conv1d")),
+    _r("Gemm", "matmul", "qmatmul", ("relax.matmul",)),
+    _r("MatMul", "matmul", "qmatmul", ("relax.matmul",)),
+    _r("Add", "add", "elementwise", ("relax.add",)),
+    _r("Concat", "concat", _VIEW, ("relax.concat",)),
+    _r("AveragePool", "avg_pool", "qavg_pool", ("relax.nn.avg_pool2d",)),
+    _r("GlobalAveragePool", "global_pool", "qglobal_pool", ("relax.mean",)),
+    _r("ReduceMean", "mean", "qglobal_pool", ("relax.mean",), shape_inputs=(1,), boundary=True),
+    _r("MaxPool", "max_pool", "qmax_pool", ("relax.nn.max_pool2d", "relax.nn.max_pool1d"), trainable=False),
+    _r("Relu", "clip", "elementwise", ("relax.nn.relu",)),
+    _r("Clip", "clip", "elementwise", ("relax.clip", "relax.maximum", "relax.minimum", "relax.call_tir"),
+       shape_inputs=(1, 2)),
+    _r("Reshape", "view", _VIEW, ("relax.reshape",), shape_inputs=(1,), boundary=True),
+    _r("Flatten", "view", _VIEW, ("relax.flatten",), boundary=True),
+    _r("Transpose", "view", _VIEW, ("relax.permute_dims",), boundary=True),
+    _r("Squeeze", "view", _VIEW, ("relax.squeeze",), shape_inputs=(1,), boundary=True),
+    _r("Unsqueeze", "view", _VIEW, ("relax.expand_dims",), shape_inputs=(1,), boundary=True),
+    _r("Slice", "view", _VIEW, ("relax.strided_slice",), shape_inputs=(1, 2, 3, 4), boundary=True),
+    # no int8 rule: float islands on the frozen side (onnxruntime runs most of them in float too)
+    *(_r(op, ISLAND, _FLOAT) for op in (
+        "Sub", "Mul", "Div", "Sqrt", "Pow", "Erf", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softmax",
+        "LayerNormalization", "Gather", "Split", "Expand", "Identity", "Constant", "Neg", "Exp", "Abs", "Max", "Min",
+        "ReduceMax")),
+    *(_r(op, ISLAND, _FLOAT, trainable=False) for op in (
+        "Pad", "LeakyRelu", "BatchNormalization", "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
+    *(_r(op, FLOAT_ONLY, "float", frozen=False) for op in (
+        "Log", "LogSoftmax", "ReduceSum", "Cast", "Where", "Equal", "Greater", "Less")),
+)}
 
 SUPPORTED_OPS: dict[str, frozenset[str]] = {
-    # int8 QDQ backbone (conv / matmul kernels) plus float islands (GroupNorm, LayerNorm, softmax).
-    "frozen": frozenset(_LAYOUT + _ELEMENTWISE + (
-        "QuantizeLinear", "DequantizeLinear", "Conv", "MatMul", "Gemm", "ReduceMean", "GlobalAveragePool",
-        "AveragePool", "MaxPool", "InstanceNormalization", "LayerNormalization", "Softmax")),
-    # float attachments: forward, loss, and the forward-only statistics updates.
-    "trainable": frozenset(_LAYOUT + _ELEMENTWISE + (
-        "Conv", "MatMul", "Gemm", "Neg", "Exp", "Log", "Abs", "Max", "Min", "Softmax", "LogSoftmax", "ReduceSum",
-        "ReduceMean", "ReduceMax", "GlobalAveragePool", "AveragePool", "LayerNormalization", "Cast", "Where",
-        "Equal", "Greater", "Less")),
+    "frozen": frozenset(r.op for r in OP_TABLE.values() if r.frozen),
+    "trainable": frozenset(r.op for r in OP_TABLE.values() if r.trainable),
 }
+SHAPE_INPUTS: dict[str, frozenset[int]] = {r.op: r.shape_inputs for r in OP_TABLE.values() if r.shape_inputs}
+
+
+def int8_ops() -> frozenset[str]:
+    """ONNX ops with an int8 rule (quantised units of the int8 check)."""
+    return frozenset(r.op for r in OP_TABLE.values() if r.int8 not in (ISLAND, QDQ, FLOAT_ONLY))
+
+
+def view_ops() -> frozenset[str]:
+    return frozenset(r.op for r in OP_TABLE.values() if r.int8 == "view")
+
+
+def boundary_ops() -> frozenset[str]:
+    return frozenset(r.op for r in OP_TABLE.values() if r.boundary)
+
+
+def relax_rules() -> dict[str, str]:
+    """Relax op name -> int8 rule (the rewrite's dispatch)."""
+    return {relax: r.int8 for r in OP_TABLE.values() if r.int8 not in (ISLAND, QDQ, FLOAT_ONLY) for relax in r.relax}
+
+
+# --- the ONNX-level view of a QDQ graph (shared with the compilers' int8 check) -----------------
+
+@dataclass
+class QdqGraph:
+    """Constants, producers, consumers and inferred shapes of a QDQ graph."""
+
+    model: onnx.ModelProto
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        g = self.model.graph
+        self.consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+            for o in n.output:
+                self.producer[o] = n
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+        except Exception:  # a graph ONNX cannot infer keeps the shapes it declares
+            inferred = self.model
+        for v in list(inferred.graph.value_info) + list(g.input) + list(g.output):
+            self.shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+        self.outputs = {o.name for o in g.output}
+        self.inputs = {i.name for i in g.input if i.name not in self.consts}
+
+    def dq(self, tensor: str) -> onnx.NodeProto | None:
+        node = self.producer.get(tensor)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    def elements(self, tensor: str) -> int:
+        if tensor in self.consts:
+            return int(self.consts[tensor].size)
+        return int(np.prod(self.shapes.get(tensor) or [0]))
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def attr(node: onnx.NodeProto, key: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == key:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _activation_input(g: QdqGraph, tensor: str) -> str | None:
+    dq = g.dq(tensor)
+    if dq is None:
+        return f"input {tensor} is float (not produced by DequantizeLinear)"
+    if dq.input[0] in g.consts:
+        return f"input {tensor} is a constant where an activation is expected"
+    return None
+
+
+def _const_input(g: QdqGraph, tensor: str, dtype: type, what: str) -> str | None:
+    dq = g.dq(tensor)
+    if dq is None or dq.input[0] not in g.consts:
+        return f"{what} {tensor} is not a quantised constant"
+    data = g.consts[dq.input[0]]
+    if data.dtype != dtype:
+        return f"{what} {tensor} is {data.dtype}, not {np.dtype(dtype).name}"
+    zp = g.consts.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros(1, dtype)
+    if zp is None or np.any(zp != 0):
+        return f"{what} {tensor} has a non-zero zero point (asymmetric weights)"
+    return None
+
+
+def _spatial_mean(g: QdqGraph, node: onnx.NodeProto) -> str | None:
+    value = attr(node, "axes")
+    axes = list(value) if isinstance(value, (list, tuple)) else None
+    if axes is None and len(node.input) > 1 and node.input[1] in g.consts:
+        axes = g.consts[node.input[1]].tolist()
+    rank = len(g.shapes.get(node.input[0]) or [])
+    if axes is None or rank != 4 or sorted(int(a) % 4 for a in axes) != [2, 3]:
+        return f"mean over axes {axes} (int8 only for spatial means of NCHW maps)"
+    return None
+
+
+def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
+    """Why ``node`` (an op with an int8 rule) cannot run as an int8 unit, or [] when it can."""
+    op = node.op_type
+    rule = OP_TABLE.get(op)
+    if rule is None or rule.int8 in (ISLAND, QDQ, FLOAT_ONLY):
+        return ["no int8 rule"]
+    shape_in = rule.shape_inputs
+    problems = [f"input {i} must be a constant" for k, i in enumerate(node.input)
+                if i and k in shape_in and i not in g.consts]
+    if op in ("Conv", "Gemm"):
+        problems += [p for p in (_activation_input(g, node.input[0]),
+                                 _const_input(g, node.input[1], np.int8, "weight")) if p]
+        if len(node.input) > 2 and node.input[2]:
+            problems += [p for p in (_const_input(g, node.input[2], np.int32, "bias"),) if p]
+        if op == "Gemm" and (attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0
+                             or attr(node, "beta", 1.0) != 1.0):
+            problems.append("Gemm with transA or alpha/beta != 1")
+        if op == "Conv" and len(g.shapes.get(node.input[0]) or []) not in (0, 3, 4):
+            problems.append("Conv that is neither 1-D nor 2-D")
+    elif op == "MatMul":
+        dq = g.dq(node.input[1])
+        second = (_const_input(g, node.input[1], np.int8, "weight") if dq is not None and dq.input[0] in g.consts
+                  else _activation_input(g, node.input[1]))
+        problems += [p for p in (_activation_input(g, node.input[0]), second) if p]
+        if len(g.shapes.get(node.input[0]) or [2]) != 2:
+            problems.append("MatMul of a tensor that is not 2-D")
+    elif op == "Add":
+        problems += [p for p in (_activation_input(g, i) for i in node.input) if p]
+    else:
+        problems += [p for p in (_activation_input(g, i) for k, i in enumerate(node.input)
+                                 if i and k not in shape_in) if p]
+    if op in ("ReduceMean", "GlobalAveragePool") and op == "ReduceMean":
+        problems += [p for p in (_spatial_mean(g, node),) if p]
+    if op in ("AveragePool", "MaxPool") and attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        problems.append(f"{op} with auto_pad")
+    for o in node.output:
+        users = g.consumers.get(o, [])
+        floats = [u for u in users if u.op_type != "QuantizeLinear"]
+        if floats:
+            problems.append(f"output {o} is used in float by {', '.join(node_name(u) for u in floats)}")
+        if o in g.outputs and not rule.boundary:
+            problems.append(f"graph output {o} is float")
+    return problems
+
+
+# --- float islands --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Island:
+    """A node of a QDQ graph that runs in float: its name, op, why, float bytes it touches, MACs."""
+
+    node: str
+    op: str
+    reason: str
+    weight_bytes: int
+    activation_bytes: int
+    macs: int
+
+    @property
+    def bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+def _macs(g: QdqGraph, node: onnx.NodeProto) -> int:
+    op = node.op_type
+    out = g.elements(node.output[0]) if node.output else 0
+    if op == "Conv" and len(node.input) > 1:
+        w = g.shapes.get(node.input[1]) or list(getattr(g.consts.get(node.input[1]), "shape", []))
+        return out * int(np.prod(w[1:])) if w else out
+    if op in ("Gemm", "MatMul") and len(node.input) > 1:
+        a = g.shapes.get(node.input[0]) or []
+        return out * (int(a[-1]) if a else 1)
+    return out
+
+
+def float_islands(model: onnx.ModelProto) -> list[Island]:
+    """Every node of a QDQ graph that the int8 rewrite computes in float, with its cost.
+
+    A node is an island when its op has no int8 rule, or the rule's preconditions fail (a float
+    input, a float consumer, an asymmetric weight, ...). Weight bytes count the float constants
+    it reads (dequantized weights become float32); activation bytes its float inputs and outputs.
+    """
+    g = QdqGraph(model)
+    islands = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
+            continue
+        problems = int8_precondition(g, node)
+        if not problems:
+            continue
+        weights = acts = 0
+        for i in node.input:
+            if not i:
+                continue
+            dq = g.dq(i)
+            if i in g.consts or (dq is not None and dq.input[0] in g.consts):
+                weights += 4 * g.elements(dq.input[0] if dq is not None else i)
+            else:
+                acts += 4 * g.elements(i)
+        acts += sum(4 * g.elements(o) for o in node.output if o)
+        islands.append(Island(node_name(node), node.op_type, "; ".join(problems), weights, acts, _macs(g, node)))
+    return islands
