@@ -11,6 +11,8 @@ import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 from tqdm import tqdm
 
@@ -18,8 +20,8 @@ from edgetune.adapt import Adaptable, check_sample
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import ExportError
 from edgetune.export.manifest import (FROZEN_FILE, MANIFEST_FILE, TRAINABLE_FILE, FrozenPart, Manifest,
-                                      MomentumSchedule, OptimizerSpec, OptimizerState, TensorSpec, TrainablePart,
-                                      sha256_of)
+                                      MomentumSchedule, OptimizerSpec, OptimizerState, QuantizationSpec, TapOutput,
+                                      TensorSpec, TrainablePart, sha256_of)
 from edgetune.export.onnx_graphs import export_frozen, export_trainable
 from edgetune.export.ops import SUPPORTED_OPS
 from edgetune.export.quantize import quantize_frozen
@@ -98,21 +100,31 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
 
     bar.set_postfix_str("frozen.onnx")
     frozen_path = directory / FROZEN_FILE
-    float_path = directory / "frozen_float.onnx" if quantize else frozen_path
-    taps = export_frozen(backbone, method.taps(), float_path)
     x_io = [("x", (1, *backbone.input_shape))]
-    tap_io = [(t.name, t.shape) for t in taps]
-    validate_onnx(float_path, SUPPORTED_OPS["frozen"], label="frozen.onnx (float)", inputs=x_io, outputs=tap_io)
-    check_frozen_numerics(float_path, adaptable, images)
-    bar.update()
-
     quantization = None
-    if quantize:
+    if getattr(backbone, "quantized", False):
+        # An already-quantised graph (e.g. onnxruntime's QDQ) is the int8 backbone as its owner made
+        # it: written as given, cut at the taps, never quantised again.
+        taps, quantization = _given_qdq(adaptable, frozen_path, images, quantize)
+        tap_io = [(t.name, t.shape) for t in taps]
+        validate_onnx(frozen_path, SUPPORTED_OPS["frozen"], label="frozen.onnx (as given)", inputs=x_io,
+                      outputs=tap_io)
+        bar.update(2)
+    else:
+        float_path = directory / "frozen_float.onnx" if quantize else frozen_path
+        taps = export_frozen(backbone, method.taps(), float_path)
+        tap_io = [(t.name, t.shape) for t in taps]
+        validate_onnx(float_path, SUPPORTED_OPS["frozen"], label="frozen.onnx (float)", inputs=x_io,
+                      outputs=tap_io)
+        check_frozen_numerics(float_path, adaptable, images)
+        bar.update()
+
+    if quantize and quantization is None:
         bar.set_postfix_str("int8 quantisation")
         quantization = quantize_frozen(float_path, frozen_path, data.train_x, data.name)
         float_path.unlink()
         validate_onnx(frozen_path, SUPPORTED_OPS["frozen"], label="frozen.onnx", inputs=x_io, outputs=tap_io)
-    bar.update()
+        bar.update()
 
     bar.set_postfix_str("trainable.onnx")
     trainable_path = directory / TRAINABLE_FILE
@@ -148,3 +160,56 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
     return manifest
 
 
+
+
+GIVEN = "as given"  # QuantizationSpec.calibration_method of a graph the user quantised
+# A QDQ graph run in onnxruntime and as fake quantisation in torch may round a tie differently
+# (one step of one activation), which then spreads a little: the taps must agree to this
+# relative L2 error, which a wrong cut or pooling exceeds by far.
+GIVEN_QDQ_RTOL = 0.05
+
+
+def _given_qdq(adaptable: Adaptable, path: Path, images: torch.Tensor,
+               quantize: bool) -> tuple[tuple[TapOutput, ...], QuantizationSpec]:
+    """Write the backbone's own QDQ graph cut at the method's taps to ``path`` and check it against the
+    torch interpreter (fake quantisation) on ``images``.
+
+    Raises:
+        ExportError: ``--no-quantize`` was asked for an int8 graph, or the taps disagree with torch.
+    """
+    from edgetune.ort_runtime import session
+
+    backbone, method = adaptable.backbone, adaptable.method
+    if not quantize:
+        raise ExportError("export: the model is already quantised (QuantizeLinear/DequantizeLinear nodes), so "
+                          "there is no float backbone to keep; drop --no-quantize, or export the float model")
+    onnx.save(backbone.frozen_graph(method.taps()), str(path))
+    names = [t.name for t in method.taps()]
+    sess = session(path)
+    problems = []
+    with torch.no_grad():
+        want = [t.numpy() for t in adaptable.frozen(images)]
+    got = [np.concatenate(parts) for parts in
+           zip(*[sess.run(names, {"x": images[k:k + 1].numpy()}) for k in range(len(images))])]
+    for name, g, w in zip(names, got, want):
+        err = float(np.linalg.norm(g - w) / max(float(np.linalg.norm(w)), 1e-12))
+        if g.shape != w.shape or not err <= GIVEN_QDQ_RTOL:
+            problems.append(f"{name} differs from the torch interpreter (relative error {err:.3g}, shape "
+                            f"{g.shape} vs {w.shape})")
+    if problems:
+        raise ExportError(f"frozen.onnx (as given): {'; '.join(problems)}; the QDQ graph and edgetune's reading of "
+                          "it disagree: report it with the model file")
+    taps = tuple(TapOutput(t.name, (1, *w.shape[1:]), "float32", t.stage, t.pooled)
+                 for t, w in zip(method.taps(), want))
+    source = getattr(backbone, "source", {}).get("onnx", "model.onnx")
+    spec = QuantizationSpec(format="QDQ", per_channel=_per_channel(path), weight_type="int8",
+                            activation_type="int8", weight_symmetric=False, activation_symmetric=False,
+                            calibration_method=GIVEN, calibration_samples=0, calibration_data=source)
+    return taps, spec
+
+
+def _per_channel(path: Path) -> bool:
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    return any(n.op_type == "DequantizeLinear" and n.input[1] in inits and len(inits[n.input[1]].dims) == 1
+               and inits[n.input[1]].dims[0] > 1 for n in model.graph.node)

@@ -702,6 +702,14 @@ class TapCandidate:
     why: str
 
 
+def _computing_op(graph: ParsedGraph, name: str) -> str | None:
+    """The op that computed ``name``, looking through Quantize/DequantizeLinear (None: the input itself)."""
+    node = graph.producer.get(name)
+    while node is not None and node.op in ("QuantizeLinear", "DequantizeLinear"):
+        node = graph.producer.get(node.inputs[0])
+    return node.op if node is not None else None
+
+
 def tap_candidates(path: str | Path, classifier: str | None = None) -> tuple[list[TapCandidate], list[str]]:
     """Tensors that cut the graph (nothing else is live there) and are the last at their shape, plus
     the classifier's input feature; and a suggested ``--taps`` for per-stage methods.
@@ -721,23 +729,26 @@ def tap_candidates(path: str | Path, classifier: str | None = None) -> tuple[lis
     for k, n in enumerate(graph.nodes[:feature_at + 1]):
         live |= set(n.outputs)
         live = {t for t in live if last_use.get(t, -1) > k or t == n.outputs[0]}
-        if live == {n.outputs[0]} and n.op not in ("QuantizeLinear",):
+        consumers = [c.op for c in graph.nodes if n.outputs[0] in c.inputs]
+        # In a QDQ graph a tensor about to be quantised is offered as the DequantizeLinear output after it.
+        if live == {n.outputs[0]} and n.op != "QuantizeLinear" and consumers != ["QuantizeLinear"]:
             cuts.append((n.outputs[0], n))
     found: list[TapCandidate] = []
     for (name, node), nxt in zip(cuts, [*cuts[1:], (None, None)]):
         shape = graph.shapes.get(name)
-        if name == head.feature or shape is None or len(shape) < 3:
+        role = _computing_op(graph, name)
+        if name == head.feature or shape is None or len(shape) < 3 or role is None:
             continue
         next_shape = graph.shapes.get(nxt[0]) if nxt[0] else None
-        if node.op in ("Add", "Concat", "Sum"):
-            found.append(TapCandidate(name, tuple(shape), node.op, "block output (branches merge)"))
+        if role in ("Add", "Concat", "Sum"):
+            found.append(TapCandidate(name, tuple(shape), role, "block output (branches merge)"))
         elif next_shape is None or tuple(next_shape[2:]) != tuple(shape[2:]) or len(next_shape) < 3:
-            found.append(TapCandidate(name, tuple(shape), node.op, "last cut before the resolution changes"))
+            found.append(TapCandidate(name, tuple(shape), role, "last cut before the resolution changes"))
     # Per-stage methods: at each resolution the last block output (narrower than the expansions inside a
     # block), at the last resolution the pooling's own input.
     last_at: dict[tuple, str] = {}
     for c in found:
-        if c.op in ("Add", "Concat", "Sum") or tuple(c.shape[2:]) not in last_at:
+        if c.op in ("Add", "Concat", "Sum") or tuple(c.shape[2:]) not in last_at:  # c.op: see _computing_op
             last_at[tuple(c.shape[2:])] = c.name
     if found:
         last_at[tuple(found[-1].shape[2:])] = found[-1].name
