@@ -1,0 +1,225 @@
+"""The corpus acceptance test (issue 10): models written the way users write them, through the whole path.
+
+Every corpus model (tests/corpus_models.py) is exported to int8 QDQ ONNX the way ``edgetune export``
+writes frozen.onnx, then compiled for the host. Exactly two outcomes are accepted:
+
+(a) it compiles, and on 50 samples the compiled taps equal onnxruntime's integer-kernel session
+    (``session.qdqisint8allowed=1``) bit for bit where the tap is an int8 tensor (its producer is a
+    DequantizeLinear), and within 1e-4 of the tap's largest magnitude where it is float (a pooled
+    tap or a float island at the end);
+(b) export or compile refuses it with ONE ``EdgetuneError`` line naming the offending node, with no
+    TVM text in it (a table may follow only a budget refusal).
+
+Anything else (another exception type, a traceback in the message, a wrong number) fails. The
+outcome of each model is printed (``corpus <name>: compiled|refused ...``). As int8 coverage
+grows, models move from (b) to (a); the assertions stay as they are.
+
+A few 1x32x32 corpus models also go to a Cortex-M7 firmware (generated C, arm-none-eabi-gcc,
+qemu-system-arm): on 50 digits samples the firmware predicts what the host build of the same C
+predicts, or the budget check refuses it with the table.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from corpus_models import CORPUS, Outcome, build, export_and_compile, frozen_taps, params_and_macs, sample_inputs
+from edgetune.compilers import FrozenRunner
+from edgetune.errors import BudgetError, EdgetuneError
+from edgetune.export.onnx_graphs import export_frozen
+from test_compile_frozen import ort_int8
+
+SAMPLES = 50
+FLOAT_TOL = 1e-4
+TVM_TEXT = ("Traceback", "tvm.", "ScheduleError", "TVMError", 'File "', "InternalError")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome | Exception]:
+    """Every corpus model exported and compiled once; an unexpected exception is kept (and re-raised
+    by that model's test) so one broken model does not hide the others' outcomes."""
+    results: dict[str, Outcome | Exception] = {}
+    for name in CORPUS:
+        try:
+            results[name] = export_and_compile(name, tmp_path_factory.mktemp(f"corpus-{name}"))
+        except Exception as exc:  # noqa: BLE001 - reported by the model's own test
+            results[name] = exc
+    return results
+
+
+def test_corpus_covers_what_users_write(tmp_path):
+    """At least 12 architectures, with every construct the issue lists visible in their float graphs."""
+    assert len(CORPUS) >= 12
+    ops: set[str] = set()
+    conv_attrs: set[str] = set()
+    for name in CORPUS:
+        backbone = build(name)
+        export_frozen(backbone, frozen_taps(backbone), tmp_path / f"{name}.onnx")
+        graph = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+        inits = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            ops.add(node.op_type)
+            if node.op_type == "Conv":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                w = inits.get(node.input[1])
+                if attrs.get("group", 1) > 1:
+                    conv_attrs.add("grouped")
+                if any(d > 1 for d in attrs.get("dilations", [])):
+                    conv_attrs.add("dilated")
+                if any(s > 1 for s in attrs.get("strides", [])):
+                    conv_attrs.add("strided")
+                if w is not None and len(w.dims) == 3:
+                    conv_attrs.add("1-d")
+                if w is not None and max(w.dims[2:]) > 1 and not any(attrs.get("pads", [])):
+                    conv_attrs.add("unpadded")
+    missing = ({"MaxPool", "BatchNormalization", "HardSwish", "HardSigmoid", "Sigmoid", "LayerNormalization",
+                "Softmax", "Erf", "Concat", "Pad", "Add", "Sub", "Div"} - ops) | (
+        {"grouped", "dilated", "strided", "1-d", "unpadded"} - conv_attrs)
+    assert not missing, f"constructs missing from the corpus's float graphs: {sorted(missing)}"
+
+
+def _int8_outputs(path: Path) -> set[str]:
+    """Graph outputs that are int8 tensors: produced by a DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    return {o.name for o in graph.output if producers.get(o.name) == "DequantizeLinear"}
+
+
+def _node_names(outcome: Outcome) -> set[str]:
+    names: set[str] = set()
+    for path in outcome.directory.glob("*.onnx") if outcome.directory else ():
+        names |= {n.name for n in onnx.load(str(path)).graph.node if n.name}
+    return names
+
+
+def check_refusal(outcome: Outcome) -> None:
+    """(b): one EdgetuneError line, no TVM text, naming a node of the model's graph."""
+    message = outcome.refusal
+    assert message.strip(), f"{outcome.name}: empty refusal"
+    for text in TVM_TEXT:
+        assert text not in message, f"{outcome.name}: refusal carries TVM/Python internals ({text!r}): {message}"
+    assert "\n" not in message, f"{outcome.name}: refusal is more than one line: {message!r}"
+    assert re.match(r"^[\w .()/-]+: ", message), f"{outcome.name}: not 'component: what; how': {message}"
+    named = [n for n in _node_names(outcome) if re.search(rf"(?<![\w/.]){re.escape(n)}(?![\w/])", message)]
+    assert named, f"{outcome.name}: the refusal names no node of the graph: {message}"
+
+
+def check_bit_exact(outcome: Outcome) -> None:
+    """(a): the compiled taps equal onnxruntime's int8 session on SAMPLES samples."""
+    assert outcome.compiled is not None and outcome.onnx is not None
+    runner, session = FrozenRunner(outcome.compiled), ort_int8(outcome.onnx)
+    int8 = _int8_outputs(outcome.onnx)
+    names = [o.name for o in session.get_outputs()]
+    assert list(outcome.compiled.output_names) == names
+    x = sample_inputs(build(outcome.name).input_shape, SAMPLES)
+    differing = {n: 0 for n in names}
+    worst = {n: 0.0 for n in names}
+    for i in range(SAMPLES):
+        sample = x[i:i + 1]
+        for name, ours, ref in zip(names, runner(sample), session.run(None, {"x": sample})):
+            assert ours.shape == ref.shape and ours.dtype == ref.dtype, name
+            if name in int8:
+                differing[name] += int(not np.array_equal(ours, ref))
+            else:
+                scale = max(float(np.abs(ref).max()), 1e-6)
+                worst[name] = max(worst[name], float(np.abs(ours.astype(np.float64) - ref).max()) / scale)
+    assert differing == {n: 0 for n in names}, f"{outcome.name}: int8 taps differ on some samples: {differing}"
+    assert all(w <= FLOAT_TOL for w in worst.values()), f"{outcome.name}: float taps off by {worst} (relative)"
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_model_is_bit_exact_or_refused_in_one_line(name, outcomes, capsys):
+    outcome = outcomes[name]
+    if isinstance(outcome, Exception):
+        raise outcome  # not an EdgetuneError: a crash a user would see as a traceback
+    params, macs = params_and_macs(build(name))
+    if outcome.compiled is not None:
+        check_bit_exact(outcome)
+        kernels = len(outcome.compiled.plan.calls)
+        line = f"compiled, bit-exact on {SAMPLES} samples ({kernels} kernel calls, {outcome.seconds:.1f} s)"
+    else:
+        check_refusal(outcome)
+        line = f"refused at {outcome.stage}: {outcome.refusal}"
+    with capsys.disabled():
+        print(f"\ncorpus {name} ({params:,} params, {macs:,} MACs): {line}")
+
+
+# --- Cortex-M7 in QEMU: the firmware predicts what the host build predicts -------------------------------------
+
+MCU_MODELS = ("keras-mnist", "strided-dilated", "grouped-shuffle")
+MCU_TARGET = "cortex-m7"
+MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
+
+
+@pytest.fixture(scope="module")
+def mcu_stream(tmp_path_factory, digits):
+    from edgetune.data import to_tensor
+    from edgetune.deploy import write_stream
+
+    x = to_tensor(digits.test_x[:SAMPLES]).numpy()
+    return x, write_stream(tmp_path_factory.mktemp("mcu-stream") / "stream.bin", x)
+
+
+def fit_linear_probe(backbone, digits, n: int = 600) -> None:
+    """Least-squares classifier on the pooled features of digits' training images (the corpus models
+    are untrained; a random classifier often predicts one class for every sample)."""
+    from edgetune.data import to_tensor
+
+    with torch.no_grad():
+        last = len(backbone.stages) - 1
+        feats = backbone.pool(backbone.stage_outputs(to_tensor(digits.train_x[:n]))[-1], last)
+        design = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(digits.train_y[:n]), 10).double()
+        ridge = design.T @ design + 1e-3 * torch.eye(design.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(ridge, design.T @ onehot).float()
+        backbone.classifier.weight.copy_(solution[:-1].T)
+        backbone.classifier.bias.copy_(solution[-1])
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif(any(shutil.which(t) is None for t in MCU_TOOLS), reason=f"needs {', '.join(MCU_TOOLS)}")
+@pytest.mark.parametrize("name", MCU_MODELS)
+def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, mcu_stream, tmp_path, capsys):
+    from edgetune.adapt import fit, prepare
+    from edgetune.deploy import build_project, save_initial_state, write_target_project
+    from edgetune.deploy.host import HostModel
+    from edgetune.export import export
+    from edgetune.simulate import run_program
+
+    backbone = build(name)
+    assert backbone.input_shape == (1, 32, 32)  # digits feed it as they are
+    fit_linear_probe(backbone, digits)
+    adaptable = prepare(copy.deepcopy(backbone), "source", model_name=name)
+    fit(adaptable, digits, progress=False)
+    bundle = tmp_path / "bundle"
+    try:
+        export(adaptable, digits, bundle, progress=False)
+        save_initial_state(bundle, adaptable.method)
+        project = write_target_project(bundle, MCU_TARGET)
+    except BudgetError as exc:
+        assert "budget" in str(exc) and not any(t in str(exc) for t in TVM_TEXT)
+        with capsys.disabled():
+            print(f"\ncorpus {name} on {MCU_TARGET}: refused by the budget check: {str(exc).splitlines()[0]}")
+        return
+    except EdgetuneError as exc:  # the compile refuses it: the same one-line rule as on the host
+        check_refusal(Outcome(name, None, None, str(exc), "firmware", directory=bundle))
+        with capsys.disabled():
+            print(f"\ncorpus {name} on {MCU_TARGET}: refused: {exc}")
+        return
+    x, stream = mcu_stream
+    host = HostModel(bundle, tmp_path / "host", adapt=False)
+    expected = [host.step(x[i]).prediction for i in range(len(x))]
+    built = build_project(project)
+    run = run_program(built, stream, tmp_path / "sim", adapt=False)
+    assert run.records["prediction"].tolist() == expected
+    assert len(set(expected)) > 1  # a constant prediction would hide a broken backbone
+    with capsys.disabled():
+        print(f"\ncorpus {name} on {MCU_TARGET}: {len(expected)} firmware predictions = host build "
+              f"(flash {built.flash_bytes:,} B, static RAM {built.static_ram_bytes:,} B)")
