@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -385,22 +386,28 @@ def export_and_compile(name: str, directory: Path, target: str = "host") -> Outc
     return Outcome(name, graph, path, seconds=time.perf_counter() - start, directory=directory)
 
 
-def params_and_macs(backbone: Backbone) -> tuple[int, int]:
-    """(parameters of the whole model, multiply-accumulates of one forward of the stages): convs,
-    linear layers and matrix products counted on a dry run (norms, activations and pools are free)."""
+def parameters(backbone: Backbone) -> int:
+    """Parameters of the whole model (stages and classifier)."""
+    return sum(p.numel() for p in backbone.parameters())
+
+
+def graph_macs(path: Path) -> int:
+    """Multiply-accumulates of one forward of an ONNX graph: Conv of any rank (output elements x input
+    channels per group x kernel elements), Gemm and MatMul (output elements x inner size), from
+    inferred shapes; norms, activations and pools count as free."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
     macs = 0
-
-    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            macs += output.numel() * (module.in_channels // module.groups) * int(np.prod(module.kernel_size))
-        elif isinstance(module, nn.Linear):
-            macs += output.numel() * module.in_features
-
-    hooks = [m.register_forward_hook(count) for m in backbone.modules()
-             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m is not backbone.classifier]
-    with torch.no_grad():
-        backbone.stage_outputs(torch.zeros(1, *backbone.input_shape))
-    for h in hooks:
-        h.remove()
-    return sum(p.numel() for p in backbone.parameters()), macs
+    for node in model.graph.node:
+        out = shapes.get(node.output[0])
+        if not out:
+            continue
+        if node.op_type == "Conv":
+            w = shapes.get(node.input[1], [])
+            macs += int(np.prod(out)) * int(np.prod(w[1:])) if w else 0
+        elif node.op_type in ("Gemm", "MatMul"):
+            a = shapes.get(node.input[0], [])
+            macs += int(np.prod(out)) * a[-1] if a else 0
+    return macs
