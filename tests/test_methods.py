@@ -7,6 +7,7 @@ variants of vqt, lst and tinytta. The contract holds for any weights, so backbon
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -177,3 +178,22 @@ def test_tent_trains_exactly_the_normalisation_affines():
     norms = [m for m in backbone.modules() if isinstance(m, NORM_LAYERS)]
     assert len(method.trainable_names()) == 2 * len(norms) and norms
     assert all(n.startswith("net.") and n.rsplit(".", 1)[1] in ("weight", "bias") for n in method.trainable_names())
+
+
+@pytest.mark.parametrize("method,key,value", [
+    ("tinytta", "lr", "-1"), ("tinytta", "lr", "nan"), ("tinytta", "lr", "1e30"), ("tinytta", "hidden", "-4"),
+    ("tinytta", "exit_threshold", "1.5"), ("feature-align", "momentum_floor", "inf"), ("lst", "temperature", "0"),
+    ("lst", "reduction", "0"), ("vqt", "queries", "0"), ("tent", "momentum", "1"), ("alpha-bn", "alpha", "-0.1")])
+def test_out_of_range_settings_are_refused_with_the_range(method, key, value):
+    with pytest.raises(ConfigError) as err:
+        METHODS.get(method).Config().replace({key: value})
+    message = str(err.value)
+    assert "\n" not in message and f"{key}=" in message and re.search(r"outside [\[(][-\d.]+, [-\d.e+]+[\])]", message)
+
+
+def test_every_numeric_setting_of_every_method_declares_its_range():
+    for name in METHODS.names():
+        config = METHODS.get(name).Config()
+        for f in dataclasses.fields(config):
+            if isinstance(getattr(config, f.name), (int, float)) and not isinstance(getattr(config, f.name), bool):
+                assert getattr(config, f.name) in f.metadata["range"], (name, f.name)  # the default is valid too

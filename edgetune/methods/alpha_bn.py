@@ -13,15 +13,15 @@ Needs a backbone with BatchNorm (``mcunet-s-bn``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, entropy, supervised_or
+from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare, entropy, setting, supervised_or
 from edgetune.methods.bn_stats import SampleStatNorm, with_sample_norms
 
 
 @dataclass(frozen=True)
 class AlphaBNConfig(MethodConfig):
-    alpha: float = field(default=0.1, metadata={"help": "weight of the sample's statistics against the source's"})
+    alpha: float = setting(0.1, Range(0.0, 1.0), "weight of the sample's statistics against the source's")
 
 
 class AlphaNorm(SampleStatNorm):

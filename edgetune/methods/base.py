@@ -22,6 +22,7 @@ can keep it in the ONNX graph. Methods that adapt the backbone itself
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -52,15 +53,49 @@ class TapSpec:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Fields shared by every method; each field's ``help`` is shown by the CLI."""
+class Range:
+    """The values a numeric config field accepts (declared once, in the field's metadata)."""
 
-    lr: float = field(default=0.0, metadata={"help": "SGD learning rate of the test-time update (0: no update)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the test-time update"})
-    fit_epochs: int = field(default=30, metadata={"help": "epochs of the pre-deployment fit on source data"})
-    fit_lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the pre-deployment fit"})
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+def setting(default: Any, valid: Range, help: str) -> Any:  # noqa: A002 - the field's help text
+    """A numeric config field: its default, the range it accepts and the help the CLI shows."""
+    return field(default=default, metadata={"help": help, "range": valid})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Fields shared by every method; each field's ``help`` is shown by the CLI, and every numeric
+    field declares its ``range`` (checked whenever a config is made, from the CLI or the API)."""
+
+    lr: float = setting(0.0, Range(0.0, 10.0), "SGD learning rate of the test-time update (0: no update)")
+    momentum: float = setting(0.9, Range(0.0, 1.0, hi_open=True), "SGD momentum of the test-time update")
+    fit_epochs: int = setting(30, Range(0, 100_000), "epochs of the pre-deployment fit on source data")
+    fit_lr: float = setting(3e-3, Range(0.0, 10.0, lo_open=True), "AdamW learning rate of the pre-deployment fit")
     guard: bool = field(default=True, metadata={"help": "collapse guard: restore the last good weights "
                                                         "when predictions collapse to one class"})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, valid = getattr(self, f.name), f.metadata.get("range")
+            if valid is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                raise ConfigError(f"{type(self).__name__}: {f.name} must be a number (got {value!r}); "
+                                  f"give a value in {valid}")
+            if valid is not None and value not in valid:
+                raise ConfigError(f"{type(self).__name__}: {f.name}={value!r} is outside {valid}; "
+                                  f"give a value in that range (default {f.default!r})")
 
     def replace(self, overrides: dict[str, str]) -> "MethodConfig":
         """A copy with ``key=value`` strings applied (CLI ``--set``), cast to each field's type.

@@ -11,19 +11,20 @@ See ``align.py`` for the statistics; the choices DUA leaves open are listed ther
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from edgetune.methods.align import FeatureAligner
-from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, ema_momentum, entropy, supervised_or
+from edgetune.methods.base import (Method, MethodConfig, Range, TapSpec, declare, ema_momentum, entropy, setting,
+                                  supervised_or)
 
 
 @dataclass(frozen=True)
 class FeatureAlignConfig(MethodConfig):
-    momentum_start: float = field(default=0.1, metadata={"help": "EMA momentum of the first test sample"})
-    momentum_decay: float = field(default=0.94, metadata={"help": "per-sample decay of the EMA momentum"})
-    momentum_floor: float = field(default=0.005, metadata={"help": "lowest EMA momentum"})
+    momentum_start: float = setting(0.1, Range(0.0, 1.0), "EMA momentum of the first test sample")
+    momentum_decay: float = setting(0.94, Range(0.0, 1.0), "per-sample decay of the EMA momentum")
+    momentum_floor: float = setting(0.005, Range(0.0, 1.0), "lowest EMA momentum")
 
 
 @declare

@@ -28,24 +28,25 @@ T=0.1, alpha_i=0 at start. Choices the paper leaves open (it only treats equal-w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgetune.errors import ModelError
-from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, entropy, supervised_or
+from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare, entropy, setting, supervised_or
 from edgetune.models.zoo import TransformerLayer
 
 
 @dataclass(frozen=True)
 class LSTConfig(MethodConfig):
-    lr: float = field(default=1e-3, metadata={"help": "SGD learning rate of the side network and head at test time"})
-    entropy_weight: float = field(default=0.0, metadata={"help": "weight of the unsupervised entropy loss (0: learn "
-                                                                  "only from revealed labels, the supervised mode)"})
-    reduction: int = field(default=8, metadata={"help": "r: side width = backbone stage width / r (rounded up)"})
-    temperature: float = field(default=0.1, metadata={"help": "T of the ladder gates mu_i = sigmoid(alpha_i / T)"})
+    lr: float = setting(1e-3, Range(0.0, 10.0), "SGD learning rate of the side network and head at test time")
+    entropy_weight: float = setting(0.0, Range(0.0, 100.0), "weight of the unsupervised entropy loss (0: learn "
+                                                            "only from revealed labels, the supervised mode)")
+    reduction: int = setting(8, Range(1, 4096), "r: side width = backbone stage width / r (rounded up)")
+    temperature: float = setting(0.1, Range(0.0, 100.0, lo_open=True),
+                                 "T of the ladder gates mu_i = sigmoid(alpha_i / T)")
 
 
 def side_width(width: int, reduction: int) -> int:

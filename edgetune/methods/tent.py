@@ -23,16 +23,16 @@ input image) and keeps every activation for the backward pass. Choices for batch
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, entropy, supervised_or
+from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare, entropy, setting, supervised_or
 from edgetune.models.blocks import NORM_LAYERS
 
 
 @dataclass(frozen=True)
 class TentConfig(MethodConfig):
-    lr: float = field(default=1e-6, metadata={"help": "SGD learning rate of the normalisation affine parameters "
-                                                      "(batch 1: larger steps cost accuracy on validation)"})
+    lr: float = setting(1e-6, Range(0.0, 10.0), "SGD learning rate of the normalisation affine parameters "
+                                                "(batch 1: larger steps cost accuracy on validation)")
 
 
 @declare

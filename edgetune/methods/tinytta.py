@@ -43,23 +43,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.methods.align import FeatureAligner
-from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, ema_momentum, stop_gradient
+from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare, ema_momentum, setting, stop_gradient
 
 
 @dataclass(frozen=True)
 class TinyTTAConfig(MethodConfig):
-    lr: float = field(default=1e-4, metadata={"help": "SGD learning rate of the exit heads at test time (small: "
-                                                      "on the prototypes head updates added nothing on top of "
-                                                      "alignment, so they must not be able to cost accuracy)"})
-    fit_epochs: int = field(default=60, metadata={"help": "epochs of the pre-deployment fit of the exit heads"})
-    hidden: int = field(default=0, metadata={"help": "hidden width of each exit head's MLP (0: a linear head, "
-                                                       "the default: 1/9 of the SRAM of hidden=64 on mcunet-s)"})
-    exit_threshold: float = field(default=1.0, metadata={"help": "exit early when the ensemble's max-probability "
-                                                                 "exceeds this (>= 1: never)"})
+    lr: float = setting(1e-4, Range(0.0, 10.0), "SGD learning rate of the exit heads at test time (small: "
+                                                "on the prototypes head updates added nothing on top of "
+                                                "alignment, so they must not be able to cost accuracy)")
+    fit_epochs: int = setting(60, Range(0, 100_000), "epochs of the pre-deployment fit of the exit heads")
+    hidden: int = setting(0, Range(0, 65_536), "hidden width of each exit head's MLP (0: a linear head, "
+                                               "the default: 1/9 of the SRAM of hidden=64 on mcunet-s)")
+    exit_threshold: float = setting(1.0, Range(0.0, 1.0), "exit early when the ensemble's max-probability "
+                                                          "exceeds this (>= 1: never)")
     align: bool = field(default=True, metadata={"help": "align the pooled taps to the source statistics first"})
-    momentum_start: float = field(default=0.1, metadata={"help": "alignment: EMA momentum of the first sample"})
-    momentum_decay: float = field(default=0.94, metadata={"help": "alignment: per-sample decay of the momentum"})
-    momentum_floor: float = field(default=0.005, metadata={"help": "alignment: lowest EMA momentum"})
+    momentum_start: float = setting(0.1, Range(0.0, 1.0), "alignment: EMA momentum of the first sample")
+    momentum_decay: float = setting(0.94, Range(0.0, 1.0), "alignment: per-sample decay of the momentum")
+    momentum_floor: float = setting(0.005, Range(0.0, 1.0), "alignment: lowest EMA momentum")
 
 
 def exit_head(width: int, hidden: int, classes: int) -> nn.Module:

@@ -32,7 +32,7 @@ every lr tried (1e-4: -3 points episodic, -8 continual), as unsupervised updates
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -40,16 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.errors import ModelError
-from edgetune.methods.base import Method, MethodConfig, TapSpec, declare, entropy, supervised_or
+from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare, entropy, setting, supervised_or
 from edgetune.models.zoo import TransformerLayer
 
 
 @dataclass(frozen=True)
 class VQTConfig(MethodConfig):
-    lr: float = field(default=1e-4, metadata={"help": "SGD learning rate of queries and head at test time"})
-    entropy_weight: float = field(default=0.0, metadata={"help": "weight of the unsupervised entropy loss (0: learn "
-                                                                  "only from revealed labels, the supervised mode)"})
-    queries: int = field(default=2, metadata={"help": "learnable query tokens per layer (ViT) or per stage (CNN)"})
+    lr: float = setting(1e-4, Range(0.0, 10.0), "SGD learning rate of queries and head at test time")
+    entropy_weight: float = setting(0.0, Range(0.0, 100.0), "weight of the unsupervised entropy loss (0: learn "
+                                                            "only from revealed labels, the supervised mode)")
+    queries: int = setting(2, Range(1, 256), "learnable query tokens per layer (ViT) or per stage (CNN)")
 
 
 @declare
