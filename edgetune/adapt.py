@@ -6,7 +6,9 @@ onnxruntime) with a method; ``step`` is the per-sample loop body: taps -> predic
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import json
 from dataclasses import asdict
 from typing import Callable, Sequence
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from edgetune.data import Dataset, to_tensor
 from edgetune.data.corruptions import cache_dir
+from edgetune.data.roles import check_mode
 from edgetune.errors import DataError
 from edgetune.methods import METHODS, Method, TapSpec
 from edgetune.models import Backbone
@@ -113,16 +116,56 @@ def _backbone_digest(backbone: Backbone) -> str:
     return h.hexdigest()
 
 
-def _fit_key(adaptable: Adaptable, data: Dataset, seed: int) -> str:
+@functools.lru_cache(maxsize=None)
+def _class_code(cls: type) -> bytes:
+    """The definition of a module class: its source, or (defined where no source file exists)
+    the bytecode and constants of every function it defines, through its bases."""
+    try:
+        return inspect.getsource(cls).encode()
+    except (OSError, TypeError):
+        parts = [cls.__qualname__.encode()]
+        for klass in cls.__mro__[:-1]:
+            for attr, value in sorted(vars(klass).items()):
+                code = getattr(value, "__code__", None)
+                if code is not None:
+                    parts += [attr.encode(), code.co_code, repr(code.co_consts).encode()]
+        return b"\0".join(parts)
+
+
+def model_digest(backbone: Backbone) -> str:
+    """The model's definition, not only its weights: the code of every module class it is made
+    of (its source, or its bytecode), functions set on module instances, the module tree (sizes,
+    strides), the ONNX file's hash of a model loaded from ONNX, and the weights. Two models that
+    share weights but differ in code get different digests, so no cache keyed by this goes stale."""
+    h = hashlib.sha256(_backbone_digest(backbone).encode())
+    source = getattr(backbone, "source", None)
+    if source is not None:  # an ONNX backbone records its file's sha256 and the taps
+        h.update(json.dumps(source, sort_keys=True, default=str).encode())
+    for cls in sorted({type(m) for m in backbone.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update(_class_code(cls))
+    for m in backbone.modules():
+        for attr, value in sorted(vars(m).items()):
+            code = getattr(value, "__code__", None)
+            if code is not None:
+                h.update(attr.encode() + code.co_code + repr(code.co_consts).encode())
+    h.update(repr(backbone).encode())
+    h.update(repr(tuple(backbone.input_shape)).encode())
+    return h.hexdigest()
+
+
+def fit_key(adaptable: Adaptable, data: Dataset, seed: int, max_samples: int = 20000, mode: str = "labelled") -> str:
+    """What determines a fit: model definition and weights, method and config, the source's
+    content, mode, seed and sample cap."""
     m = adaptable.method
-    h = hashlib.sha256(_backbone_digest(adaptable.backbone).encode())
-    h.update(json.dumps([m.name, asdict(m.config), data.name, seed, len(data.train_y)],
-                        sort_keys=True, default=str).encode())
+    h = hashlib.sha256(model_digest(adaptable.backbone).encode())
+    h.update(json.dumps([m.name, type(m).__qualname__, asdict(m.config), data.digest, mode, seed, max_samples,
+                         [asdict(t) for t in adaptable.frozen.specs]], sort_keys=True, default=str).encode())
+    h.update(_class_code(type(m)))
     return h.hexdigest()[:24]
 
 
 def source_taps(adaptable: Adaptable, images: np.ndarray, batch: int = 500) -> list[torch.Tensor]:
-    """Taps of the frozen backbone (torch) for uint8 images, concatenated per tap."""
+    """Taps of the frozen backbone (torch) for samples in a dataset layout, concatenated per tap."""
     parts: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
@@ -130,16 +173,51 @@ def source_taps(adaptable: Adaptable, images: np.ndarray, batch: int = 500) -> l
     return [torch.cat([p[k] for p in parts]) for k in range(len(adaptable.frozen.specs))]
 
 
-def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = True, use_cache: bool = True,
-        max_samples: int = 20000) -> dict[str, float]:
-    """Pre-deployment fit on labelled source data: measure source statistics, then train the
-    method's attachments (AdamW, one-cycle schedule) with the backbone frozen.
+@torch.no_grad()
+def teacher_targets(backbone: Backbone, images: np.ndarray, batch: int = 500) -> torch.Tensor:
+    """The model's own class probabilities (N x classes): the targets of an unlabelled fit."""
+    backbone.eval()
+    return torch.cat([torch.softmax(backbone(to_tensor(images[i:i + batch])), dim=-1)
+                      for i in range(0, len(images), batch)])
 
-    Results are cached (``$EDGETUNE_CACHE/fits``) by backbone weights, method config and data,
-    so ``eval`` and ``export`` of the same setting fit once. Returns a small report.
+
+def _init_from_classifier(method: Method) -> None:
+    """Unlabelled fit: attachments shaped like the classifier (e.g. an exit head on a tap as wide
+    as the last stage) start from its weights; the others keep their seeded initialisation."""
+    src = method.classifier
+    params = {id(p) for p in method.fit_parameters()}
+    with torch.no_grad():
+        for module in method.modules():
+            if (module is not src and isinstance(module, nn.Linear) and id(module.weight) in params
+                    and module.weight.shape == src.weight.shape):
+                module.weight.copy_(src.weight)
+                if module.bias is not None and src.bias is not None:
+                    module.bias.copy_(src.bias)
+
+
+def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = True, use_cache: bool = True,
+        max_samples: int = 20000, mode: str = "labelled") -> dict[str, float]:
+    """Pre-deployment fit on the source ``data`` (its training split): measure source statistics,
+    then train the method's attachments (AdamW, one-cycle schedule) with the backbone frozen.
+
+    ``mode`` (``edgetune.data.roles``): ``labelled`` trains with cross-entropy on the labels;
+    ``unlabelled`` and ``none`` (``data`` is then the stream's warm-up) never read a label:
+    attachments shaped like the classifier start from it and all are trained by distillation
+    towards the model's own predictions. Results are cached (``$EDGETUNE_CACHE/fits``) by
+    ``fit_key``, so ``eval`` and ``export`` of the same setting fit once. Returns a small report.
+
+    Raises:
+        ConfigError: an unknown mode.
+        DataError: mode ``labelled`` on a source without labels, or a source without samples.
     """
+    check_mode(mode)
+    if not len(data.train_x):
+        raise DataError(f"source: {data.name} has no training samples; pass a source with samples")
+    if mode == "labelled" and not data.labelled:
+        raise DataError(f"source: {data.name} has no labels; fit it with mode 'unlabelled' (statistics and "
+                        "distillation only)")
     method = adaptable.method
-    path = cache_dir() / "fits" / f"{_fit_key(adaptable, data, seed)}.pt"
+    path = cache_dir() / "fits" / f"{fit_key(adaptable, data, seed, max_samples, mode)}.pt"
     if use_cache and path.exists():
         saved = torch.load(path, weights_only=True)
         method.load_state_dict(saved["state"])
@@ -151,17 +229,25 @@ def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = Tru
     idx = np.sort(rng.permutation(len(data.train_y))[:max_samples])
     # Source taps depend only on the frozen backbone and the tap specs: reuse them across the
     # configs of one method (hyperparameter searches fit many times in one process).
-    memo_key = (_backbone_digest(adaptable.backbone), adaptable.frozen.specs, data.name, seed, max_samples)
+    memo_key = (model_digest(adaptable.backbone), adaptable.frozen.specs, data.digest, seed, max_samples)
     if memo_key not in _TAP_MEMO:
         _TAP_MEMO.clear()
         _TAP_MEMO[memo_key] = source_taps(adaptable, data.train_x[idx])
     taps = _TAP_MEMO[memo_key]
-    labels = torch.from_numpy(data.train_y[idx])
+    labelled = mode == "labelled"
+    targets = torch.from_numpy(data.train_y[idx]) if labelled else teacher_targets(adaptable.backbone,
+                                                                                   data.train_x[idx])
     method.calibrate([taps])
     report: dict[str, float] = {}
     params = method.fit_parameters()
+    if not labelled:
+        _init_from_classifier(method)
     if params and method.config.fit_epochs > 0:
-        report = _train_attachments(method, taps, labels, params, data, adaptable, seed, progress)
+        val_x = data.val_x if len(data.val_x) else data.train_x[idx]
+        val_y = (torch.from_numpy(data.val_y if len(data.val_x) else data.train_y[idx]) if labelled
+                 else teacher_targets(adaptable.backbone, val_x))
+        report = _train_attachments(method, taps, targets, params, source_taps(adaptable, val_x), val_y, seed,
+                                    progress)
     method._initial = None
     method.reset()
     if use_cache:
@@ -171,7 +257,9 @@ def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = Tru
 
 
 def _train_attachments(method: Method, taps: list[torch.Tensor], labels: torch.Tensor, params: list[nn.Parameter],
-                       data: Dataset, adaptable: Adaptable, seed: int, progress: bool) -> dict[str, float]:
+                       val_taps: list[torch.Tensor], val_y: torch.Tensor, seed: int,
+                       progress: bool) -> dict[str, float]:
+    """``labels``: class indices (labelled fit) or the model's probabilities (distillation)."""
     cfg = method.config
     batch = 128
     n = len(labels)
@@ -179,8 +267,6 @@ def _train_attachments(method: Method, taps: list[torch.Tensor], labels: torch.T
     opt = torch.optim.AdamW(params, lr=cfg.fit_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.fit_lr, total_steps=steps, pct_start=0.2)
     g = torch.Generator().manual_seed(seed)
-    val_taps = source_taps(adaptable, data.val_x)
-    val_y = torch.from_numpy(data.val_y)
     before = _fit_val_loss(method, val_taps, val_y)
     bar = tqdm(range(cfg.fit_epochs), desc=f"fit {method.name}", disable=not progress, leave=False)
     for _ in bar:

@@ -5,6 +5,11 @@ up front (torch, batched; or onnxruntime int8, sample by sample) and the method 
 the stream one sample at a time. Labels never reach a method in the default protocol; with
 ``labelled_fraction > 0`` (the supervised mode) a chosen sample's label is revealed only after
 its prediction was scored.
+
+Roles are kept apart (``edgetune.data.roles``): the *source* is what ``fit`` and int8
+calibration read, the *stream* what is scored; every report says what served as source, how
+many samples and whether labels were used. Samples without a label (-1) are predicted but not
+scored (a segment of them has no accuracy).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from edgetune.adapt import Adaptable, source_taps
-from edgetune.data import Segment
+from edgetune.data import WARMUP, Dataset, Segment, SourceInfo
 from edgetune.errors import ConfigError
 
 TapFunction = Callable[[Adaptable, np.ndarray], list[torch.Tensor]]
@@ -37,13 +42,28 @@ class StreamResult:
 
     @property
     def mean(self) -> float:
-        return float(np.mean(list(self.per_corruption.values()))) if self.per_corruption else float("nan")
+        scored = [v for v in self.per_corruption.values() if not np.isnan(v)]
+        return float(np.mean(scored)) if scored else float("nan")
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("predictions")
-        d["mean_online_accuracy"] = self.mean
+        d["per_corruption"] = _json_numbers(self.per_corruption)
+        d["mean_online_accuracy"] = _json_number(self.mean)
         return d
+
+
+def _json_number(v: float) -> float | None:
+    """NaN (nothing scored: no labels) as JSON null."""
+    return None if v is None or np.isnan(v) else float(v)
+
+
+def _json_numbers(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: _json_number(v) for k, v in d.items()}
+
+
+def _percent(v: float, width: int) -> str:
+    return f"{'-':>{width}}" if np.isnan(v) else f"{100 * v:>{width}.1f}"
 
 
 def torch_taps(adaptable: Adaptable, images: np.ndarray) -> list[torch.Tensor]:
@@ -94,17 +114,19 @@ def walk_stream(runner: StreamRunner, segments: list[Segment], name: str, labell
         if seg.reset:
             runner.reset()
         runner.begin(seg.images)
-        correct = 0
+        correct = scored = 0
         for i, label in enumerate(seg.labels):
             pred, early = runner.step(i)
             predictions.append(pred)
-            correct += pred == int(label)
+            if label >= 0:
+                correct += pred == int(label)
+                scored += 1
             if early is not None:
                 exits.append(early)
-            if reveal[len(predictions) - 1]:
+            if reveal[len(predictions) - 1] and label >= 0:
                 runner.feedback(i, int(label))  # revealed only now, after the prediction was scored
             bar.update(1)
-        per[seg.corruption] = correct / max(1, len(seg.labels))
+        per[seg.name] = correct / scored if scored else float("nan")
     bar.close()
     early_rate = float(np.mean(exits)) if exits else None
     return StreamResult(name, per, total, labelled_fraction, early_rate, runner.restores, predictions)
@@ -164,16 +186,19 @@ class EvalReport:
     seed: int
     backbone: str
     result: StreamResult
-    source: StreamResult
+    source: StreamResult  # the no-adaptation floor on the same stream
     memory_bytes: dict[str, int]
+    source_data: SourceInfo | None = None  # what fit and calibration read
 
     def to_json(self) -> dict:
         return {"method": self.result.method, "model": self.model, "data": self.data, "severity": self.severity,
                 "protocol": self.protocol, "seed": self.seed, "backbone": self.backbone,
+                "source_data": self.source_data.to_json() if self.source_data else None,
                 "samples": self.result.samples, "labelled_fraction": self.result.labelled_fraction,
-                "mean_online_accuracy": self.result.mean, "source_mean_online_accuracy": self.source.mean,
-                "per_corruption": self.result.per_corruption,
-                "source_per_corruption": self.source.per_corruption,
+                "mean_online_accuracy": _json_number(self.result.mean),
+                "source_mean_online_accuracy": _json_number(self.source.mean),
+                "per_corruption": _json_numbers(self.result.per_corruption),
+                "source_per_corruption": _json_numbers(self.source.per_corruption),
                 "early_exit_rate": self.result.early_exit_rate, "collapse_restores": self.result.restores,
                 "memory_bytes": self.memory_bytes}
 
@@ -181,11 +206,13 @@ class EvalReport:
         name = self.result.method + (f" (supervised, {self.result.labelled_fraction:.0%} labelled)"
                                      if self.result.labelled_fraction else "")
         rows = [f"{self.model} on {self.data}, severity {self.severity}, {self.protocol}, seed {self.seed}, "
-                f"backbone {self.backbone}, {self.result.samples} samples",
-                f"{'corruption':<20} {'source':>8} {name:>10}"]
+                f"backbone {self.backbone}, {self.result.samples} samples"]
+        if self.source_data is not None:
+            rows.append(self.source_data.line())
+        rows.append(f"{'corruption':<20} {'source':>8} {name:>10}")
         for c, acc in self.result.per_corruption.items():
-            rows.append(f"{c:<20} {100 * self.source.per_corruption[c]:>8.1f} {100 * acc:>10.1f}")
-        rows.append(f"{'mean':<20} {100 * self.source.mean:>8.1f} {100 * self.result.mean:>10.1f}")
+            rows.append(f"{c:<20} {_percent(self.source.per_corruption[c], 8)} {_percent(acc, 10)}")
+        rows.append(f"{'mean':<20} {_percent(self.source.mean, 8)} {_percent(self.result.mean, 10)}")
         if self.result.early_exit_rate is not None:
             rows.append(f"early-exit rate {100 * self.result.early_exit_rate:.1f}%")
         if self.result.restores:
@@ -241,37 +268,75 @@ def _compiled(adaptable: Adaptable, data, segments: list[Segment], labelled_frac
     return result, "compiled int8 (TVM C kernels + C runtime, host)"
 
 
-def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[str, ...], severity: int,
+def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[str, ...] | str, severity: int,
              protocol: str, seed: int = 0, samples_per_corruption: int | None = None, backbone_kind: str = "torch",
              overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
-             progress: bool = True) -> EvalReport:
-    """Fit ``method`` (and ``source``) on ``data``'s source split, stream the corrupted test split
-    through both, and report online accuracy side by side with the method's memory table.
+             progress: bool = True, source=None, source_mode: str = "labelled", warmup: int = WARMUP,
+             source_origin: str | None = None, resize: tuple[int, int] | None = None,
+             crop: tuple[int, int] | None = None) -> EvalReport:
+    """Fit ``method`` (and ``source``, the no-adaptation floor) on the *source*, stream the shifted
+    test split of ``data`` (the *stream*) through both, and report online accuracy side by side
+    with the method's memory table and what served as source.
+
+    ``data`` and ``source``: anything ``edgetune.data.load_data`` takes (``resize`` / ``crop``
+    apply to both). ``corruptions``: names, or a spec string for ``parse_corruptions`` (``all``
+    means the sensor shifts for 1-D samples). ``source_mode``: ``labelled``, ``unlabelled`` or
+    ``none`` (a warm-up on the first ``warmup`` stream samples; see ``edgetune.data.roles``).
+    ``source=None`` with a mode other than ``none`` uses the training split of ``data`` itself:
+    right only for a model trained on that split (the CLI passes the checkpoint's recorded
+    training data instead, see ``checkpoint_source``). ``source_origin`` says in the report
+    where the source came from.
 
     Raises:
-        EdgetuneError: bad names or options (see ``prepare``, ``build_stream``, ``run_stream``).
+        EdgetuneError: bad names or options (see ``prepare``, ``build_stream``, ``run_stream``);
+            DataError: data or source samples whose shape is not the model's input, or a
+            labelled mode with an unlabelled source.
     """
     import copy
 
     from edgetune.adapt import fit, prepare
-    from edgetune.data import build_stream
+    from edgetune.data import build_stream, conform, load_data, parse_corruptions
+    from edgetune.data.roles import check_mode, source_info
     from edgetune.memory import memory_table
 
     if backbone_kind not in BACKBONES:
         raise ConfigError(f"eval: unknown runtime {backbone_kind!r}; pick one of {', '.join(BACKBONES)}")
-    segments = build_stream(data, corruptions, severity, protocol, seed, samples_per_corruption)
+    check_mode(source_mode)
+    shape = tuple(backbone.input_shape)
+    stream_data = conform(load_data(data, resize, crop), shape, "data")
+    if isinstance(corruptions, str):
+        corruptions = parse_corruptions(corruptions, "image" if len(shape) == 3 else "array")
+    segments = build_stream(stream_data, corruptions, severity, protocol, seed, samples_per_corruption)
+    src, origin = _source_role(stream_data, source, source_mode, segments, warmup, shape, resize, crop)
+    origin = source_origin or origin
     results: dict[str, StreamResult] = {}
     labels: dict[str, str] = {}
     memory: dict[str, int] = {}
     for name, ovr, frac in ((method, overrides or {}, labelled_fraction), ("source", {}, 0.0)):
         adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
-        fit(adaptable, data, seed=seed, progress=progress)
+        fit(adaptable, src, seed=seed, progress=progress, mode=source_mode)
         if backbone_kind == "compiled":
-            results[name], labels[name] = _compiled(adaptable, data, segments, frac, seed, progress)
+            results[name], labels[name] = _compiled(adaptable, src, segments, frac, seed, progress)
         else:
-            tap_fn, labels[name] = tap_function(adaptable, data, backbone_kind)
+            tap_fn, labels[name] = tap_function(adaptable, src, backbone_kind)
             results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
         if name == method:
             memory = memory_table(adaptable)
-    return EvalReport(model_name, data.name, severity, protocol, seed, labels[method], results[method],
-                      results["source"], memory)
+    fitted = min(len(src.train_x), 20000)
+    return EvalReport(model_name, stream_data.name, severity, protocol, seed, labels[method], results[method],
+                      results["source"], memory, source_info(src, source_mode, fitted, origin))
+
+
+def _source_role(stream_data: Dataset, source, mode: str, segments: list[Segment], warmup: int,
+                 shape: tuple[int, ...], resize, crop) -> tuple[Dataset, str]:
+    """The source dataset of ``evaluate`` and where it came from (see its docstring)."""
+    from edgetune.data import conform, load_data, warmup_source
+
+    if mode == "none":
+        if source is not None:
+            raise ConfigError("eval: source mode 'none' uses no source data, but a source was given; drop one")
+        stream = np.concatenate([s.images for s in segments])
+        return warmup_source(stream, stream_data.name, warmup), f"warm-up on the first {warmup} stream samples"
+    if source is None:
+        return stream_data, "the stream's own dataset (API default; right only if the model was trained on it)"
+    return conform(load_data(source, resize, crop), shape, "source"), "given"

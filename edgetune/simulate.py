@@ -10,6 +10,11 @@ without adaptation; adaptation: the difference. Instructions per MAC: the frozen
 instructions over the backbone's multiply-accumulates. User-mode QEMU has no instruction counter
 (and emulated time is not device time), so on Linux targets instruction figures are counted by
 ``count_aarch64_instructions`` on a short run, or left out.
+
+The stream is any data source (``edgetune.data.load_data``: a built-in name, an image folder,
+a ``.npz``), checked against the bundle's input shape; its sample shape travels in the stream
+file's header. The report names the source the bundle was fitted and calibrated on when the
+bundle records it (``source.json``, ``edgetune.data.record_source``).
 """
 from __future__ import annotations
 
@@ -70,11 +75,15 @@ class SimulationReport:
     predictions: list[int] = field(repr=False)
     source_predictions: list[int] = field(repr=False)
     final_state: dict[str, np.ndarray] = field(repr=False)
+    source_data: dict | None = None  # what the bundle was fitted and calibrated on (SourceInfo), if recorded
+    sample_shape: tuple[int, ...] = ()
 
     def to_json(self) -> dict:
         d = asdict(self)
         for k in ("predictions", "source_predictions", "final_state"):
             d.pop(k)
+        for k in ("online_accuracy", "source_accuracy"):
+            d[k] = None if math.isnan(d[k]) else d[k]
         return d
 
     def table(self) -> str:
@@ -84,8 +93,13 @@ class SimulationReport:
         ipm = "-" if self.instructions_per_mac is None else f"{self.instructions_per_mac:.2f}"
         sram = "-" if self.sram_bytes is None else f"{self.sram_bytes:,} B (static {self.static_ram_bytes:,} + " \
                                                   f"stack high-water {self.stack_bytes:,})"
+        src = self.source_data
+        fitted = ("not recorded in the bundle" if src is None else
+                  f"{src['data']} ({src['split']}, {src['samples']:,} samples, "
+                  f"{'labels used' if src['labels_used'] else 'no labels used'})")
         rows = [f"{self.method} on {self.model}, {self.target}: {self.data} {self.corruption} severity "
-                f"{self.severity}, {self.protocol}, {self.n} samples",
+                f"{self.severity}, {self.protocol}, {self.n} samples of {'x'.join(map(str, self.sample_shape))}",
+                f"  source (fit, calibration) {fitted}",
                 f"  online accuracy          {100 * self.online_accuracy:6.1f} %   (source, same samples: "
                 f"{100 * self.source_accuracy:.1f} %)",
                 f"  flash                    {self.flash_bytes:,} B",
@@ -100,29 +114,38 @@ class SimulationReport:
         return "\n".join(rows)
 
 
-def stream_samples(data: str, corruptions: tuple[str, ...], severity: int, protocol: str, n: int, seed: int = 0,
-                   labelled_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[bool], list[int]]:
-    """(float32 samples N x 1 x H x W, labels, reset flags, feedback labels) of ``n`` samples of the
-    corrupted test stream (as ``edgetune eval`` builds it; ``n`` split evenly over corruptions).
+def stream_samples(data, corruptions: tuple[str, ...], severity: int, protocol: str, n: int, seed: int = 0,
+                   labelled_fraction: float = 0.0, input_shape: tuple[int, ...] | None = None,
+                   resize: tuple[int, int] | None = None,
+                   crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, list[bool], list[int]]:
+    """(float32 samples N x C x ..., labels (-1: none), reset flags, feedback labels) of ``n``
+    samples of the shifted test stream of ``data`` (any ``load_data`` source; as ``edgetune eval``
+    builds it; ``n`` split evenly over the corruptions, or over the groups of a ``none`` stream).
 
     Raises:
         ConfigError: n < 1 or a labelled fraction outside [0, 1]; see ``build_stream``.
+        DataError: samples whose shape is not ``input_shape`` (when given).
     """
-    from edgetune.data import build_stream, load_dataset, to_tensor
+    from edgetune.data import build_stream, conform, load_data, to_tensor
     from edgetune.evaluate import revealed
 
     if n < 1:
         raise ConfigError(f"simulate: --n must be at least 1 (got {n})")
     reveal = revealed(n, labelled_fraction, seed, "simulate")
+    dataset = load_data(data, resize, crop)
+    if input_shape is not None:
+        dataset = conform(dataset, input_shape, "simulate")
     per = math.ceil(n / len(corruptions))
-    segments = build_stream(load_dataset(data), corruptions, severity, protocol, seed, per)
+    if dataset.test_groups is not None and all(c in ("none", "clean") for c in corruptions):
+        per = math.ceil(n / len(set(dataset.test_groups.tolist())))
+    segments = build_stream(dataset, corruptions, severity, protocol, seed, per)
     images = np.concatenate([s.images for s in segments])[:n]
     labels = np.concatenate([s.labels for s in segments])[:n]
     resets = []
     for s in segments:
         resets += [s.reset] + [False] * (len(s.labels) - 1)
     resets = resets[:n]
-    feedback = [int(y) if shown else -1 for y, shown in zip(labels, reveal)]
+    feedback = [int(y) if shown and y >= 0 else -1 for y, shown in zip(labels, reveal)]
     return to_tensor(images).numpy(), labels, resets, feedback
 
 
@@ -230,31 +253,37 @@ def _per_sample(ticks: int, samples: int, built: Built) -> float | None:
     return t.ticks_to_instructions(ticks) / samples
 
 
-def simulate(bundle_dir: str | Path, data: str = "digits", corruption: str = "gaussian_noise", severity: int = 5,
+def simulate(bundle_dir: str | Path, data="digits", corruption: str = "gaussian_noise", severity: int = 5,
              n: int = 300, protocol: str = "episodic", seed: int = 0, target: str | None = None,
              labelled_fraction: float = 0.0, workdir: str | Path | None = None,
-             progress: bool = False) -> SimulationReport:
-    """Build the bundle's target project if needed, stream ``n`` corrupted samples through it in
-    the simulator (with and without adaptation) and measure accuracy, memory and instructions.
+             progress: bool = False, resize: tuple[int, int] | None = None,
+             crop: tuple[int, int] | None = None) -> SimulationReport:
+    """Build the bundle's target project if needed, stream ``n`` shifted samples of ``data`` (any
+    ``load_data`` source, checked against the bundle's input shape) through it in the simulator
+    (with and without adaptation) and measure accuracy, memory and instructions.
 
-    ``corruption``: one name, a comma list, ``all`` or ``clean`` (as ``edgetune eval``).
-    ``progress``: say on stderr what runs while the simulator works.
+    ``corruption``: one name, a comma list, ``all`` (sensor shifts for 1-D inputs) or ``none``
+    (as ``edgetune eval``). ``progress``: say on stderr what runs while the simulator works.
 
     Raises:
         CheckpointError: the bundle has no target project (export it with --target).
         ConfigError: the bundle has projects for several targets and ``target`` is not given, or
             bad stream options.
         ToolchainError: the toolchain or simulator is missing or fails.
+        DataError: the data's samples do not have the bundle's input shape.
     """
-    from edgetune.data import parse_corruptions
+    from edgetune.data import parse_corruptions, recorded_source
+    from edgetune.data.sources import describe
 
     projects = find_projects(bundle_dir, target)
     if len(projects) > 1:
         raise ConfigError(f"simulate: {bundle_dir} has projects for {', '.join(p.target for p in projects)}; "
                           "pick one with --target")
+    shape = tuple(projects[0].input_shape)
+    corruptions = parse_corruptions(corruption, "image" if len(shape) == 3 else "array")
+    x, labels, resets, feedback = stream_samples(data, corruptions, severity, protocol, n, seed, labelled_fraction,
+                                                 shape, resize, crop)  # data errors before the build
     built = build_project(projects[0])
-    corruptions = parse_corruptions(corruption)
-    x, labels, resets, feedback = stream_samples(data, corruptions, severity, protocol, n, seed, labelled_fraction)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgetune-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     stream = write_stream(work / "stream.bin", x, resets, feedback, built.project.classes)
@@ -269,11 +298,19 @@ def simulate(bundle_dir: str | Path, data: str = "digits", corruption: str = "ga
         step, _ = count_instructions(built, x, work, adapt=True)
         inference, frozen = count_instructions(built, x, work, adapt=False)
         counted = (step, inference, frozen)
-    return report(built, adapted, source, labels, data, corruption, severity, protocol, counted)
+    info = recorded_source(bundle_dir)
+    return report(built, adapted, source, labels, describe(data), corruption, severity, protocol, counted,
+                  info.to_json() if info else None)
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    scored = labels >= 0
+    return float(np.mean(pred[scored] == labels[scored])) if scored.any() else float("nan")
 
 
 def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarray, data: str, corruption: str,
-           severity: int, protocol: str, counted: tuple[float, float, float] | None = None) -> SimulationReport:
+           severity: int, protocol: str, counted: tuple[float, float, float] | None = None,
+           source_data: dict | None = None) -> SimulationReport:
     """The figures of a simulation from its two runs (see the module docstring); ``counted``:
     (step, inference, frozen) instructions per sample counted by ``count_instructions`` where
     the simulator has no instruction counter."""
@@ -291,8 +328,8 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
     stack = max(sa["stack_used_bytes"], ss["stack_used_bytes"]) if mcu else None
     return SimulationReport(
         target=p.target, method=p.method, model=p.model, data=data, corruption=corruption, severity=severity,
-        protocol=protocol, n=len(labels), online_accuracy=float(np.mean(pred == labels)),
-        source_accuracy=float(np.mean(pred_src == labels)), flash_bytes=built.flash_bytes,
+        protocol=protocol, n=len(labels), online_accuracy=_accuracy(pred, labels),
+        source_accuracy=_accuracy(pred_src, labels), flash_bytes=built.flash_bytes,
         sram_bytes=built.static_ram_bytes + stack if stack is not None else None,
         static_ram_bytes=built.static_ram_bytes, stack_bytes=stack, instructions_per_sample=total,
         inference_instructions_per_sample=inference,
@@ -302,7 +339,8 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
         early_exit_rate=float(np.mean((adapted.records["flags"][ok] & EARLY_EXIT) != 0)) if accepted else 0.0,
         rejected=int(sa["rejected"]), restores=int(sa["restores"]), updates=int(sa["updates"]),
         simulator_seconds=adapted.seconds + source.seconds, predictions=[int(v) for v in pred],
-        source_predictions=[int(v) for v in pred_src], final_state=adapted.state)
+        source_predictions=[int(v) for v in pred_src], final_state=adapted.state, source_data=source_data,
+        sample_shape=tuple(p.input_shape))
 
 
 __all__ = ["RunResult", "SimulationReport", "report", "run_program", "simulate", "stream_samples"]

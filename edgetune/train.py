@@ -1,4 +1,10 @@
-"""``train-source``: train a zoo backbone on the clean source split (the pretrained model TTA starts from)."""
+"""``train-source``: train a zoo backbone on the clean source split (the pretrained model TTA starts from).
+
+The model is built for the data's sample shape (C x H x W or C x T) and class count, and the
+checkpoint records the data it was trained on (``data``: the built-in name or the folder's /
+file's absolute path, with ``data_resize`` / ``data_crop`` and ``data_digest``): that is the
+default source when the checkpoint is evaluated or exported (``edgetune.data.roles``).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,15 +17,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edgetune.checkpoint import save_checkpoint
-from edgetune.data import Dataset, to_tensor
-from edgetune.errors import ConfigError
+from edgetune.data import Dataset, load_data, to_tensor
+from edgetune.errors import ConfigError, DataError
 from edgetune.models import Backbone, build_model
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A random +-2 px shift of the whole batch (zero padding)."""
-    pad = F.pad(x, (2, 2, 2, 2))
+    """A random +-2 px shift of the whole batch (zero padding); 1-D windows: +-2 time steps."""
     dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
+    if x.dim() == 3:
+        return F.pad(x, (2, 2))[:, :, dx:dx + x.shape[2]]
+    pad = F.pad(x, (2, 2, 2, 2))
     return pad[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
 
 
@@ -42,22 +50,31 @@ def training_subset(data: Dataset, images: int | None, seed: int) -> Dataset:
     return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
 
 
-def train_source(model_name: str, data: Dataset, out_dir: str | Path, epochs: int = 10, lr: float = 3e-3,
+def train_source(model_name: str, data: Dataset | str, out_dir: str | Path, epochs: int = 10, lr: float = 3e-3,
                  batch: int = 128, seed: int = 0, progress: bool = True, augment: bool = True,
-                 train_images: int | None = None) -> dict[str, float]:
+                 train_images: int | None = None, resize: tuple[int, int] | None = None,
+                 crop: tuple[int, int] | None = None) -> dict[str, float]:
     """Train ``model_name`` on ``data``'s clean training split and write a checkpoint to ``out_dir``.
 
-    AdamW with a one-cycle schedule and (unless ``augment`` is off) shift augmentation, on the
-    whole training split or a seeded subset of ``train_images``; returns validation/test accuracy.
+    ``data``: anything ``edgetune.data.load_data`` takes (``resize`` / ``crop`` applied and
+    recorded). The model is built for the data's sample shape and classes. AdamW with a
+    one-cycle schedule and (unless ``augment`` is off) shift augmentation, on the whole training
+    split or a seeded subset of ``train_images``; returns validation/test accuracy.
 
     Raises:
         ConfigError: a non-positive epoch count, batch size or subset size.
+        DataError: data without labels, or that cannot be loaded.
     """
     if epochs <= 0 or batch <= 0:
         raise ConfigError(f"train-source: --epochs and --batch must be positive (got {epochs}, {batch})")
+    data = load_data(data, resize, crop)
+    if not data.labelled:
+        raise DataError(f"train-source: {data.name} has no labels; training needs one class subfolder per class "
+                        "(image folder) or y (.npz)")
+    digest = data.digest
     data = training_subset(data, train_images, seed)
     torch.manual_seed(seed)
-    model = build_model(model_name, num_classes=data.num_classes)
+    model = build_model(model_name, num_classes=data.num_classes, input_shape=data.sample_shape)
     x_train, y_train = to_tensor(data.train_x), torch.from_numpy(data.train_y)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps_per_epoch = (len(y_train) + batch - 1) // batch
@@ -81,6 +98,7 @@ def train_source(model_name: str, data: Dataset, out_dir: str | Path, epochs: in
               "test_accuracy": accuracy(model, data.test_x, data.test_y),
               "train_seconds": round(time.time() - start, 1)}
     save_checkpoint(out_dir, model_name, model.eval(),
-                    {"data": data.name, "epochs": epochs, "lr": lr, "seed": seed, "augment": augment,
-                     "train_images": len(y_train), **report})
+                    {"data": data.name, "data_resize": list(resize) if resize else None,
+                     "data_crop": list(crop) if crop else None, "data_digest": digest, "epochs": epochs, "lr": lr,
+                     "seed": seed, "augment": augment, "train_images": len(y_train), **report})
     return report

@@ -1,13 +1,23 @@
-"""Source datasets that ship in packages: scikit-learn's digits and Debian's Fashion-MNIST.
+"""The ``Dataset`` type and the built-in datasets that ship in packages: scikit-learn's digits,
+Debian's Fashion-MNIST (and HAPT, ``edgetune.data.hapt``).
 
-Every dataset is returned as uint8 images N x 32 x 32 (one channel) with int64 labels and a
-fixed train/val/test split, so corruptions (which work on uint8 pictures) apply directly.
+A dataset holds a fixed train/val/test split. Its samples are in one of three layouts, told
+apart by dtype and rank (``to_tensor`` turns each into the models' float32 N x C x ... input):
+
+* uint8 N x H x W — grey images (the built-ins: 32 x 32), values 0..255;
+* uint8 N x C x H x W — images with C channels (RGB: C = 3), values 0..255;
+* float32 N x C x ... — arrays fed to the model as they are (sensor windows N x C x T, or images).
+
+Images keep uint8 semantics because the corruptions work on uint8 pictures. Labels are int64;
+-1 marks a sample without a label (an unlabelled source or stream).
 """
 from __future__ import annotations
 
 import gzip
 import os
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +32,12 @@ FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled dataset split in three; images are uint8 N x 32 x 32."""
+    """A dataset split in three (layouts in the module docstring; label -1: unlabelled).
+
+    ``test_groups`` optionally names the group (e.g. the subject) of every test sample: a
+    stream with no synthetic shift is then cut into one segment per group (the real shift).
+    ``description`` says where the samples came from (shown in reports).
+    """
 
     name: str
     train_x: np.ndarray
@@ -32,14 +47,52 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int = 10
+    test_groups: np.ndarray | None = None
+    description: str = ""
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample as the model sees it: C x H x W (images) or C x T (1-D arrays)."""
+        return shape_of(self.train_x if len(self.train_x) else self.test_x)
+
+    @property
+    def kind(self) -> str:
+        """``image`` (uint8 pictures: the image corruptions apply) or ``array`` (float32 as is)."""
+        return "image" if self.train_x.dtype == np.uint8 else "array"
+
+    @property
+    def labelled(self) -> bool:
+        """Every training sample has a label."""
+        return bool(len(self.train_y)) and bool((self.train_y >= 0).all())
+
+    @cached_property
+    def digest(self) -> str:
+        """Content hash of every array (the data identity that keys caches)."""
+        h = hashlib.sha256(self.name.encode())
+        for a in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y, self.test_groups):
+            if a is not None:
+                h.update(str((a.dtype, a.shape)).encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:24]
 
 
 DATASETS: Registry = Registry("dataset")
 
 
+def shape_of(x: np.ndarray) -> tuple[int, ...]:
+    """The model input shape of one sample of ``x`` (a layout of the module docstring)."""
+    if x.dtype == np.uint8 and x.ndim == 3:
+        return (1, *x.shape[1:])
+    return tuple(int(d) for d in x.shape[1:])
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W -> float32 N x 1 x H x W in [0, 1] (the models' input convention)."""
-    return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    """Samples in a dataset layout -> the models' float32 N x C x ... input: uint8 images scaled
+    to [0, 1] (grey N x H x W gains the channel axis), float32 arrays as they are."""
+    if images.dtype == np.uint8:
+        x = torch.from_numpy(images.astype(np.float32) / 255.0)
+        return x[:, None] if images.ndim == 3 else x
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
 
 
 def _stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -65,7 +118,8 @@ def load_digits() -> Dataset:
     images = np.clip(np.round(big), 0, 255).astype(np.uint8)
     y = d.target.astype(np.int64)
     tr, va, te = _stratified_split(y, (0.7, 0.1, 0.2), seed=0)
-    return Dataset("digits", images[tr], y[tr], images[va], y[va], images[te], y[te])
+    return Dataset("digits", images[tr], y[tr], images[va], y[va], images[te], y[te],
+                   description="scikit-learn digits upsampled to 32x32")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -98,14 +152,16 @@ def load_fashion_mnist() -> Dataset:
     rng = np.random.RandomState(0)
     held = np.sort(np.concatenate([rng.permutation(np.where(y == c)[0])[:200] for c in range(10)]))
     train = np.setdiff1d(np.arange(len(y)), held)
-    return Dataset("fashion-mnist", x[train], y[train], x[held], y[held], xt, yt)
+    return Dataset("fashion-mnist", x[train], y[train], x[held], y[held], xt, yt,
+                   description="Fashion-MNIST padded to 32x32")
 
 
 _CACHE: dict[str, Dataset] = {}
 
 
 def load_dataset(name: str) -> Dataset:
-    """Load (and memoise) a dataset by name.
+    """Load (and memoise) a built-in dataset by name; ``edgetune.data.load_data`` also takes
+    image folders, ``.npz`` files and torch datasets.
 
     Raises:
         ConfigError: unknown dataset name.

@@ -2,8 +2,11 @@
 
 Formats (little-endian; targets/app/et_app.h is the reference):
 
-* stream: 32-byte header ``"ETSM", version, count, input_len, classes, record_bytes, 0, 0``, then per
-  sample ``int32 feedback label (-1: none), uint32 flags (bit 0: reset before it), float32 x[...]``;
+* stream: 32-byte header ``"ETSM", version, count, input_len, classes, record_bytes, shape0, shape1``,
+  then per sample ``int32 feedback label (-1: none), uint32 flags (bit 0: reset before it), float32
+  x[...]``. ``shape0``/``shape1`` carry the sample shape (C x T or C x H x W; 0, 0: not given, as
+  in files written before): ``shape0 = rank | C << 8``, ``shape1 = H | W << 16`` (rank 3) or
+  ``T`` (rank 2) — the two words were reserved zeros, so older readers ignore them;
 * results: 16-byte header ``"ETRS", version, count, record_bytes`` then per sample ``int32
   prediction, uint32 flags, uint32 ticks step, frozen, method, guard, float32 loss``;
 * state: the model's registered state buffers concatenated (layout in the project's metadata).
@@ -20,6 +23,7 @@ import numpy as np
 from edgetune.errors import CheckpointError, DataError
 
 STREAM_MAGIC, RESULTS_MAGIC, VERSION = b"ETSM", b"ETRS", 1
+MAX_C, MAX_SIDE = (1 << 24) - 1, (1 << 16) - 1
 STREAM_HEADER = struct.Struct("<4sIIIIIII")
 RESULTS_HEADER = struct.Struct("<4sIII")
 RESULT_DTYPE = np.dtype([("prediction", "<i4"), ("flags", "<u4"), ("step", "<u4"), ("frozen", "<u4"),
@@ -28,10 +32,31 @@ RESULT_DTYPE = np.dtype([("prediction", "<i4"), ("flags", "<u4"), ("step", "<u4"
 REJECTED, UPDATED, EARLY_EXIT, RESTORED, SNAPSHOT, FEEDBACK, RESET, SAVED = (1 << k for k in range(8))
 
 
+def pack_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The header's two shape words for a sample shape (C,T) or (C,H,W); (0, 0) when it does not fit."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 2 and dims[0] <= MAX_C and dims[1] <= 0xFFFFFFFF:
+        return 2 | dims[0] << 8, dims[1]
+    if len(dims) == 3 and dims[0] <= MAX_C and max(dims[1:]) <= MAX_SIDE:
+        return 3 | dims[0] << 8, dims[1] | dims[2] << 16
+    return 0, 0
+
+
+def unpack_shape(shape0: int, shape1: int) -> tuple[int, ...] | None:
+    """The sample shape of a header's two shape words (None: not recorded)."""
+    rank, c = shape0 & 0xFF, shape0 >> 8
+    if rank == 2:
+        return (c, shape1)
+    if rank == 3:
+        return (c, shape1 & 0xFFFF, shape1 >> 16)
+    return None
+
+
 def write_stream(path: str | Path, samples: np.ndarray, resets: Sequence[bool] | None = None,
                  feedback: Sequence[int] | None = None, classes: int = 0) -> Path:
-    """Write float32 ``samples`` (N x ...) as a stream file; ``resets[i]``: reset the model before
-    sample i; ``feedback[i]``: label revealed after sample i was scored (-1: none).
+    """Write float32 ``samples`` (N x C x T or N x C x H x W; N x L: shape not recorded) as a
+    stream file; ``resets[i]``: reset the model before sample i; ``feedback[i]``: label revealed
+    after sample i was scored (-1: none).
 
     Raises:
         DataError: no samples, or ``resets`` / ``feedback`` of another length.
@@ -40,6 +65,7 @@ def write_stream(path: str | Path, samples: np.ndarray, resets: Sequence[bool] |
     n = len(x)
     if n == 0:
         raise DataError("stream: no samples to write; pass at least one")
+    shape0, shape1 = pack_shape(x.shape[1:]) if x.ndim in (3, 4) else (0, 0)
     x = x.reshape(n, -1)
     resets = [False] * n if resets is None else list(resets)
     feedback = [-1] * n if feedback is None else list(feedback)
@@ -52,9 +78,26 @@ def write_stream(path: str | Path, samples: np.ndarray, resets: Sequence[bool] |
     records["head"], records["x"] = head, x
     out = Path(path)
     with out.open("wb") as f:
-        f.write(STREAM_HEADER.pack(STREAM_MAGIC, VERSION, n, x.shape[1], classes, 8 + 4 * x.shape[1], 0, 0))
+        f.write(STREAM_HEADER.pack(STREAM_MAGIC, VERSION, n, x.shape[1], classes, 8 + 4 * x.shape[1], shape0,
+                                   shape1))
         f.write(records.tobytes())
     return out
+
+
+def read_stream_header(path: str | Path) -> dict:
+    """count, input_len, classes and the sample shape (None: not recorded) of a stream file.
+
+    Raises:
+        DataError: not a stream file.
+    """
+    raw = Path(path).read_bytes()[:STREAM_HEADER.size]
+    if len(raw) < STREAM_HEADER.size:
+        raise DataError(f"stream: {path} is shorter than the 32-byte header; write it with write_stream")
+    magic, version, count, input_len, classes, _, shape0, shape1 = STREAM_HEADER.unpack(raw)
+    if magic != STREAM_MAGIC or version != VERSION:
+        raise DataError(f"stream: {path} is not an edgetune stream (magic {magic!r}, version {version}); write it "
+                        "with write_stream")
+    return {"count": count, "input_len": input_len, "classes": classes, "shape": unpack_shape(shape0, shape1)}
 
 
 def read_results(path: str | Path) -> np.ndarray:
@@ -112,4 +155,5 @@ def read_state(path: str | Path, layout: Sequence[StateEntry]) -> dict[str, np.n
 
 
 __all__ = ["EARLY_EXIT", "FEEDBACK", "REJECTED", "RESET", "RESTORED", "RESULT_DTYPE", "SAVED", "SNAPSHOT", "UPDATED",
-           "StateEntry", "read_results", "read_state", "write_stream"]
+           "StateEntry", "pack_shape", "read_results", "read_state", "read_stream_header", "unpack_shape",
+           "write_stream"]

@@ -1,0 +1,138 @@
+"""Who reads which data: the *source* (what ``fit`` and int8 calibration read) and the *stream*
+(what evaluation and simulation score), kept apart and reported.
+
+Source modes (``SOURCE_MODES``):
+
+* ``labelled`` — the source's training split with its labels (statistics, calibration, and
+  the attachments trained with cross-entropy);
+* ``unlabelled`` — the same samples, labels never read: statistics and calibration, and the
+  attachments distilled from the model's own classifier (source-free adaptation);
+* ``none`` — no source at all: a warm-up on the first ``warmup`` samples of the stream (in
+  stream order, as the device sees them) serves as an unlabelled source. Those samples are
+  still streamed and scored afterwards like every other.
+
+The default source of a checkpoint is the data it was trained on (``config.json`` key
+``data``, written by ``train-source``), never the labelled training split of the evaluated
+dataset; with no record and no source given, ``checkpoint_source`` refuses.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetune.data.datasets import Dataset
+from edgetune.data.sources import describe, load_data
+from edgetune.errors import ConfigError, DataError
+
+SOURCE_MODES = ("labelled", "unlabelled", "none")
+WARMUP = 200  # stream samples of the no-source warm-up
+SOURCE_FILE = "source.json"  # what a bundle was fitted and calibrated on
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What served as source, for every report: mode, data, split, sample count, labels used, why."""
+
+    mode: str
+    data: str
+    split: str
+    samples: int
+    labels_used: bool
+    origin: str
+
+    def line(self) -> str:
+        labels = "labels used" if self.labels_used else "no labels used"
+        return f"source: {self.data} ({self.split}, {self.samples:,} samples, {labels}; {self.origin})"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def check_mode(mode: str) -> None:
+    """Raises: ConfigError: an unknown source mode."""
+    if mode not in SOURCE_MODES:
+        raise ConfigError(f"source: unknown mode {mode!r}; pick one of {', '.join(SOURCE_MODES)}")
+
+
+def source_info(source: Dataset, mode: str, samples: int, origin: str) -> SourceInfo:
+    split = "first stream samples (warm-up)" if mode == "none" else "training split"
+    return SourceInfo(mode, source.name, split, samples, mode == "labelled", origin)
+
+
+def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
+                      resize: tuple[int, int] | None = None, crop: tuple[int, int] | None = None,
+                      command: str = "eval") -> tuple[Dataset | None, str]:
+    """The source for a checkpoint (its ``config``): ``source`` when given, else the data the
+    checkpoint records (``data``, with its ``data_resize`` / ``data_crop``), else a refusal.
+    Mode ``none`` needs no source (returns None). Returns the dataset and where it came from.
+
+    Raises:
+        ConfigError: an unknown mode, or no source given and none recorded.
+        DataError: the source cannot be loaded, or mode ``labelled`` with an unlabelled source.
+    """
+    check_mode(mode)
+    if mode == "none":
+        if source is not None:
+            raise ConfigError(f"{command}: --source-mode none uses no source, but --source-data {describe(source)} "
+                              "was given; drop one of them")
+        return None, "warm-up"
+    if source is not None:
+        data, origin = load_data(source, resize, crop), "given as --source-data"
+    elif config.get("data"):
+        rec_resize, rec_crop = config.get("data_resize"), config.get("data_crop")
+        try:
+            data = load_data(config["data"], tuple(rec_resize) if rec_resize else None,
+                             tuple(rec_crop) if rec_crop else None)
+        except DataError as exc:
+            raise DataError(f"{command}: the checkpoint's training data {config['data']!r} cannot be loaded "
+                            f"({exc}); pass --source-data DATA") from None
+        origin = "the checkpoint's training data"
+    else:
+        raise ConfigError(f"{command}: the model records no training data, so nothing may serve as its source by "
+                          "default (the evaluated data's labelled split would make adaptation look better than it "
+                          "is); pass --source-data DATA (add --source-mode unlabelled to use no labels) or "
+                          "--source-mode none")
+    if mode == "labelled" and not data.labelled:
+        raise DataError(f"{command}: source {data.name} has no labels; pass --source-mode unlabelled (statistics "
+                        "and distillation only) or a labelled --source-data")
+    return data, origin
+
+
+def warmup_source(samples: np.ndarray, stream_name: str, warmup: int = WARMUP) -> Dataset:
+    """An unlabelled source made of the first ``warmup`` stream samples (mode ``none``).
+
+    Raises:
+        ConfigError: ``warmup`` < 1.
+    """
+    if warmup < 1:
+        raise ConfigError(f"source: the warm-up needs at least 1 sample (got {warmup}); pass --warmup K")
+    x = samples[:warmup]
+    y = np.full(len(x), -1, dtype=np.int64)
+    return Dataset(f"{stream_name} (first {len(x)} stream samples)", x, y, x, y, x, y, num_classes=0,
+                   description="warm-up on the stream, no labels")
+
+
+def record_source(bundle_dir: str | Path, info: SourceInfo) -> Path:
+    """Write ``info`` into a bundle (``source.json``) so ``simulate`` can say what it was fitted on."""
+    path = Path(bundle_dir) / SOURCE_FILE
+    path.write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    return path
+
+
+def recorded_source(bundle_dir: str | Path) -> SourceInfo | None:
+    """The bundle's ``source.json`` (``bundle_dir`` may be one of its target projects), or None
+    for a bundle exported without one."""
+    for folder in (Path(bundle_dir), Path(bundle_dir).parent):
+        try:
+            return SourceInfo(**json.loads((folder / SOURCE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
+__all__ = ["SOURCE_MODES", "WARMUP", "SourceInfo", "check_mode", "checkpoint_source", "record_source",
+           "recorded_source", "source_info", "warmup_source"]
