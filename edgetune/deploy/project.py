@@ -10,9 +10,11 @@
                                       script's RAM/flash lengths are the target's budget
                    portable/ microcontrollers: runtime + model only, for STM32Cube / Zephyr projects
 
-Microcontroller bundles are checked against the target's budget before anything is written
-(``BudgetError`` with the table). The model C is the same on every target (TVM's C kernels),
-so the host build of it is an exact oracle of the device build.
+Microcontroller bundles are checked against the target's budget twice before anything is written
+(``BudgetError`` with the table): estimated from the ONNX graphs before any TVM work
+(``edgetune.deploy.estimate``), then with the generated model's exact figures. The model C is
+the same on every target (TVM's C kernels), so the host build of it is an exact oracle of the
+device build.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 import onnx
 
 from edgetune.deploy.budget import MemoryBudget, check_budget, firmware_budget
+from edgetune.deploy.estimate import estimate_bundle
 from edgetune.deploy.streams import StateEntry
 from edgetune.deploy.templates import linux_makefile, linux_readme, mcu_makefile, mcu_readme, portable_readme
 from edgetune.errors import CheckpointError, ConfigError, ExportError
@@ -153,6 +156,8 @@ def write_target_project(bundle_dir: str | Path, target: str | Target, inference
         raise ConfigError("project: the host runs bundles through edgetune itself (edgetune eval --runtime "
                           "compiled); pick a device target (edgetune list targets)")
     bundle = Path(bundle_dir)
+    if t.kind == "mcu":  # from the graphs alone: an oversized model is refused in seconds, not after TVM's minutes
+        _check_estimate(bundle, t, inference_only)
     manifest, generated = _generate(bundle, inference_only)
     memory = asdict(generated.sources.memory)
     budget = firmware_budget(t, memory, generated.kernels)
@@ -191,6 +196,14 @@ def write_target_project(bundle_dir: str | Path, target: str | Target, inference
         generated.kernels, program, generated.seconds)
     (out / PROJECT_FILE).write_text(project.to_json())
     return project
+
+
+def _check_estimate(bundle: Path, t: Target, inference_only: bool) -> None:
+    from edgetune.export import load_manifest
+
+    manifest = load_manifest(bundle)
+    check_budget(estimate_bundle(bundle, t, inference_only), manifest.frozen.quantized, manifest.method,
+                 manifest.model, estimated=True)
 
 
 def _generate(bundle: Path, inference_only: bool = False):
