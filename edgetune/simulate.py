@@ -253,7 +253,7 @@ def _per_sample(ticks: int, samples: int, built: Built) -> float | None:
     return t.ticks_to_instructions(ticks) / samples
 
 
-def simulate(bundle_dir: str | Path, data="digits", corruption: str = "gaussian_noise", severity: int = 5,
+def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_noise", severity: int = 5,
              n: int = 300, protocol: str = "episodic", seed: int = 0, target: str | None = None,
              labelled_fraction: float = 0.0, workdir: str | Path | None = None,
              progress: bool = False, resize: tuple[int, int] | None = None,
@@ -262,8 +262,10 @@ def simulate(bundle_dir: str | Path, data="digits", corruption: str = "gaussian_
     ``load_data`` source, checked against the bundle's input shape) through it in the simulator
     (with and without adaptation) and measure accuracy, memory and instructions.
 
-    ``corruption``: one name, a comma list, ``all`` (sensor shifts for 1-D inputs) or ``none``
-    (as ``edgetune eval``). ``progress``: say on stderr what runs while the simulator works.
+    ``data=None``: the test split of the data the bundle was fitted on (its ``source.json``),
+    else ``digits``. ``corruption``: one name, a comma list, ``all`` (sensor shifts for 1-D
+    inputs) or ``none`` (as ``edgetune eval``). ``progress``: say on stderr what runs while the
+    simulator works.
 
     Raises:
         CheckpointError: the bundle has no target project (export it with --target).
@@ -279,6 +281,9 @@ def simulate(bundle_dir: str | Path, data="digits", corruption: str = "gaussian_
     if len(projects) > 1:
         raise ConfigError(f"simulate: {bundle_dir} has projects for {', '.join(p.target for p in projects)}; "
                           "pick one with --target")
+    info = recorded_source(bundle_dir)
+    if data is None:
+        data = info.data if info is not None else "digits"
     shape = tuple(projects[0].input_shape)
     corruptions = parse_corruptions(corruption, "image" if len(shape) == 3 else "array")
     x, labels, resets, feedback = stream_samples(data, corruptions, severity, protocol, n, seed, labelled_fraction,
@@ -298,7 +303,6 @@ def simulate(bundle_dir: str | Path, data="digits", corruption: str = "gaussian_
         step, _ = count_instructions(built, x, work, adapt=True)
         inference, frozen = count_instructions(built, x, work, adapt=False)
         counted = (step, inference, frozen)
-    info = recorded_source(bundle_dir)
     return report(built, adapted, source, labels, describe(data), corruption, severity, protocol, counted,
                   info.to_json() if info else None)
 

@@ -68,13 +68,18 @@ def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
                       command: str = "eval") -> tuple[Dataset | None, str]:
     """The source for a checkpoint (its ``config``): ``source`` when given, else the data the
     checkpoint records (``data``, with its ``data_resize`` / ``data_crop``), else a refusal.
-    Mode ``none`` needs no source (returns None). Returns the dataset and where it came from.
+    Mode ``none`` needs no source (returns None; ``export`` refuses it: the device has no
+    warm-up). Returns the dataset and where it came from.
 
     Raises:
-        ConfigError: an unknown mode, or no source given and none recorded.
+        ConfigError: an unknown mode, mode ``none`` for export, or no source given and none recorded.
         DataError: the source cannot be loaded, or mode ``labelled`` with an unlabelled source.
     """
     check_mode(mode)
+    if mode == "none" and command == "export":
+        raise ConfigError("export: --source-mode none has no source to fit and calibrate the bundle on (the warm-up "
+                          "on stream samples exists in eval only); pass --source-mode unlabelled with unlabelled "
+                          "--source-data DATA")
     if mode == "none":
         if source is not None:
             raise ConfigError(f"{command}: --source-mode none uses no source, but --source-data {describe(source)} "
@@ -100,6 +105,26 @@ def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
         raise DataError(f"{command}: source {data.name} has no labels; pass --source-mode unlabelled (statistics "
                         "and distillation only) or a labelled --source-data")
     return data, origin
+
+
+def checkpoint_stream(config: dict, data: Any = None, resize: tuple[int, int] | None = None,
+                      crop: tuple[int, int] | None = None,
+                      command: str = "eval") -> tuple[Any, tuple[int, int] | None, tuple[int, int] | None]:
+    """The stream ``(data, resize, crop)`` of a checkpoint: ``data`` when given, else the data the
+    checkpoint was trained on (its test split), with the recorded resize / crop unless given.
+
+    Raises:
+        ConfigError: no ``data`` given and none recorded.
+    """
+    if data is None:
+        if not config.get("data"):
+            raise ConfigError(f"{command}: the model records no training data, so there is no default stream; pass "
+                              "--data DATA (a built-in name, an image folder or a .npz)")
+        data = config["data"]
+    if data == config.get("data"):
+        resize = resize or (tuple(config["data_resize"]) if config.get("data_resize") else None)
+        crop = crop or (tuple(config["data_crop"]) if config.get("data_crop") else None)
+    return data, resize, crop
 
 
 def warmup_source(samples: np.ndarray, stream_name: str, warmup: int = WARMUP) -> Dataset:
@@ -134,5 +159,6 @@ def recorded_source(bundle_dir: str | Path) -> SourceInfo | None:
     return None
 
 
-__all__ = ["SOURCE_MODES", "WARMUP", "SourceInfo", "check_mode", "checkpoint_source", "record_source",
+__all__ = ["SOURCE_MODES", "WARMUP", "SourceInfo", "check_mode", "checkpoint_source", "checkpoint_stream",
+           "record_source",
            "recorded_source", "source_info", "warmup_source"]
