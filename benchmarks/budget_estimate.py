@@ -29,6 +29,7 @@ from edgetune.deploy.budget import preflight_budget
 from edgetune.deploy.build import build_project
 from edgetune.deploy.estimate import estimate_bundle
 from edgetune.deploy.project import save_initial_state, write_target_project
+from edgetune.errors import BudgetError
 from edgetune.export import export
 from edgetune.targets import get_target
 
@@ -67,7 +68,7 @@ def measure(model: str, checkpoint: str, method: str, work: Path) -> list[Row]:
     data = load_dataset(config["data"])
     adaptable = prepare(backbone, method, model_name=model)
     t0 = time.perf_counter()
-    pre = {t: preflight_budget(adaptable, t) for t in TARGETS}
+    pre = {t: preflight_budget(adaptable, t, check=False) for t in TARGETS}
     preflight_seconds = (time.perf_counter() - t0) / len(TARGETS)
     bundle = work / f"{model}-{method}"
     fit(adaptable, data, seed=0)
@@ -77,13 +78,20 @@ def measure(model: str, checkpoint: str, method: str, work: Path) -> list[Row]:
     for name in TARGETS:
         target = get_target(name)
         estimate = estimate_bundle(bundle, target)
+        p = pre[name]
         t0 = time.perf_counter()
-        project = write_target_project(bundle, target)
+        try:
+            project = write_target_project(bundle, target)
+        except BudgetError as exc:  # refused from the estimate, before compiling: nothing linked to compare
+            print(f"{model} {method} {name}: refused ({str(exc).splitlines()[0][:160]})", flush=True)
+            rows.append(Row(model, method, name, p.flash if p else 0, estimate.flash, 0, p.sram if p else 0,
+                            estimate.sram, 0, next(r.sram for r in estimate.rows if r.what == ARENA_ROW), 0,
+                            estimate.rows[0].flash, 0, round(preflight_seconds, 2), round(time.perf_counter() - t0, 1)))
+            continue
         compile_seconds = time.perf_counter() - t0
         built = build_project(project)
         board = target.board
         sram_linked = built.static_ram_bytes + (board.stack_bytes + board.heap_bytes if board else 0)
-        p = pre[name]
         rows.append(Row(model, method, name, p.flash if p else 0, estimate.flash, built.flash_bytes,
                         p.sram if p else 0, estimate.sram, sram_linked,
                         next(r.sram for r in estimate.rows if r.what == ARENA_ROW), project.memory["arena"],
@@ -107,12 +115,18 @@ def table(rows: list[Row]) -> str:
             "| preflight s | compile s |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
+        if not r.flash_linked:
+            lines.append(f"| {r.model} | {r.method} | {r.target} | {r.flash_preflight:,} | {r.flash_bundle:,} | - | - "
+                         f"| {r.sram_preflight:,} | {r.sram_bundle:,} | refused before compiling | - "
+                         f"| {r.arena_estimate:,} / - | {r.preflight_seconds} | {r.compile_seconds} |")
+            continue
         flash_err = f"{err(r.flash_preflight, r.flash_linked):+.1f}% / {err(r.flash_bundle, r.flash_linked):+.1f}%"
         sram_err = f"{err(r.sram_preflight, r.sram_linked):+.1f}% / {err(r.sram_bundle, r.sram_linked):+.1f}%"
         lines.append(
             f"| {r.model} | {r.method} | {r.target} | {r.flash_preflight:,} | {r.flash_bundle:,} | {r.flash_linked:,} "
             f"| {flash_err} | {r.sram_preflight:,} | {r.sram_bundle:,} | {r.sram_linked:,} | {sram_err} "
             f"| {r.arena_estimate:,} / {r.arena_generated:,} | {r.preflight_seconds} | {r.compile_seconds} |")
+    rows = [r for r in rows if r.flash_linked]
     lines += ["", f"bundle estimate: flash {_range([err(r.flash_bundle, r.flash_linked) for r in rows])}, "
                   f"SRAM {_range([err(r.sram_bundle, r.sram_linked) for r in rows])}; preflight (before fit): "
                   f"flash {_range([err(r.flash_preflight, r.flash_linked) for r in rows])}, "

@@ -130,17 +130,18 @@ def check_budget(budget: MemoryBudget, quantized: bool = True, method: str = "",
 
 
 def preflight_budget(model, target: str | Target, method: str | None = None, overrides: dict[str, str] | None = None,
-                     quantize: bool = True, model_name: str = "") -> MemoryBudget | None:
+                     quantize: bool = True, model_name: str = "", check: bool = True) -> MemoryBudget | None:
     """Refuse, in seconds and before any fit or compile, a model whose firmware cannot fit a
     microcontroller target. ``model`` is an ``Adaptable`` (``method`` None), or a backbone that
     is prepared here for ``method`` (with config ``overrides``, as ``--set`` strings). Both graphs
     are exported in float to a temporary folder and estimated from their shapes
     (``edgetune.deploy.estimate``: no TVM, nothing fitted). Returns the estimated table, or None
     for a target without a memory budget and for a method that cannot be exported (``export``
-    refuses those itself).
+    refuses those itself). ``check=False`` returns the table without refusing.
 
     Raises:
-        BudgetError: the estimate is over the target's flash or SRAM (the message carries the table).
+        BudgetError: ``check`` and the estimate is over the target's flash or SRAM (the message
+            carries the table).
         ConfigError: unknown target or method, or a bad override.
         ExportError: a graph cannot be exported to ONNX.
     """
@@ -153,7 +154,6 @@ def preflight_budget(model, target: str | Target, method: str | None = None, ove
     from edgetune.adapt import Adaptable, prepare
     from edgetune.deploy.estimate import MethodState, estimate_budget
     from edgetune.export.onnx_graphs import export_frozen, export_trainable
-    from edgetune.memory import saved_for_backward
     from edgetune.targets import get_target
 
     t = target if isinstance(target, Target) else get_target(target)
@@ -185,9 +185,10 @@ def preflight_budget(model, target: str | Target, method: str | None = None, ove
         params=params, optimizer=params if config.momentum > 0 else 0,
         states=tuple(m.get_buffer(n).numel() for n in m.state_names()), classes=m.num_classes,
         input_elems=_elems(backbone.input_shape), learns=learns,
-        backward=saved_for_backward(adaptable) + 4 * params if learns else 0)
+        trainable=frozenset(p.name for p in parameters if p.trainable))
     budget = estimate_budget(t, frozen, trainable, state, quantize)
-    check_budget(budget, quantize, m.name, adaptable.model_name, estimated=True)
+    if check:
+        check_budget(budget, quantize, m.name, adaptable.model_name, estimated=True)
     return budget
 
 

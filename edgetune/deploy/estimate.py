@@ -15,10 +15,11 @@ the graphs' shapes and constants and mirrors what the compiler will make of them
   by a request within a factor 16 of its size, growing it when smaller), int8 for quantised
   tensors and float32 otherwise. A tensor lives from its producer to its last consumer; views
   (Reshape/Flatten/Squeeze/Unsqueeze/Identity) and dequantised activations alias their input;
-  an op whose only consumers quantise its output is fused into that kernel. The method step's
-  arena adds, when it learns, what one backward keeps (saved tensors + gradients, from the
-  manifest's memory table). Then the rows every firmware has: taps, parameters, optimizer
-  state, running statistics, I/O, the runtime's work area, static data, stack and heap.
+  an op whose only consumers quantise its output is fused into that kernel, and in the float
+  method graph an elementwise op into its only elementwise or reducing consumer (TVM's FuseOps).
+  A learning method's step keeps every forward tensor for the backward plus a gradient of each
+  one a trainable parameter reaches. Then the rows every firmware has: taps, parameters,
+  optimizer state, running statistics, I/O, the runtime's work area, static data, stack and heap.
 
 The result is the same ``MemoryBudget`` table ``firmware_budget`` gives after compiling, so a
 refusal reads the same before and after.
@@ -40,6 +41,9 @@ VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 # Activations the int8 quantiser fuses into the kernel before them (one requantised output).
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu"})
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "Sqrt", "Pow", "Abs", "Relu", "Sigmoid",
+                             "Tanh", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Erf", "Max", "Min", "Where"})
+REDUCE_OPS = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin"})
 DEQUANT_TABLE_BYTES = 256 * 4  # boundary mean of a pooled tap: one float per int8 value
 # Code (runtime + app + board + libc + kernels), fitted as an upper envelope of linked cortex-m4 / cortex-m7
 # firmware (arm-none-eabi-gcc -O2, newlib + rdimon; benchmarks/budget_estimate.py): a base, each int8
@@ -50,9 +54,12 @@ CODE_BASE_BYTES = 74 * 1024
 CODE_PER_FROZEN_KERNEL_BYTES = 1400
 CODE_LEARNING_BYTES = 26 * 1024
 CODE_PER_LEARNED_OP_BYTES = 1300
-# TVM's legalised float ops materialise tensors the ONNX graph does not have (padded copies,
-# softmax partials): the method step's liveness plan is scaled by this (measured: <= 1.4x).
-METHOD_ARENA_FACTOR = 1.5
+# compilers/plan.py sizes each float32 block of a method step at its byte count times the element size
+# (StaticPlanBlockMemory's alloc_storage size is already in bytes), so the generated arena declares
+# 4x the float storage the step uses; the estimate follows what the firmware declares. Set this to 1
+# when plan.py counts bytes (int8 blocks, the frozen graph's, are unaffected).
+FLOAT_STORAGE_FACTOR = 4
+
 
 @dataclass(frozen=True)
 class GraphEstimate:
@@ -65,6 +72,9 @@ class GraphEstimate:
     workspace: int
     kernels: int
     outputs: int
+    kept: int = 0  # every materialised tensor at once: what a backward keeps of the forward
+    adjoints: int = 0  # the materialised tensors that depend on a trainable parameter (each gets a gradient)
+    transposed: int = 0  # trainable Gemm weights inference transposes at run time (inputs, not constants)
 
 
 def _align(n: int) -> int:
@@ -149,6 +159,7 @@ class _Walk:
         for node in self.graph.node:
             if node.input and all(not n or n in self.const for n in node.input):
                 self.const.update(node.output)
+        self.producers = {o: node for node in self.graph.node for o in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.graph.node:
             for name in node.input:
@@ -168,7 +179,13 @@ class _Walk:
         uses = self.consumers[name]
         if self.qdq:
             return all(u.op_type == "QuantizeLinear" for u in uses)
-        return len(uses) == 1 and uses[0].op_type in FUSED_ACTIVATIONS
+        if self.quantize:
+            return len(uses) == 1 and uses[0].op_type in FUSED_ACTIVATIONS
+        # float graphs: TVM's FuseOps folds an elementwise op into its only consumer when that is
+        # elementwise or a reduction
+        producer = self.producers.get(name)
+        return (len(uses) == 1 and producer is not None and producer.op_type in ELEMENTWISE_OPS
+                and uses[0].op_type in ELEMENTWISE_OPS | REDUCE_OPS)
 
     def activation_bytes(self, name: str) -> int:
         if self.qdq:
@@ -208,14 +225,18 @@ def _constant_bytes(walk: _Walk, node: onnx.NodeProto, counted: set[str]) -> int
     return total
 
 
-def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_inputs: bool = True) -> GraphEstimate:
+def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_inputs: bool = True,
+                   trainable: frozenset[str] = frozenset()) -> GraphEstimate:
     """The memory one graph takes once compiled.
 
     ``quantize``: a float graph (no QDQ nodes) is estimated as the int8 graph the quantiser will
     make of it (int8 weights and activations); a QDQ graph is read as it is. The graph's inputs
     and outputs are the caller's buffers (not in the arena) when ``external_inputs``.
+    ``trainable``: initialiser names of the parameters a training step updates.
     """
     walk = _Walk(model, quantize)
+    learned = set(trainable)  # values that depend on a trainable parameter
+    kept = adjoints = transposed = 0
     nodes = list(walk.graph.node)
     born: dict[str, int] = {}
     died: dict[str, int] = {}
@@ -246,6 +267,11 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
         for name in ins:
             died[name] = max(died.get(name, k), k)
         out = node.output[0]
+        if any(name in learned for name in node.input):
+            learned.update(node.output)
+        if node.op_type == "Gemm" and node.input[1] in trainable and any(a.name == "transB" and a.i
+                                                                          for a in node.attribute):
+            transposed += _align(walk.nbytes(node.input[1], 4))
         if out in walk.const:
             continue
         if node.op_type in VIEW_OPS or (node.op_type == "DequantizeLinear"):
@@ -259,7 +285,11 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
             continue
         kernels += 1
         if out in walk.outputs and external_inputs:
-            reads[out] = ins  # the int8 rewrite emits the float boundary last: its inputs live to the end
+            if walk.quantize and not walk.qdq and node.op_type != "ReduceMean":
+                # the int8 graph keeps this op's quantised output and dequantises it last
+                size[out], born[out], died[out], reads[out] = (walk.nbytes(out, 1), "int8"), k, k, {out}
+            else:
+                reads[out] = ins  # the int8 rewrite emits the float boundary last: its inputs live to the end
             continue
         for o in node.output:
             if not o:
@@ -269,12 +299,14 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
             size[o] = (elem, pool)
             born[o], died[o] = k, k
             reads[o] = {o}
+            kept += _align(elem)
+            adjoints += _align(elem) if o in learned else 0
     for o in walk.outputs:  # what an output is computed from lives to the end
         for name in reads.get(o, set()):
             died[name] = len(nodes)
     planned, peak = plan_arena([(size[n][0], size[n][1], born[n], died[n]) for n in size])
     outputs = sum(_align(walk.nbytes(o.name, 4)) for o in walk.graph.output)
-    return GraphEstimate(constants + tables, planned, peak, workspace, kernels, outputs)
+    return GraphEstimate(constants + tables, planned, peak, workspace, kernels, outputs, kept, adjoints, transposed)
 
 
 def _conv_band(walk: _Walk, node: onnx.NodeProto) -> int:
@@ -305,7 +337,7 @@ class MethodState:
     classes: int
     input_elems: int
     learns: bool  # a training step runs on the device
-    backward: int  # bytes one backward keeps: saved tensors + gradients (edgetune.memory)
+    trainable: frozenset[str]  # trainable.onnx initialisers the step updates
 
     @property
     def state_bytes(self) -> int:
@@ -321,15 +353,17 @@ def estimate_budget(target: Target, frozen: onnx.ModelProto, trainable: onnx.Mod
     ``frozen`` may be the bundle's int8 QDQ graph or the float graph ``quantize`` will turn into one.
     """
     f = estimate_graph(frozen, quantize)
-    t = estimate_graph(trainable, quantize=False)
+    t = estimate_graph(trainable, quantize=False, trainable=state.trainable)
     learned_ops = sum(2 if n.op_type == "Conv" else 1 for n in trainable.graph.node if n.op_type in WEIGHTED_OPS)
     code = CODE_BASE_BYTES + CODE_PER_FROZEN_KERNEL_BYTES * f.kernels
     if state.learns:
         code += CODE_LEARNING_BYTES + CODE_PER_LEARNED_OP_BYTES * learned_ops
-    # the new statistics go to scratch after the plan's arena; parameters and optimizer state are
-    # updated in place; a training step keeps what the backward needs on top of the forward
-    infer = _align(int(METHOD_ARENA_FACTOR * t.arena)) + state.state_bytes
-    step = max(infer, t.arena + state.state_bytes + state.backward) if state.learns else infer
+    # the step's float blocks: inference reuses them along the liveness plan (plus run-time transposed
+    # weights); a training step keeps every forward tensor for the backward plus a gradient of each
+    # one a parameter reaches (measured: -2 % .. +30 % of the generated step's blocks). The new
+    # statistics go to scratch after the plan; parameters and optimizer state are updated in place.
+    floats = max(t.arena + t.transposed, t.kept + t.adjoints if state.learns else 0)
+    step = FLOAT_STORAGE_FACTOR * floats + state.state_bytes
     param_bytes = 4 * state.params if state.learns else 0
     board = target.board
     rows = [
@@ -363,13 +397,12 @@ def estimate_bundle(bundle_dir: str | Path, target: Target, inference_only: bool
     manifest = load_manifest(bundle)
     tr = manifest.trainable
     learns = not inference_only and tr.optimizer.lr > 0 and bool(tr.trainable_parameters())
-    memory = manifest.memory
     state = MethodState(
         params=sum(_numel(tuple(p.shape)) for p in tr.trainable_parameters()),
         optimizer=sum(_numel(tuple(s.shape)) for s in tr.optimizer.states),
         states=tuple(_numel(tuple(i.shape)) for i in tr.inputs if i.role == "state"),
         classes=manifest.num_classes, input_elems=_numel(tuple(manifest.input.shape)), learns=learns,
-        backward=int(memory.get("saved_for_backward", 0)) + int(memory.get("gradients", 0)))
+        trainable=frozenset(p.name for p in tr.trainable_parameters()))
     return estimate_budget(target, onnx.load(str(bundle / manifest.frozen.file)),
                            onnx.load(str(bundle / tr.file)), state, manifest.frozen.quantized)
 
