@@ -225,3 +225,63 @@ def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, mcu_stream, 
     with capsys.disabled():
         print(f"\ncorpus {name} on {MCU_TARGET}: {len(expected)} firmware predictions = host build "
               f"(flash {built.flash_bytes:,} B, static RAM {built.static_ram_bytes:,} B)")
+
+
+# --- the reference models of the zoo: shapes, folding, pooling, methods -----------------------------------------
+
+REFERENCE = {"resnet8": (3, 32, 32), "ds-cnn": (1, 49, 10), "mobilenet-v1-025": (3, 96, 96),
+             "mobilenet-v3-s": (3, 32, 32), "imu-conv1d": (6, 100)}
+METHODS = ("source", "feature-align", "tinytta", "lst", "vqt")
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_reference_model_folds_its_batchnorms_and_pools_every_axis(name):
+    model = build(name)  # running statistics from training-mode passes: folding does real work
+    assert model.input_shape == REFERENCE[name]
+    x = torch.from_numpy(sample_inputs(model.input_shape, 3))
+    exported = model.for_export()
+    assert not [m for m in exported.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        assert torch.allclose(model(x), exported(x), atol=1e-5, rtol=1e-4)
+        outs = model.stage_outputs(x)
+    shapes = model.stage_shapes()
+    assert [tuple(o.shape[1:]) for o in outs] == shapes and len({len(s) for s in shapes}) == 1
+    assert len(shapes[0]) == len(model.input_shape)  # 1-D stays 1-D (N x C x T), 2-D stays 2-D
+    pooled = model.pool(outs[-1], len(outs) - 1)
+    assert pooled.shape == (3, model.stage_widths()[-1])
+    assert torch.allclose(pooled, outs[-1].flatten(2).mean(-1), atol=1e-6)
+
+
+def test_build_model_takes_any_input_shape():
+    from edgetune.errors import ConfigError, ModelError
+    from edgetune.models import build_model
+
+    assert build_model("ds-cnn", num_classes=35).classifier.out_features == 35
+    assert build_model("tiny-cnn", input_shape=(3, 24, 40)).stage_shapes()[-1] == (48, 3, 5)
+    assert build_model("tiny-cnn", in_channels=3, image_size=16).input_shape == (3, 16, 16)  # the older callers
+    assert build_model("imu-conv1d", input_shape=(3, 64)).stage_shapes()[-1] == (64, 16)
+    assert build_model("examples.user_model:small_cnn", input_shape=(1, 32, 32)).input_shape == (1, 32, 32)
+    with pytest.raises(ModelError, match="C x H x W"):
+        build_model("tiny-cnn", input_shape=(6, 100))
+    with pytest.raises(ConfigError, match="square"):
+        build_model("examples.user_model:small_cnn", input_shape=(1, 32, 16))
+    with pytest.raises(ConfigError, match="input shape"):
+        build_model("resnet8", input_shape=(3, 0, 32))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_methods_prepare_and_step_on_reference_models(name, method):
+    import dataclasses
+
+    from edgetune.adapt import prepare
+    from edgetune.methods import METHODS as REGISTRY
+
+    fields = {f.name for f in dataclasses.fields(REGISTRY.get(method).Config)}
+    overrides = {k: v for k, v in {"lr": "0.01", "entropy_weight": "1"}.items() if k in fields}
+    backbone = build(name)
+    adaptable = prepare(backbone, method, overrides, model_name=name)
+    x = torch.from_numpy(sample_inputs(backbone.input_shape, 2))
+    for i in range(2):
+        logits = adaptable.step(x[i:i + 1])
+        assert logits.shape == (1, backbone.num_classes) and torch.isfinite(logits).all()

@@ -35,7 +35,7 @@ MODEL_HELP = {
     "vit-tiny": "ViT, 32x32, patch 4, 4 layers, width 64 (vqt's faithful setting)",
     "resnet8": "MLPerf Tiny image classification ResNet-8, 3x32x32, 16-32-64 residual stacks, BN, ~78k params",
     "ds-cnn": "MLPerf Tiny keyword spotting DS-CNN, 1x49x10 MFCC, 64 channels, 4 separable blocks, ~23k params",
-    "mobilenet-v1-025": "MLPerf Tiny visual wake words MobileNetV1 x0.25, 3x96x96, 2 classes, ~214k params",
+    "mobilenet-v1-025": "MLPerf Tiny visual wake words MobileNetV1 x0.25, 3x96x96, 2 classes, ~216k params",
     "mobilenet-v3-s": "MobileNetV3-small style (hardswish, squeeze-excitation, BN), 3x32x32, x0.5, ~260k params",
     "imu-conv1d": "Conv1d network for 6x100 IMU windows (N x C x T), 6 classes, ~35k params",
 }
