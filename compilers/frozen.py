@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from edgetune.compilers.onnx_import import import_onnx, onnx_problems, read_onnx
 from edgetune.compilers.pipeline import lower
 from edgetune.compilers.plan import StaticPlan, extract_plan
 from edgetune.compilers.schedule import family_of
-from edgetune.errors import CheckpointError, CompileError
+from edgetune.errors import CheckpointError, CompileError, EdgetuneError
+from edgetune.export.ops import float_islands
 
 PREFIX = "frozen"
 
@@ -155,12 +157,14 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
     t0 = time.perf_counter()
     model = read_onnx(src)
     check_frozen(model, str(src))
-    mod = rewrite_int8(import_onnx(model), fixed_point)
+    with _stage("import and int8 rewrite", src, model):
+        mod = rewrite_int8(import_onnx(model), fixed_point)
     seconds["import_rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    lowered = lower(mod, emit_target.target())
-    plan, constants = extract_plan(lowered, "main")
+    with _stage(f"lowering for {emit_target.name}", src, model):
+        lowered = lower(mod, emit_target.target())
+        plan, constants = extract_plan(lowered, "main")
     problems = plan.check()
     if problems:
         raise CompileError(f"compile: the static plan of {src.name} is unsound ({'; '.join(problems)}); "
@@ -169,7 +173,8 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = _emit(lowered, plan, constants, emit_target, out, src.name)
+    with _stage(f"code generation for {emit_target.name}", src, model):
+        artifacts = _emit(lowered, plan, constants, emit_target, out, src.name)
     seconds["emit"] = time.perf_counter() - t0
     seconds["total"] = sum(seconds.values())
 
@@ -181,6 +186,29 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
     (out / f"{PREFIX}_plan.json").write_text(plan.to_json())
     (out / f"{PREFIX}_compiled.json").write_text(graph.to_json())
     return graph
+
+
+@contextmanager
+def _stage(what: str, src: Path, model: onnx.ModelProto):
+    """Turn any failure inside TVM into one ``CompileError`` line (never a TVM traceback) that names
+    the float islands, the usual suspects: the int8 kernels are tested op by op, islands are not.
+
+    Raises:
+        CompileError: the stage failed for a reason that is not already an edgetune error.
+    """
+    try:
+        yield
+    except EdgetuneError:
+        raise
+    except Exception as exc:  # TVM raises TVMError, ValueError, RuntimeError, AttributeError, ...
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Error" in ln or "failed" in ln.lower()), lines[0] if lines else "")
+        islands = float_islands(model)
+        where = (f"its float islands are {', '.join(f'{i.node} ({i.op})' for i in islands[:8])}"
+                 f"{' and more' if len(islands) > 8 else ''}" if islands else "it has no float island")
+        raise CompileError(f"compile: {what} of {src.name} failed ({type(exc).__name__}: {reason[:200]}); {where}; "
+                           "quantise those nodes or move them out of the frozen graph, and report the graph if "
+                           "it is all int8") from None
 
 
 def _emit(lowered, plan: StaticPlan, constants: dict[str, np.ndarray], target: EmitTarget, out: Path,

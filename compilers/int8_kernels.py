@@ -168,3 +168,16 @@ def qmax_pool(x: te.Tensor, *, kernel: tuple[int, int], strides: tuple[int, int]
         return te.max(tirx.if_then_else(inside, value, lowest), axis=[ry, rx])
 
     return te.compute((n, c, *out_hw), window_max, name="out")
+
+
+def broadcast_binary(fn, params: te.Tensor, a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """``fn(p, a, b)`` with ``b`` broadcast to ``a``'s shape (numpy rules: right-aligned, size-1 axes)."""
+    p = [params[i] for i in range(int(params.shape[0]))]
+    shape = [int(d) for d in a.shape]
+    b_shape = [int(d) for d in b.shape]
+    offset = len(shape) - len(b_shape)
+
+    def b_at(idx):
+        return b[tuple(0 if d == 1 else idx[offset + k] for k, d in enumerate(b_shape))]
+
+    return te.compute(shape, lambda *idx: fn(p, a[idx], b_at(idx)), name="out")

@@ -39,6 +39,10 @@ R = relax.op
 F32 = np.float32
 RELAX_RULES = relax_rules()  # Relax op -> int8 rule name (the op table's single dispatch)
 VIEW_OPS = tuple(op for op, rule in RELAX_RULES.items() if rule == "view")
+# int8 rule of the op table -> the method of ``_Lowering`` that lowers it
+RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "concat": "concat",
+                "avg_pool": "avg_pool", "global_pool": "global_pool", "mean": "global_pool", "max_pool": "max_pool",
+                "clip": "clip", "view": "view"}
 KERNEL_ATTR = "edgetune.kernel"  # PrimFunc attribute: which int8 kernel family (read by schedule)
 
 
@@ -113,6 +117,12 @@ def _scalar(arr: np.ndarray, what: str) -> np.ndarray:
     return arr.reshape(())
 
 
+def _bound(arg: object) -> float:
+    """A clip bound of relax.clip: a PrimValue, or a plain number (the frontend's HardSwish)."""
+    value = getattr(arg, "value", arg)
+    return float(getattr(value, "value", value))
+
+
 def _shape(expr: relax.Expr) -> list[int]:
     return [int(d) for d in expr.ty.shape.values]
 
@@ -126,10 +136,7 @@ class _Lowering:
         self.env: dict[relax.Var, object] = {}
         self.floats: dict[int, relax.Expr] = {}  # id(value) -> its float tensor in the new function
         self.islands: list[str] = []  # Relax ops computed in float (for the compile record)
-        self.rules = {"conv": lambda c, s, z: self.conv(c, None, s, z), "matmul": lambda c, s, z: self.matmul(
-            c, None, s, z), "add": self.lower_add, "concat": self.concat, "avg_pool": self.avg_pool,
-            "global_pool": self.global_pool, "mean": self.global_pool, "max_pool": self.max_pool,
-            "clip": self.clip, "view": self.view}
+        self.rules = {rule: getattr(self, method) for rule, method in RULE_METHODS.items()}
 
     def emit_kernel(self, family: str, te_func, *args, **kwargs) -> relax.Var:
         """Emit one int8 kernel (a TE unit) and tag its PrimFunc with its family for the scheduler."""
@@ -240,6 +247,12 @@ class _Lowering:
                 pass  # the rule's preconditions do not hold here: the expression runs in float
         return self.island(v, sy, zy)
 
+    def conv_unit(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        return self.conv(call, None, sy, zy)
+
+    def matmul_unit(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        return self.matmul(call, None, sy, zy)
+
     def view(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         """Data movement commutes with the (monotonic, elementwise) requantisation: move int8, rescale."""
         x = self.activation(call.args[0], call.op.name)
@@ -269,6 +282,10 @@ class _Lowering:
         if isinstance(v, _DQ):
             fn = partial(kernels.elementwise, lambda p, q: im.dequantize(q, p[0], v.zp))
             out = self.emit_kernel("dequantize", fn, self.params(v.scale), v.q)
+            # opaque to FuseOps: an int8 kernel fused with an island's slices and broadcasts no longer
+            # matches its schedule template (and would run unscheduled)
+            gvar = self.bb.lookup_binding(out).args[0]
+            self.bb.update_func(gvar, self.bb.get()[gvar].with_attr("op_pattern", 8))
         elif isinstance(v, _QConst):
             shape = [1] * v.data.ndim
             if v.scale.size > 1:
@@ -307,20 +324,32 @@ class _Lowering:
     def lower_add(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         lhs, rhs = (self.value(a) for a in call.args)
         for main, bias in ((lhs, rhs), (rhs, lhs)):
-            if isinstance(main, _Float) and main.call.op.name in ("relax.nn.conv2d", "relax.matmul"):
+            if isinstance(main, _Float) and main.call.op.name in ("relax.nn.conv2d", "relax.nn.conv1d",
+                                                                  "relax.matmul"):
                 const = self.bias_const(bias)
                 if const is not None:
-                    lower = self.conv if main.call.op.name == "relax.nn.conv2d" else self.matmul
+                    lower = self.matmul if main.call.op.name == "relax.matmul" else self.conv
                     return lower(main.call, const, sy, zy)
-        a = self.activation(call.args[0], "add input")
-        b = self.activation(call.args[1], "add input")
-        if _shape(a.q) != _shape(b.q):
-            raise _Unsupported("add of differently shaped tensors (broadcast)")
+        a, b = (self.add_operand(x) for x in call.args)
+        out = _shape(call)
+        if _shape(a.q) != out and _shape(b.q) == out:
+            # onnxruntime's QLinearAdd passes the broadcast operand as MLAS' scalar ("B") side,
+            # whose product is the inner fused multiply-add: swap so ``b`` is the broadcast one
+            a, b = b, a
+        elif _shape(a.q) != out:
+            raise _Unsupported("add where both operands are broadcast")
         ra, rb, fixed = im.add_params(a.scale, a.zp, b.scale, b.zp, sy, zy)
         if not im.add_is_exact(ra, rb, fixed):
             raise _Unsupported("add whose scales are too far apart to reproduce onnxruntime exactly")
-        return self.emit_kernel("add", partial(kernels.elementwise, lambda p, qa, qb: im.add(qa, qb, p[0], p[1], p[2])),
-                                self.params(ra, rb, fixed), a.q, b.q)
+        fn = partial(kernels.broadcast_binary, lambda p, qa, qb: im.add(qa, qb, p[0], p[1], p[2]))
+        return self.emit_kernel("add", fn, self.params(ra, rb, fixed), a.q, b.q)
+
+    def add_operand(self, expr: relax.Expr) -> _DQ:
+        """An int8 activation, or a per-tensor quantised constant as one (QLinearAdd's constant input)."""
+        v = self.value(expr)
+        if isinstance(v, _QConst) and v.scale.size == 1 and v.zp.size == 1 and v.data.dtype == np.int8:
+            return _DQ(relax.const(v.data), F32(v.scale.reshape(())), int(v.zp.reshape(())))
+        return self.activation(expr, "add input")
 
     def bias_const(self, v: object) -> _QConst | None:
         if isinstance(v, _Float) and v.call.op.name == "relax.reshape":
@@ -497,7 +526,7 @@ class _Lowering:
                 lo, v = max(lo, 0.0), self.value(args[0])
                 continue
             if kind == "relax.clip":
-                lo, hi = max(lo, float(args[1].value.value)), min(hi, float(args[2].value.value))
+                lo, hi = max(lo, _bound(args[1])), min(hi, _bound(args[2]))
                 v = self.value(args[0])
                 continue
             if kind not in ("relax.maximum", "relax.minimum"):
@@ -562,4 +591,8 @@ def rewrite_int8(mod: tvm.IRModule, fixed_point: bool = False) -> tvm.IRModule:
     except _Unsupported as exc:
         raise CompileError(f"int8: cannot lower the graph to integer kernels ({exc}); int8_check should have "
                            "reported this with node names — please report it as a compiler bug") from None
+    except (ValueError, RuntimeError, TypeError, AttributeError, KeyError) as exc:  # TVM errors while rebuilding
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CompileError(f"int8: rewriting the graph to integer kernels failed ({type(exc).__name__}: {first}); "
+                           "please report the graph as a compiler bug") from None
     return relax.transform.DeadCodeElimination()(out)

@@ -109,6 +109,13 @@ def _conv(sch: Schedule, cfg: ScheduleConfig, depthwise: bool) -> str:
         j = sch.fuse(i, j)
     oc, ow = _extent(sch, oo), _extent(sch, j)
     lanes = _divisor(ow, cfg.lanes)
+    if pointwise:
+        # a tile of the fused plane must not straddle two output rows unless it holds whole rows: the
+        # epilogue computed at the tile covers the tile's bounding box of (row, column), and an
+        # accumulator tile that straddles rows leaves part of that box uncomputed (10x10: lanes 4 broke)
+        row = _extent(sch, sch.get_loops(epilogue)[-1])
+        while lanes > 1 and row % lanes and lanes % row:
+            lanes //= 2
     tile = 1 if depthwise else _divisor(oc, cfg.oc_tile)
     o_out, o_in = sch.split(oo, [None, tile])
     j_out, j_in = sch.split(j, [None, lanes])
@@ -207,8 +214,13 @@ def _epilogue_per_output(sch: Schedule, name: str) -> tuple[object, int]:
 
 
 def _pool(sch: Schedule, cfg: ScheduleConfig) -> str:
-    # the summation order of float pools is onnxruntime's: only the epilogue moves
-    _epilogue_per_output(sch, "acc")
+    # the summation order of float pools is onnxruntime's: only the epilogue moves, and the
+    # initialisation gets its own loop (C compilers then see it dominate the sum: no
+    # maybe-uninitialized warning under -Werror)
+    acc, spatial = _epilogue_per_output(sch, "acc")
+    loops = sch.get_loops(acc)
+    if spatial and len(loops) > spatial:
+        sch.decompose_reduction(acc, loops[spatial])
     return "pool: epilogue per output element, summation order kept"
 
 

@@ -190,6 +190,13 @@ def _const_input(g: QdqGraph, tensor: str, dtype: type, what: str) -> str | None
     return None
 
 
+def _per_tensor_const(g: QdqGraph, tensor: str) -> bool:
+    dq = g.dq(tensor)
+    if dq is None or dq.input[0] not in g.consts or g.consts[dq.input[0]].dtype != np.int8:
+        return False
+    return all(len(dq.input) > k and dq.input[k] in g.consts and g.consts[dq.input[k]].size == 1 for k in (1, 2))
+
+
 def _spatial_mean(g: QdqGraph, node: onnx.NodeProto) -> str | None:
     value = attr(node, "axes")
     axes = list(value) if isinstance(value, (list, tuple)) else None
@@ -227,8 +234,8 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
         problems += [p for p in (_activation_input(g, node.input[0]), second) if p]
         if len(g.shapes.get(node.input[0]) or [2]) != 2:
             problems.append("MatMul of a tensor that is not 2-D")
-    elif op == "Add":
-        problems += [p for p in (_activation_input(g, i) for i in node.input) if p]
+    elif op == "Add":  # an operand may be a per-tensor quantised constant (QLinearAdd's constant input)
+        problems += [p for p in (_activation_input(g, i) for i in node.input if not _per_tensor_const(g, i)) if p]
     else:
         problems += [p for p in (_activation_input(g, i) for k, i in enumerate(node.input)
                                  if i and k not in shape_in) if p]
