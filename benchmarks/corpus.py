@@ -22,17 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from corpus_models import CORPUS, build, calibration_inputs, export_and_compile, graph_macs, parameters  # noqa: E402
+from corpus_models import (CORPUS, build, export_and_compile, fit_linear_probe, graph_macs,  # noqa: E402
+                           labelled_samples, parameters)
 
 from edgetune.adapt import fit, prepare  # noqa: E402
-from edgetune.data import Dataset  # noqa: E402
+from edgetune.data import to_tensor  # noqa: E402
 from edgetune.deploy import build_project, save_initial_state, write_stream, write_target_project  # noqa: E402
+from edgetune.deploy.host import HostModel  # noqa: E402
 from edgetune.errors import BudgetError, EdgetuneError  # noqa: E402
 from edgetune.export import export  # noqa: E402
 from edgetune.export.ops import float_islands  # noqa: E402
@@ -44,14 +45,6 @@ OUT = ROOT / "results" / "corpus"
 SKIP_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant", "Identity")
 
 
-def source_data(backbone, n: int = 256) -> Dataset:
-    """Structured random samples of the model's input shape as the export's source data (calibration
-    and numerical checks; accuracy is not measured here). Labels are uniform over the classes."""
-    x = calibration_inputs(backbone.input_shape, n, seed=7)
-    y = np.arange(n) % backbone.num_classes
-    return Dataset("corpus-samples", x, y, x[:16], y[:16], x[:16], y[:16], backbone.num_classes)
-
-
 def graph_ops(path: Path) -> tuple[int, int, list[str]]:
     """(compute ops, float-island ops, island descriptions) of an int8 QDQ graph."""
     model = onnx.load(str(path))
@@ -61,10 +54,12 @@ def graph_ops(path: Path) -> tuple[int, int, list[str]]:
 
 
 def firmware(backbone, name: str, work: Path, n: int) -> dict:
-    """The firmware columns: budget on cortex-m4 (when it fits) or cortex-m7, and cortex-m7's
-    instructions per sample of the int8 backbone over ``n`` samples in QEMU."""
+    """The firmware columns: budget on cortex-m4 (when it fits) or cortex-m7, cortex-m7's instructions
+    per sample of the int8 backbone over ``n`` samples in QEMU, and how many of the firmware's
+    predictions equal the host build's (a least-squares classifier on labelled structured samples)."""
+    data = labelled_samples(backbone, max(512, 5 * n))
+    fit_linear_probe(backbone, data)
     adaptable = prepare(copy.deepcopy(backbone), "source", model_name=name)
-    data = source_data(backbone)
     fit(adaptable, data, progress=False)
     bundle = work / "bundle"
     try:
@@ -87,8 +82,12 @@ def firmware(backbone, name: str, work: Path, n: int) -> dict:
         row.update(budget_target=fits, flash_bytes=sum(f for _, f, _ in rows), sram_bytes=sum(s for _, _, s in rows))
     if "cortex-m7" in projects:
         built = build_project(projects["cortex-m7"])
-        stream = write_stream(work / "stream.bin", calibration_inputs(backbone.input_shape, n, seed=11))
+        x = to_tensor(data.test_x[:n]).numpy()
+        stream = write_stream(work / "stream.bin", x)
         run = run_program(built, stream, work / "sim", adapt=False)
+        host = HostModel(bundle, work / "host", adapt=False)
+        expected = [host.step(x[i]).prediction for i in range(len(x))]
+        row["m7_equals_host"] = f"{sum(a == b for a, b in zip(run.records['prediction'].tolist(), expected))}/{len(x)}"
         t = get_target("cortex-m7")
         frozen = t.ticks_to_instructions(run.summary["ticks"]["frozen"]) / run.summary["accepted"]
         row.update(m7_linked_flash_bytes=built.flash_bytes, m7_static_ram_bytes=built.static_ram_bytes,
@@ -124,9 +123,11 @@ def render(rows: list[dict], n: int) -> str:
              "compute nodes of the int8 graph (without Quantize/DequantizeLinear), islands = those computed in "
              "float. Flash / SRAM: the firmware project's budget (method `source`) on cortex-m4 when the model "
              f"fits it, else cortex-m7. instr./MAC: cortex-m7 in QEMU, the int8 backbone's instructions per "
-             f"sample ({n} samples) / MACs. Compile: host compile seconds (`compile_frozen`).", "",
+             f"sample ({n} samples) / MACs; M7 = host: the firmware's predictions equal to the host build's of the "
+             "same generated C (a least-squares classifier on labelled structured samples). Compile: host compile "
+             "seconds (`compile_frozen`).", "",
              "| model | input | params | MACs | ops | islands | flash B | SRAM B | budget on | instr./MAC (M7) | "
-             "compile s | status |", "|" + "---|" * 12]
+             "M7 = host | compile s | status |", "|" + "---|" * 13]
     for r in rows:
         status = r["status"] if not r["reason"] else f"{r['status']}: {r['reason']}"
         if r.get("firmware"):
@@ -134,7 +135,8 @@ def render(rows: list[dict], n: int) -> str:
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape']))} | {r['params']:,} | "
                      f"{_n(r.get('macs'))} | {_n(r.get('ops'), 'd')} | {_n(r.get('island_ops'), 'd')} | "
                      f"{_n(r.get('flash_bytes'))} | {_n(r.get('sram_bytes'))} | {r.get('budget_target', '-')} | "
-                     f"{_n(r.get('m7_instructions_per_mac'), '.2f')} | {r['compile_seconds']:.1f} | "
+                     f"{_n(r.get('m7_instructions_per_mac'), '.2f')} | {r.get('m7_equals_host', '-')} | "
+                     f"{r['compile_seconds']:.1f} | "
                      f"{status.replace('|', '/')} |")
     islands = [f"- {r['model']}: {', '.join(r['islands'])}" for r in rows if r.get("islands")]
     if islands:
@@ -146,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--models", default="", help="comma-separated corpus names (default: all)")
-    parser.add_argument("--n", type=int, default=10, help="samples per QEMU run (instructions per MAC)")
+    parser.add_argument("--n", type=int, default=50, help="samples per QEMU run (instructions per MAC, agreement)")
     parser.add_argument("--no-mcu", action="store_true", help="host compile only (no firmware, no QEMU)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from torch import nn
 
 from edgetune.compilers import CompiledGraph, compile_frozen
+from edgetune.data import Dataset, to_tensor
 from edgetune.errors import EdgetuneError, ExportError
 from edgetune.export.onnx_graphs import export_frozen
 from edgetune.export.ops import SUPPORTED_OPS
@@ -289,6 +290,36 @@ def calibration_inputs(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndar
                                         mode="bilinear" if len(shape) == 3 else "linear", align_corners=False)
     noisy = t.numpy() + rng.normal(0, 0.05, (n, *shape)).astype(np.float32)
     return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+
+def labelled_samples(backbone: Backbone, n: int = 512, seed: int = 7) -> Dataset:
+    """A labelled ``Dataset`` of structured samples of the model's input shape, with a learnable label
+    (the channel with the largest mean; for one channel, the mean's quantile), split 70/10/20: source
+    data for export's calibration and checks, and a target for a linear probe."""
+    x = calibration_inputs(backbone.input_shape, n, seed)
+    means = x.reshape(n, x.shape[1], -1).mean(-1)
+    if x.shape[1] > 1:
+        y = means.argmax(1) % backbone.num_classes
+    else:
+        edges = np.quantile(means[:, 0], np.linspace(0, 1, backbone.num_classes + 1)[1:-1])
+        y = np.digitize(means[:, 0], edges)
+    y = y.astype(np.int64)
+    a, b = int(0.7 * n), int(0.8 * n)
+    return Dataset("corpus-samples", x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:], backbone.num_classes)
+
+
+def fit_linear_probe(backbone: Backbone, data: Dataset) -> None:
+    """Least-squares classifier on the pooled last-stage features of ``data``'s training split (the
+    corpus models are untrained; a random classifier often predicts one class for every sample)."""
+    with torch.no_grad():
+        last = len(backbone.stages) - 1
+        feats = backbone.pool(backbone.stage_outputs(to_tensor(data.train_x))[-1], last)
+        design = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
+        onehot = F.one_hot(torch.from_numpy(data.train_y), backbone.num_classes).double()
+        ridge = design.T @ design + 1e-3 * torch.eye(design.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(ridge, design.T @ onehot).float()
+        backbone.classifier.weight.copy_(solution[:-1].T)
+        backbone.classifier.bias.copy_(solution[-1])
 
 
 def sample_inputs(shape: tuple[int, ...], n: int) -> np.ndarray:

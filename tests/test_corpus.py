@@ -14,9 +14,10 @@ Anything else (another exception type, a traceback in the message, a wrong numbe
 outcome of each model is printed (``corpus <name>: compiled|refused ...``). As int8 coverage
 grows, models move from (b) to (a); the assertions stay as they are.
 
-A few 1x32x32 corpus models also go to a Cortex-M7 firmware (generated C, arm-none-eabi-gcc,
-qemu-system-arm): on 50 digits samples the firmware predicts what the host build of the same C
-predicts, or the budget check refuses it with the table.
+Three corpus models also go to a Cortex-M7 firmware (generated C, arm-none-eabi-gcc,
+qemu-system-arm): on 50 samples the firmware predicts what the host build of the same C predicts,
+or the budget check refuses it with the table (benchmarks/corpus.py does the same for every
+compiled corpus model).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ import onnx
 import pytest
 import torch
 
-from corpus_models import (CORPUS, Outcome, build, export_and_compile, frozen_taps, graph_macs, parameters,
-                           sample_inputs)
+from corpus_models import (CORPUS, Outcome, build, export_and_compile, fit_linear_probe, frozen_taps, graph_macs,
+                           labelled_samples, parameters, sample_inputs)
 from edgetune.compilers import FrozenRunner
 from edgetune.errors import BudgetError, EdgetuneError
 from edgetune.export.onnx_graphs import export_frozen
@@ -155,54 +156,32 @@ def test_model_is_bit_exact_or_refused_in_one_line(name, outcomes, capsys):
 
 # --- Cortex-M7 in QEMU: the firmware predicts what the host build predicts -------------------------------------
 
-MCU_MODELS = ("keras-mnist", "strided-dilated", "grouped-shuffle")
+MCU_MODELS = ("keras-mnist", "grouped-shuffle", "imu-conv1d")
 MCU_TARGET = "cortex-m7"
 MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
-
-
-@pytest.fixture(scope="module")
-def mcu_stream(tmp_path_factory, digits):
-    from edgetune.data import to_tensor
-    from edgetune.deploy import write_stream
-
-    x = to_tensor(digits.test_x[:SAMPLES]).numpy()
-    return x, write_stream(tmp_path_factory.mktemp("mcu-stream") / "stream.bin", x)
-
-
-def fit_linear_probe(backbone, digits, n: int = 600) -> None:
-    """Least-squares classifier on the pooled features of digits' training images (the corpus models
-    are untrained; a random classifier often predicts one class for every sample)."""
-    from edgetune.data import to_tensor
-
-    with torch.no_grad():
-        last = len(backbone.stages) - 1
-        feats = backbone.pool(backbone.stage_outputs(to_tensor(digits.train_x[:n]))[-1], last)
-        design = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
-        onehot = torch.nn.functional.one_hot(torch.from_numpy(digits.train_y[:n]), 10).double()
-        ridge = design.T @ design + 1e-3 * torch.eye(design.shape[1], dtype=torch.float64)
-        solution = torch.linalg.solve(ridge, design.T @ onehot).float()
-        backbone.classifier.weight.copy_(solution[:-1].T)
-        backbone.classifier.bias.copy_(solution[-1])
 
 
 @pytest.mark.toolchain
 @pytest.mark.skipif(any(shutil.which(t) is None for t in MCU_TOOLS), reason=f"needs {', '.join(MCU_TOOLS)}")
 @pytest.mark.parametrize("name", MCU_MODELS)
-def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, mcu_stream, tmp_path, capsys):
+def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, capsys):
+    """keras-mnist (unpadded convs, max-pooling) and grouped-shuffle on digits; imu-conv1d (1-D convs, a
+    1-D mean) on labelled structured samples of its 6x100 shape."""
     from edgetune.adapt import fit, prepare
-    from edgetune.deploy import build_project, save_initial_state, write_target_project
+    from edgetune.data import to_tensor
+    from edgetune.deploy import build_project, save_initial_state, write_stream, write_target_project
     from edgetune.deploy.host import HostModel
     from edgetune.export import export
     from edgetune.simulate import run_program
 
     backbone = build(name)
-    assert backbone.input_shape == (1, 32, 32)  # digits feed it as they are
-    fit_linear_probe(backbone, digits)
+    data = digits if backbone.input_shape == (1, 32, 32) else labelled_samples(backbone)
+    fit_linear_probe(backbone, data)
     adaptable = prepare(copy.deepcopy(backbone), "source", model_name=name)
-    fit(adaptable, digits, progress=False)
+    fit(adaptable, data, progress=False)
     bundle = tmp_path / "bundle"
     try:
-        export(adaptable, digits, bundle, progress=False)
+        export(adaptable, data, bundle, progress=False)
         save_initial_state(bundle, adaptable.method)
         project = write_target_project(bundle, MCU_TARGET)
     except BudgetError as exc:
@@ -215,7 +194,9 @@ def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, mcu_stream, 
         with capsys.disabled():
             print(f"\ncorpus {name} on {MCU_TARGET}: refused: {exc}")
         return
-    x, stream = mcu_stream
+    x = to_tensor(data.test_x[:SAMPLES]).numpy()
+    assert len(x) == SAMPLES
+    stream = write_stream(tmp_path / "stream.bin", x)
     host = HostModel(bundle, tmp_path / "host", adapt=False)
     expected = [host.step(x[i]).prediction for i in range(len(x))]
     built = build_project(project)
