@@ -7,6 +7,7 @@ and says how to get its traceback (``--debug`` or ``EDGETUNE_DEBUG=1``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -340,7 +341,45 @@ def _quiet() -> None:
     """Normal output is edgetune's own: third-party warnings and INFO logs stay out of it."""
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)
-    os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
+
+
+@contextlib.contextmanager
+def _native_stderr_to_null():
+    """Silence what native libraries write straight to file descriptor 2 (TVM's C++ LOG(WARNING) has no
+    switch), while Python's ``sys.stderr`` (progress bars, the error line) keeps the real stream.
+
+    Only when ``sys.stderr`` is descriptor 2 itself (a terminal or a redirected file); under a capturing
+    test runner nothing changes. Every tool edgetune runs as a subprocess captures its own output.
+    """
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False
+    if not real:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    old_stderr = sys.stderr
+    os.dup2(null, 2)
+    os.close(null)
+    sys.stderr = open(saved, "w", buffering=1, encoding=old_stderr.encoding, errors="backslashreplace",
+                      closefd=False)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _error_line(text: str) -> None:
+    """The one error line; on a terminal it first clears a progress bar left half-drawn by the failure."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")
+    print(text, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,12 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         _quiet()
     try:
-        args.func(args)
+        with contextlib.nullcontext() if debug else _native_stderr_to_null():
+            args.func(args)
     except EdgetuneError as exc:
         if debug:
             raise
         line = " ".join(str(exc).split())  # one line, whatever a message quoted
-        print(f"edgetune: error: {line}", file=sys.stderr)
+        _error_line(f"edgetune: error: {line}")
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgetune: interrupted", file=sys.stderr)
@@ -364,16 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"edgetune: error: {args.command}: {exc.strerror or type(exc).__name__}{where}; check the path, "
-              "its permissions and free space", file=sys.stderr)
+        _error_line(f"edgetune: error: {args.command}: {exc.strerror or type(exc).__name__}{where}; check the path, "
+                    "its permissions and free space")
         return ConfigError.exit_code
     except Exception as exc:  # anything else is a bug in edgetune: say so in one line, keep the traceback opt-in
         if debug:
             raise
         what = " ".join(str(exc).split())[:160]
-        print(f"edgetune: error: internal error in {args.command} ({type(exc).__name__}: {what}); this is a bug in "
-              "edgetune: re-run with --debug (or EDGETUNE_DEBUG=1) for the traceback and report it",
-              file=sys.stderr)
+        _error_line(f"edgetune: error: internal error in {args.command} ({type(exc).__name__}: {what}); this is a "
+                    "bug in edgetune: re-run with --debug (or EDGETUNE_DEBUG=1) for the traceback and report it")
         return BUG_EXIT_CODE
     return 0
 
