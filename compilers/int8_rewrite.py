@@ -445,24 +445,42 @@ class _Lowering:
         if rank != 4 or axes != [2, 3]:
             raise _Unsupported(f"mean over axes {axes} (only spatial means of NCHW tensors)")
 
+    def as_2d(self, x: _DQ) -> relax.Expr:
+        """An N x C x T int8 tensor as N x C x 1 x T (1-D pools and means run as 2-D ones)."""
+        n, c, t = _shape(x.q)
+        return self.bb.emit(R.reshape(x.q, (n, c, 1, t)))
+
     def global_pool(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         x = self.activation(call.args[0], "mean input")
-        self.spatial_axes(call, x.q)
-        _, _, h, w = _shape(x.q)
+        rank = len(_shape(x.q))
+        axes = sorted(int(i) % rank for i in call.attrs.axis)
+        if rank == 3 and axes == [2]:
+            xq = self.as_2d(x)
+        else:
+            self.spatial_axes(call, x.q)
+            xq = x.q
+        _, _, h, w = _shape(xq)
         scale = F32(F32(x.scale) / F32(F32(sy) * F32(h * w)))  # QLinearGlobalAveragePool's scale
-        return self.emit_kernel("qglobal_pool", kernels.qglobal_pool, x.q, self.params(scale), zx=x.zp, zy=zy,
-                                keepdims=bool(call.attrs.keepdims))
+        y = self.emit_kernel("qglobal_pool", kernels.qglobal_pool, xq, self.params(scale), zx=x.zp, zy=zy,
+                             keepdims=bool(call.attrs.keepdims))
+        return self.bb.emit(R.reshape(y, _shape(call))) if rank == 3 else y
 
     def avg_pool(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         x = self.activation(call.args[0], "pool input")
         a = call.attrs
-        if str(a.layout) != "NCHW" or any(int(d) != 1 for d in a.dilation):
-            raise _Unsupported("average pool with a layout other than NCHW or with dilation")
-        out_hw = tuple(_shape(call)[2:])
-        return self.emit_kernel("qavg_pool", kernels.qavg_pool, x.q, relax.const(dequant_table(x.scale, x.zp)),
-                                self.params(sy), kernel=tuple(int(k) for k in a.pool_size),
-                                strides=tuple(int(s) for s in a.strides), pads=tuple(int(p) for p in a.padding),
-                                out_hw=out_hw, count_include_pad=bool(a.count_include_pad), zy=zy)
+        one_d = call.op.name == "relax.nn.avg_pool1d"
+        if str(a.layout) != ("NCW" if one_d else "NCHW") or any(int(d) != 1 for d in a.dilation):
+            raise _Unsupported("average pool with a layout other than NCHW / NCW or with dilation")
+        if one_d:
+            xq, kernel, strides = self.as_2d(x), (1, int(a.pool_size[0])), (1, int(a.strides[0]))
+            pads, out_hw = (0, int(a.padding[0]), 0, int(a.padding[1])), (1, _shape(call)[2])
+        else:
+            xq, kernel, strides = x.q, tuple(int(k) for k in a.pool_size), tuple(int(s) for s in a.strides)
+            pads, out_hw = tuple(int(p) for p in a.padding), tuple(_shape(call)[2:])
+        y = self.emit_kernel("qavg_pool", kernels.qavg_pool, xq, relax.const(dequant_table(x.scale, x.zp)),
+                             self.params(sy), kernel=kernel, strides=strides, pads=pads, out_hw=out_hw,
+                             count_include_pad=bool(a.count_include_pad), zy=zy)
+        return self.bb.emit(R.reshape(y, _shape(call))) if one_d else y
 
     def max_pool(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         """MaxPool on int8 (dequantization is monotonic, so the max commutes with it), then rescale;
@@ -473,9 +491,7 @@ class _Lowering:
         if str(a.layout) != ("NCW" if one_d else "NCHW"):
             raise _Unsupported("max pool with a layout other than NCHW / NCW")
         if one_d:
-            n, c, t = _shape(x.q)
-            xq = self.bb.emit(R.reshape(x.q, (n, c, 1, t)))
-            kernel, strides = (1, int(a.pool_size[0])), (1, int(a.strides[0]))
+            xq, kernel, strides = self.as_2d(x), (1, int(a.pool_size[0])), (1, int(a.strides[0]))
             dilation, pads = (1, int(a.dilation[0])), (0, int(a.padding[0]), 0, int(a.padding[1]))
             out_hw = (1, _shape(call)[2])
         else:
@@ -569,9 +585,15 @@ class _Lowering:
                 return self.output(_DQ(moved, x.scale, x.zp))
             if isinstance(v, _Float) and v.call.op.name == "relax.mean":
                 x = self.activation(v.call.args[0], "output mean input")
-                self.spatial_axes(v.call, x.q)
-                return self.emit_kernel("ort_mean", spatial_mean, x.q, relax.const(dequant_table(x.scale, x.zp)),
-                                        keepdims=bool(v.call.attrs.keepdims))
+                rank = len(_shape(x.q))
+                if rank == 3 and sorted(int(i) % 3 for i in v.call.attrs.axis) == [2]:
+                    xq = self.as_2d(x)  # a mean over time of N x C x T: the same rows as a spatial mean
+                else:
+                    self.spatial_axes(v.call, x.q)
+                    xq = x.q
+                y = self.emit_kernel("ort_mean", spatial_mean, xq, relax.const(dequant_table(x.scale, x.zp)),
+                                     keepdims=bool(v.call.attrs.keepdims))
+                return self.bb.emit(R.reshape(y, _shape(v.call))) if rank == 3 else y
         except _Unsupported:
             pass  # not a boundary of a dequantized int8 tensor: computed in float
         return self.floating(v)  # a float island ending at the graph output

@@ -8,6 +8,8 @@ outputs equal).
 """
 from __future__ import annotations
 
+import ctypes
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from edgetune.compilers import FrozenRunner, compile_frozen
+from edgetune.compilers.emit import aligned_empty
 from edgetune.errors import CompileError
 from edgetune.export.ops import OP_TABLE, SUPPORTED_OPS, float_islands, int8_ops, relax_rules
 from edgetune.export.quantize import quantize_frozen
@@ -109,6 +112,10 @@ CASES = {
     "maxpool1d": Case(lambda: Head(lambda y: F.max_pool1d(y, 2), cin=6, one_d=True), (1, 6, 40)),
     "avgpool_padded": Case(lambda: Head(lambda y: F.avg_pool2d(y, 3, 2, 1)), IMG, family="qavg_pool"),
     "avgpool_exclude_pad": Case(lambda: Head(lambda y: F.avg_pool2d(y, 3, 2, 1, count_include_pad=False)), IMG),
+    "avgpool1d": Case(lambda: Head(lambda y: F.avg_pool1d(y, 3, 2, 1), cin=6, one_d=True), (1, 6, 40)),
+    "global_avgpool1d": Case(lambda: Head(lambda y: F.adaptive_avg_pool1d(y, 1).flatten(1), cin=6, one_d=True),
+                             (1, 6, 40)),
+    "reduce_mean_time": Case(lambda: Head(lambda y: F.relu(y).mean(-1), cin=6, one_d=True), (1, 6, 40)),
     "global_avgpool": Case(lambda: Head(lambda y: F.adaptive_avg_pool2d(y, 1)), IMG, family="qglobal_pool"),
     "pad": Case(lambda: Head(lambda y: F.relu(F.pad(y, (1, 2, 0, 1)))), IMG, islands=("Pad",)),
     "add_residual": Case(lambda: Head(lambda y: y + F.relu(y)), IMG),
@@ -198,6 +205,31 @@ def test_op_matches_onnxruntime_integer_kernels(name, compiled):
             else:
                 assert np.allclose(ours, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max()))), \
                     f"sample {k}: max difference {np.abs(ours - ref).max()}"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_float_islands_build_as_c_and_match_onnxruntime(tmp_path):
+    """The Cortex-M path: islands (HardSigmoid, Sigmoid, Mul of squeeze-excitation) are TVM's C codegen of
+    their TIR, built warning-free, and equal onnxruntime's int8 session on the host."""
+    case = CASES["squeeze_excitation"]
+    path = _export(case, tmp_path)
+    graph = compile_frozen(path, "c", tmp_path / "c")
+    a = graph.artifacts
+    library = tmp_path / "libfrozen.so"
+    subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-ffp-contract=off",
+                    f"-I{a['include']}", "-shared", str(a["kernels_c"]), str(a["model_c"]), str(a["workspace_c"]),
+                    "-o", str(library), "-lm"], check=True)
+    lib, plan = ctypes.CDLL(str(library)), graph.plan
+    arena = aligned_empty((plan.arena_bytes,), "uint8", plan.alignment)
+    out = aligned_empty(plan.buffer(plan.outputs[0]).shape, "float32", plan.alignment)
+    session = ort_int8(path)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        x = np.ascontiguousarray(rng.standard_normal(case.shape).astype(np.float32))
+        assert lib.frozen_run(ctypes.c_void_p(arena.ctypes.data), ctypes.c_void_p(x.ctypes.data),
+                              ctypes.c_void_p(out.ctypes.data)) == 0
+        ref = session.run(None, {"x": x})[0]
+        assert np.array_equal(out.reshape(ref.shape), ref)
 
 
 def test_custom_domain_op_is_one_line_naming_the_node(tmp_path):

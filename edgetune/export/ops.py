@@ -67,7 +67,7 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("MatMul", "matmul", "qmatmul", ("relax.matmul",)),
     _r("Add", "add", "elementwise", ("relax.add",)),
     _r("Concat", "concat", _VIEW, ("relax.concat",)),
-    _r("AveragePool", "avg_pool", "qavg_pool", ("relax.nn.avg_pool2d",)),
+    _r("AveragePool", "avg_pool", "qavg_pool", ("relax.nn.avg_pool2d", "relax.nn.avg_pool1d")),
     _r("GlobalAveragePool", "global_pool", "qglobal_pool", ("relax.mean",)),
     _r("ReduceMean", "mean", "qglobal_pool", ("relax.mean",), shape_inputs=(1,), boundary=True),
     _r("MaxPool", "max_pool", "qmax_pool", ("relax.nn.max_pool2d", "relax.nn.max_pool1d"), trainable=False),
@@ -203,8 +203,9 @@ def _spatial_mean(g: QdqGraph, node: onnx.NodeProto) -> str | None:
     if axes is None and len(node.input) > 1 and node.input[1] in g.consts:
         axes = g.consts[node.input[1]].tolist()
     rank = len(g.shapes.get(node.input[0]) or [])
-    if axes is None or rank != 4 or sorted(int(a) % 4 for a in axes) != [2, 3]:
-        return f"mean over axes {axes} (int8 only for spatial means of NCHW maps)"
+    spatial = {4: [2, 3], 3: [2]}.get(rank)
+    if axes is None or spatial is None or sorted(int(a) % rank for a in axes) != spatial:
+        return f"mean over axes {axes} (int8 only for spatial means of NCHW / NCT maps)"
     return None
 
 
