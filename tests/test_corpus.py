@@ -44,13 +44,19 @@ TVM_TEXT = ("Traceback", "tvm.", "ScheduleError", "TVMError", 'File "', "Interna
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, Outcome | Exception]:
+def directories(tmp_path_factory) -> dict[str, Path]:
+    """Where each corpus model's graphs are written (frozen_float.onnx, frozen.onnx, host/)."""
+    return {name: tmp_path_factory.mktemp(f"corpus-{name}") for name in CORPUS}
+
+
+@pytest.fixture(scope="module")
+def outcomes(directories) -> dict[str, Outcome | Exception]:
     """Every corpus model exported and compiled once; an unexpected exception is kept (and re-raised
     by that model's test) so one broken model does not hide the others' outcomes."""
     results: dict[str, Outcome | Exception] = {}
     for name in CORPUS:
         try:
-            results[name] = export_and_compile(name, tmp_path_factory.mktemp(f"corpus-{name}"))
+            results[name] = export_and_compile(name, directories[name])
         except Exception as exc:  # noqa: BLE001 - reported by the model's own test
             results[name] = exc
     return results
@@ -152,6 +158,44 @@ def test_model_is_bit_exact_or_refused_in_one_line(name, outcomes, capsys):
         line = f"refused at {outcome.stage}: {outcome.refusal}"
     with capsys.disabled():
         print(f"\ncorpus {name} ({params:,} params, {macs:,} MACs): {line}")
+
+
+def _with_custom_op(path: Path, out: Path) -> str:
+    """Copy of a graph with its middle compute node turned into an op of an unknown domain; its name."""
+    model = onnx.load(str(path))
+    compute = [n for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")]
+    node = compute[len(compute) // 2]
+    node.name = "user_custom_op"
+    node.op_type, node.domain = "FancyActivation", "com.example"
+    del node.attribute[:]
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    onnx.save(model, str(out))
+    return node.name
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_an_unsupported_op_is_one_line_naming_the_node(name, outcomes, directories, tmp_path):
+    """A custom-domain op forced into the model's int8 graph: the export check and the compiler's check
+    each refuse it in one line naming the node, with no TVM text."""
+    from edgetune.compilers import compile_frozen
+    from edgetune.errors import CompileError, ExportError
+    from edgetune.export.ops import SUPPORTED_OPS
+    from edgetune.export.validate import validate_onnx
+
+    outcomes[name]  # the fixture wrote the graphs
+    source = directories[name] / "frozen.onnx"
+    if not source.exists():  # refused before quantisation: the float graph carries the op instead
+        source = directories[name] / "frozen_float.onnx"
+    node = _with_custom_op(source, tmp_path / "custom.onnx")
+    for stage, call, error in (("export", lambda: validate_onnx(tmp_path / "custom.onnx", SUPPORTED_OPS["frozen"]),
+                                ExportError),
+                               ("compile", lambda: compile_frozen(tmp_path / "custom.onnx", "host", tmp_path / "h"),
+                                CompileError)):
+        with pytest.raises(error) as caught:
+            call()
+        message = str(caught.value)
+        assert "\n" not in message and node in message, f"{stage}: {message}"
+        assert not any(t in message for t in TVM_TEXT), f"{stage}: {message}"
 
 
 # --- Cortex-M7 in QEMU: the firmware predicts what the host build predicts -------------------------------------
