@@ -13,6 +13,7 @@ constant sizes). ``CompiledGraph.load(out_dir)`` reads them back.
 from __future__ import annotations
 
 import json
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,25 +191,39 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
 
 @contextmanager
 def _stage(what: str, src: Path, model: onnx.ModelProto):
-    """Turn any failure inside TVM into one ``CompileError`` line (never a TVM traceback) that names
-    the float islands, the usual suspects: the int8 kernels are tested op by op, islands are not.
+    """Turn any failure inside TVM into one ``CompileError`` line (never a TVM traceback) naming the
+    ONNX nodes to change: the float island whose Relax op failed when the message names one (e.g.
+    ``relax.cumsum`` -> a CumSum node), else every island (the int8 kernels are tested op by op).
 
     Raises:
-        CompileError: the stage failed for a reason that is not already an edgetune error.
+        CompileError: the stage failed.
     """
     try:
         yield
-    except EdgetuneError:
-        raise
+    except EdgetuneError as exc:
+        if not isinstance(exc, CompileError):
+            raise
+        raise CompileError(_stage_message(what, src, model, str(exc), "")) from None
     except Exception as exc:  # TVM raises TVMError, ValueError, RuntimeError, AttributeError, ...
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "Error" in ln or "failed" in ln.lower()), lines[0] if lines else "")
-        islands = float_islands(model)
+        raise CompileError(_stage_message(what, src, model, reason, type(exc).__name__ + ": ")) from None
+
+
+def _stage_message(what: str, src: Path, model: onnx.ModelProto, reason: str, kind: str) -> str:
+    islands = float_islands(model)
+    ops = {m.lower().replace("_", "") for m in re.findall(r"relax\.(?:nn\.)?(\w+)", reason)}
+    culprits = [i for i in islands if i.op.lower() in ops]
+    if culprits:
+        where = (f"node(s) {', '.join(f'{i.node} ({i.op})' for i in culprits)} run in float and TVM cannot lower "
+                 "them to a static kernel sequence")
+    elif islands:
         where = (f"its float islands are {', '.join(f'{i.node} ({i.op})' for i in islands[:8])}"
-                 f"{' and more' if len(islands) > 8 else ''}" if islands else "it has no float island")
-        raise CompileError(f"compile: {what} of {src.name} failed ({type(exc).__name__}: {reason[:200]}); {where}; "
-                           "quantise those nodes or move them out of the frozen graph, and report the graph if "
-                           "it is all int8") from None
+                 f"{' and more' if len(islands) > 8 else ''}")
+    else:
+        where = "it has no float island"
+    return (f"compile: {what} of {src.name} failed ({kind}{reason[:200]}); {where}; replace or quantise those "
+            "nodes, or move them out of the frozen graph (report the graph if it is all int8)")
 
 
 def _emit(lowered, plan: StaticPlan, constants: dict[str, np.ndarray], target: EmitTarget, out: Path,

@@ -232,19 +232,25 @@ def test_float_islands_build_as_c_and_match_onnxruntime(tmp_path):
         assert np.array_equal(out.reshape(ref.shape), ref)
 
 
-def test_custom_domain_op_is_one_line_naming_the_node(tmp_path):
-    """An op TVM cannot import at all is refused before compiling, in one line naming the node."""
+def _qdq_around(nodes: list, last: str, inits: tuple = (), domains: tuple = ()) -> onnx.ModelProto:
+    """x -> Q -> DQ ("d") -> ``nodes`` -> ``last`` -> Q -> DQ -> y, all [1, 4, 6]."""
     scalar = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.05]),
               helper.make_tensor("z", TensorProto.INT8, [], [0])]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
-             helper.make_node("MyOp", ["d"], ["f"], name="my_custom_node", domain="com.example"),
-             helper.make_node("Unknown2", ["f"], ["g"], name="second_custom", domain="com.example"),
-             helper.make_node("QuantizeLinear", ["g", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]), *nodes,
+             helper.make_node("QuantizeLinear", [last, "s", "z"], ["q2"]),
              helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"])]
-    graph = helper.make_graph(nodes, "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], scalar)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6])], scalar + list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   *(helper.make_opsetid(d, 1) for d in domains)])
+
+
+def test_custom_domain_op_is_one_line_naming_the_node(tmp_path):
+    """An op TVM cannot import at all is refused before compiling, in one line naming the node."""
+    model = _qdq_around([helper.make_node("MyOp", ["d"], ["f"], name="my_custom_node", domain="com.example"),
+                         helper.make_node("Unknown2", ["f"], ["g"], name="second_custom", domain="com.example")],
+                        "g", domains=("com.example",))
     onnx.save(model, tmp_path / "custom.onnx")
     with pytest.raises(CompileError) as err:
         compile_frozen(tmp_path / "custom.onnx", "host", tmp_path / "out")
@@ -252,6 +258,18 @@ def test_custom_domain_op_is_one_line_naming_the_node(tmp_path):
     assert "\n" not in message and "Traceback" not in message
     assert "my_custom_node (com.example.MyOp)" in message and "second_custom (com.example.Unknown2)" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_op_tvm_imports_but_cannot_lower_is_one_line_naming_the_node(tmp_path):
+    """CumSum imports (a float island) but has no static kernel: one CompileError line naming the node,
+    no TVM traceback."""
+    model = _qdq_around([helper.make_node("CumSum", ["d", "axis"], ["f"], name="running_total")], "f",
+                        inits=(helper.make_tensor("axis", TensorProto.INT64, [], [2]),))
+    onnx.save(model, tmp_path / "cumsum.onnx")
+    with pytest.raises(CompileError) as err:
+        compile_frozen(tmp_path / "cumsum.onnx", "host", tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message and "running_total (CumSum)" in message
 
 
 def test_op_table_is_the_one_source_of_the_three_checks():
