@@ -72,13 +72,15 @@ class CompiledGraph:
     constant_bytes: ConstantBytes
     seconds: dict[str, float] = field(default_factory=dict)
     fixed_point: bool = False
+    islands: tuple[str, ...] = ()  # "node (op)" of every float island (``edgetune.export.ops.float_islands``)
 
     def to_json(self) -> str:
         return json.dumps({"onnx": str(self.onnx_path), "target": self.target, "prefix": PREFIX,
                            "inputs": list(self.input_names), "outputs": list(self.output_names),
                            "artifacts": {k: v.name for k, v in self.artifacts.items()},
                            "constant_bytes": vars(self.constant_bytes) | {"ratio": self.constant_bytes.ratio},
-                           "seconds": self.seconds, "fixed_point": self.fixed_point}, indent=1)
+                           "seconds": self.seconds, "fixed_point": self.fixed_point,
+                           "islands": list(self.islands)}, indent=1)
 
     @staticmethod
     def load(out_dir: str | Path) -> "CompiledGraph":
@@ -95,7 +97,7 @@ class CompiledGraph:
             cb.pop("ratio", None)
             return CompiledGraph(Path(raw["onnx"]), raw["target"], d, plan, tuple(raw["inputs"]),
                                  tuple(raw["outputs"]), {k: d / v for k, v in raw["artifacts"].items()},
-                                 ConstantBytes(**cb), raw["seconds"], raw["fixed_point"])
+                                 ConstantBytes(**cb), raw["seconds"], raw["fixed_point"], tuple(raw.get("islands", ())))
         except (OSError, KeyError, TypeError, ValueError, CompileError) as exc:
             raise CheckpointError(f"compiled graph: {d} has no readable {PREFIX}_compiled.json / {PREFIX}_plan.json "
                                   f"({exc}); run compile_frozen into it first") from None
@@ -158,12 +160,12 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
     t0 = time.perf_counter()
     model = read_onnx(src)
     check_frozen(model, str(src))
-    with _stage("import and int8 rewrite", src, model):
+    with compile_stage("import and int8 rewrite", src, model):
         mod = rewrite_int8(import_onnx(model), fixed_point)
     seconds["import_rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with _stage(f"lowering for {emit_target.name}", src, model):
+    with compile_stage(f"lowering for {emit_target.name}", src, model):
         lowered = lower(mod, emit_target.target())
         plan, constants = extract_plan(lowered, "main")
     problems = plan.check()
@@ -174,7 +176,7 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    with _stage(f"code generation for {emit_target.name}", src, model):
+    with compile_stage(f"code generation for {emit_target.name}", src, model):
         artifacts = _emit(lowered, plan, constants, emit_target, out, src.name)
     seconds["emit"] = time.perf_counter() - t0
     seconds["total"] = sum(seconds.values())
@@ -183,14 +185,15 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
     graph = CompiledGraph(src, emit_target.name, out, plan,
                           tuple(i.name for i in model.graph.input if i.name not in initializers),
                           tuple(o.name for o in model.graph.output), artifacts,
-                          _constant_bytes(model, plan, constants), seconds, fixed_point)
+                          _constant_bytes(model, plan, constants), seconds, fixed_point,
+                          tuple(f"{i.node} ({i.op})" for i in float_islands(model)))
     (out / f"{PREFIX}_plan.json").write_text(plan.to_json())
     (out / f"{PREFIX}_compiled.json").write_text(graph.to_json())
     return graph
 
 
 @contextmanager
-def _stage(what: str, src: Path, model: onnx.ModelProto):
+def compile_stage(what: str, src: Path, model: onnx.ModelProto):
     """Turn any failure inside TVM into one ``CompileError`` line (never a TVM traceback) naming the
     ONNX nodes to change: the float island whose Relax op failed when the message names one (e.g.
     ``relax.cumsum`` -> a CumSum node), else every island (the int8 kernels are tested op by op).

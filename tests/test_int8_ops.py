@@ -187,6 +187,7 @@ def test_op_matches_onnxruntime_integer_kernels(name, compiled):
     path, graph = compiled(name)
     model = onnx.load(str(path))
     assert sorted({i.op for i in float_islands(model)}) == sorted(set(case.islands))
+    assert {entry.rsplit(" (", 1)[1].rstrip(")") for entry in graph.islands} == set(case.islands)  # the record
     if case.family:
         assert any(case.family in k.name for k in graph.plan.kernels)
     runner, session = FrozenRunner(graph), ort_int8(path)

@@ -240,7 +240,7 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
     else:
         problems += [p for p in (_activation_input(g, i) for k, i in enumerate(node.input)
                                  if i and k not in shape_in) if p]
-    if op in ("ReduceMean", "GlobalAveragePool") and op == "ReduceMean":
+    if op == "ReduceMean":
         problems += [p for p in (_spatial_mean(g, node),) if p]
     if op in ("AveragePool", "MaxPool") and attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         problems.append(f"{op} with auto_pad")
