@@ -448,7 +448,8 @@ def parse_onnx(path: str | Path) -> ParsedGraph:
         if all(not i or i in consts for i in node.inputs) and n.op_type != "QuantizeLinear":
             # Constant sub-expressions (a DequantizeLinear of int8 weights, shape arithmetic) fold once here.
             args = [None if not i else torch.from_numpy(np.array(consts[i])) for i in node.inputs]
-            consts[n.output[0]] = np.array(OPS[n.op_type](node, args))
+            value = OPS[n.op_type](node, args)
+            consts[n.output[0]] = value.numpy() if isinstance(value, torch.Tensor) else np.array(value)
             continue
         nodes.append(node)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node)
@@ -724,7 +725,7 @@ def tap_candidates(path: str | Path, classifier: str | None = None) -> tuple[lis
     for k, n in enumerate(graph.nodes):
         for i in n.inputs:
             last_use[i] = k
-    cuts: list[tuple[str, Node]] = []
+    cuts: list[str] = []
     live: set[str] = {graph.input_name}
     for k, n in enumerate(graph.nodes[:feature_at + 1]):
         live |= set(n.outputs)
@@ -732,14 +733,14 @@ def tap_candidates(path: str | Path, classifier: str | None = None) -> tuple[lis
         consumers = [c.op for c in graph.nodes if n.outputs[0] in c.inputs]
         # In a QDQ graph a tensor about to be quantised is offered as the DequantizeLinear output after it.
         if live == {n.outputs[0]} and n.op != "QuantizeLinear" and consumers != ["QuantizeLinear"]:
-            cuts.append((n.outputs[0], n))
+            cuts.append(n.outputs[0])
     found: list[TapCandidate] = []
-    for (name, node), nxt in zip(cuts, [*cuts[1:], (None, None)]):
+    for name, nxt in zip(cuts, [*cuts[1:], None]):
         shape = graph.shapes.get(name)
         role = _computing_op(graph, name)
         if name == head.feature or shape is None or len(shape) < 3 or role is None:
             continue
-        next_shape = graph.shapes.get(nxt[0]) if nxt[0] else None
+        next_shape = graph.shapes.get(nxt) if nxt else None
         if role in ("Add", "Concat", "Sum"):
             found.append(TapCandidate(name, tuple(shape), role, "block output (branches merge)"))
         elif next_shape is None or tuple(next_shape[2:]) != tuple(shape[2:]) or len(next_shape) < 3:
