@@ -96,6 +96,12 @@ def test_output_under_a_file_or_read_only_is_one_line(tmp_path, capsys):
     assert main(["train-source", "--model", "tiny-cnn", "--epochs", "1", "-o", str(afile / "ckpt")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is under the file" in err
+    busy = tmp_path / "photos"
+    busy.mkdir()
+    (busy / "holiday.jpg").write_bytes(b"x")
+    assert main(["train-source", "--model", "tiny-cnn", "--epochs", "1", "-o", str(busy)]) == CheckpointError.exit_code
+    assert "non-empty folder without config.json" in capsys.readouterr().err
+    assert (busy / "holiday.jpg").read_bytes() == b"x" and len(list(busy.iterdir())) == 1
     locked = tmp_path / "ro"
     locked.mkdir()
     locked.chmod(0o500)
