@@ -394,6 +394,8 @@ class Outcome:
     stage: str = ""  # where a refusal came from: "export" or "compile"
     seconds: float = 0.0
     directory: Path | None = None  # where the ONNX graphs (float and int8) were written
+    input_shape: tuple[int, ...] = ()
+    params: int = 0
 
     @property
     def status(self) -> str:
@@ -404,17 +406,18 @@ def export_and_compile(name: str, directory: Path, target: str = "host") -> Outc
     """Export corpus model ``name`` to int8 and compile it; an ``EdgetuneError`` becomes a refusal.
     Any other exception propagates (it is a bug: users must never see it)."""
     backbone = build(name)
+    about = dict(directory=directory, input_shape=tuple(backbone.input_shape), params=parameters(backbone))
     start = time.perf_counter()
     try:
         path = export_int8(backbone, directory)
     except EdgetuneError as exc:
-        return Outcome(name, None, None, str(exc), "export", time.perf_counter() - start, directory)
+        return Outcome(name, None, None, str(exc), "export", time.perf_counter() - start, **about)
     start = time.perf_counter()
     try:
         graph = compile_frozen(path, target, directory / target)
     except EdgetuneError as exc:
-        return Outcome(name, None, path, str(exc), "compile", time.perf_counter() - start, directory)
-    return Outcome(name, graph, path, seconds=time.perf_counter() - start, directory=directory)
+        return Outcome(name, None, path, str(exc), "compile", time.perf_counter() - start, **about)
+    return Outcome(name, graph, path, seconds=time.perf_counter() - start, **about)
 
 
 def parameters(backbone: Backbone) -> int:
