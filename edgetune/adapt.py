@@ -6,7 +6,6 @@ onnxruntime) with a method; ``step`` is the per-sample loop body: taps -> predic
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import inspect
 import json
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from edgetune.data import Dataset, to_tensor
 from edgetune.data.corruptions import cache_dir
-from edgetune.data.roles import check_mode
+from edgetune.data.roles import FIT_SAMPLES, check_mode
 from edgetune.errors import DataError
 from edgetune.methods import METHODS, Method, TapSpec
 from edgetune.models import Backbone
@@ -116,10 +115,18 @@ def _backbone_digest(backbone: Backbone) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+_CLASS_CODE: dict[type, bytes] = {}
+
+
 def _class_code(cls: type) -> bytes:
     """The definition of a module class: its source, or (defined where no source file exists)
-    the bytecode and constants of every function it defines, through its bases."""
+    the bytecode and constants of every function it defines, through its bases (memoised)."""
+    if cls not in _CLASS_CODE:
+        _CLASS_CODE[cls] = _read_class_code(cls)
+    return _CLASS_CODE[cls]
+
+
+def _read_class_code(cls: type) -> bytes:
     try:
         return inspect.getsource(cls).encode()
     except (OSError, TypeError):
@@ -153,7 +160,8 @@ def model_digest(backbone: Backbone) -> str:
     return h.hexdigest()
 
 
-def fit_key(adaptable: Adaptable, data: Dataset, seed: int, max_samples: int = 20000, mode: str = "labelled") -> str:
+def fit_key(adaptable: Adaptable, data: Dataset, seed: int, max_samples: int = FIT_SAMPLES,
+            mode: str = "labelled") -> str:
     """What determines a fit: model definition and weights, method and config, the source's
     content, mode, seed and sample cap."""
     m = adaptable.method
@@ -196,7 +204,7 @@ def _init_from_classifier(method: Method) -> None:
 
 
 def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = True, use_cache: bool = True,
-        max_samples: int = 20000, mode: str = "labelled") -> dict[str, float]:
+        max_samples: int = FIT_SAMPLES, mode: str = "labelled") -> dict[str, float]:
     """Pre-deployment fit on the source ``data`` (its training split): measure source statistics,
     then train the method's attachments (AdamW, one-cycle schedule) with the backbone frozen.
 

@@ -322,9 +322,8 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
             results[name] = run_stream(adaptable, segments, tap_fn, frac, seed, progress)
         if name == method:
             memory = memory_table(adaptable)
-    fitted = min(len(src.train_x), 20000)
     return EvalReport(model_name, stream_data.name, severity, protocol, seed, labels[method], results[method],
-                      results["source"], memory, source_info(src, source_mode, fitted, origin))
+                      results["source"], memory, source_info(src, source_mode, origin))
 
 
 def _source_role(stream_data: Dataset, source, mode: str, segments: list[Segment], warmup: int,

@@ -284,7 +284,7 @@ def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_nois
     info = recorded_source(bundle_dir)
     if data is None:
         data = info.data if info is not None else "digits"
-    shape = tuple(projects[0].input_shape)
+    shape = tuple(projects[0].input_shape)[1:]  # the manifest's input is a batch of one
     corruptions = parse_corruptions(corruption, "image" if len(shape) == 3 else "array")
     x, labels, resets, feedback = stream_samples(data, corruptions, severity, protocol, n, seed, labelled_fraction,
                                                  shape, resize, crop)  # data errors before the build
@@ -344,7 +344,7 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
         rejected=int(sa["rejected"]), restores=int(sa["restores"]), updates=int(sa["updates"]),
         simulator_seconds=adapted.seconds + source.seconds, predictions=[int(v) for v in pred],
         source_predictions=[int(v) for v in pred_src], final_state=adapted.state, source_data=source_data,
-        sample_shape=tuple(p.input_shape))
+        sample_shape=tuple(p.input_shape)[1:])
 
 
 __all__ = ["RunResult", "SimulationReport", "report", "run_program", "simulate", "stream_samples"]

@@ -30,6 +30,7 @@ from edgetune.errors import ConfigError, DataError
 
 SOURCE_MODES = ("labelled", "unlabelled", "none")
 WARMUP = 200  # stream samples of the no-source warm-up
+FIT_SAMPLES = 20000  # source samples a fit reads at most (a seeded subset of larger sources)
 SOURCE_FILE = "source.json"  # what a bundle was fitted and calibrated on
 
 
@@ -58,9 +59,11 @@ def check_mode(mode: str) -> None:
         raise ConfigError(f"source: unknown mode {mode!r}; pick one of {', '.join(SOURCE_MODES)}")
 
 
-def source_info(source: Dataset, mode: str, samples: int, origin: str) -> SourceInfo:
+def source_info(source: Dataset, mode: str, origin: str, samples: int | None = None) -> SourceInfo:
+    """What a fit on ``source`` in ``mode`` read (``samples``: default as many as ``fit`` reads)."""
     split = "first stream samples (warm-up)" if mode == "none" else "training split"
-    return SourceInfo(mode, source.name, split, samples, mode == "labelled", origin)
+    n = min(len(source.train_x), FIT_SAMPLES) if samples is None else samples
+    return SourceInfo(mode, source.name, split, n, mode == "labelled", origin)
 
 
 def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
@@ -159,6 +162,5 @@ def recorded_source(bundle_dir: str | Path) -> SourceInfo | None:
     return None
 
 
-__all__ = ["SOURCE_MODES", "WARMUP", "SourceInfo", "check_mode", "checkpoint_source", "checkpoint_stream",
-           "record_source",
-           "recorded_source", "source_info", "warmup_source"]
+__all__ = ["FIT_SAMPLES", "SOURCE_MODES", "WARMUP", "SourceInfo", "check_mode", "checkpoint_source",
+           "checkpoint_stream", "record_source", "recorded_source", "source_info", "warmup_source"]

@@ -63,7 +63,8 @@ def time_warp(x: np.ndarray, severity: int, rng: np.random.RandomState) -> np.nd
     centre = (t - 1) / 2.0
     grid = np.arange(t, dtype=np.float64)
     out = np.empty_like(x, dtype=np.float32)
-    for i, speed in enumerate(1.0 + rng.uniform(-spread, spread, size=n)):
+    speeds = np.asarray(1.0 + rng.uniform(-spread, spread, size=n), dtype=np.float64)
+    for i, speed in enumerate(speeds.tolist()):
         at = np.clip(centre + (grid - centre) * speed, 0, t - 1)
         for ch in range(c):
             out[i, ch] = np.interp(at, grid, x[i, ch])

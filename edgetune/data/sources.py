@@ -103,7 +103,7 @@ def _read_images(files: list[Path], resize: tuple[int, int] | None) -> np.ndarra
     for p in pictures:
         p = p.convert(mode)
         if resize is not None:
-            p = p.resize((resize[1], resize[0]), Image.BILINEAR)
+            p = p.resize((resize[1], resize[0]), Image.Resampling.BILINEAR)
         a = np.asarray(p, dtype=np.uint8)
         arrays.append(a if grey else a.transpose(2, 0, 1))
     sizes = sorted({a.shape[-2:] for a in arrays})
@@ -262,6 +262,11 @@ def _crop_array(x: np.ndarray, size: tuple[int, int], name: str) -> np.ndarray:
     return np.ascontiguousarray(x[..., top:top + size[0], left:left + size[1]])
 
 
+def _size_of(x: np.ndarray) -> tuple[int, ...]:
+    """What ``--resize`` changes: H, W of images; the length T of 1-D windows (float N x C x T)."""
+    return tuple(x.shape[-1:]) if x.dtype != np.uint8 and x.ndim == 3 else tuple(x.shape[-2:])
+
+
 def reshape(data: Dataset, resize: tuple[int, int] | None, crop: tuple[int, int] | None) -> Dataset:
     """``data`` with every split resized (bilinear) then centre-cropped (H, W) where asked.
 
@@ -280,10 +285,11 @@ def reshape(data: Dataset, resize: tuple[int, int] | None, crop: tuple[int, int]
     parts = {}
     for split in ("train_x", "val_x", "test_x"):
         x = getattr(data, split)
-        if resize is not None and (x.dtype == np.uint8 or x.ndim == 4) and x.shape[-2:] != tuple(resize):
-            x = _resize_array(x, tuple(resize))
+        wanted = (resize[1],) if resize is not None and len(_size_of(x)) == 1 else resize
+        if resize is not None and _size_of(x) != tuple(wanted or ()):
+            x = _resize_array(x, (int(resize[0]), int(resize[1])))
         if crop is not None:
-            x = _crop_array(x, tuple(crop), data.name)
+            x = _crop_array(x, (int(crop[0]), int(crop[1])), data.name)
         parts[split] = x
     return dataclasses.replace(data, **parts)
 

@@ -74,7 +74,7 @@ def build_stream(data: Dataset, corruptions: tuple[str, ...], severity: int, pro
 def _group_segments(x: np.ndarray, y: np.ndarray, groups: np.ndarray, name: str, protocol: str, n: int | None,
                     rng: np.random.RandomState, first: bool) -> list[Segment]:
     """One unshifted segment per group, in recorded order (class runs for label-shift)."""
-    out = []
+    out: list[Segment] = []
     for g in dict.fromkeys(groups.tolist()):  # groups in order of appearance
         order = np.where(groups == g)[0][:n]
         if protocol == "label-shift":
