@@ -20,6 +20,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -115,6 +116,11 @@ def _n(v, fmt: str = ",.0f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _by_op(islands: list[str]) -> str:
+    counts = Counter(i.split(" ", 1)[0] for i in islands)
+    return ", ".join(f"{op} x{k}" if k > 1 else op for op, k in counts.items())
+
+
 def render(rows: list[dict], n: int) -> str:
     lines = ["# The model corpus through edgetune's int8 path", "",
              "Models of `tests/corpus_models.py` (seeded random weights), exported to int8 QDQ ONNX as "
@@ -138,9 +144,9 @@ def render(rows: list[dict], n: int) -> str:
                      f"{_n(r.get('m7_instructions_per_mac'), '.2f')} | {r.get('m7_equals_host', '-')} | "
                      f"{r['compile_seconds']:.1f} | "
                      f"{status.replace('|', '/')} |")
-    islands = [f"- {r['model']}: {', '.join(r['islands'])}" for r in rows if r.get("islands")]
+    islands = [f"- {r['model']}: {_by_op(r['islands'])}" for r in rows if r.get("islands")]
     if islands:
-        lines += ["", "Float islands:", *islands]
+        lines += ["", "Float islands by op (node names in corpus.json):", *islands]
     return "\n".join(lines) + "\n"
 
 
