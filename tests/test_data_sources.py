@@ -113,7 +113,7 @@ def test_stream_header_carries_the_sample_shape(tmp_path):
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("ckpt-a")
-    train_source("tiny-cnn", "digits", out, epochs=3, progress=False)
+    train_source("tiny-cnn", "digits", out, epochs=2, train_images=600, progress=False)
     from edgetune.checkpoint import load_checkpoint
     return load_checkpoint(out)
 
@@ -195,3 +195,23 @@ def test_hapt_windows_and_subject_stream():
     assert [s.group for s in segs] == [f"subject-{k}" for k in range(22, 31)] and all(s.reset for s in segs)
     cont = build_stream(d, ("none",), 5, "continual", samples_per_corruption=10)
     assert [s.reset for s in cont] == [True] + [False] * 8
+
+
+def test_one_d_windows_stream_every_sensor_shift_and_unlabelled_streams_are_not_scored(tmp_path):
+    from edgetune.models import build_model
+    rng = np.random.RandomState(0)
+    y = rng.randint(0, 6, size=300)
+    t = np.linspace(0, 2 * np.pi, 100, dtype=np.float32)
+    x = (np.sin(t[None, None] * (1 + y[:, None, None])) + 0.3 * rng.normal(size=(300, 6, 100))).astype(np.float32)
+    np.savez(tmp_path / "imu.npz", x=x, y=y)
+    np.savez(tmp_path / "imu-unlabelled.npz", x=x[:40])
+    backbone = build_model("imu-conv1d", num_classes=6)
+    report = evaluate(backbone, "imu-conv1d", "feature-align", tmp_path / "imu.npz", "all", 3, "continual",
+                      samples_per_corruption=12, source=tmp_path / "imu.npz", progress=False)
+    assert list(report.result.per_corruption) == list(SENSOR_CORRUPTIONS) and report.result.samples == 60
+    unscored = evaluate(backbone, "imu-conv1d", "feature-align", tmp_path / "imu-unlabelled.npz", "none", 3,
+                        "episodic", source=tmp_path / "imu.npz", progress=False).to_json()
+    assert unscored["samples"] == 40 and unscored["mean_online_accuracy"] is None
+    with pytest.raises(DataError, match="6x100 but the model takes 3x32x32"):
+        evaluate(build_model("resnet8"), "resnet8", "source", tmp_path / "imu.npz", "none", 3, "episodic",
+                 progress=False)
