@@ -131,17 +131,17 @@ def _load(args: argparse.Namespace):
     Raises:
         ConfigError, ModelError, CheckpointError: see ``load_onnx_backbone`` / ``load_checkpoint``.
     """
-    model = getattr(args, "model", None)
-    if _is_onnx(model):
+    model: str | None = getattr(args, "model", None)
+    if model is not None and _is_onnx(model):
         from edgetune.models.onnx_backbone import check_taps_for_method, load_onnx_backbone
         if args.checkpoint:
             raise ConfigError(f"{args.command}: --checkpoint is not used with an ONNX model (its weights are in "
                               f"{model}); drop --checkpoint")
         taps = [t.strip() for t in args.taps.split(",") if t.strip()] if args.taps else None
-        backbone = load_onnx_backbone(model, taps, args.classifier)
-        check_taps_for_method(backbone, args.method)
-        return backbone, {"model": Path(model).name, "num_classes": backbone.num_classes,
-                          "input_shape": list(backbone.input_shape), "onnx": backbone.source}
+        graph = load_onnx_backbone(model, taps, args.classifier)
+        check_taps_for_method(graph, args.method)
+        return graph, {"model": Path(model).name, "num_classes": graph.num_classes,
+                       "input_shape": list(graph.input_shape), "onnx": graph.source}
     if getattr(args, "taps", None) or getattr(args, "classifier", None):
         raise ConfigError(f"{args.command}: --taps and --classifier apply to an ONNX model (MODEL.onnx); "
                           "drop them for a checkpoint")

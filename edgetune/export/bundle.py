@@ -28,6 +28,7 @@ from edgetune.export.quantize import quantize_frozen
 from edgetune.export.validate import (check_frozen_numerics, check_partition, check_trainable_initialisers,
                                       check_trainable_numerics, validate_onnx)
 from edgetune.memory import memory_table
+from edgetune.models.onnx_backbone import OnnxBackbone
 from edgetune.methods import METHODS
 from edgetune.targets import get_target
 from edgetune.version import __version__
@@ -102,10 +103,10 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
     frozen_path = directory / FROZEN_FILE
     x_io = [("x", (1, *backbone.input_shape))]
     quantization = None
-    if getattr(backbone, "quantized", False):
+    if isinstance(backbone, OnnxBackbone) and backbone.quantized:
         # An already-quantised graph (e.g. onnxruntime's QDQ) is the int8 backbone as its owner made
         # it: written as given, cut at the taps, never quantised again.
-        taps, quantization = _given_qdq(adaptable, frozen_path, images, quantize)
+        taps, quantization = _given_qdq(adaptable, backbone, frozen_path, images, quantize)
         tap_io = [(t.name, t.shape) for t in taps]
         validate_onnx(frozen_path, SUPPORTED_OPS["frozen"], label="frozen.onnx (as given)", inputs=x_io,
                       outputs=tap_io)
@@ -169,7 +170,7 @@ GIVEN = "as given"  # QuantizationSpec.calibration_method of a graph the user qu
 GIVEN_QDQ_RTOL = 0.05
 
 
-def _given_qdq(adaptable: Adaptable, path: Path, images: torch.Tensor,
+def _given_qdq(adaptable: Adaptable, backbone: OnnxBackbone, path: Path, images: torch.Tensor,
                quantize: bool) -> tuple[tuple[TapOutput, ...], QuantizationSpec]:
     """Write the backbone's own QDQ graph cut at the method's taps to ``path`` and check it against the
     torch interpreter (fake quantisation) on ``images``.
@@ -179,7 +180,7 @@ def _given_qdq(adaptable: Adaptable, path: Path, images: torch.Tensor,
     """
     from edgetune.ort_runtime import session
 
-    backbone, method = adaptable.backbone, adaptable.method
+    method = adaptable.method
     if not quantize:
         raise ExportError("export: the model is already quantised (QuantizeLinear/DequantizeLinear nodes), so "
                           "there is no float backbone to keep; drop --no-quantize, or export the float model")
@@ -201,7 +202,7 @@ def _given_qdq(adaptable: Adaptable, path: Path, images: torch.Tensor,
                           "it disagree: report it with the model file")
     taps = tuple(TapOutput(t.name, (1, *w.shape[1:]), "float32", t.stage, t.pooled)
                  for t, w in zip(method.taps(), want))
-    source = getattr(backbone, "source", {}).get("onnx", "model.onnx")
+    source = str(backbone.source["onnx"])
     spec = QuantizationSpec(format="QDQ", per_channel=_per_channel(path), weight_type="int8",
                             activation_type="int8", weight_symmetric=False, activation_symmetric=False,
                             calibration_method=GIVEN, calibration_samples=0, calibration_data=source)

@@ -117,8 +117,8 @@ def _pool(node: Node, x: torch.Tensor, kind: str) -> torch.Tensor:
         padding: Any = pads[:k]
         if not _symmetric(pads) or any(2 * p > kk for p, kk in zip(pads[:k], kernel)):
             x, padding = _pad_spatial(x, pads, float("-inf")), 0
-        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
-        return fn(x, kernel, strides, padding, dilations, ceil)
+        max_pool: Callable[..., torch.Tensor] = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[k]
+        return max_pool(x, kernel, strides, padding, dilations, ceil)
     include = bool(node.attr("count_include_pad", 0))
     padding = pads[:k]
     if not _symmetric(pads):
@@ -126,8 +126,8 @@ def _pool(node: Node, x: torch.Tensor, kind: str) -> torch.Tensor:
             raise ModelError(f"onnx: AveragePool {node.name!r} has asymmetric pads {pads} without "
                              "count_include_pad; re-export the model with symmetric padding")
         x, padding = _pad_spatial(x, pads), 0
-    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[k]
-    return fn(x, kernel, strides, padding, ceil, include)
+    avg_pool: Callable[..., torch.Tensor] = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[k]
+    return avg_pool(x, kernel, strides, padding, ceil, include)
 
 
 OPS["MaxPool"] = lambda n, a: _pool(n, a[0], "max")
@@ -389,7 +389,7 @@ class ParsedGraph:
     model: onnx.ModelProto
     nodes: list[Node]
     consts: dict[str, np.ndarray]
-    shapes: dict[str, tuple]
+    shapes: dict[str, tuple | None]
     input_name: str
     input_shape: tuple[int, ...]
     producer: dict[str, Node]
