@@ -39,6 +39,11 @@ R = relax.op
 F32 = np.float32
 RELAX_RULES = relax_rules()  # Relax op -> int8 rule name (the op table's single dispatch)
 VIEW_OPS = tuple(op for op, rule in RELAX_RULES.items() if rule == "view")
+# float ops an island's dequantize may fuse into (same-shape or broadcast elementwise work)
+ELEMENTWISE_FLOAT = frozenset(f"relax.{op}" for op in (
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "sigmoid", "tanh", "exp",
+    "sqrt", "rsqrt", "erf", "negative", "abs", "round", "floor", "ceil", "where", "nn.relu", "nn.leakyrelu",
+    "nn.gelu", "nn.silu"))
 # int8 rule of the op table -> the method of ``_Lowering`` that lowers it
 RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "concat": "concat",
                 "avg_pool": "avg_pool", "global_pool": "global_pool", "mean": "global_pool", "max_pool": "max_pool",
@@ -115,6 +120,15 @@ def _scalar(arr: np.ndarray, what: str) -> np.ndarray:
     if arr.size != 1:
         raise _Unsupported(f"{what} must be per-tensor (got shape {list(arr.shape)})")
     return arr.reshape(())
+
+
+def _dequantized(v: _QConst) -> np.ndarray:
+    """DequantizeLinear of a quantised constant in float32 (per axis when its scale is)."""
+    shape = [1] * v.data.ndim
+    if v.scale.size > 1:
+        shape[v.axis % v.data.ndim] = -1
+    value = (v.data.astype(np.int32) - v.zp.reshape(shape).astype(np.int32)).astype(F32) * v.scale.reshape(shape)
+    return value.astype(F32)
 
 
 def _bound(arg: object) -> float:
@@ -266,7 +280,7 @@ class _Lowering:
         fn = partial(kernels.elementwise, lambda p, x: im.quantize(x, p[0], zy))
         return self.emit_kernel("quantize", fn, self.params(sy), f)
 
-    def floating(self, v: object) -> relax.Expr:
+    def floating(self, v: object, user: str = "") -> relax.Expr:
         """The float32 tensor of a value, as onnxruntime's float ops see it (emitted once)."""
         if isinstance(v, _Input):
             return v.var
@@ -278,23 +292,20 @@ class _Lowering:
             raise _Unsupported("an int8 tensor is used by a float op without a DequantizeLinear")
         key = id(v)
         if key in self.floats:
+            if isinstance(v, _DQ) and user not in ELEMENTWISE_FLOAT:
+                self.opaque(self.floats[key])
             return self.floats[key]
         if isinstance(v, _DQ):
             fn = partial(kernels.elementwise, lambda p, q: im.dequantize(q, p[0], v.zp))
             out = self.emit_kernel("dequantize", fn, self.params(v.scale), v.q)
-            # opaque to FuseOps: an int8 kernel fused with an island's slices and broadcasts no longer
-            # matches its schedule template (and would run unscheduled)
-            gvar = self.bb.lookup_binding(out).args[0]
-            self.bb.update_func(gvar, self.bb.get()[gvar].with_attr("op_pattern", 8))
+            if user not in ELEMENTWISE_FLOAT:
+                self.opaque(out)
         elif isinstance(v, _QConst):
-            shape = [1] * v.data.ndim
-            if v.scale.size > 1:
-                shape[v.axis % v.data.ndim] = -1
-            value = (v.data.astype(np.int32) - v.zp.reshape(shape).astype(np.int32)).astype(F32) * \
-                v.scale.reshape(shape)
-            out = relax.const(value.astype(F32))
+            out = relax.const(_dequantized(v))
         elif isinstance(v, _Item):
-            out = self.bb.emit(relax.TupleGetItem(self.floating(v.base), v.index))
+            out = self.batch_norm_affine(v)
+            if out is None:
+                out = self.bb.emit(relax.TupleGetItem(self.floating(v.base), v.index))
         elif isinstance(v, _Float):
             out = self.bb.emit(self.float_call(v.call))
             self.islands.append(v.call.op.name if isinstance(v.call.op, tvm.ir.Op) else str(v.call.op))
@@ -303,9 +314,46 @@ class _Lowering:
         self.floats[key] = out
         return out
 
-    def float_arg(self, arg: relax.Expr) -> relax.Expr:
+    def batch_norm_affine(self, v: _Item) -> relax.Expr | None:
+        """An inference BatchNormalization as one per-channel affine ``x * s + b`` (``s = gamma /
+        sqrt(var + eps)``, ``b = beta - mean * s`` in float32): elementwise, so the island's dequantize
+        fuses into it and it needs no float buffer. None when it is not such a batch norm."""
+        base = v.base
+        if not (isinstance(base, _Float) and isinstance(base.call.op, tvm.ir.Op)
+                and base.call.op.name == "relax.nn.batch_norm" and v.index == 0):
+            return None
+        a = base.call.attrs
+        params = [self.float_constant(arg) for arg in base.call.args[1:5]]
+        if bool(a.training) or any(p is None for p in params):
+            return None
+        gamma, beta, mean, var = (p.astype(F32) for p in params)
+        scale = (gamma / np.sqrt(var + F32(float(a.epsilon)))).astype(F32) if bool(a.scale) else \
+            (F32(1) / np.sqrt(var + F32(float(a.epsilon)))).astype(F32)
+        shift = (beta - mean * scale).astype(F32) if bool(a.center) else (-mean * scale).astype(F32)
+        rank = len(_shape(base.call.args[0]))
+        shape = [1] * rank
+        shape[int(a.axis) % rank] = -1
+        x = self.float_arg(base.call.args[0], "relax.multiply")
+        self.islands.append("relax.nn.batch_norm (per-channel affine)")
+        return self.bb.emit(R.add(R.multiply(x, relax.const(scale.reshape(shape))), relax.const(shift.reshape(shape))))
+
+    def float_constant(self, arg: relax.Expr) -> np.ndarray | None:
+        """The float32 value of a constant argument (a constant, or a dequantized quantised one)."""
+        v = self.value(arg) if isinstance(arg, relax.Var) else arg
+        if isinstance(v, _QConst):
+            return _dequantized(v)
+        return _const_np(v) if isinstance(v, relax.Expr) else None
+
+    def opaque(self, var: relax.Var) -> None:
+        """Make a dequantize kernel opaque to FuseOps: an int8 kernel fused with an island's slices or
+        reductions no longer matches its schedule template (it would run unscheduled). Used only before
+        non-elementwise float ops: before elementwise ones it fuses, and the island needs no float buffer."""
+        gvar = self.bb.lookup_binding(var).args[0]
+        self.bb.update_func(gvar, self.bb.get()[gvar].with_attr("op_pattern", 8))
+
+    def float_arg(self, arg: relax.Expr, user: str = "") -> relax.Expr:
         if isinstance(arg, relax.Var):
-            return self.floating(self.value(arg))
+            return self.floating(self.value(arg), user)
         if isinstance(arg, relax.Tuple):
             return relax.Tuple([self.float_arg(f) for f in arg.fields])
         if isinstance(arg, tvm.ir.GlobalVar):  # a call_tir kernel of the imported module (e.g. topi's pad)
@@ -313,7 +361,8 @@ class _Lowering:
         return arg
 
     def float_call(self, call: relax.Call) -> relax.Call:
-        return relax.Call(call.op, [self.float_arg(a) for a in call.args], call.attrs, call.ty_args)
+        user = call.op.name if isinstance(call.op, tvm.ir.Op) else ""
+        return relax.Call(call.op, [self.float_arg(a, user) for a in call.args], call.attrs, call.ty_args)
 
     def rescale(self, x: _DQ, sy: F32, zy: int) -> relax.Expr:
         if F32(x.scale) == F32(sy) and x.zp == zy:

@@ -86,7 +86,9 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
         "LayerNormalization", "Gather", "Split", "Expand", "Identity", "Constant", "Neg", "Exp", "Abs", "Max", "Min",
         "ReduceMax")),
     *(_r(op, ISLAND, _FLOAT, trainable=False) for op in (
-        "Pad", "LeakyRelu", "BatchNormalization", "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
+        "Pad", "LeakyRelu", "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
+    # an unfolded BatchNormalization: one float32 per-channel affine x * s + b, fused with its dequantize
+    _r("BatchNormalization", ISLAND, "per-channel affine (float)", ("relax.nn.batch_norm",), trainable=False),
     *(_r(op, FLOAT_ONLY, "float", frozen=False) for op in (
         "Log", "LogSoftmax", "ReduceSum", "Cast", "Where", "Equal", "Greater", "Less")),
 )}
