@@ -10,6 +10,8 @@ and next to the generated model's own figures (``ModelMemory``: constants, arena
 
     python benchmarks/budget_estimate.py [--out results/budget_estimate] [--workdir DIR]
 
+``--workdir`` keeps the exported bundles; a bundle already there is reused (no second fit).
+
 Writes ``<out>/budget_estimate.{md,json}``. The estimate is meant to be conservative: a
 negative error (estimate below the linked size) is what could let an oversized model through.
 """
@@ -34,7 +36,7 @@ from edgetune.export import export
 from edgetune.targets import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = (("tiny-cnn", "checkpoints/tiny-cnn-fashion-mnist"), ("mcunet-s", "checkpoints/mcunet-s-fashion-mnist"))
+CASES = (("tiny-cnn", "checkpoints/tiny-cnn-fashion-mnist"), ("mcunet-s", "checkpoints/mcunet-s-digits"))
 METHODS = ("feature-align", "tinytta", "lst")
 TARGETS = ("cortex-m4", "cortex-m7")
 ARENA_ROW = "activation arena (frozen + method step)"
@@ -71,9 +73,10 @@ def measure(model: str, checkpoint: str, method: str, work: Path) -> list[Row]:
     pre = {t: preflight_budget(adaptable, t, check=False) for t in TARGETS}
     preflight_seconds = (time.perf_counter() - t0) / len(TARGETS)
     bundle = work / f"{model}-{method}"
-    fit(adaptable, data, seed=0)
-    export(adaptable, data, bundle, target=TARGETS[0], progress=False)
-    save_initial_state(bundle, adaptable.method)
+    if not (bundle / "manifest.json").is_file():  # a bundle kept in --workdir is reused as it is
+        fit(adaptable, data, seed=0)
+        export(adaptable, data, bundle, target=TARGETS[0], progress=False)
+        save_initial_state(bundle, adaptable.method)
     rows = []
     for name in TARGETS:
         target = get_target(name)
