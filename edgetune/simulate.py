@@ -31,7 +31,7 @@ import numpy as np
 
 from edgetune.deploy.build import Built, build_project, find_projects
 from edgetune.deploy.streams import EARLY_EXIT, REJECTED, read_results, read_state, write_stream
-from edgetune.errors import ConfigError, ToolchainError
+from edgetune.errors import ConfigError, DataError, ToolchainError
 from edgetune.targets import get_target
 
 
@@ -155,6 +155,7 @@ def run_program(built: Built, stream: Path, workdir: Path, adapt: bool = True, t
 
     Raises:
         ToolchainError: the simulator is missing, fails or times out.
+        DataError: the program refused the stream file (sample length or class count).
     """
     t = get_target(built.project.target)
     tag = "adapt" if adapt else "source"
@@ -178,6 +179,10 @@ def run_program(built: Built, stream: Path, workdir: Path, adapt: bool = True, t
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+        if "stream:" in tail:  # the program refused the stream file: a data problem, not a build problem
+            shape = "x".join(map(str, built.project.input_shape[1:]))
+            raise DataError(f"simulate: {built.program.name} refused the stream ({tail}); write it with samples of "
+                            f"the model's input {shape} (write_stream) and the model's class count")
         raise ToolchainError(f"simulate: {built.program.name} failed under {cmd[0]} (exit {proc.returncode}: "
                              f"{tail}); rebuild with `edgetune build` and check the bundle")
     summary = json.loads((workdir / files["summary"]).read_text())
