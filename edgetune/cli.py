@@ -359,6 +359,7 @@ def _native_stderr_to_null():
         yield
         return
     sys.stderr.flush()
+    # ``saved`` stays open for the life of the process: a progress bar may still hold the stream on it.
     saved = os.dup(2)
     null = os.open(os.devnull, os.O_WRONLY)
     old_stderr = sys.stderr
@@ -372,13 +373,13 @@ def _native_stderr_to_null():
         sys.stderr.flush()
         sys.stderr = old_stderr
         os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _error_line(text: str) -> None:
-    """The one error line; on a terminal it first clears a progress bar left half-drawn by the failure."""
-    if sys.stderr.isatty():
-        sys.stderr.write("\r\033[K")
+    """The one error line, on a line of its own: progress bars the failure left open are closed first."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     print(text, file=sys.stderr)
 
 
