@@ -203,14 +203,24 @@ def _given_qdq(adaptable: Adaptable, backbone: OnnxBackbone, path: Path, images:
     taps = tuple(TapOutput(t.name, (1, *w.shape[1:]), "float32", t.stage, t.pooled)
                  for t, w in zip(method.taps(), want))
     source = str(backbone.source["onnx"])
-    spec = QuantizationSpec(format="QDQ", per_channel=_per_channel(path), weight_type="int8",
-                            activation_type="int8", weight_symmetric=False, activation_symmetric=False,
+    per_channel, symmetric = _weight_format(path)
+    spec = QuantizationSpec(format="QDQ", per_channel=per_channel, weight_type="int8",
+                            activation_type="int8", weight_symmetric=symmetric, activation_symmetric=False,
                             calibration_method=GIVEN, calibration_samples=0, calibration_data=source)
     return taps, spec
 
 
-def _per_channel(path: Path) -> bool:
+def _weight_format(path: Path) -> tuple[bool, bool]:
+    """(per-channel, symmetric) of the int8 weights of a QDQ graph: DequantizeLinear of constant weights
+    with a scale vector, and zero points that are all zero."""
+    from onnx import numpy_helper
+
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    return any(n.op_type == "DequantizeLinear" and n.input[1] in inits and len(inits[n.input[1]].dims) == 1
-               and inits[n.input[1]].dims[0] > 1 for n in model.graph.node)
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    per_channel = any(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weights
+                      if n.input[1] in inits)
+    symmetric = all(len(n.input) < 3 or n.input[2] not in inits or not numpy_helper.to_array(inits[n.input[2]]).any()
+                    for n in weights)
+    return per_channel, symmetric
