@@ -35,7 +35,7 @@ MODEL_HELP = {
     "vit-tiny": "ViT, 32x32, patch 4, 4 layers, width 64 (vqt's faithful setting)",
     "resnet8": "MLPerf Tiny image classification ResNet-8, 3x32x32, 16-32-64 residual stacks, BN, ~78k params",
     "ds-cnn": "MLPerf Tiny keyword spotting DS-CNN, 1x49x10 MFCC, 64 channels, 4 separable blocks, ~23k params",
-    "mobilenet-v1-025": "MLPerf Tiny visual wake words MobileNetV1 x0.25, 3x96x96, 2 classes, ~216k params",
+    "mobilenet-v1-025": "MLPerf Tiny visual wake words MobileNetV1 x0.25, 3x96x96, 2 classes, ~214k params",
     "mobilenet-v3-s": "MobileNetV3-small style (hardswish, squeeze-excitation, BN), 3x32x32, x0.5, ~260k params",
     "imu-conv1d": "Conv1d network for 6x100 IMU windows (N x C x T), 6 classes, ~35k params",
 }
@@ -55,30 +55,32 @@ def _input_shape(in_channels: int | None, image_size: int | None,
     return (in_channels if in_channels is not None else 1, size, size)
 
 
-def _call_user(factory: Callable[..., object], name: str, num_classes: int,
+def _call_user(factory: Callable[..., object], name: str, classes: dict[str, int],
                shape: tuple[int, ...] | None) -> object:
     """Call a user callable with ``input_shape`` when it takes one, else with ``in_channels`` and
     ``image_size`` (the older convention, square images only)."""
     try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
+        takes_shape = "input_shape" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): the older convention
+        takes_shape = False
     if shape is None:
-        return factory(num_classes=num_classes)
-    if "input_shape" in params:
-        return factory(num_classes=num_classes, input_shape=shape)
+        return factory(**classes)
+    if takes_shape:
+        return factory(**classes, input_shape=shape)
     if len(shape) != 3 or shape[1] != shape[2]:
         raise ConfigError(f"model: {name} takes in_channels and image_size, so only square images, but the input "
                           f"shape is {shape}; add an input_shape parameter to the callable")
-    return factory(num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+    return factory(**classes, in_channels=shape[0], image_size=shape[1])
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int | None = None, image_size: int | None = None,
-                input_shape: tuple[int, ...] | None = None) -> Backbone:
+def build_model(name: str, num_classes: int | None = None, in_channels: int | None = None,
+                image_size: int | None = None, input_shape: tuple[int, ...] | None = None) -> Backbone:
     """Build a zoo model or a user model given as ``package.module:callable``.
 
     The input is ``input_shape`` (C,H,W or C,T) when given, else a square ``in_channels`` x
-    ``image_size`` image when either is given, else the model's default (``edgetune list models``).
+    ``image_size`` image when either is given, else the model's default (``edgetune list models``);
+    ``num_classes`` None keeps the model's default (10, or the reference model's benchmark: 12
+    keywords for ds-cnn, 2 for mobilenet-v1-025, 6 activities for imu-conv1d).
 
     Raises:
         ConfigError: unknown zoo name, a user reference that cannot be imported, a malformed
@@ -87,17 +89,17 @@ def build_model(name: str, num_classes: int = 10, in_channels: int | None = None
             take inputs of that rank.
     """
     shape = _input_shape(in_channels, image_size, input_shape)
+    classes = {} if num_classes is None else {"num_classes": num_classes}
     if ":" not in name:
         factory = MODELS.get(name)
-        return factory(num_classes=num_classes) if shape is None else factory(num_classes=num_classes,
-                                                                               input_shape=shape)
+        return factory(**classes) if shape is None else factory(**classes, input_shape=shape)
     module_name, _, attr = name.partition(":")
     try:
         user = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model: cannot import {name!r} ({exc}); give an importable "
                           "package.module:callable") from None
-    model = _call_user(user, name, num_classes, shape)
+    model = _call_user(user, name, classes, shape)
     if not isinstance(model, Backbone):
         raise ModelError(f"model: {name} returned {type(model).__name__}, not an edgetune Backbone; "
                          "subclass edgetune.models.Backbone (set stages, classifier, input_shape)")

@@ -12,6 +12,7 @@ Normalisation kinds (``norm=``):
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -130,19 +131,21 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 def fold_batchnorm(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
     """``conv`` followed by eval-mode ``bn`` as one conv with a bias, or None when they do not fold
     (not a plain Conv1d/Conv2d then a BatchNorm1d/2d of its output channels with running statistics)."""
-    if (type(conv) not in _PLAIN_CONVS or type(bn) not in _BATCH_NORMS or bn.running_var is None
-            or bn.num_features != conv.out_channels):
+    if not (isinstance(conv, _PLAIN_CONVS) and type(conv) in _PLAIN_CONVS and isinstance(bn, _BATCH_NORMS)):
         return None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None or bn.num_features != conv.out_channels:
+        return None
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
     if bn.affine:
         scale = bn.weight * scale
-    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0.0)
-    fused = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+        shift = bn.bias - mean * scale
+    fused = copy.deepcopy(conv)  # same class, geometry and padding mode; only weight and bias change
     shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-    fused.weight.data.copy_((conv.weight * scale.reshape(shape)).detach())
-    bias = conv.bias * scale + shift if conv.bias is not None else shift
-    fused.bias.data.copy_(bias.detach())
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    fused.weight = nn.Parameter((conv.weight * scale.reshape(shape)).detach().clone())
+    fused.bias = nn.Parameter(bias.detach().clone())
     return fused
 
 

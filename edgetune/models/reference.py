@@ -27,8 +27,11 @@ from edgetune.models.backbone import Backbone
 def conv_bn(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1, groups: int = 1,
             padding: int | tuple[int, int] | None = None, act: nn.Module | None = None) -> nn.Sequential:
     """conv (no bias) -> BatchNorm2d -> activation (``act``; None: no activation)."""
-    pad = padding if padding is not None else (tuple(k // 2 for k in kernel) if isinstance(kernel, tuple)
-                                               else kernel // 2)
+    pad: int | tuple[int, int]
+    if padding is not None:
+        pad = padding
+    else:
+        pad = (kernel[0] // 2, kernel[1] // 2) if isinstance(kernel, tuple) else kernel // 2
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups, bias=False),
                                nn.BatchNorm2d(cout)]
     if act is not None:
