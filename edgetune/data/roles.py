@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgetune.data.datasets import Dataset
-from edgetune.data.sources import describe, load_data
 from edgetune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # the CLI reads this module's constants while building its parser: no torch import here
+    from edgetune.data.datasets import Dataset
 
 SOURCE_MODES = ("labelled", "unlabelled", "none")
 WARMUP = 200  # stream samples of the no-source warm-up
@@ -59,7 +60,7 @@ def check_mode(mode: str) -> None:
         raise ConfigError(f"source: unknown mode {mode!r}; pick one of {', '.join(SOURCE_MODES)}")
 
 
-def source_info(source: Dataset, mode: str, origin: str, samples: int | None = None) -> SourceInfo:
+def source_info(source: "Dataset", mode: str, origin: str, samples: int | None = None) -> SourceInfo:
     """What a fit on ``source`` in ``mode`` read (``samples``: default as many as ``fit`` reads)."""
     split = "first stream samples (warm-up)" if mode == "none" else "training split"
     n = min(len(source.train_x), FIT_SAMPLES) if samples is None else samples
@@ -68,7 +69,7 @@ def source_info(source: Dataset, mode: str, origin: str, samples: int | None = N
 
 def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
                       resize: tuple[int, int] | None = None, crop: tuple[int, int] | None = None,
-                      command: str = "eval") -> tuple[Dataset | None, str]:
+                      command: str = "eval") -> tuple["Dataset | None", str]:
     """The source for a checkpoint (its ``config``): ``source`` when given, else the data the
     checkpoint records (``data``, with its ``data_resize`` / ``data_crop``), else a refusal.
     Mode ``none`` needs no source (returns None; ``export`` refuses it: the device has no
@@ -78,6 +79,8 @@ def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
         ConfigError: an unknown mode, mode ``none`` for export, or no source given and none recorded.
         DataError: the source cannot be loaded, or mode ``labelled`` with an unlabelled source.
     """
+    from edgetune.data.sources import describe, load_data
+
     check_mode(mode)
     if mode == "none" and command == "export":
         raise ConfigError("export: --source-mode none has no source to fit and calibrate the bundle on (the warm-up "
@@ -130,12 +133,14 @@ def checkpoint_stream(config: dict, data: Any = None, resize: tuple[int, int] | 
     return data, resize, crop
 
 
-def warmup_source(samples: np.ndarray, stream_name: str, warmup: int = WARMUP) -> Dataset:
+def warmup_source(samples: np.ndarray, stream_name: str, warmup: int = WARMUP) -> "Dataset":
     """An unlabelled source made of the first ``warmup`` stream samples (mode ``none``).
 
     Raises:
         ConfigError: ``warmup`` < 1.
     """
+    from edgetune.data.datasets import Dataset
+
     if warmup < 1:
         raise ConfigError(f"source: the warm-up needs at least 1 sample (got {warmup}); pass --warmup K")
     x = samples[:warmup]

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetune.data import hapt  # noqa: F401  (registers the 'hapt' built-in)
 from edgetune.data.datasets import DATASETS, Dataset, load_dataset, shape_of
 from edgetune.errors import DataError
 
