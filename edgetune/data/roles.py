@@ -90,7 +90,7 @@ def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
         if source is not None:
             raise ConfigError(f"{command}: --source-mode none uses no source, but --source-data {describe(source)} "
                               "was given; drop one of them")
-        return None, "warm-up"
+        return None, ""  # evaluate names the warm-up itself
     if source is not None:
         data, origin = load_data(source, resize, crop), "given as --source-data"
     elif config.get("data"):
