@@ -215,3 +215,18 @@ def test_one_d_windows_stream_every_sensor_shift_and_unlabelled_streams_are_not_
     with pytest.raises(DataError, match="6x100 but the model takes 3x32x32"):
         evaluate(build_model("resnet8"), "resnet8", "source", tmp_path / "imu.npz", "none", 3, "episodic",
                  progress=False)
+
+
+def test_stream_defaults_and_the_bundle_source_record(tmp_path, digits):
+    from edgetune.data import checkpoint_stream, record_source, recorded_source, source_info
+    assert checkpoint_stream({"data": "x.npz", "data_resize": [24, 24]}) == ("x.npz", (24, 24), None)
+    assert checkpoint_stream({"data": "x.npz", "data_resize": [24, 24]}, "digits") == ("digits", None, None)
+    with pytest.raises(ConfigError, match="pass --data"):
+        checkpoint_stream({"model": "m"})
+    with pytest.raises(ConfigError, match="source-mode none"):
+        checkpoint_source({"data": "digits"}, mode="none", command="export")
+    info = source_info(digits, "unlabelled", "given")
+    assert info.samples == len(digits.train_y) and not info.labels_used
+    record_source(tmp_path, info)
+    (tmp_path / "cortex-m4").mkdir()
+    assert recorded_source(tmp_path / "cortex-m4") == info and recorded_source(tmp_path / "nowhere") is None
