@@ -229,4 +229,5 @@ def test_stream_defaults_and_the_bundle_source_record(tmp_path, digits):
     assert info.samples == len(digits.train_y) and not info.labels_used
     record_source(tmp_path, info)
     (tmp_path / "cortex-m4").mkdir()
-    assert recorded_source(tmp_path / "cortex-m4") == info and recorded_source(tmp_path / "nowhere") is None
+    assert recorded_source(tmp_path / "cortex-m4") == info
+    assert recorded_source(tmp_path / "cortex-m4" / "elsewhere") is None  # neither it nor its parent has one
