@@ -181,3 +181,15 @@ def broadcast_binary(fn, params: te.Tensor, a: te.Tensor, b: te.Tensor) -> te.Te
         return b[tuple(0 if d == 1 else idx[offset + k] for k, d in enumerate(b_shape))]
 
     return te.compute(shape, lambda *idx: fn(p, a[idx], b_at(idx)), name="out")
+
+
+def pad_int8(x: te.Tensor, *, before: tuple[int, ...], out_shape: tuple[int, ...], value: int) -> te.Tensor:
+    """Constant padding of an int8 tensor: ``value`` (already quantised) outside, ``x`` shifted inside."""
+    shape = [int(d) for d in x.shape]
+
+    def at(*idx):
+        inside = tirx.all(*(tirx.all(i >= b, i < b + n) for i, b, n in zip(idx, before, shape)))
+        src = tuple(tirx.max(tirx.min(i - b, n - 1), 0) for i, b, n in zip(idx, before, shape))
+        return tirx.if_then_else(inside, x[src], tirx.const(value, x.dtype))
+
+    return te.compute(out_shape, at, name="out")

@@ -47,7 +47,7 @@ ELEMENTWISE_FLOAT = frozenset(f"relax.{op}" for op in (
 # int8 rule of the op table -> the method of ``_Lowering`` that lowers it
 RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "concat": "concat",
                 "avg_pool": "avg_pool", "global_pool": "global_pool", "mean": "global_pool", "max_pool": "max_pool",
-                "clip": "clip", "view": "view"}
+                "clip": "clip", "view": "view", "pad": "pad"}
 KERNEL_ATTR = "edgetune.kernel"  # PrimFunc attribute: which int8 kernel family (read by schedule)
 
 
@@ -129,6 +129,39 @@ def _dequantized(v: _QConst) -> np.ndarray:
         shape[v.axis % v.data.ndim] = -1
     value = (v.data.astype(np.int32) - v.zp.reshape(shape).astype(np.int32)).astype(F32) * v.scale.reshape(shape)
     return value.astype(F32)
+
+
+def _rule_key(call: relax.Call) -> str:
+    """The op table's Relax key of a call: the op name, or ``call_tir:<kernel>`` for the frontend's
+    TIR kernels (topi's pad, maximum, minimum), digits stripped from the kernel name."""
+    if call.op.name == "relax.call_tir":
+        return "call_tir:" + call.args[0].name_hint.rstrip("0123456789")
+    return call.op.name
+
+
+def _pad_widths(func: tirx.PrimFunc, in_shape: list[int], out_shape: list[int]) -> tuple[list[int], float]:
+    """(pads before each axis, pad value) of topi's constant pad kernel: ``out[i] = if_then_else(inside,
+    A[i - before], value)``; raises ``_Unsupported`` for any other kernel (reflect, edge, crops)."""
+    node = func.body
+    while not isinstance(node, tirx.BufferStore):
+        node = getattr(node, "block", None) or getattr(node, "body", None)
+        if node is None:
+            raise _Unsupported("pad kernel is not a single store")
+    value = node.value
+    if not (isinstance(value, tvm.ir.Call) and value.op.name == "prim.if_then_else"
+            and isinstance(value.args[2], tirx.FloatImm)):
+        raise _Unsupported("pad that is not a constant pad")
+    before = []
+    for index in value.args[1].indices:
+        if isinstance(index, tirx.Var):
+            before.append(0)
+        elif isinstance(index, tirx.Sub) and isinstance(index.a, tirx.Var) and isinstance(index.b, tirx.IntImm):
+            before.append(int(index.b.value))
+        else:
+            raise _Unsupported("pad with an index that is not a shift")
+    if len(before) != len(in_shape) or any(o - i - b < 0 or b < 0 for o, i, b in zip(out_shape, in_shape, before)):
+        raise _Unsupported("pad that crops")
+    return before, float(value.args[2].value)
 
 
 def _bound(arg: object) -> float:
@@ -253,7 +286,7 @@ class _Lowering:
         if not isinstance(v, _Float):
             return self.island(v, sy, zy)
         call = v.call
-        rule = RELAX_RULES.get(call.op.name) if isinstance(call.op, tvm.ir.Op) else None
+        rule = RELAX_RULES.get(_rule_key(call)) if isinstance(call.op, tvm.ir.Op) else None
         if rule is not None:
             try:
                 return self.rules[rule](call, sy, zy)
@@ -266,6 +299,19 @@ class _Lowering:
 
     def matmul_unit(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         return self.matmul(call, None, sy, zy)
+
+    def pad(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """Constant Pad on int8: the input requantised, the border ``QuantizeLinear(value)`` (exact:
+        the float pad only adds copies of ``value``)."""
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+        if len(args) != 1:
+            raise _Unsupported("pad with more than one input")
+        x = self.activation(args[0], "pad input")
+        before, value = _pad_widths(self.mod[call.args[0]], _shape(x.q), _shape(call))
+        q_value = int(np.clip(np.rint(F32(value) / sy) + zy, im.QMIN, im.QMAX))
+        moved = self.rescale(x, sy, zy)
+        return self.emit_kernel("pad", kernels.pad_int8, moved, before=tuple(before), out_shape=tuple(_shape(call)),
+                                value=q_value)
 
     def view(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         """Data movement commutes with the (monotonic, elementwise) requantisation: move int8, rescale."""

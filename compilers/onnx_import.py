@@ -8,12 +8,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import tvm
-from onnx import shape_inference
+from onnx import numpy_helper, shape_inference
 from tvm.relax.frontend.onnx import from_onnx
 
 from edgetune.errors import CompileError
+from edgetune.export.ops import SHAPE_INPUTS
 
 MIN_OPSET = 13
 
@@ -130,12 +132,43 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def fold_constant_operands(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where a DequantizeLinear of an initializer that feeds an operand the op table
+    marks as constant (Pad's value, Clip's bounds, ...) is replaced by its float32 value: the quantiser
+    quantises such constants, and TVM's frontend only converts them as plain constants."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    folded: dict[str, onnx.TensorProto] = {}
+    for node in model.graph.node:
+        for k in SHAPE_INPUTS.get(node.op_type, ()):
+            dq = producer.get(node.input[k]) if k < len(node.input) and node.input[k] else None
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                continue
+            if any(i and i not in inits for i in dq.input) or dq.output[0] in folded:
+                continue
+            q, scale = (numpy_helper.to_array(inits[i]) for i in dq.input[:2])
+            zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else 0
+            value = ((q.astype(np.int32) - np.asarray(zp).astype(np.int32)).astype(np.float32) *
+                     np.asarray(scale, np.float32)).astype(np.float32)
+            folded[dq.output[0]] = numpy_helper.from_array(value.reshape(q.shape), dq.output[0])
+    if not folded:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n in out.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in folded)]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(folded.values())
+    return out
+
+
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
     """Convert a checked model to a Relax module; initialisers become constants (not inputs).
 
     Raises:
         CompileError: TVM's converter rejects the graph (the message carries its reason).
     """
+    model = fold_constant_operands(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # renaming notices for names like "/stages.0/Conv"

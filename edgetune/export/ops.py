@@ -36,9 +36,10 @@ class OpRule:
     """One ONNX op: which sides may hold it, how the int8 rewrite lowers it, which kernel runs it.
 
     ``int8``: the rewrite rule (``conv``, ``matmul``, ``add``, ``concat``, ``avg_pool``,
-    ``global_pool``, ``max_pool``, ``mean``, ``clip``, ``view``), ``island``, ``qdq`` or
+    ``global_pool``, ``max_pool``, ``mean``, ``clip``, ``view``, ``pad``), ``island``, ``qdq`` or
     ``float-only``. ``relax``: the Relax ops TVM's frontend emits for it that the rule lowers.
     ``shape_inputs``: input positions that must be constants (shapes, axes, bounds).
+    A ``call_tir:<kernel>`` entry in ``relax`` names a TIR kernel the frontend emits (topi's pad).
     ``boundary``: may turn an int8 tensor into a float graph output without a float kernel.
     """
 
@@ -72,8 +73,9 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("ReduceMean", "mean", "qglobal_pool", ("relax.mean",), shape_inputs=(1,), boundary=True),
     _r("MaxPool", "max_pool", "qmax_pool", ("relax.nn.max_pool2d", "relax.nn.max_pool1d"), trainable=False),
     _r("Relu", "clip", "elementwise", ("relax.nn.relu",)),
-    _r("Clip", "clip", "elementwise", ("relax.clip", "relax.maximum", "relax.minimum", "relax.call_tir"),
-       shape_inputs=(1, 2)),
+    _r("Clip", "clip", "elementwise", ("relax.clip", "relax.maximum", "relax.minimum", "call_tir:maximum",
+                                       "call_tir:minimum"), shape_inputs=(1, 2)),
+    _r("Pad", "pad", _VIEW, ("call_tir:pad",), trainable=False, shape_inputs=(1, 2, 3)),
     _r("Reshape", "view", _VIEW, ("relax.reshape",), shape_inputs=(1,), boundary=True),
     _r("Flatten", "view", _VIEW, ("relax.flatten",), boundary=True),
     _r("Transpose", "view", _VIEW, ("relax.permute_dims",), boundary=True),
@@ -86,7 +88,7 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
         "LayerNormalization", "Gather", "Split", "Expand", "Identity", "Constant", "Neg", "Exp", "Abs", "Max", "Min",
         "ReduceMax")),
     *(_r(op, ISLAND, _FLOAT, trainable=False) for op in (
-        "Pad", "LeakyRelu", "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
+        "LeakyRelu", "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
     # an unfolded BatchNormalization: one float32 per-channel affine x * s + b, fused with its dequantize
     _r("BatchNormalization", ISLAND, "per-channel affine (float)", ("relax.nn.batch_norm",), trainable=False),
     *(_r(op, FLOAT_ONLY, "float", frozen=False) for op in (
@@ -192,6 +194,12 @@ def _const_input(g: QdqGraph, tensor: str, dtype: type, what: str) -> str | None
     return None
 
 
+def _quantised_const(g: QdqGraph, tensor: str) -> bool:
+    """A DequantizeLinear of initializers (the compiler folds it into a float constant)."""
+    dq = g.dq(tensor)
+    return dq is not None and all(not i or i in g.consts for i in dq.input)
+
+
 def _per_tensor_const(g: QdqGraph, tensor: str) -> bool:
     dq = g.dq(tensor)
     if dq is None or dq.input[0] not in g.consts or g.consts[dq.input[0]].dtype != np.int8:
@@ -219,7 +227,7 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
         return ["no int8 rule"]
     shape_in = rule.shape_inputs
     problems = [f"input {i} must be a constant" for k, i in enumerate(node.input)
-                if i and k in shape_in and i not in g.consts]
+                if i and k in shape_in and i not in g.consts and not _quantised_const(g, i)]
     if op in ("Conv", "Gemm"):
         problems += [p for p in (_activation_input(g, node.input[0]),
                                  _const_input(g, node.input[1], np.int8, "weight")) if p]
@@ -244,6 +252,10 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
                                  if i and k not in shape_in) if p]
     if op == "ReduceMean":
         problems += [p for p in (_spatial_mean(g, node),) if p]
+    if op == "Pad" and attr(node, "mode", b"constant") not in (b"constant", "constant"):
+        problems.append("Pad that is not a constant pad (int8 only for constant padding)")
+    if op == "Pad" and len(node.input) > 1 and node.input[1] in g.consts and np.any(g.consts[node.input[1]] < 0):
+        problems.append("Pad with negative pads (a crop)")
     if op in ("AveragePool", "MaxPool") and attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         problems.append(f"{op} with auto_pad")
     for o in node.output:
