@@ -178,3 +178,29 @@ def test_onnx_errors_are_one_line(onnx_models, tmp_path, capsys):
                  str(tmp_path / "b")]) == ModelError.exit_code
     err = one_line(ModelError.exit_code)
     assert "com.acme::Magic (node 'my_magic')" in err and "Resize (node 'my_resize')" in err
+
+
+@pytest.mark.parametrize("name", ["resnet8", "ds-cnn", "mobilenet-v3-s", "imu-conv1d", "mcunet-s-gn", "vit-tiny"])
+def test_interpreter_follows_onnxruntime_on_zoo_architectures(name, tmp_path):
+    """Ops beyond mcunet-s (MaxPool-free ResNet adds, hardswish + squeeze-excitation, Conv1d, GroupNorm as
+    InstanceNormalization, attention with a class token expanded at batch 1), batched, against onnxruntime;
+    ``inspect``'s per-stage suggestion cuts every one of them into at least two stages."""
+    import onnxruntime
+
+    from edgetune.models import build_model
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    path = tmp_path / f"{name}.onnx"
+    x = torch.randn(3, *model.input_shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x[:1], str(path), input_names=["input"], opset_version=17, dynamo=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(3)])
+    _, per_stage = tap_candidates(path)
+    assert len(per_stage) >= 2
+    backbone = load_onnx_backbone(path, per_stage)
+    with torch.no_grad():
+        got = backbone(x).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert len(backbone.stages) == len(per_stage)

@@ -159,6 +159,32 @@ OPS["Transpose"] = lambda n, a: a[0].permute(*(n.attr("perm") or list(reversed(r
 OPS["Shape"] = lambda n, a: torch.tensor(list(a[0].shape), dtype=torch.int64)
 
 
+OPS["Equal"] = lambda n, a: a[0] == a[1]
+OPS["Where"] = lambda n, a: torch.where(a[0].bool(), a[1], a[2])
+OPS["Cast"] = lambda n, a: a[0].to(_TORCH_DTYPES[n.attr("to")])
+
+
+@_op("ConstantOfShape")
+def _constant_of_shape(node: Node, a: list[Any]) -> torch.Tensor:
+    value = node.attr("value")
+    fill = torch.from_numpy(np.array(value).reshape(-1)) if value is not None else torch.zeros(1)
+    return fill.reshape(()).expand(_ints(a[0])).clone()
+
+
+@_op("Expand")
+def _expand(node: Node, a: list[Any]) -> torch.Tensor:
+    shape = _ints(a[1])
+    rank = max(len(shape), a[0].dim())
+    have = [1] * (rank - a[0].dim()) + list(a[0].shape)
+    want = [1] * (rank - len(shape)) + shape
+    return a[0].reshape(have).expand([max(h, w) if 1 in (h, w) else h for h, w in zip(have, want)])
+
+
+@_op("InstanceNormalization")
+def _instance_norm(node: Node, a: list[Any]) -> torch.Tensor:
+    return F.instance_norm(a[0], weight=a[1], bias=a[2], eps=node.attr("epsilon", 1e-5))
+
+
 @_op("Clip")
 def _clip(node: Node, a: list[Any]) -> torch.Tensor:
     lo = a[1] if len(a) > 1 and a[1] is not None else node.attr("min")
@@ -309,6 +335,9 @@ def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+_TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
+                 onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool,
+                 onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8}
 _QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int16: (-32768, 32767),
            torch.uint16: (0, 65535), torch.int32: (-2 ** 31, 2 ** 31 - 1)}
 
@@ -337,20 +366,30 @@ def _dequantize(node: Node, a: list[Any]) -> torch.Tensor:
 _FOLDABLE_DTYPES = (np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.int64, np.bool_)
 
 
+BATCH_BAKING_OPS = frozenset({"Expand", "ConstantOfShape", "Tile"})
+
+
 class OnnxSubgraph(nn.Module):
     """A run of ONNX nodes from one tensor to another, interpreted in torch; constants are buffers
     (so they are part of ``state_dict`` and of every cache key derived from it)."""
 
-    def __init__(self, nodes: Sequence[Node], source: str, output: str, consts: dict[str, np.ndarray]) -> None:
+    def __init__(self, nodes: Sequence[Node], source: str, output: str, consts: dict[str, np.ndarray],
+                 per_sample: bool = False) -> None:
         super().__init__()
         self.nodes = tuple(nodes)
         self.source, self.output = source, output
+        self.per_sample = per_sample
         used = sorted({i for n in self.nodes for i in n.inputs if i in consts})
         self._buffer_of = {name: f"c{k}" for k, name in enumerate(used)}
         for name in used:
             self.register_buffer(self._buffer_of[name], torch.from_numpy(np.array(consts[name])))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_sample and x.shape[0] > 1:
+            return torch.cat([self._run(x[i:i + 1]) for i in range(x.shape[0])])
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         env: dict[str, Any] = {self.source: x}
         for node in self.nodes:
             args = [None if not i else env[i] if i in env else getattr(self, self._buffer_of[i])
@@ -395,6 +434,10 @@ class ParsedGraph:
     producer: dict[str, Node]
     sha256: str
     quantized: bool
+    # A file exported at batch 1 may have baked that batch into materialised tensors (a class token
+    # expanded to "1 x ...", often folded to a constant): its sub-graphs then run one sample at a time
+    # when fit feeds a batch.
+    per_sample: bool = False
 
 
 def parse_onnx(path: str | Path) -> ParsedGraph:
@@ -453,8 +496,10 @@ def parse_onnx(path: str | Path) -> ParsedGraph:
             continue
         nodes.append(node)
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node)
+    per_sample = any(n.op_type in BATCH_BAKING_OPS for n in g.node)
     return ParsedGraph(p.name, model, nodes, consts, shapes, inputs[0].name, tuple(int(d) for d in dims[1:]),
-                       {o: n for n in nodes for o in n.outputs}, hashlib.sha256(raw).hexdigest(), quantized)
+                       {o: n for n in nodes for o in n.outputs}, hashlib.sha256(raw).hexdigest(), quantized,
+                       per_sample)
 
 
 def _segment(graph: ParsedGraph, source: str, target: str) -> list[Node]:
@@ -540,10 +585,10 @@ class OnnxBackbone(Backbone):
                        "classifier": list(classifier.nodes), "quantized": graph.quantized}
         self.quantized = graph.quantized
         bounds = [graph.input_name, *taps]
-        self.stages = nn.ModuleList(OnnxSubgraph(_segment(graph, a, b), a, b, graph.consts)
+        self.stages = nn.ModuleList(OnnxSubgraph(_segment(graph, a, b), a, b, graph.consts, graph.per_sample)
                                     for a, b in zip(bounds, bounds[1:]))
         self.head_pool = (OnnxSubgraph(_segment(graph, taps[-1], classifier.feature), taps[-1], classifier.feature,
-                                       graph.consts) if classifier.feature != taps[-1] else None)
+                                       graph.consts, graph.per_sample) if classifier.feature != taps[-1] else None)
         self.classifier = nn.Linear(classifier.weight.shape[1], self.num_classes)
         with torch.no_grad():
             self.classifier.weight.copy_(torch.from_numpy(classifier.weight))
@@ -703,6 +748,39 @@ class TapCandidate:
     why: str
 
 
+def _dry_run_shapes(graph: ParsedGraph) -> dict[str, tuple[int, ...]]:
+    """Every computed tensor's shape at batch 1, from running the graph (shape inference may leave
+    reshaped tensors symbolic)."""
+    run = OnnxSubgraph(graph.nodes, graph.input_name, graph.nodes[-1].outputs[0], graph.consts)
+    env: dict[str, Any] = {graph.input_name: torch.zeros(1, *graph.input_shape)}
+    with torch.no_grad():
+        for node in run.nodes:
+            args = [None if not i else env[i] if i in env else getattr(run, run._buffer_of[i]) for i in node.inputs]
+            env[node.outputs[0]] = OPS[node.op](node, args)
+    return {k: tuple(v.shape) for k, v in env.items() if isinstance(v, torch.Tensor)}
+
+
+def _merges(graph: ParsedGraph, name: str) -> bool:
+    """Whether ``name`` (through Q/DQ) is an Add/Concat of two computed tensors: branches meeting."""
+    node = graph.producer.get(name)
+    while node is not None and node.op in ("QuantizeLinear", "DequantizeLinear"):
+        node = graph.producer.get(node.inputs[0])
+    return node is not None and sum(1 for i in node.inputs if i and i not in graph.consts) >= 2
+
+
+_ACTIVATIONS = ("Relu", "Clip", "HardSwish", "LeakyRelu", "Sigmoid")
+
+
+def _after_pointwise_conv(graph: ParsedGraph, name: str) -> bool:
+    """An activation whose conv is 1x1: where a depthwise-separable block ends."""
+    node = graph.producer.get(name)
+    while node is not None and node.op in ("QuantizeLinear", "DequantizeLinear", *_ACTIVATIONS):
+        node = graph.producer.get(node.inputs[0])
+    if node is None or node.op != "Conv" or node.inputs[1] not in graph.consts:
+        return False
+    return all(k == 1 for k in np.shape(graph.consts[node.inputs[1]])[2:])
+
+
 def _computing_op(graph: ParsedGraph, name: str) -> str | None:
     """The op that computed ``name``, looking through Quantize/DequantizeLinear (None: the input itself)."""
     node = graph.producer.get(name)
@@ -734,27 +812,37 @@ def tap_candidates(path: str | Path, classifier: str | None = None) -> tuple[lis
         # In a QDQ graph a tensor about to be quantised is offered as the DequantizeLinear output after it.
         if live == {n.outputs[0]} and n.op != "QuantizeLinear" and consumers != ["QuantizeLinear"]:
             cuts.append(n.outputs[0])
+    shapes = _dry_run_shapes(graph)
     found: list[TapCandidate] = []
+    pointwise: list[TapCandidate] = []
     for name, nxt in zip(cuts, [*cuts[1:], None]):
-        shape = graph.shapes.get(name)
+        shape = shapes.get(name)
         role = _computing_op(graph, name)
         if name == head.feature or shape is None or len(shape) < 3 or role is None:
             continue
-        next_shape = graph.shapes.get(nxt) if nxt else None
-        if role in ("Add", "Concat", "Sum"):
+        next_shape = shapes.get(nxt) if nxt else None
+        if role in ("Add", "Concat", "Sum") and _merges(graph, name):
             found.append(TapCandidate(name, tuple(shape), role, "block output (branches merge)"))
         elif next_shape is None or tuple(next_shape[2:]) != tuple(shape[2:]) or len(next_shape) < 3:
             found.append(TapCandidate(name, tuple(shape), role, "last cut before the resolution changes"))
+        elif role in _ACTIVATIONS and _after_pointwise_conv(graph, name):
+            pointwise.append(TapCandidate(name, tuple(shape), role, "block output (pointwise conv + activation)"))
     # Per-stage methods: at each resolution the last block output (narrower than the expansions inside a
     # block), at the last resolution the pooling's own input.
     last_at: dict[tuple, str] = {}
     for c in found:
-        if c.op in ("Add", "Concat", "Sum") or tuple(c.shape[2:]) not in last_at:  # c.op: see _computing_op
+        if c.why.startswith("block output") or tuple(c.shape[2:]) not in last_at:
             last_at[tuple(c.shape[2:])] = c.name
     if found:
         last_at[tuple(found[-1].shape[2:])] = found[-1].name
     per_stage = list(last_at.values()) or [head.feature]
-    found.append(TapCandidate(head.feature, tuple(graph.shapes.get(head.feature) or ()),
+    if len(per_stage) < 2 and pointwise and found:
+        # One resolution throughout (a keyword-spotting DS-CNN): up to four evenly spaced separable-block
+        # outputs, the last being the pooling's input.
+        found = [*pointwise, found[-1]]
+        picks = sorted({round(k * (len(found) - 1) / 3) for k in range(4)})
+        per_stage = [found[k].name for k in picks]
+    found.append(TapCandidate(head.feature, tuple(shapes.get(head.feature) or ()),
                               graph.producer[head.feature].op if head.feature in graph.producer else "input",
                               f"pooled feature (input of classifier {head.nodes[0]}): the default --taps"))
     return found, per_stage
