@@ -231,3 +231,19 @@ def test_stream_defaults_and_the_bundle_source_record(tmp_path, digits):
     (tmp_path / "cortex-m4").mkdir()
     assert recorded_source(tmp_path / "cortex-m4") == info
     assert recorded_source(tmp_path / "cortex-m4" / "elsewhere") is None  # neither it nor its parent has one
+
+
+def test_own_splits_of_folders_and_npz_are_kept(tmp_path, digits):
+    _write_folder(tmp_path / "own" / "train", digits.train_x, digits.train_y, rgb=False, per_class=4)
+    _write_folder(tmp_path / "own" / "test", digits.test_x, digits.test_y, rgb=False, per_class=3)
+    own = load_data(tmp_path / "own")
+    assert (len(own.train_y), len(own.val_y), len(own.test_y)) == (40, 0, 30) and own.num_classes == 10
+    np.savez(tmp_path / "stream.npz", x_test=digits.test_x[:25], y_test=digits.test_y[:25])
+    stream = load_data(tmp_path / "stream.npz")
+    assert len(stream.test_y) == 25 and len(stream.train_y) == 0  # all of it is streamed, nothing fitted on
+    assert sum(len(s.labels) for s in build_stream(stream, ("none",), 5, "episodic")) == 25
+    with pytest.raises(DataError, match="no training samples"):
+        checkpoint_source({"data": str(tmp_path / "stream.npz")})
+    np.savez(tmp_path / "half.npz", x_train=digits.test_x[:5])
+    with pytest.raises(DataError, match="no y_train"):
+        load_data(tmp_path / "half.npz")

@@ -107,6 +107,9 @@ def checkpoint_source(config: dict, source: Any = None, mode: str = "labelled",
                           "default (the evaluated data's labelled split would make adaptation look better than it "
                           "is); pass --source-data DATA (add --source-mode unlabelled to use no labels) or "
                           "--source-mode none")
+    if not len(data.train_x):
+        raise DataError(f"{command}: source {data.name} has no training samples (only a test split); pass a source "
+                        "with training samples (--source-data)")
     if mode == "labelled" and not data.labelled:
         raise DataError(f"{command}: source {data.name} has no labels; pass --source-mode unlabelled (statistics "
                         "and distillation only) or a labelled --source-data")

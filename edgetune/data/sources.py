@@ -5,10 +5,11 @@
 * a built-in name (``digits``, ``fashion-mnist``, ``hapt``);
 * an image folder: one subfolder per class of PNG/JPEG files (read by Pillow; grey stays
   N x H x W, colour becomes N x 3 x H x W, both uint8). A folder of image files without class
-  subfolders is unlabelled (labels -1); a folder with ``train/`` and ``test/`` (and optionally
-  ``val/``) subfolders keeps that split;
+  subfolders is unlabelled (labels -1); a folder with ``train/`` and/or ``test/`` (and optionally
+  ``val/``) subfolders keeps that split (only ``test/``: a stream to score, nothing to fit on);
 * a ``.npz`` with ``x`` as N x C x H x W, N x H x W x C, N x H x W (grey) or N x C x T (1-D) and
-  an optional ``y``; uint8 ``x`` are pictures, anything else becomes float32 as it is;
+  an optional ``y``, or with its own split ``x_train``/``y_train``, ``x_val``/``y_val``,
+  ``x_test``/``y_test`` (any of them); uint8 ``x`` are pictures, anything else becomes float32;
 * in the API also a ``Dataset``, a torch ``Dataset`` or any iterable of ``(x, y)`` or ``x``.
 
 A labelled folder or ``.npz`` without its own split is split 70/10/20 (stratified, seed 0), so
@@ -133,13 +134,11 @@ def _labelled_folder(folder: Path, resize: tuple[int, int] | None,
 
 def _load_folder(folder: Path, resize: tuple[int, int] | None) -> Dataset:
     name = str(folder.resolve())
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        tx, ty, classes = _labelled_folder(folder / "train", resize)
-        ex, ey, _ = _labelled_folder(folder / "test", resize, classes)
-        vx, vy = (_labelled_folder(folder / "val", resize, classes)[:2] if (folder / "val").is_dir()
-                  else (ex[:0], ey[:0]))
-        return Dataset(name, tx, ty, vx, vy, ex, ey, num_classes=len(classes),
-                       description=f"image folder ({len(classes)} classes, own train/test split)")
+    splits = [s for s in ("train", "val", "test") if (folder / s).is_dir()]
+    if "train" in splits or "test" in splits:
+        classes = sorted({p.name for s in splits for p in (folder / s).iterdir() if p.is_dir() and _image_files(p)})
+        parts = {s: _labelled_folder(folder / s, resize, classes)[:2] for s in splits}
+        return _own_split(name, parts, len(classes), f"image folder ({len(classes)} classes, own split)")
     if any(p.is_dir() and _image_files(p) for p in folder.iterdir()):
         x, y, classes = _labelled_folder(folder, resize)
         return split_labelled(name, x, y, len(classes), f"image folder ({len(classes)} classes)")
@@ -185,11 +184,21 @@ def _load_npz(path: Path) -> Dataset:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError) as exc:
         raise DataError(f"data: cannot read {path} ({exc}); save it with numpy.savez(path, x=..., y=...)") from None
+    name = str(path.resolve())
+    own = [s for s in ("train", "val", "test") if f"x_{s}" in arrays]
+    if own:
+        missing = [s for s in own if f"y_{s}" not in arrays]
+        if missing:
+            raise DataError(f"data: {path} has x_{missing[0]} but no y_{missing[0]}; give labels for every split "
+                            "(or save one unsplit x)")
+        parts = {s: (_layout(arrays[f"x_{s}"], f"{path} (x_{s})"),
+                     _labels(arrays[f"y_{s}"], len(arrays[f"x_{s}"]), f"{path} (y_{s})")) for s in own}
+        classes = max(int(y.max()) + 1 if len(y) else 0 for _, y in parts.values())
+        return _own_split(name, parts, classes, ".npz with its own split")
     if "x" not in arrays:
         raise DataError(f"data: {path} has no array 'x' (has {sorted(arrays)}); save it with "
                         "numpy.savez(path, x=..., y=...)")
     x = _layout(arrays["x"], str(path))
-    name = str(path.resolve())
     if "y" not in arrays:
         return unlabelled(name, x, ".npz without labels")
     y = _labels(arrays["y"], len(x), str(path))
@@ -219,6 +228,19 @@ def _from_iterable(items: Iterable, name: str) -> Dataset:
     y = np.asarray(ys, dtype=np.int64)
     k = int(y.max()) + 1 if (y >= 0).any() else 0
     return Dataset(name, x, y, x[:0], y[:0], x, y, num_classes=k, description="Python samples")
+
+
+def _own_split(name: str, parts: dict[str, tuple[np.ndarray, np.ndarray]], classes: int,
+               description: str) -> Dataset:
+    """A dataset from the splits the user made; a missing split is empty."""
+    some_x, some_y = next(iter(parts.values()))
+    shapes = {x.shape[1:] for x, _ in parts.values()}
+    if len(shapes) > 1 or len({x.dtype for x, _ in parts.values()}) > 1:
+        raise DataError(f"data: the splits of {name} hold samples of different shapes or types ({sorted(shapes)}); "
+                        "give every split the same layout")
+    x_empty, y_empty = some_x[:0], some_y[:0]
+    get = {s: parts.get(s, (x_empty, y_empty)) for s in ("train", "val", "test")}
+    return Dataset(name, *get["train"], *get["val"], *get["test"], num_classes=classes, description=description)
 
 
 def unlabelled(name: str, x: np.ndarray, description: str) -> Dataset:
