@@ -159,6 +159,9 @@ OPS["Transpose"] = lambda n, a: a[0].permute(*(n.attr("perm") or list(reversed(r
 OPS["Shape"] = lambda n, a: torch.tensor(list(a[0].shape), dtype=torch.int64)
 
 
+_TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
+                 onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool,
+                 onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8}
 OPS["Equal"] = lambda n, a: a[0] == a[1]
 OPS["Where"] = lambda n, a: torch.where(a[0].bool(), a[1], a[2])
 OPS["Cast"] = lambda n, a: a[0].to(_TORCH_DTYPES[n.attr("to")])
@@ -335,9 +338,6 @@ def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-_TORCH_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
-                 onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool,
-                 onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.UINT8: torch.uint8}
 _QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int16: (-32768, 32767),
            torch.uint16: (0, 65535), torch.int32: (-2 ** 31, 2 ** 31 - 1)}
 
