@@ -6,6 +6,11 @@ chosen overrides; ``--split test`` reports the 15 test corruptions with those ov
 
     python benchmarks/accuracy.py --data fashion-mnist --split val --tune --samples 2000
     python benchmarks/accuracy.py --data fashion-mnist --split test --samples 2000
+    python benchmarks/accuracy.py --split test --source-mode unlabelled --methods source,feature-align,tinytta
+
+``--source-mode`` says what fit and int8 calibration read (``edgetune.data.roles``): the labelled
+training split (the default), the same images without their labels, or nothing at all (a
+warm-up on the first ``--warmup`` samples of each protocol's stream, scored like the rest).
 
 Each method runs on the backbone it needs (bn-adapt / alpha-bn on the BatchNorm twin), with
 the frozen part in onnxruntime int8 (``--backbone onnx-int8``, the default) where the method
@@ -26,7 +31,7 @@ import torch
 
 from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
-from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream, load_dataset
+from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream, load_dataset, warmup_source
 from edgetune.evaluate import run_stream, tap_function
 from edgetune.memory import memory_table
 
@@ -77,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
     for protocol in args.protocols.split(","):
         segments = build_stream(data, corruptions, args.severity, protocol, args.seed, args.samples,
                                 split="test" if args.split == "test" else "val")
+        source = data if args.source_mode != "none" else warmup_source(
+            np.concatenate([s.images for s in segments]), data.name, args.warmup)
         for method in args.methods.split(","):
             which = "bn" if method in BN_METHODS else "main"
             if which not in ckpts:
@@ -86,14 +93,15 @@ def run(args: argparse.Namespace) -> None:
             for overrides in configs:
                 start = time.time()
                 adaptable = prepare(copy.deepcopy(backbone), method, overrides, model_name=cfg["model"])
-                fit(adaptable, data, seed=args.seed, progress=False)
-                key = (which, tuple(adaptable.method.taps()))
+                fit(adaptable, source, seed=args.seed, progress=False, mode=args.source_mode)
+                key = (which, tuple(adaptable.method.taps()), protocol if args.source_mode == "none" else "")
                 if key not in tap_cache:
-                    fn, label = tap_function(adaptable, data, args.backbone)
+                    fn, label = tap_function(adaptable, source, args.backbone)
                     tap_cache[key] = CachedTaps(fn, label)
                 result = run_stream(adaptable, segments, tap_cache[key], seed=args.seed, progress=False)
                 mem = memory_table(adaptable)
                 row = {"method": method, "model": cfg["model"], "protocol": protocol, "overrides": overrides,
+                       "source_mode": args.source_mode,
                        "backbone": tap_cache[key].key, "mean": result.mean, "per_corruption": result.per_corruption,
                        "early_exit_rate": result.early_exit_rate, "restores": result.restores,
                        "memory_bytes": mem, "seconds": round(time.time() - start, 1)}
@@ -102,7 +110,8 @@ def run(args: argparse.Namespace) -> None:
                       f"({row['seconds']} s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.data}-{args.split}-sev{args.severity}"
+    tag = f"{args.data}-{args.split}-sev{args.severity}" + ("" if args.source_mode == "labelled" else
+                                                           f"-{args.source_mode}-source")
     (out / f"{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.tune:
         best = {}
@@ -122,7 +131,8 @@ def run(args: argparse.Namespace) -> None:
 def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
     lines = [f"Mean online accuracy (%), {args.data}, severity {args.severity}, {args.samples or 'all'} samples per "
-             f"corruption, batch 1, seed {args.seed}", "",
+             f"corruption, batch 1, seed {args.seed}, source: {args.source_mode}"
+             + (f" (warm-up on the first {args.warmup} stream samples)" if args.source_mode == "none" else ""), "",
              "| method | backbone model | " + " | ".join(protocols) + " | early exit | restores |",
              "| --- | --- | " + " | ".join("---:" for _ in protocols) + " | ---: | ---: |"]
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -175,6 +185,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", default="onnx-int8", choices=["torch", "onnx-int8"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--source-mode", default="labelled", choices=["labelled", "unlabelled", "none"],
+                   help="what fit and int8 calibration read: the labelled training split, its images only, or a "
+                        "warm-up on the stream")
+    p.add_argument("--warmup", type=int, default=200, help="--source-mode none: stream samples in the warm-up")
     p.add_argument("--out", default="results")
     args = p.parse_args()
     if args.tune and args.split != "val":

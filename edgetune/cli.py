@@ -17,8 +17,9 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from edgetune.errors import (BUG_EXIT_CODE, EXIT_CODES, INTERRUPTED_EXIT_CODE, USAGE_EXIT_CODE, ConfigError,
-                             EdgetuneError)
+from edgetune.data.options import add_data_options
+from edgetune.errors import (BUG_EXIT_CODE, EXIT_CODES, INTERRUPTED_EXIT_CODE, USAGE_EXIT_CODE, BudgetError,
+                             ConfigError, EdgetuneError)
 from edgetune.version import __version__
 
 
@@ -158,44 +159,46 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from edgetune.data import load_dataset
     from edgetune.checkpoint import check_output_folder
     from edgetune.train import train_source
     _check_out(args.out)
     check_output_folder(args.out)
-    report = train_source(args.model, load_dataset(args.data), args.out, epochs=args.epochs, lr=args.lr,
-                          seed=args.seed, augment=not args.no_augment, train_images=args.train_images)
+    report = train_source(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                          augment=not args.no_augment, train_images=args.train_images, resize=args.resize,
+                          crop=args.crop)
     print(f"wrote {args.out}: val accuracy {100 * report['val_accuracy']:.1f}%, "
           f"test accuracy {100 * report['test_accuracy']:.1f}% ({report['train_seconds']} s)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from edgetune.data import load_dataset, parse_corruptions
+    from edgetune.data import checkpoint_source, checkpoint_stream
     from edgetune.evaluate import evaluate
 
     backbone, config = _load(args)
-    report = evaluate(backbone, config["model"], args.method, load_dataset(args.data),
-                      parse_corruptions(args.corruption), args.severity, args.protocol, args.seed,
-                      args.samples_per_corruption, args.backbone, _overrides(args.set),
-                      args.labelled_fraction, progress=not args.json)
+    data, resize, crop = checkpoint_stream(config, args.data, args.resize, args.crop)
+    source, origin = checkpoint_source(config, args.source_data, args.source_mode, resize, crop)
+    report = evaluate(backbone, config["model"], args.method, data, args.corruption, args.severity, args.protocol,
+                      args.seed, args.samples_per_corruption, args.backbone, _overrides(args.set),
+                      args.labelled_fraction, progress=not args.json, source=source, source_mode=args.source_mode,
+                      warmup=args.warmup, source_origin=origin, resize=resize, crop=crop)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from edgetune.adapt import fit, prepare
-    from edgetune.data import load_dataset
+    from edgetune.data import checkpoint_source, conform, record_source, source_info
     from edgetune.export import export
     _check_out(args.out)
-    if _is_onnx(args.model) and not args.data:
-        raise ConfigError(f"export: {args.model} records no source data; pass --data NAME (what the attachments are "
-                          "fitted on and int8 calibration reads)")
     backbone, config = _load(args)
     from edgetune.deploy.budget import preflight_budget  # before data and fit: oversized models refused in seconds
     preflight_budget(backbone, args.target, args.method, _overrides(args.set), not args.no_quantize, config["model"])
-    data = load_dataset(args.data or config.get("data", "digits"))
+    source, origin = checkpoint_source(config, args.source_data or args.data, args.source_mode, args.resize,
+                                       args.crop, command="export")
+    source = conform(source, backbone.input_shape, "source-data")
     adaptable = prepare(backbone, args.method, _overrides(args.set), model_name=config["model"])
-    fit(adaptable, data, seed=args.seed)
-    manifest = export(adaptable, data, args.out, quantize=not args.no_quantize, target=args.target)
+    fit(adaptable, source, seed=args.seed, mode=args.source_mode)
+    manifest = export(adaptable, source, args.out, quantize=not args.no_quantize, target=args.target)
+    record_source(args.out, source_info(source, args.source_mode, origin))
     print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})")
     from edgetune.deploy.commands import deploy_after_export
     line = deploy_after_export(args.out, adaptable.method, args.target, build_it=args.build,
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-source", help="train a zoo backbone on clean source data (writes a checkpoint)")
     s.add_argument("--model", required=True, help="zoo name (see `edgetune list models`) or package.module:callable")
-    s.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
+    add_data_options(s, "digits", "training data (its training split; recorded in the checkpoint):")
     s.add_argument("-o", "--out", required=True, help="checkpoint folder to write")
     s.add_argument("--epochs", type=_count, default=15)
     s.add_argument("--lr", type=_rate, default=3e-3)
@@ -278,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default=None, help="folder written by train-source or import-checkpoint")
     _onnx_options(s)
     s.add_argument("--method", required=True, help="see `edgetune list methods`")
-    s.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
-    s.add_argument("--corruption", default="all", help="'all' (the 15 test corruptions), 'clean', or a comma list")
+    add_data_options(s, None, "the stream (its test split; default: the checkpoint's training data):", source=True,
+                     warmup=True)
+    s.add_argument("--corruption", default="all",
+                   help="'all' (the 15 image corruptions; the 5 sensor shifts for 1-D inputs), 'none' (the data as "
+                        "it is: a real shift), or a comma list (`edgetune list corruptions`)")
     s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
     s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
     s.add_argument("--seed", type=_seed, default=0)
@@ -304,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _onnx_options(s)
     s.add_argument("--target", default="host", help="see `edgetune list targets`")
     s.add_argument("-o", "--out", required=True, help="bundle folder to write")
-    s.add_argument("--data", default=None, help="source data for fitting and calibration (default: the checkpoint's)")
+    add_data_options(s, None, "same as --source-data:", source=True)
     s.add_argument("--no-quantize", action="store_true", help="keep the frozen backbone in float32")
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -395,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     except EdgetuneError as exc:
         if debug:
             raise
-        line = " ".join(str(exc).split())  # one line, whatever a message quoted
-        _error_line(f"edgetune: error: {line}")
+        first, _, table = str(exc).partition("\n")
+        _error_line(f"edgetune: error: {' '.join(first.split())}")  # one line, whatever a message quoted
+        if isinstance(exc, BudgetError) and table:  # what takes the memory, as the table it is
+            print(table, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgetune: interrupted", file=sys.stderr)

@@ -22,7 +22,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from edgetune.simulate import simulate
 
     report = simulate(args.bundle, args.data, args.corruption, args.severity, args.n, args.protocol, args.seed,
-                      args.target, args.labelled_fraction, args.workdir, progress=True)
+                      args.target, args.labelled_fraction, args.workdir, progress=True, resize=args.resize,
+                      crop=args.crop)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
 
 
@@ -36,8 +37,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("simulate", help="run a bundle's device program in QEMU on a corrupted stream")
     s.add_argument("bundle", help="bundle folder written by `edgetune export --target T`")
     s.add_argument("--target", default=None, help="which project when the bundle has several")
-    s.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
-    s.add_argument("--corruption", default="gaussian_noise", help="a name, a comma list, 'all' or 'clean'")
+    from edgetune.data.options import add_data_options
+    add_data_options(s, None, "the stream (its test split; default: the data the bundle was fitted on):")
+    s.add_argument("--corruption", default="gaussian_noise",
+                   help="a name, a comma list, 'all', or 'none' (the data as it is: a real shift)")
     s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
     s.add_argument("--n", type=int, default=300, help="samples in the stream (split over the corruptions)")
     s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
