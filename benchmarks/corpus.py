@@ -82,18 +82,26 @@ def firmware(backbone, name: str, work: Path, n: int) -> dict:
         rows = projects[fits].budget_rows
         row.update(budget_target=fits, flash_bytes=sum(f for _, f, _ in rows), sram_bytes=sum(s for _, _, s in rows))
     if "cortex-m7" in projects:
-        built = build_project(projects["cortex-m7"])
-        x = to_tensor(data.test_x[:n]).numpy()
-        stream = write_stream(work / "stream.bin", x)
-        run = run_program(built, stream, work / "sim", adapt=False)
-        host = HostModel(bundle, work / "host", adapt=False)
-        expected = [host.step(x[i]).prediction for i in range(len(x))]
-        row["m7_equals_host"] = f"{sum(a == b for a, b in zip(run.records['prediction'].tolist(), expected))}/{len(x)}"
-        t = get_target("cortex-m7")
-        frozen = t.ticks_to_instructions(run.summary["ticks"]["frozen"]) / run.summary["accepted"]
-        row.update(m7_linked_flash_bytes=built.flash_bytes, m7_static_ram_bytes=built.static_ram_bytes,
-                   m7_frozen_instructions_per_sample=frozen, m7_macs=projects["cortex-m7"].macs)
+        try:
+            row.update(_run_m7(projects["cortex-m7"], bundle, data, work, n))
+        except EdgetuneError as exc:  # a failed build or run is a result of the corpus, recorded as such
+            row["firmware"] = f"cortex-m7: {str(exc).splitlines()[0]}"
     return row
+
+
+def _run_m7(project, bundle: Path, data, work: Path, n: int) -> dict:
+    """Build the cortex-m7 firmware, run ``n`` test samples in QEMU and on the host build of the same C."""
+    built = build_project(project)
+    x = to_tensor(data.test_x[:n]).numpy()
+    stream = write_stream(work / "stream.bin", x)
+    run = run_program(built, stream, work / "sim", adapt=False)
+    host = HostModel(bundle, work / "host", adapt=False)
+    expected = [host.step(x[i]).prediction for i in range(len(x))]
+    agree = sum(a == b for a, b in zip(run.records["prediction"].tolist(), expected))
+    frozen = get_target("cortex-m7").ticks_to_instructions(run.summary["ticks"]["frozen"]) / run.summary["accepted"]
+    return {"m7_equals_host": f"{agree}/{len(x)}", "m7_linked_flash_bytes": built.flash_bytes,
+            "m7_static_ram_bytes": built.static_ram_bytes, "m7_frozen_instructions_per_sample": frozen,
+            "m7_macs": project.macs}
 
 
 def measure(name: str, work: Path, n: int, mcu: bool) -> dict:
@@ -156,6 +164,8 @@ def main() -> None:
     parser.add_argument("--models", default="", help="comma-separated corpus names (default: all)")
     parser.add_argument("--n", type=int, default=50, help="samples per QEMU run (instructions per MAC, agreement)")
     parser.add_argument("--no-mcu", action="store_true", help="host compile only (no firmware, no QEMU)")
+    parser.add_argument("--update", action="store_true",
+                        help="merge these models' rows into the existing corpus.json instead of replacing it")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     names = args.models.split(",") if args.models else list(QUICK if args.quick else CORPUS)
@@ -166,8 +176,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgetune-corpus-") as tmp:
         for name in names:
             start = time.perf_counter()
-            rows.append(measure(name, Path(tmp) / name, args.n, not args.no_mcu))
+            row = measure(name, Path(tmp) / name, args.n, not args.no_mcu)
+            # messages may quote generated files: keep this machine's temporary paths out of the results
+            rows.append(json.loads(json.dumps(row).replace(tmp, "<work>")))
             print(f"{name}: {rows[-1]['status']} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    previous = args.out / "corpus.json"
+    if args.update and previous.exists():
+        fresh = {r["model"]: r for r in rows}
+        kept = {r["model"]: r for r in json.loads(previous.read_text())}
+        rows = [fresh.get(m, kept.get(m)) for m in CORPUS if m in fresh or m in kept]
     args.out.mkdir(parents=True, exist_ok=True)
     table = render(rows, args.n)
     (args.out / "corpus.md").write_text(table)
