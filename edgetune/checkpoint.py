@@ -73,6 +73,8 @@ def _config_problems(config: Any) -> list[str]:
     if not isinstance(config, dict):
         return [f"config.json holds a JSON {type(config).__name__}, not an object"]
     problems = []
+    if config.get("format", FORMAT) != FORMAT:  # older checkpoints have no format field: read as the current one
+        problems.append(f"'format' is {config.get('format')!r}, this edgetune reads {FORMAT!r}")
     if not isinstance(config.get("model"), str) or not config.get("model"):
         problems.append(f"'model' must be a model name string (got {config.get('model')!r})")
     k = config.get("num_classes")
@@ -217,7 +219,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
         dims = ()
     if len(dims) not in (2, 3) or any(d <= 0 for d in dims):
         raise ConfigError(f"import-checkpoint: --input-shape must be C,H,W (or C,T) positive integers "
-                          f"(got {text!r}); e.g. --input-shape 1,32,32")
+                          f"(got {text!r}); give e.g. --input-shape 1,32,32")
     return dims
 
 

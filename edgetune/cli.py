@@ -199,6 +199,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     fit(adaptable, source, seed=args.seed, mode=args.source_mode)
     manifest = export(adaptable, source, args.out, quantize=not args.no_quantize, target=args.target)
     record_source(args.out, source_info(source, args.source_mode, origin))
+    from edgetune.export import seal_bundle
+    seal_bundle(args.out)  # source.json is written after export: its hash goes into the manifest too
     print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})")
     from edgetune.deploy.commands import deploy_after_export
     line = deploy_after_export(args.out, adaptable.method, args.target, build_it=args.build,
@@ -261,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=_rate, default=3e-3)
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--train-images", type=int, default=None, metavar="N",
-                   help="train on a seeded subset of N training images (default: all)")
+                   help="train on a seeded subset of N training images (default: all; more than the data has "
+                        "is an error)")
     s.add_argument("--no-augment", action="store_true", help="no random-shift augmentation")
     s.set_defaults(func=_cmd_train)
 

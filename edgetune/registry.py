@@ -8,6 +8,9 @@ from edgetune.errors import ConfigError
 
 T = TypeVar("T")
 
+# Kinds that `edgetune list <what>` shows: an unknown name points there.
+LISTED = {"model": "models", "method": "methods", "target": "targets", "corruption": "corruptions"}
+
 
 class Registry(Generic[T]):
     """Maps names to entries; unknown names fail with the known ones and a did-you-mean."""
@@ -41,9 +44,11 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             close = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
             known = ", ".join(self._entries)
-            raise ConfigError(f"{self.kind}: unknown name {name!r} (known: {known}){hint}") from None
+            listing = (f"see `edgetune list {LISTED[self.kind]}`" if self.kind in LISTED
+                       else "use one of the known names")
+            fix = f"did you mean {close[0]!r}? ({listing})" if close else listing
+            raise ConfigError(f"{self.kind}: unknown name {name!r} (known: {known}); {fix}") from None
 
     def names(self) -> list[str]:
         return list(self._entries)

@@ -123,14 +123,15 @@ def stream_samples(data, corruptions: tuple[str, ...], severity: int, protocol: 
     builds it; ``n`` split evenly over the corruptions, or over the groups of a ``none`` stream).
 
     Raises:
-        ConfigError: n < 1 or a labelled fraction outside [0, 1]; see ``build_stream``.
+        ConfigError: n < 1, n more than the stream has, or a labelled fraction outside [0, 1]; see
+            ``build_stream``.
         DataError: samples whose shape is not ``input_shape`` (when given).
     """
     from edgetune.data import build_stream, conform, load_data, to_tensor
     from edgetune.evaluate import revealed
 
-    if n < 1:
-        raise ConfigError(f"simulate: --n must be at least 1 (got {n})")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"simulate: --n must be a positive integer (got {n!r}); pass --n 1 or more")
     reveal = revealed(n, labelled_fraction, seed, "simulate")
     dataset = load_data(data, resize, crop)
     if input_shape is not None:
@@ -139,6 +140,11 @@ def stream_samples(data, corruptions: tuple[str, ...], severity: int, protocol: 
     if dataset.test_groups is not None and all(c in ("none", "clean") for c in corruptions):
         per = math.ceil(n / len(set(dataset.test_groups.tolist())))
     segments = build_stream(dataset, corruptions, severity, protocol, seed, per)
+    available = sum(len(s.labels) for s in segments)
+    if available < n:  # never a silent clamp: fewer samples than asked would be reported as the whole run
+        raise ConfigError(f"simulate: --n {n} is more than the {available} samples the stream of {dataset.name} has "
+                          f"({', '.join(corruptions)}, {protocol}); pass --n {available} or fewer, or more "
+                          "corruptions")
     images = np.concatenate([s.images for s in segments])[:n]
     labels = np.concatenate([s.labels for s in segments])[:n]
     resets = []
@@ -282,6 +288,8 @@ def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_nois
     from edgetune.data import parse_corruptions, recorded_source
     from edgetune.data.sources import describe
 
+    if workdir is not None:
+        _check_workdir(Path(workdir))
     projects = find_projects(bundle_dir, target)
     if len(projects) > 1:
         raise ConfigError(f"simulate: {bundle_dir} has projects for {', '.join(p.target for p in projects)}; "
@@ -310,6 +318,18 @@ def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_nois
         counted = (step, inference, frozen)
     return report(built, adapted, source, labels, describe(data), corruption, severity, protocol, counted,
                   info.to_json() if info else None)
+
+
+def _check_workdir(work: Path) -> None:
+    """Refuse a --workdir that is a file or lies under one, before any data is loaded or built.
+
+    Raises:
+        ConfigError: as described.
+    """
+    for p in [work, *work.parents]:
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == work else f"is under the file {p}"
+            raise ConfigError(f"simulate: --workdir {work} {where}; give a folder path (it is created if missing)")
 
 
 def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:

@@ -42,10 +42,15 @@ def accuracy(model: Backbone, images: np.ndarray, labels: np.ndarray, batch: int
 
 def training_subset(data: Dataset, images: int | None, seed: int) -> Dataset:
     """``data`` with a seeded ``images``-sized subset of its training split (None: all of it)."""
-    if images is None or images >= len(data.train_y):
+    if images is None or images == len(data.train_y):
         return data
     if images <= 0:
-        raise ConfigError(f"train-source: --train-images must be positive (got {images})")
+        raise ConfigError(f"train-source: --train-images must be positive (got {images}); pass a positive count "
+                          "or drop it (all training images)")
+    if images > len(data.train_y):  # never a silent clamp: the user asked for images that do not exist
+        raise ConfigError(f"train-source: --train-images {images} is more than the {len(data.train_y)} training "
+                          f"images of {data.name}; pass --train-images {len(data.train_y)} or fewer, or drop it "
+                          "(all of them)")
     keep = np.random.RandomState(seed).permutation(len(data.train_y))[:images]
     return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
 
@@ -62,7 +67,8 @@ def train_source(model_name: str, data: Dataset | str, out_dir: str | Path, epoc
     split or a seeded subset of ``train_images``; returns validation/test accuracy.
 
     Raises:
-        ConfigError: a non-positive epoch count, batch size or subset size.
+        ConfigError: a non-positive epoch count, batch size or subset size, or a subset larger than the
+            training split.
         DataError: data without labels, or that cannot be loaded.
     """
     if epochs <= 0 or batch <= 0:

@@ -33,9 +33,19 @@ def find_projects(bundle_dir: str | Path, target: str | None = None) -> list[Tar
     ``target``; ``bundle_dir`` may also be a project folder itself.
 
     Raises:
-        CheckpointError: none found.
+        CheckpointError: none found, or the bundle's files do not match its manifest (``load_manifest``).
     """
+    from edgetune.export.manifest import MANIFEST_FILE, load_manifest
+
     d = Path(bundle_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"build: {d} is not a folder; give the bundle folder written by `edgetune export "
+                              "--target T -o DIR`")
+    # A bundle edited after export (graphs, initial state, manifest) is refused before anything is built from it.
+    for bundle in (d, d.parent):
+        if (bundle / MANIFEST_FILE).is_file():
+            load_manifest(bundle)
+            break
     dirs = [d] if (d / PROJECT_FILE).is_file() else sorted(p.parent for p in d.glob(f"*/{PROJECT_FILE}"))
     projects = [TargetProject.load(p) for p in dirs]
     if target is not None:

@@ -42,10 +42,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--corruption", default="gaussian_noise",
                    help="a name, a comma list, 'all', or 'none' (the data as it is: a real shift)")
     s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
-    s.add_argument("--n", type=int, default=300, help="samples in the stream (split over the corruptions)")
+    from edgetune.cli import _count, _fraction, _seed  # the CLI's checked number types (the CLI is loaded)
+    s.add_argument("--n", type=_count, default=300,
+                   help="samples in the stream (split over the corruptions; more than the stream has is an error)")
     s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--labelled-fraction", type=float, default=0.0, metavar="P",
+    s.add_argument("--seed", type=_seed, default=0)
+    s.add_argument("--labelled-fraction", type=_fraction, default=0.0, metavar="P",
                    help="supervised mode: reveal this fraction of labels after scoring")
     s.add_argument("--workdir", default=None, help="keep the stream, results and state files here")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -53,7 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = False, compile_host: bool = True) -> str:
-    """After ``export(..., target=T)``: keep the method's initial statistics in the bundle and write
+    """After ``export(..., target=T)`` (which keeps the method's initial statistics in the bundle): write
     (and optionally build) ``bundle/<T>/``. For the host (``compile_host``): the int8 backbone
     compiled for this machine and the model's C, in ``bundle/host/``. Returns a one-line summary.
 
@@ -63,10 +65,9 @@ def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = F
     from pathlib import Path
 
     from edgetune.deploy.build import build_project
-    from edgetune.deploy.project import save_initial_state, write_model_sources, write_target_project
+    from edgetune.deploy.project import write_model_sources, write_target_project
     from edgetune.export import load_manifest
 
-    save_initial_state(bundle_dir, method)
     if target == "host":
         if not compile_host:
             return ""

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from edgetune.adapt import Adaptable, check_sample
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import ExportError
-from edgetune.export.manifest import (FROZEN_FILE, MANIFEST_FILE, TRAINABLE_FILE, FrozenPart, Manifest,
+from edgetune.export.manifest import (FROZEN_FILE, GIVEN, MANIFEST_FILE, TRAINABLE_FILE, FrozenPart, Manifest,
                                       MomentumSchedule, OptimizerSpec, OptimizerState, QuantizationSpec, TapOutput,
-                                      TensorSpec, TrainablePart, sha256_of)
+                                      TensorSpec, TrainablePart, seal, sha256_of)
 from edgetune.export.onnx_graphs import export_frozen, export_trainable
 from edgetune.export.ops import SUPPORTED_OPS
 from edgetune.export.quantize import quantize_frozen
@@ -63,6 +63,9 @@ def export(adaptable: Adaptable, data: Dataset, out_dir: str | Path, quantize: b
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; give a directory for the bundle")
+    under = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if under is not None:
+        raise ExportError(f"export: {out} is under the file {under}; give a directory path in a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
         raise ExportError(f"export: {out} is a non-empty directory without {MANIFEST_FILE} (not a bundle); "
                           "give a new or empty directory so nothing else is overwritten")
@@ -154,8 +157,13 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
                                 OptimizerSpec("sgd", config.lr, config.momentum, states if config.momentum > 0 else ()),
                                 schedule),
         quantization=quantization, memory=memory_table(adaptable), edgetune_version=__version__)
-    (directory / MANIFEST_FILE).write_text(manifest.to_json())
+    (directory / MANIFEST_FILE).write_text(seal(manifest, directory).to_json())  # readable during the checks
     check_trainable_numerics(directory, manifest, adaptable, images)
+    # The running statistics the device starts from, as they are after the checks, hashed with the graphs.
+    from edgetune.deploy.project import save_initial_state
+    save_initial_state(directory, method)
+    manifest = seal(manifest, directory)
+    (directory / MANIFEST_FILE).write_text(manifest.to_json())
     bar.update()
     bar.close()
     return manifest
@@ -163,7 +171,6 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
 
 
 
-GIVEN = "as given"  # QuantizationSpec.calibration_method of a graph the user quantised
 # A QDQ graph run in onnxruntime and as fake quantisation in torch may round a tie differently
 # (one step of one activation), which then spreads a little: the taps must agree to this
 # relative L2 error, which a wrong cut or pooling exceeds by far.

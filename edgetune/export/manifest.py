@@ -18,7 +18,12 @@ that name; ``trainable.parameters`` lists the trainable ones first, in the calli
 ``Method.trainable_names()``, then the others. Buffers that are not state (source statistics) are
 initialisers too, but constants. The SGD momentum buffer of a trainable parameter ``p`` is called
 ``sgd_momentum_<p>`` (``trainable.optimizer.states``, same order as the trainable parameters).
-Every file's sha256 is recorded; ``load_manifest`` refuses a bundle whose files do not match.
+Every file's sha256 is recorded; ``load_manifest`` refuses a bundle whose files do not match:
+the two graphs (``frozen.sha256``, ``trainable.sha256``), the side files written with them
+(``files``: ``initial_state.npz``, the method's running statistics the device starts from, and
+``source.json``, what the bundle was fitted on; an ``.npz`` is hashed by its arrays, so saving the
+same statistics again keeps the hash) and the manifest itself (``digest``: the sha256 of the
+manifest with an empty digest), so a bundle edited after export is refused, not run.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,9 @@ FORMAT = "edgetune-bundle/1"
 FROZEN_FILE = "frozen.onnx"
 TRAINABLE_FILE = "trainable.onnx"
 MANIFEST_FILE = "manifest.json"
+# Files written next to the graphs whose hashes go into ``Manifest.files`` when present.
+SIDE_FILES = ("initial_state.npz", "source.json")
+GIVEN = "as given"  # QuantizationSpec.calibration_method of a graph the user quantised
 
 INPUT_ROLES = ("tap", "state", "momentum", "target")
 OUTPUT_ROLES = ("logits", "loss", "state")
@@ -181,6 +189,8 @@ class Manifest:
     memory: dict[str, int]
     edgetune_version: str
     format: str = FORMAT
+    files: dict[str, str] = field(default_factory=dict)  # side file -> sha256 (``file_sha256``)
+    digest: str = ""  # sha256 of this manifest with digest "" (``manifest_digest``)
 
     def to_json(self) -> str:
         fields_ = asdict(self)
@@ -189,9 +199,13 @@ class Manifest:
     def describe(self) -> str:
         """A human-readable summary (``edgetune inspect``)."""
         q = self.quantization
-        kind = (f"int8 {q.format}, {'per-channel ' if q.per_channel else ''}"
-                f"{'symmetric' if q.weight_symmetric else 'asymmetric'} weights, calibrated on "
-                f"{q.calibration_samples} {q.calibration_data} images" if q else "float32")
+        if q is None:
+            kind = "float32"
+        else:
+            how = (f"quantised as given ({q.calibration_data})" if q.calibration_method == GIVEN
+                   else f"calibrated on {q.calibration_samples} {q.calibration_data} images")
+            kind = (f"int8 {q.format}, {'per-channel ' if q.per_channel else ''}"
+                    f"{'symmetric' if q.weight_symmetric else 'asymmetric'} weights, {how}")
         t = self.trainable
         trained = t.trainable_parameters()
         schedule = t.momentum_schedule
@@ -210,6 +224,7 @@ class Manifest:
             "EMA momentum: " + (f"max({schedule.floor:g}, {schedule.start:g} * {schedule.decay:g}^t)" if schedule
                                 else "none"),
             "config: " + ", ".join(f"{k}={v}" for k, v in self.config.items()),
+            "verified files: " + ", ".join([self.frozen.file, self.trainable.file, *self.files, MANIFEST_FILE]),
         ]
         return "\n".join(lines)
 
@@ -259,7 +274,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         kwargs = {}
         for f in fields(tp):
             if f.name not in value:
-                if f.default is not MISSING:
+                if f.default is not MISSING or f.default_factory is not MISSING:
                     continue
                 raise CheckpointError(f"manifest: {where} lacks field {f.name!r} (corrupt or edited); "
                                       "re-export the bundle")
@@ -287,18 +302,82 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read ``bundle_dir/manifest.json`` and check that the graphs it names are the ones it describes.
+def file_sha256(path: Path) -> str:
+    """The sha256 of a side file: of its bytes, or for an ``.npz`` of its arrays (name, dtype, shape,
+    values, in name order), since ``np.savez`` of the same arrays is not byte-identical.
 
     Raises:
-        CheckpointError: missing or corrupt manifest, unknown format version, or a graph file that is
-            missing or does not match its recorded sha256.
+        CheckpointError: an ``.npz`` that cannot be read.
+    """
+    if path.suffix != ".npz":
+        return sha256_of(path)
+    import numpy as np
+
+    h = hashlib.sha256()
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for name in sorted(data.files):
+                a = np.ascontiguousarray(data[name])
+                h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+                h.update(a.tobytes())
+    except Exception as exc:  # zipfile, pickle or format errors: the file is damaged
+        raise CheckpointError(f"bundle: {path} cannot be read ({type(exc).__name__}: {exc}); re-export the "
+                              "bundle") from None
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """The sha256 of ``manifest`` with an empty digest field (canonical JSON, sorted keys)."""
+    text = json.dumps(asdict(replace(manifest, digest="")), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal(manifest: Manifest, directory: str | Path) -> Manifest:
+    """``manifest`` with the hashes of the side files present in ``directory`` and its own digest."""
+    d = Path(directory)
+    files = {name: file_sha256(d / name) for name in SIDE_FILES if (d / name).is_file()}
+    sealed = replace(manifest, files=files, digest="")
+    return replace(sealed, digest=manifest_digest(sealed))
+
+
+def seal_bundle(bundle_dir: str | Path) -> Manifest:
+    """Record the side files written after ``export`` (``source.json``, a re-saved initial state) in
+    the bundle's manifest and rewrite it; the graphs are checked first.
+
+    Raises:
+        CheckpointError: as ``load_manifest`` (graphs only: side files are what this records).
+    """
+    d = Path(bundle_dir)
+    manifest = seal(load_manifest(d, side_files=False), d)
+    (d / MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest
+
+
+def load_manifest(bundle_dir: str | Path, side_files: bool = True) -> Manifest:
+    """Read ``bundle_dir/manifest.json`` and check that every file it records is the one it describes:
+    the two graphs, the side files (``files``) and the manifest itself (``digest``).
+
+    Raises:
+        CheckpointError: missing or corrupt manifest, unknown format version, a manifest edited after
+            export, or a recorded file that is missing or does not match its sha256.
     """
     d = Path(bundle_dir)
     path = d / MANIFEST_FILE
+    if not d.is_dir():
+        raise CheckpointError(f"bundle: {d} is not a folder; give a bundle folder written by `edgetune export "
+                              f"... -o {d}`")
     if not path.is_file():
         raise CheckpointError(f"bundle: {path} not found; create a bundle with `edgetune export ... -o {d}`")
-    manifest = Manifest.from_json(path.read_text())
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"bundle: {path} cannot be read ({type(exc).__name__}); re-export the bundle") from None
+    manifest = Manifest.from_json(text)
+    if manifest.digest != manifest_digest(manifest):
+        why = "has no digest (written before bundles were sealed)" if not manifest.digest else \
+            "does not match its digest (edited after export)"
+        raise CheckpointError(f"bundle: {path} {why}; re-export the bundle with `edgetune export`, or restore "
+                              "the manifest")
     for part in (manifest.frozen, manifest.trainable):
         graph = d / part.file
         if not graph.is_file():
@@ -306,4 +385,13 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
         if sha256_of(graph) != part.sha256:
             raise CheckpointError(f"bundle: {graph} does not match the sha256 in {MANIFEST_FILE} (corrupt or "
                                   "edited); re-export the bundle")
+    if side_files:
+        for name, digest in manifest.files.items():
+            f = d / name
+            if not f.is_file():
+                raise CheckpointError(f"bundle: {f} is missing (listed in {MANIFEST_FILE}); restore it or "
+                                      "re-export the bundle")
+            if file_sha256(f) != digest:
+                raise CheckpointError(f"bundle: {f} does not match the sha256 in {MANIFEST_FILE} (corrupt or "
+                                      "edited after export); restore it or re-export the bundle")
     return manifest

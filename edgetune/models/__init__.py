@@ -5,7 +5,7 @@ import importlib
 import inspect
 from typing import Callable
 
-from edgetune.errors import ConfigError, ModelError
+from edgetune.errors import ConfigError, EdgetuneError, ModelError
 from edgetune.models.backbone import Backbone
 from edgetune.models.reference import DSCNN, IMUConv1d, MobileNetV1, MobileNetV3Small, ResNet8
 from edgetune.models.zoo import McuNetS, TinyCNN, VitTiny
@@ -89,6 +89,10 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
             take inputs of that rank.
     """
     shape = _input_shape(in_channels, image_size, input_shape)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ConfigError(f"model: num_classes must be a positive integer (got {num_classes!r}); pass the number "
+                          "of classes of the data")
     classes = {} if num_classes is None else {"num_classes": num_classes}
     if ":" not in name:
         factory = MODELS.get(name)
@@ -99,11 +103,54 @@ def build_model(name: str, num_classes: int | None = None, in_channels: int | No
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model: cannot import {name!r} ({exc}); give an importable "
                           "package.module:callable") from None
-    model = _call_user(user, name, classes, shape)
+    if not callable(user):
+        raise ModelError(f"model: {name} is a {type(user).__name__}, not a callable; give a function or class "
+                         "that returns an edgetune Backbone")
+    try:
+        model = _call_user(user, name, classes, shape)
+    except EdgetuneError:
+        raise
+    except Exception as exc:  # the user's code can raise anything: theirs to fix, not an edgetune bug
+        what = " ".join(str(exc).split())[:160]
+        raise ModelError(f"model: {name} raised {type(exc).__name__}: {what}; fix the callable (run it alone to "
+                         "see the traceback, or re-run with --debug)") from exc
     if not isinstance(model, Backbone):
         raise ModelError(f"model: {name} returned {type(model).__name__}, not an edgetune Backbone; "
                          "subclass edgetune.models.Backbone (set stages, classifier, input_shape)")
+    _check_user_model(model, name, num_classes, shape)
     return model
+
+
+def _check_user_model(model: Backbone, name: str, num_classes: int | None, shape: tuple[int, ...] | None) -> None:
+    """A user model must take the input it was asked for and give one logit per class: one dry
+    forward of a zero sample, so a wrong model fails here and not as a torch error mid-training.
+
+    Raises:
+        ModelError: another input shape or class count than asked for, or the forward raises.
+    """
+    import torch
+
+    want = tuple(shape) if shape is not None else tuple(model.input_shape)
+    if tuple(model.input_shape) != want:
+        raise ModelError(f"model: {name} was asked for input {list(want)} but reports input_shape "
+                         f"{list(model.input_shape)}; build the model for the input_shape it is given")
+    if num_classes is not None and model.num_classes != num_classes:
+        raise ModelError(f"model: {name} was asked for {num_classes} classes but reports num_classes="
+                         f"{model.num_classes}; build the classifier with the num_classes it is given")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *want))
+    except Exception as exc:
+        what = " ".join(str(exc).split())[:160]
+        raise ModelError(f"model: {name} fails on a 1 x {list(want)} input ({type(exc).__name__}: {what}); build "
+                         "the model for the input_shape it is given") from exc
+    finally:
+        model.train(was)
+    if tuple(logits.shape) != (1, model.num_classes):
+        raise ModelError(f"model: {name} returns logits of shape {tuple(logits.shape)} for 1 sample, not "
+                         f"(1, {model.num_classes}); give it a classifier with num_classes outputs")
 
 
 __all__ = ["Backbone", "MODELS", "MODEL_HELP", "build_model"]
