@@ -27,12 +27,9 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
-import tvm
 import tvm_ffi
 from tvm import tirx
 
@@ -78,6 +75,13 @@ class Interface:
     @property
     def input_len(self) -> int:
         return int(np.prod(self.input_shape, dtype=np.int64))
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape (C, T) or (C, H, W) without the manifest's batch axis; () when it is
+        neither (the app then checks only the float count)."""
+        dims = tuple(int(d) for d in self.input_shape[1:])
+        return dims if len(dims) in (2, 3) else ()
 
     def layout_id(self) -> int:
         """Changes whenever the meaning of the persisted state changes."""
@@ -661,6 +665,10 @@ def _source(iface: Interface, w: _Writer, lay: _Layout) -> str:
     return "\n".join(L) + "\n"
 
 
+def _shape_init(shape: tuple[int, ...]) -> str:
+    return ", ".join(f"{d}u" for d in (*shape, 0, 0, 0)[:3])
+
+
 def _header(iface: Interface, mem: ModelMemory) -> str:
     guard = "ET_MODEL_GEN_H"
     return "\n".join([
@@ -668,6 +676,9 @@ def _header(iface: Interface, mem: ModelMemory) -> str:
         f"#ifndef {guard}", f"#define {guard}", "", '#include "edgetune_runtime.h"', "",
         f"#define EDGETUNE_MODEL_NAME \"{iface.name}\"",
         f"#define EDGETUNE_MODEL_INPUT_LEN {iface.input_len}u",
+        "/* one sample's shape (C, T) or (C, H, W); rank 0: not declared */",
+        f"#define EDGETUNE_MODEL_INPUT_RANK {len(iface.sample_shape)}u",
+        f"#define EDGETUNE_MODEL_INPUT_SHAPE {{{_shape_init(iface.sample_shape)}}}",
         f"#define EDGETUNE_MODEL_CLASSES {iface.classes}u",
         f"#define EDGETUNE_MODEL_PARAM_BYTES {mem.params}u",
         f"#define EDGETUNE_MODEL_ARENA_BYTES {mem.arena}u",
@@ -685,7 +696,8 @@ def _header(iface: Interface, mem: ModelMemory) -> str:
 
 def _port(iface: Interface, mem: ModelMemory) -> str:
     return "\n".join([
-        GENERATED, "/* The model as the streaming app (targets/app) sees it. */", '#include "et_app.h"',
+        GENERATED, "/* The model as the streaming app (targets/app) sees it. */", "#include <string.h>", "",
+        '#include "et_app.h"',
         '#include "et_model_gen.h"', "",
         "static float et_sample[EDGETUNE_MODEL_INPUT_LEN] __attribute__((aligned(64)));",
         "static uint32_t et_work[(EDGETUNE_MODEL_WORK_BYTES + 3u) / 4u];",
@@ -698,141 +710,12 @@ def _port(iface: Interface, mem: ModelMemory) -> str:
         "    et_port.name = EDGETUNE_MODEL_NAME;", "    et_port.momentum = cfg.momentum;",
         "    et_port.guard = cfg.guard;", "    et_port.use_guard = cfg.use_guard;", "    et_port.input = et_sample;",
         "    et_port.work = et_work;", "    et_port.work_bytes = (uint32_t)sizeof et_work;",
-        "    et_port.reset = edgetune_model_reset;", "  }", "  *out = &et_port;", "  return ET_OK;", "}", ""])
+        "    et_port.reset = edgetune_model_reset;",
+        "    { static const uint32_t shape[3] = EDGETUNE_MODEL_INPUT_SHAPE;",
+        "      et_port.input_rank = EDGETUNE_MODEL_INPUT_RANK;",
+        "      memcpy(et_port.input_shape, shape, sizeof shape); }", "  }",
+        "  *out = &et_port;", "  return ET_OK;", "}", ""])
 
 
-# --- from a bundle ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GeneratedModel:
-    """Everything a firmware or ``edgetune-run`` needs of one bundle, as text."""
-
-    sources: ModelSources
-    kernels_c: str  # TVM's C kernels of every plan (one file: the codegen defines module-level symbols)
-    workspace_bytes: int  # the LIFO pool those kernels need
-    kernels: int  # distinct kernels
-    seconds: dict[str, float]
-    kernels_ir: Any = field(repr=False, compare=False)  # the kernels' TIR (tvm.IRModule), for LLVM objects
-
-
-def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
-    """The same kernels as ``generated.kernels_c``, compiled by TVM's LLVM backend for ``tvm_target``
-    (e.g. aarch64 with the CPU's features) into an object file with the same symbols.
-
-    Raises:
-        CompileError: LLVM fails.
-    """
-    try:
-        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-            built = tvm.tirx.build(generated.kernels_ir, target=tvm.target.Target(tvm_target))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        built.write_to_file(str(path))
-    except (ValueError, RuntimeError) as exc:  # what tvm-ffi raises for a failed build
-        raise CompileError(f"emit: LLVM could not compile the kernels for {tvm_target} "
-                           f"({str(exc).splitlines()[0][:120]}); check the target's tvm_target") from None
-    return path
-
-
-def workspace_pool_bytes(kernels_c: str) -> int:
-    """The workspace pool the C kernels need: the largest per-kernel sum of aligned
-    ``TVMBackendAllocWorkspace`` requests (kernels run one at a time and free LIFO)."""
-    need = 0
-    for m in re.finditer(r"int32_t __tvm_ffi_(\w+)\(void\* self_handle[^)]*\) \{(.*?)\n\}\n", kernels_c, re.S):
-        sizes = re.findall(r"TVMBackendAllocWorkspace\(\d+, \w+, \(uint64_t\)(\d+)ULL", m.group(2))
-        need = max(need, sum(_align(int(s)) for s in sizes))
-    return need
-
-
-def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
-                            initial_params: Mapping[str, np.ndarray], learns: bool) -> Interface:
-    """The model interface a bundle manifest describes (read by field names, as the compilers do).
-
-    Raises:
-        CompileError: a state tensor has no initial value.
-    """
-    t = manifest.trainable
-    missing = [i.name for i in t.inputs if i.role == "state" and i.name not in initial_state]
-    if missing:
-        raise CompileError(f"emit_model: no initial value for state {', '.join(missing)}; the bundle must carry "
-                           "its running statistics' initial values (initial_state.npz)")
-    states = tuple(Tensor(i.name, tuple(i.shape), np.asarray(initial_state[i.name], np.float32))
-                   for i in t.inputs if i.role == "state")
-    params = tuple(Tensor(p.name, tuple(p.shape), np.asarray(initial_params[p.name], np.float32))
-                   for p in t.parameters if p.trainable)
-    opt = tuple(Tensor(s.name, tuple(s.shape)) for s in t.optimizer.states)
-    sched = t.momentum_schedule
-    schedule = (sched.start, sched.decay, sched.floor) if sched is not None else (0.0, 0.0, 0.0)
-    taps = tuple(Tensor(o.name, tuple(o.shape)) for o in manifest.frozen.outputs)
-    return Interface(f"{manifest.method} on {manifest.model}", tuple(manifest.input.shape), manifest.num_classes,
-                     taps, states, params, opt, schedule, bool(manifest.config.get("guard", True)),
-                     learns and bool(params))
-
-
-def generate_model(bundle_dir, manifest, initial_state: Mapping[str, np.ndarray],
-                   inference_only: bool = False) -> GeneratedModel:
-    """Compile a bundle's two graphs to C kernels and emit the model code around their plans.
-
-    The kernels are TVM's C codegen (the same source on every target, so a host build of it is
-    an exact oracle of a device build). ``inference_only``: no training step; the parameters
-    become constants.
-
-    Raises:
-        CompileError: a graph cannot be compiled or planned, or the plans disagree with the manifest.
-    """
-    import time
-    from pathlib import Path
-
-    from edgetune.compilers.emit import kernel_module
-    from edgetune.compilers.emit_c import c_kernels
-    from edgetune.compilers.frozen import check_frozen
-    from edgetune.compilers.int8_rewrite import rewrite_int8
-    from edgetune.compilers.onnx_import import import_onnx, read_onnx
-    from edgetune.compilers.pipeline import lower
-    from edgetune.compilers.plan import extract_plan
-    from edgetune.compilers.train_step import INFER, TRAIN_STEP, compile_train_step, lower_train_step
-
-    bundle = Path(bundle_dir)
-    target = tvm.target.Target({"kind": "c"})
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    onnx_model = read_onnx(bundle / manifest.frozen.file)
-    check_frozen(onnx_model, manifest.frozen.file)
-    frozen_low = lower(rewrite_int8(import_onnx(onnx_model)), target)
-    f_plan, f_consts = extract_plan(frozen_low, "main")
-    seconds["frozen"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    program = compile_train_step(bundle / manifest.trainable.file, manifest)
-    lowered = lower_train_step(program, "c")
-    seconds["train_step"] = time.perf_counter() - t0
-
-    learns = not inference_only and manifest.trainable.optimizer.lr > 0
-    iface = interface_from_manifest(manifest, initial_state, program.initial_params, learns)
-    kernels: dict[str, tirx.PrimFunc] = {}
-    entries = [(frozen_low, f_plan, "f"), (lowered.module, lowered.plans[INFER], "t")]
-    if iface.learns:
-        entries.append((lowered.module, lowered.plans[TRAIN_STEP], "t"))
-    for module, plan, prefix in entries:  # infer and train_step share kernels: one copy each
-        kernels.update({gv.name_hint: f for gv, f in kernel_module(module, plan, prefix).functions.items()})
-
-    t0 = time.perf_counter()
-    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-        built = tvm.tirx.build(tvm.IRModule(kernels), target=target)
-    kernels_c = c_kernels(built.inspect_source())
-    seconds["codegen"] = time.perf_counter() - t0
-
-    def planned(low, plan, consts, prefix) -> Planned:
-        return Planned(plan, consts, {k.name: low[k.name] for k in plan.kernels}, prefix)
-
-    frozen = planned(frozen_low, f_plan, f_consts, "f_")
-    infer = planned(lowered.module, lowered.plans[INFER], lowered.constants[INFER], "t_")
-    train = (planned(lowered.module, lowered.plans[TRAIN_STEP], lowered.constants[TRAIN_STEP], "t_")
-             if iface.learns else None)
-    sources = emit_model(iface, frozen, infer, train)
-    pool = workspace_pool_bytes(kernels_c)  # exact; the plans' figure also counts kernel stack arrays
-    sources = replace(sources, memory=replace(sources.memory, workspace=pool))
-    return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels))
-
-
-__all__ = ["GeneratedModel", "Interface", "ModelMemory", "ModelSources", "Planned", "Tensor", "c_array_values",
-           "emit_kernels_object", "emit_model", "generate_model", "inplace_safe", "interface_from_manifest",
-           "workspace_pool_bytes", "written_args"]
+__all__ = ["Interface", "ModelMemory", "ModelSources", "Planned", "Tensor", "c_array_values", "emit_model",
+           "inplace_safe", "written_args"]

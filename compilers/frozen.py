@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -141,6 +142,49 @@ def _constant_bytes(model: onnx.ModelProto, plan: StaticPlan, constants: dict[st
     return ConstantBytes(weights, bias, requant, other, ref_weights + ref_bias + ref_scales)
 
 
+@dataclass(frozen=True)
+class LoweredFrozen:
+    """The frozen graph lowered and planned for one TVM target: what every back-end emits from."""
+
+    source: Path
+    model: onnx.ModelProto = field(repr=False)
+    module: Any = field(repr=False)  # tvm.IRModule from ``pipeline.lower``
+    plan: StaticPlan
+    constants: dict[str, np.ndarray] = field(repr=False)
+    seconds: dict[str, float]
+
+
+def lower_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str, fixed_point: bool = False) -> LoweredFrozen:
+    """The one chain from frozen.onnx to a static plan: read, check, import, int8 rewrite, lower
+    and plan for ``tvm_target`` (a ``tvm.target.Target``), each stage's failure one ``CompileError``
+    line. ``compile_frozen`` and ``compilers.model.compile_model`` both start here.
+
+    Raises:
+        CompileError: the file is unreadable, the graph has unsupported ops, dynamic shapes or nodes
+            the int8 rewrite cannot lower (one line naming all of them), or a stage fails or
+            yields an unsound plan.
+    """
+    src = Path(onnx_path)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = read_onnx(src)
+    check_frozen(model, str(src))
+    with compile_stage("import and int8 rewrite", src, model):
+        mod = rewrite_int8(import_onnx(model), fixed_point)
+    seconds["import_rewrite"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with compile_stage(f"lowering for {target_name}", src, model):
+        lowered = lower(mod, tvm_target)
+        plan, constants = extract_plan(lowered, "main")
+    problems = plan.check()
+    if problems:
+        raise CompileError(f"compile: the static plan of {src.name} is unsound ({'; '.join(problems)}); "
+                           "this is a compiler bug, please report it")
+    seconds["lower_plan"] = time.perf_counter() - t0
+    return LoweredFrozen(src, model, lowered, plan, constants, seconds)
+
+
 def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out_dir: str | Path = "compiled",
                    fixed_point: bool = False) -> CompiledGraph:
     """Compile frozen.onnx (int8 QDQ) for ``target`` ("host", "aarch64", "c" or an ``EmitTarget``).
@@ -155,24 +199,10 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
         ToolchainError: the cross compiler for ``target`` is missing or fails.
     """
     emit_target = resolve_target(target)
-    src, out = Path(onnx_path), Path(out_dir)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = read_onnx(src)
-    check_frozen(model, str(src))
-    with compile_stage("import and int8 rewrite", src, model):
-        mod = rewrite_int8(import_onnx(model), fixed_point)
-    seconds["import_rewrite"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    with compile_stage(f"lowering for {emit_target.name}", src, model):
-        lowered = lower(mod, emit_target.target())
-        plan, constants = extract_plan(lowered, "main")
-    problems = plan.check()
-    if problems:
-        raise CompileError(f"compile: the static plan of {src.name} is unsound ({'; '.join(problems)}); "
-                           "this is a compiler bug, please report it")
-    seconds["lower_plan"] = time.perf_counter() - t0
+    out = Path(out_dir)
+    low = lower_frozen(onnx_path, emit_target.target(), emit_target.name, fixed_point)
+    src, model, lowered, plan, constants, seconds = (low.source, low.model, low.module, low.plan, low.constants,
+                                                     dict(low.seconds))
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

@@ -298,8 +298,8 @@ class _Walker:
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
             op = value.op.name
             if op == "relax.memory.alloc_storage":
-                dtype = str(value.args[3].value)
-                self.storage_bytes[var] = int(value.args[0].values[0]) * np.dtype(dtype).itemsize
+                # the size is already in bytes whatever the dtype (a 256-float block is R.shape([1024]))
+                self.storage_bytes[var] = int(value.args[0].values[0])
                 self.storage_order.append(var)
             elif op == "relax.memory.alloc_tensor":
                 shape, dtype = _tensor_type(var)

@@ -54,11 +54,9 @@ CODE_BASE_BYTES = 74 * 1024
 CODE_PER_FROZEN_KERNEL_BYTES = 1400
 CODE_LEARNING_BYTES = 26 * 1024
 CODE_PER_LEARNED_OP_BYTES = 1300
-# compilers/plan.py sizes each float32 block of a method step at its byte count times the element size
-# (StaticPlanBlockMemory's alloc_storage size is already in bytes), so the generated arena declares
-# 4x the float storage the step uses; the estimate follows what the firmware declares. Set this to 1
-# when plan.py counts bytes (int8 blocks, the frozen graph's, are unaffected).
-FLOAT_STORAGE_FACTOR = 4
+# bytes of arena per byte of float32 block the step's plan needs: compilers/plan.py declares each
+# block at StaticPlanBlockMemory's alloc_storage size, which is in bytes for every dtype
+FLOAT_STORAGE_FACTOR = 1
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ APP_DIR = HERE / "app"
 STATE_FILE = "initial_state.npz"
 PROJECT_FILE = "project.json"
 FORMAT = "edgetune-target-project/1"
-# the last bundle's GeneratedModel (compilers/emit_model.py), kept while its targets are written
+# the last bundle's GeneratedModel (compilers/model.py), kept while its targets are written
 _GENERATED: dict[tuple, Any] = {}
 
 
@@ -182,7 +182,7 @@ def write_target_project(bundle_dir: str | Path, target: str | Target, inference
         _portable(out, t, name)
         program = "build/fw.elf"
     else:
-        from edgetune.compilers.emit_model import emit_kernels_object
+        from edgetune.compilers.model import emit_kernels_object
 
         emit_kernels_object(generated, t.tvm_target, out / "model" / "et_kernels_llvm.o")
         (out / "Makefile").write_text(linux_makefile(t, name))
@@ -208,7 +208,7 @@ def _check_estimate(bundle: Path, t: Target, inference_only: bool) -> None:
 
 def _generate(bundle: Path, inference_only: bool = False):
     """(manifest, GeneratedModel) of a bundle: both graphs compiled to C once per bundle content."""
-    from edgetune.compilers.emit_model import generate_model  # compilers import tvm: only here
+    from edgetune.compilers.model import compile_model  # compilers import tvm: only here
     from edgetune.export import load_manifest
 
     manifest = load_manifest(bundle)
@@ -221,7 +221,7 @@ def _generate(bundle: Path, inference_only: bool = False):
            tuple(sorted((k, v.tobytes()) for k, v in initial.items())), inference_only)
     if key not in _GENERATED:  # one compile per bundle serves every target (the C is the same)
         _GENERATED.clear()
-        _GENERATED[key] = generate_model(bundle, manifest, initial, inference_only)
+        _GENERATED[key] = compile_model(bundle, manifest, initial, inference_only)
     return manifest, _GENERATED[key]
 
 

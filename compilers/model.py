@@ -1,0 +1,154 @@
+"""``compile_model``: the one compile of a bundle -- its manifest in, the generated model out.
+
+    frozen.onnx    -> ``frozen.lower_frozen`` (read, check, int8 rewrite, import, lower, plan)
+    trainable.onnx -> ``train_step.compile_train_step`` / ``lower_train_step`` (infer, train_step)
+    both plans     -> TVM's C kernels (one file) + ``emit_model.emit_model`` (the plans as C)
+
+The kernels are TVM's C codegen, the same source on every target, so a host build of the
+generated model is an exact oracle of a device build; ``emit_kernels_object`` compiles the same
+kernels with LLVM for Linux targets. ``compile_frozen`` (``OUT/host/``'s native library of the
+frozen graph alone) starts from the same ``lower_frozen``.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import tirx
+
+from edgetune.compilers.emit import kernel_module
+from edgetune.compilers.emit_c import c_kernels
+from edgetune.compilers.emit_model import Interface, ModelSources, Planned, Tensor, emit_model
+from edgetune.compilers.frozen import compile_stage, lower_frozen
+from edgetune.compilers.plan import ALIGNMENT
+from edgetune.compilers.train_step import INFER, TRAIN_STEP, compile_train_step, lower_train_step
+from edgetune.errors import CompileError
+
+C_TARGET = {"kind": "c"}
+
+
+@dataclass(frozen=True)
+class GeneratedModel:
+    """Everything a firmware or ``edgetune-run`` needs of one bundle, as text."""
+
+    sources: ModelSources
+    kernels_c: str  # TVM's C kernels of every plan (one file: the codegen defines module-level symbols)
+    workspace_bytes: int  # the LIFO pool those kernels need
+    kernels: int  # distinct kernels
+    seconds: dict[str, float]
+    kernels_ir: Any = field(repr=False, compare=False)  # the kernels' TIR (tvm.IRModule), for LLVM objects
+
+
+def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, np.ndarray],
+                  inference_only: bool = False) -> GeneratedModel:
+    """Compile a bundle's two graphs to C kernels and emit the model code around their plans.
+
+    ``manifest`` is the bundle's (``edgetune.export.load_manifest``), ``initial_state`` the
+    running statistics' initial values by state name. ``inference_only``: no training step; the
+    parameters become constants.
+
+    Raises:
+        CompileError: a graph cannot be compiled or planned (one line; a TVM failure in the frozen
+            graph's stages names its nodes), or the plans disagree with the manifest.
+    """
+    bundle = Path(bundle_dir)
+    target = tvm.target.Target(C_TARGET)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    frozen_low = lower_frozen(bundle / manifest.frozen.file, target, "c")
+    seconds["frozen"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    program = compile_train_step(bundle / manifest.trainable.file, manifest)
+    lowered = lower_train_step(program, "c")
+    seconds["train_step"] = time.perf_counter() - t0
+
+    learns = not inference_only and manifest.trainable.optimizer.lr > 0
+    iface = interface_from_manifest(manifest, initial_state, program.initial_params, learns)
+    kernels: dict[str, tirx.PrimFunc] = {}
+    entries = [(frozen_low.module, frozen_low.plan, "f"), (lowered.module, lowered.plans[INFER], "t")]
+    if iface.learns:
+        entries.append((lowered.module, lowered.plans[TRAIN_STEP], "t"))
+    for module, plan, prefix in entries:  # infer and train_step share kernels: one copy each
+        kernels.update({gv.name_hint: f for gv, f in kernel_module(module, plan, prefix).functions.items()})
+
+    t0 = time.perf_counter()
+    with compile_stage("C code generation", frozen_low.source, frozen_low.model):
+        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+            built = tvm.tirx.build(tvm.IRModule(kernels), target=target)
+        kernels_c = c_kernels(built.inspect_source())
+    seconds["codegen"] = time.perf_counter() - t0
+
+    def planned(low, plan, consts, prefix) -> Planned:
+        return Planned(plan, consts, {k.name: low[k.name] for k in plan.kernels}, prefix)
+
+    frozen = planned(frozen_low.module, frozen_low.plan, frozen_low.constants, "f_")
+    infer = planned(lowered.module, lowered.plans[INFER], lowered.constants[INFER], "t_")
+    train = (planned(lowered.module, lowered.plans[TRAIN_STEP], lowered.constants[TRAIN_STEP], "t_")
+             if iface.learns else None)
+    sources = emit_model(iface, frozen, infer, train)
+    pool = workspace_pool_bytes(kernels_c)  # exact; the plans' figure also counts kernel stack arrays
+    sources = replace(sources, memory=replace(sources.memory, workspace=pool))
+    return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels))
+
+
+def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
+    """The same kernels as ``generated.kernels_c``, compiled by TVM's LLVM backend for ``tvm_target``
+    (e.g. aarch64 with the CPU's features) into an object file with the same symbols.
+
+    Raises:
+        CompileError: LLVM fails.
+    """
+    try:
+        with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
+            built = tvm.tirx.build(generated.kernels_ir, target=tvm.target.Target(tvm_target))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        built.write_to_file(str(path))
+    except (ValueError, RuntimeError) as exc:  # what tvm-ffi raises for a failed build
+        raise CompileError(f"emit: LLVM could not compile the kernels for {tvm_target} "
+                           f"({str(exc).splitlines()[0][:120]}); check the target's tvm_target") from None
+    return path
+
+
+def workspace_pool_bytes(kernels_c: str) -> int:
+    """The workspace pool the C kernels need: the largest per-kernel sum of aligned
+    ``TVMBackendAllocWorkspace`` requests (kernels run one at a time and free LIFO)."""
+    need = 0
+    for m in re.finditer(r"int32_t __tvm_ffi_(\w+)\(void\* self_handle[^)]*\) \{(.*?)\n\}\n", kernels_c, re.S):
+        sizes = re.findall(r"TVMBackendAllocWorkspace\(\d+, \w+, \(uint64_t\)(\d+)ULL", m.group(2))
+        need = max(need, sum((int(s) + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT for s in sizes))
+    return need
+
+
+def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
+                            initial_params: Mapping[str, np.ndarray], learns: bool) -> Interface:
+    """The model interface a bundle manifest describes (read by field names, as the compilers do).
+
+    Raises:
+        CompileError: a state tensor has no initial value.
+    """
+    t = manifest.trainable
+    missing = [i.name for i in t.inputs if i.role == "state" and i.name not in initial_state]
+    if missing:
+        raise CompileError(f"compile: no initial value for state {', '.join(missing)}; the bundle must carry "
+                           "its running statistics' initial values (initial_state.npz)")
+    states = tuple(Tensor(i.name, tuple(i.shape), np.asarray(initial_state[i.name], np.float32))
+                   for i in t.inputs if i.role == "state")
+    params = tuple(Tensor(p.name, tuple(p.shape), np.asarray(initial_params[p.name], np.float32))
+                   for p in t.parameters if p.trainable)
+    opt = tuple(Tensor(s.name, tuple(s.shape)) for s in t.optimizer.states)
+    sched = t.momentum_schedule
+    schedule = (sched.start, sched.decay, sched.floor) if sched is not None else (0.0, 0.0, 0.0)
+    taps = tuple(Tensor(o.name, tuple(o.shape)) for o in manifest.frozen.outputs)
+    return Interface(f"{manifest.method} on {manifest.model}", tuple(manifest.input.shape), manifest.num_classes,
+                     taps, states, params, opt, schedule, bool(manifest.config.get("guard", True)),
+                     learns and bool(params))
+
+
+__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "workspace_pool_bytes"]
