@@ -55,7 +55,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = False, compile_host: bool = True) -> str:
-    """After ``export(..., target=T)`` (which keeps the method's initial statistics in the bundle): write
+    """After ``export(..., target=T)``: keep the method's initial statistics in the bundle (hashed in its
+    manifest, ``seal_bundle``) and write
     (and optionally build) ``bundle/<T>/``. For the host (``compile_host``): the int8 backbone
     compiled for this machine and the model's C, in ``bundle/host/``. Returns a one-line summary.
 
@@ -65,9 +66,11 @@ def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = F
     from pathlib import Path
 
     from edgetune.deploy.build import build_project
-    from edgetune.deploy.project import write_model_sources, write_target_project
-    from edgetune.export import load_manifest
+    from edgetune.deploy.project import save_initial_state, write_model_sources, write_target_project
+    from edgetune.export import load_manifest, seal_bundle
 
+    save_initial_state(bundle_dir, method)
+    seal_bundle(bundle_dir)  # the initial state is part of the bundle's hashed files from here on
     if target == "host":
         if not compile_host:
             return ""

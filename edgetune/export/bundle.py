@@ -157,13 +157,10 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
                                 OptimizerSpec("sgd", config.lr, config.momentum, states if config.momentum > 0 else ()),
                                 schedule),
         quantization=quantization, memory=memory_table(adaptable), edgetune_version=__version__)
-    (directory / MANIFEST_FILE).write_text(seal(manifest, directory).to_json())  # readable during the checks
-    check_trainable_numerics(directory, manifest, adaptable, images)
-    # The running statistics the device starts from, as they are after the checks, hashed with the graphs.
-    from edgetune.deploy.project import save_initial_state
-    save_initial_state(directory, method)
+    # Sealed (digest; side files written later are added by ``seal_bundle``), so an edit is refused.
     manifest = seal(manifest, directory)
     (directory / MANIFEST_FILE).write_text(manifest.to_json())
+    check_trainable_numerics(directory, manifest, adaptable, images)
     bar.update()
     bar.close()
     return manifest
