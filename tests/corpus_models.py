@@ -8,7 +8,6 @@ benchmarks/corpus.py.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +17,15 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quant_pre_process, quantize_static)
+from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
 from edgetune.compilers import CompiledGraph, compile_frozen
 from edgetune.data import Dataset, to_tensor
-from edgetune.errors import EdgetuneError, ExportError
+from edgetune.errors import EdgetuneError
 from edgetune.export.onnx_graphs import export_frozen
 from edgetune.export.ops import SUPPORTED_OPS
+from edgetune.export.quantize import quantize_graph
 from edgetune.export.validate import validate_onnx
 from edgetune.methods.base import TapSpec
 from edgetune.models import Backbone, build_model
@@ -351,34 +350,22 @@ def frozen_taps(backbone: Backbone) -> list[TapSpec]:
 
 def export_int8(backbone: Backbone, directory: Path) -> Path:
     """frozen.onnx (int8 QDQ) of ``backbone`` as ``edgetune export`` writes it: ``export_frozen`` (norms
-    folded, taps), the export-time op check, onnxruntime's static QDQ quantisation with the settings of
-    ``edgetune.export.quantize.quantize_frozen`` (pre-processing, per-channel symmetric int8 weights,
-    asymmetric int8 activations, min/max) calibrated on ``calibration_inputs`` of the model's input
-    shape (``quantize_frozen`` itself takes only uint8 N x H x W images), then the op check again.
+    folded, taps), the export-time op check, ``edgetune.export.quantize.quantize_graph`` (what
+    ``quantize_frozen`` runs: onnxruntime's static QDQ with edgetune's settings, the op table's float
+    islands left in float) calibrated on ``calibration_inputs`` of the model's input shape, then the op
+    check again.
 
     Raises:
         ExportError: the exporter, the op check or the quantiser refuses the model (one line).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    fp32, pre, out = directory / "frozen_float.onnx", directory / "pre.onnx", directory / "frozen.onnx"
+    fp32, out = directory / "frozen_float.onnx", directory / "frozen.onnx"
     taps = export_frozen(backbone, frozen_taps(backbone), fp32)
     x_io = [("x", (1, *backbone.input_shape))]
     tap_io = [(t.name, t.shape) for t in taps]
     validate_onnx(fp32, SUPPORTED_OPS["frozen"], label="frozen.onnx (float)", inputs=x_io, outputs=tap_io)
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)
-    try:
-        quant_pre_process(str(fp32), str(pre))
-        quantize_static(str(pre), str(out), _Samples(calibration_inputs(backbone.input_shape, CALIBRATION)),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    except Exception as exc:  # as quantize_frozen: every quantiser failure is one export error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"quantize: onnxruntime could not quantise {fp32.name} ({first}); "
-                          "export with --no-quantize to keep the backbone float") from exc
-    finally:
-        logging.getLogger().setLevel(quiet)
+    samples = calibration_inputs(backbone.input_shape, CALIBRATION)
+    quantize_graph(fp32, out, lambda: _Samples(samples))
     validate_onnx(out, SUPPORTED_OPS["frozen"], label="frozen.onnx", inputs=x_io, outputs=tap_io)
     return out
 

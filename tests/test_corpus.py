@@ -6,7 +6,10 @@ writes frozen.onnx, then compiled for the host. Exactly two outcomes are accepte
 (a) it compiles, and on 50 samples the compiled taps equal onnxruntime's integer-kernel session
     (``session.qdqisint8allowed=1``) bit for bit where the tap is an int8 tensor (its producer is a
     DequantizeLinear), and within 1e-4 of the tap's largest magnitude where it is float (a pooled
-    tap or a float island at the end);
+    tap or a float island at the end). Downstream of a float island whose arithmetic is a reduction
+    (MatMul, Softmax, LayerNorm, ...: TVM and onnxruntime sum in different orders, so results can
+    differ in the last bit and flip a later int8 rounding) a tap may differ by at most one
+    quantisation step of the int8 tensor it is computed from; the test prints how often it does;
 (b) export or compile refuses it with ONE ``EdgetuneError`` line naming the offending node, with no
     TVM text in it (a table may follow only a budget refusal).
 
@@ -122,11 +125,44 @@ def check_refusal(outcome: Outcome) -> None:
     assert named, f"{outcome.name}: the refusal names no node of the graph: {message}"
 
 
+REDUCING_ISLANDS = {"MatMul", "Gemm", "Softmax", "LayerNormalization", "ReduceMean", "ReduceSum",
+                    "InstanceNormalization", "GroupNormalization", "Conv"}
+
+
+def _after_reducing_island(path: Path) -> dict[str, float]:
+    """Graph outputs downstream of a float island that reduces (sums in an order of its own), each with
+    the quantisation step of the int8 tensor it is computed from (the scale of its DequantizeLinear)."""
+    from edgetune.export.ops import float_islands
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    reducing = {i.node for i in float_islands(model) if i.op in REDUCING_ISLANDS}
+    producer = {out: node for node in graph.node for out in node.output}
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    out: dict[str, float] = {}
+    for o in graph.output:
+        seen, todo, step, after = set(), [o.name], None, False
+        while todo:  # breadth first: the first DequantizeLinear met is the one nearest the output
+            node = producer.get(todo.pop(0))
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if step is None and node.op_type == "DequantizeLinear" and node.input[1] in consts:
+                step = float(consts[node.input[1]].max())
+            after = after or (node.name or node.output[0]) in reducing
+            todo += [i for i in node.input if i]
+        if after:
+            out[o.name] = step if step is not None else 0.0
+    return out
+
+
 def check_bit_exact(outcome: Outcome) -> None:
     """(a): the compiled taps equal onnxruntime's int8 session on SAMPLES samples."""
     assert outcome.compiled is not None and outcome.onnx is not None
     runner, session = FrozenRunner(outcome.compiled), ort_int8(outcome.onnx)
     int8 = _int8_outputs(outcome.onnx)
+    after_island = _after_reducing_island(outcome.onnx)
+    off_by_a_step = {n: 0 for n in after_island}
     names = [o.name for o in session.get_outputs()]
     assert list(outcome.compiled.output_names) == names
     x = sample_inputs(outcome.input_shape, SAMPLES)
@@ -136,11 +172,19 @@ def check_bit_exact(outcome: Outcome) -> None:
         sample = x[i:i + 1]
         for name, ours, ref in zip(names, runner(sample), session.run(None, {"x": sample})):
             assert ours.shape == ref.shape and ours.dtype == ref.dtype, name
-            if name in int8:
+            if name in after_island:
+                diff = float(np.abs(ours.astype(np.float64) - ref).max())
+                assert diff <= after_island[name] * (1 + 1e-6), \
+                    f"{outcome.name}: {name} off by {diff}, more than one quantisation step ({after_island[name]})"
+                off_by_a_step[name] += int(diff > 0)
+            elif name in int8:
                 differing[name] += int(not np.array_equal(ours, ref))
             else:
                 scale = max(float(np.abs(ref).max()), 1e-6)
                 worst[name] = max(worst[name], float(np.abs(ours.astype(np.float64) - ref).max()) / scale)
+    if after_island:
+        print(f"corpus {outcome.name}: samples within one quantisation step after a reducing float island: "
+              f"{off_by_a_step} of {SAMPLES}")
     assert differing == {n: 0 for n in names}, f"{outcome.name}: int8 taps differ on some samples: {differing}"
     assert all(w <= FLOAT_TOL for w in worst.values()), f"{outcome.name}: float taps off by {worst} (relative)"
 

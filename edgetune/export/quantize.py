@@ -3,16 +3,27 @@
 Symmetric per-channel int8 weights, asymmetric int8 activations (min/max calibration), the
 format the compilers' QDQ -> integer rewrite expects: Quantize/DequantizeLinear pairs around
 float ops, weights stored as int8 initialisers with their own DequantizeLinear.
+
+A MatMul or Softmax that the op table runs as a float island (``edgetune.export.ops.float_islands``,
+e.g. the 3-D MatMuls and the Softmax of attention) is left unquantised (quantised again without
+it, until nothing changes): onnxruntime's int8 session would otherwise run it as an integer
+kernel of its own (QLinearMatMul, QLinearSoftmax: int32 sums, a lookup table) that the compiled
+float island does not reproduce; with the exclusion both compute it in float between the same
+dequantise and quantise. Elementwise islands (Sigmoid, HardSigmoid, Mul, ...) stay quantised:
+their float computation between dequantise and quantise equals onnxruntime's integer kernels.
 """
 from __future__ import annotations
 
 import logging
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_static)
+
+import onnx
 
 from edgetune.data import to_tensor
 from edgetune.errors import ExportError
@@ -37,6 +48,47 @@ def calibration_images(images: np.ndarray, samples: int = CALIBRATION_SAMPLES, s
     return images[np.sort(order)]
 
 
+MAX_EXCLUSION_PASSES = 4
+EXCLUDED_ISLAND_OPS = frozenset({"MatMul", "Softmax"})  # islands whose onnxruntime integer kernel differs
+
+
+def quantize_graph(fp32_path: Path, out_path: Path, reader: Callable[[], CalibrationDataReader]) -> list[str]:
+    """onnxruntime's static QDQ quantisation of ``fp32_path`` into ``out_path`` with edgetune's
+    settings, calibrated on what ``reader()`` yields, leaving the op table's MatMul and Softmax
+    islands in float. Returns the nodes left in float.
+
+    Raises:
+        ExportError: onnxruntime fails to quantise the graph.
+    """
+    from edgetune.export.ops import float_islands
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a warning per unquantised op via the root logger
+    excluded: set[str] = set()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(fp32_path), str(pre))
+            names = {n.output[0]: n.name for n in onnx.load(str(pre)).graph.node if n.output}
+            for _ in range(MAX_EXCLUSION_PASSES):
+                quantize_static(str(pre), str(out_path), reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=sorted(excluded),
+                                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                islands = {names.get(i.node, i.node) for i in float_islands(onnx.load(str(out_path)))
+                           if i.op in EXCLUDED_ISLAND_OPS}
+                if islands <= excluded:
+                    break
+                excluded |= islands
+    except Exception as exc:  # onnxruntime raises RuntimeError, ValueError, Fail, ...: all are fatal here
+        raise ExportError(f"quantize: onnxruntime could not quantise {fp32_path.name} ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                          "export with --no-quantize to keep the backbone float") from exc
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return sorted(excluded)
+
+
 def quantize_frozen(fp32_path: Path, out_path: Path, images: np.ndarray, data_name: str) -> QuantizationSpec:
     """Quantise ``fp32_path`` into ``out_path`` (int8 QDQ) calibrated on ``images``; returns what was done.
 
@@ -50,20 +102,5 @@ def quantize_frozen(fp32_path: Path, out_path: Path, images: np.ndarray, data_na
     spec = QuantizationSpec(format="QDQ", per_channel=True, weight_type="int8", activation_type="int8",
                             weight_symmetric=True, activation_symmetric=False, calibration_method="minmax",
                             calibration_samples=len(calib), calibration_data=f"{data_name}/train")
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a warning per unquantised op via the root logger
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            pre = Path(tmp) / "pre.onnx"
-            quant_pre_process(str(fp32_path), str(pre))
-            quantize_static(str(pre), str(out_path), SourceImages(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    except Exception as exc:  # onnxruntime raises RuntimeError, ValueError, Fail, ...: all are fatal here
-        raise ExportError(f"quantize: onnxruntime could not quantise {fp32_path.name} ({type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
-                          "export with --no-quantize to keep the backbone float") from exc
-    finally:
-        logging.getLogger().setLevel(quiet)
+    quantize_graph(fp32_path, out_path, lambda: SourceImages(calib))
     return spec

@@ -71,10 +71,11 @@ class LST(Method):
         if self.vit:
             self.ladders = nn.ModuleList(nn.Linear(c, s) for c, s in zip(widths, side))
             self.blocks = nn.ModuleList(self._vit_block(side[i - 1], side[i]) for i in range(1, self.depth))
-        else:
-            self.ladders = nn.ModuleList(nn.Conv2d(c, s, 1) for c, s in zip(widths, side))
+        else:  # 1-D stages (N x C x T) get 1-D convs, images 2-D ones
+            conv = nn.Conv1d if len(shapes[0]) == 2 else nn.Conv2d
+            self.ladders = nn.ModuleList(conv(c, s, 1) for c, s in zip(widths, side))
             self.blocks = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(side[i - 1], side[i], 3, self._stride(shapes, i), 1), nn.ReLU())
+                nn.Sequential(conv(side[i - 1], side[i], 3, self._stride(shapes, i), 1), nn.ReLU())
                 for i in range(1, self.depth))
         self.alphas = nn.Parameter(torch.zeros(max(0, self.depth - 1)))
         self.head = nn.Linear(side[-1], self.num_classes)
@@ -87,7 +88,8 @@ class LST(Method):
     @staticmethod
     def _stride(shapes: list[tuple[int, ...]], i: int) -> int:
         before, after = shapes[i - 1][1], shapes[i][1]
-        if after <= 0 or before % after or shapes[i - 1][2] != before // after * shapes[i][2]:
+        if after <= 0 or before % after or any(b != before // after * a for b, a in zip(shapes[i - 1][1:],
+                                                                                          shapes[i][1:])):
             raise ModelError(f"lst: stage {i} output {shapes[i]} is not an integer downsampling of stage {i - 1} "
                              f"output {shapes[i - 1]}; lst needs stage resolutions that divide each other")
         return before // after
@@ -104,7 +106,7 @@ class LST(Method):
         for i in range(1, self.depth):
             mu = torch.sigmoid(self.alphas[i - 1] / self.config.temperature)
             h = mu * self.blocks[i - 1](h) + (1.0 - mu) * self.ladders[i](taps[i])
-        return self.head(h.mean(dim=1) if self.vit else h.mean(dim=(2, 3)))
+        return self.head(h.mean(dim=1) if self.vit else h.mean(dim=tuple(range(2, h.dim()))))
 
     def fit_loss(self, taps, labels):
         return F.cross_entropy(self.logits(taps), labels)
