@@ -322,3 +322,17 @@ def test_an_out_of_range_feedback_label_is_counted_and_the_stream_goes_on(fake_r
     flags = read_results(tmp_path / "r.bin")["flags"]
     assert summary["bad_labels"] == 1 and summary["labelled"] == 1 and summary["saves"] >= 1
     assert flags[5] & BAD_LABEL and not flags[5] & FEEDBACK and flags[9] & FEEDBACK
+
+
+def test_a_cut_in_the_first_save_after_a_fallback_keeps_the_slot_it_resumed_from(fake_run, tmp_path):
+    write_stream(tmp_path / "s.bin", samples(40))
+    _, one = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--save-every=10")
+    slots = _slots(tmp_path / "ck.bin", one["payload_bytes"])
+    older = min(slots, key=lambda s: s["seq"])
+    _poison(tmp_path / "ck.bin", max(slots, key=lambda s: s["seq"]), WEIGHT_OFFSET)
+    cut = subprocess.run([str(fake_run), "s.bin", "--checkpoint=ck.bin", "--resume", "--cut-after-bytes=100"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert cut.returncode != 0  # killed in the middle of its first save
+    proc, resumed = run(fake_run, tmp_path, "s.bin", "--checkpoint=ck.bin", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert resumed["resumed"] is True and resumed["boot_seq"] == older["seq"]

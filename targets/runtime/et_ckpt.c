@@ -148,6 +148,15 @@ et_status et_ckpt_load_rank(et_ckpt *ck, const et_state_list *lists, uint32_t nl
   return ET_OK;
 }
 
+et_status et_ckpt_drop_newest(et_ckpt *ck) {
+  if (ck == NULL || !ck->scanned || ck->newest < 0 || ck->older < 0) return ET_E_ARG;
+  ck->newest = ck->older; /* the next save goes to the other slot: the rejected one */
+  ck->seq = ck->older_seq;
+  ck->older = -1;
+  ck->older_seq = 0;
+  return ET_OK;
+}
+
 et_status et_ckpt_save(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id, uint32_t *seq) {
   uint8_t head[ET_CKPT_HEADER_BYTES];
   uint8_t magic[4] = {0, 0, 0, 0};

@@ -45,6 +45,9 @@ et_status et_ckpt_load(et_ckpt *ck, const et_state_list *lists, uint32_t nlists,
  * none). A save always goes to the slot that is not the newest, so it may overwrite rank 1. */
 et_status et_ckpt_load_rank(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id,
                             uint32_t rank, uint32_t *seq);
+/* The caller rejected the newest slot's content and loaded rank 1: from now on the loaded slot is
+ * the newest, so the next save overwrites the rejected slot, never the one just loaded. */
+et_status et_ckpt_drop_newest(et_ckpt *ck);
 /* Writes the buffers into the older slot with the next sequence number (returned in *seq). */
 et_status et_ckpt_save(et_ckpt *ck, const et_state_list *lists, uint32_t nlists, uint32_t layout_id, uint32_t *seq);
 

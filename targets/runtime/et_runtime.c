@@ -311,6 +311,7 @@ et_status et_runtime_boot(et_runtime *rt, et_ckpt *ck, uint32_t *seq) {
     if (st == ET_E_NO_CHECKPOINT) break;
     if (st != ET_OK) return st;
     if (et_state_sane(rt)) {
+      if (rank == 1u && (st = et_ckpt_drop_newest(ck)) != ET_OK) return st;
       rt->guard.seen = rt->meta.guard_seen;
       et_snapshot_take(rt); /* the loaded weights were saved while healthy: they are the good ones now */
       return ET_OK;
