@@ -22,6 +22,7 @@ from edgetune.cli import main
 
 SENSOR_SHIFTS = 5  # `--corruption all` on 1-D inputs
 MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
+FIT = "fit_epochs=5"  # tinytta's exit heads: a short pre-deployment fit (the default 60 epochs is minutes here)
 TINTS = np.array([[1.0, 0.3, 0.3], [0.3, 1.0, 0.3], [0.3, 0.3, 1.0]], dtype=np.float32)
 
 
@@ -122,7 +123,7 @@ def test_rgb_folder_eval_with_tinytta_on_every_runtime(rgb, runtime, capsys):
     folder, ckpt = rgb
     d = run_json(capsys, ["eval", "--checkpoint", str(ckpt), "--method", "tinytta", "--corruption",
                           "none", "--samples-per-corruption", "30",
-                          "--runtime", runtime])
+                          "--runtime", runtime, "--set", FIT])
     assert d["model"] == "resnet8" and d["method"] == "tinytta" and d["samples"] == 30
     assert str(folder.resolve()) in d["data"] or folder.name in d["data"]  # the stream defaults to the training data
     src = d["source_data"]
@@ -141,7 +142,7 @@ def test_rgb_folder_export_for_cortex_m7_and_simulate(rgb, tmp_path, capsys):
     folder, ckpt = rgb
     bundle = tmp_path / "bundle"
     out = run_ok(capsys, ["export", "resnet8", "--method", "tinytta", "--checkpoint", str(ckpt), "--target",
-                          "cortex-m7", "-o", str(bundle), "--build"])
+                          "cortex-m7", "-o", str(bundle), "--build", "--set", FIT])
     assert "built fw.elf" in out and (bundle / "cortex-m7" / "build" / "fw.elf").is_file()
     recorded = json.loads((bundle / "source.json").read_text())
     assert folder.name in recorded["data"] and recorded["labels_used"] is True
