@@ -710,11 +710,10 @@ def _port(iface: Interface, mem: ModelMemory) -> str:
         "    et_port.name = EDGETUNE_MODEL_NAME;", "    et_port.momentum = cfg.momentum;",
         "    et_port.guard = cfg.guard;", "    et_port.use_guard = cfg.use_guard;", "    et_port.input = et_sample;",
         "    et_port.work = et_work;", "    et_port.work_bytes = (uint32_t)sizeof et_work;",
-        "    et_port.reset = edgetune_model_reset;",
-        "    { static const uint32_t shape[3] = EDGETUNE_MODEL_INPUT_SHAPE;",
-        "      et_port.input_rank = EDGETUNE_MODEL_INPUT_RANK;",
-        "      memcpy(et_port.input_shape, shape, sizeof shape); }", "  }",
-        "  *out = &et_port;", "  return ET_OK;", "}", ""])
+        "    et_port.reset = edgetune_model_reset;", "  }", "  *out = &et_port;", "  return ET_OK;", "}", "",
+        "uint32_t et_app_input_shape(uint32_t dims[3]) {",
+        "  static const uint32_t shape[3] = EDGETUNE_MODEL_INPUT_SHAPE;",
+        "  memcpy(dims, shape, sizeof shape);", "  return EDGETUNE_MODEL_INPUT_RANK;", "}", ""])
 
 
 __all__ = ["Interface", "ModelMemory", "ModelSources", "Planned", "Tensor", "c_array_values", "emit_model",

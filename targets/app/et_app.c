@@ -187,6 +187,11 @@ static void et_shape_text(char *buf, size_t n, uint32_t rank, const uint32_t *d)
     snprintf(buf, n, "%lux%lu", (unsigned long)d[0], (unsigned long)d[1]);
 }
 
+__attribute__((weak)) uint32_t et_app_input_shape(uint32_t dims[3]) {
+  dims[0] = dims[1] = dims[2] = 0u;
+  return 0u;
+}
+
 /* words 6-7 of the header -> rank and dims; 0 when the stream does not record its shape */
 static uint32_t et_stream_shape(const uint8_t *h, uint32_t *d) {
   uint32_t w0 = et_le32(h + 24), w1 = et_le32(h + 28), rank = w0 & 0xFFu;
@@ -203,23 +208,22 @@ static uint32_t et_stream_shape(const uint8_t *h, uint32_t *d) {
   return rank;
 }
 
-static int et_read_header(FILE *in, const et_app_port *port, uint32_t *count) {
-  const et_model *m = port->model;
+static int et_read_header(FILE *in, const et_model *m, uint32_t *count) {
   char msg[200]; /* on the stack: the check costs no static RAM */
   char got[40], want[40];
   uint8_t h[ET_APP_STREAM_HEADER_BYTES];
-  uint32_t dims[3], rank;
+  uint32_t dims[3], rank, want_dims[3], want_rank = et_app_input_shape(want_dims);
   if (fread(h, 1, sizeof h, in) != sizeof h) return et_fail("stream: cannot read the 32-byte header", ET_E_IO);
   if (et_le32(h) != ET_APP_STREAM_MAGIC || et_le32(h + 4) != ET_APP_VERSION)
     return et_fail("stream: not an edgetune stream (magic/version)", ET_E_ARG);
   rank = et_stream_shape(h, dims);
   /* a shape recorded on both sides is compared first: the same float count can hide a transposed
    * or re-sized sample (e.g. 3x32x32 written as 32x32x3) */
-  if (rank != 0u && port->input_rank != 0u &&
-      (rank != port->input_rank || dims[0] != port->input_shape[0] || dims[1] != port->input_shape[1] ||
-       (rank == 3u && dims[2] != port->input_shape[2]))) {
+  if (rank != 0u && want_rank != 0u &&
+      (rank != want_rank || dims[0] != want_dims[0] || dims[1] != want_dims[1] ||
+       (rank == 3u && dims[2] != want_dims[2]))) {
     et_shape_text(got, sizeof got, rank, dims);
-    et_shape_text(want, sizeof want, port->input_rank, port->input_shape);
+    et_shape_text(want, sizeof want, want_rank, want_dims);
     snprintf(msg, sizeof msg, "stream: sample shape %s differs from the model's input %s; write the stream with "
              "samples shaped like the model's input", got, want);
     return et_fail(msg, ET_E_ARG);
@@ -343,7 +347,7 @@ int et_app_run(const et_app_options *opt, const et_app_hooks *hooks, const et_io
   t.resume_reason = opt->resume ? "" : "not asked (no --resume)";
   in = strcmp(opt->stream, "-") == 0 ? stdin : fopen(opt->stream, "rb");
   if (in == NULL) return et_fail("cannot open the stream", ET_E_IO);
-  if ((rc = et_read_header(in, port, &count)) != 0) return rc;
+  if ((rc = et_read_header(in, m, &count)) != 0) return rc;
   if (opt->max_samples != 0u && opt->max_samples < count) count = opt->max_samples;
   if ((st = et_start(&rt, port, opt, hooks)) != ET_OK) return et_fail("runtime init", st);
 

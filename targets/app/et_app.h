@@ -12,7 +12,7 @@
  *    shape0, shape1}
  * where words 6-7 give one sample's shape: shape0 = rank | C << 8 with rank 2 (C x T) or 3
  * (C x H x W), shape1 = T (rank 2) or H | W << 16 (rank 3); 0, 0: not recorded. When both the
- * stream and the port (et_app_port.input_rank) declare a shape they must be equal, else the stream
+ * stream and the model (et_app_input_shape) declare a shape they must be equal, else the stream
  * is refused naming both shapes; the float count is always checked.
  * then `count` records {int32 feedback label (-1: none), uint32 flags (bit 0: reset the model
  * before this sample), float32 x[input_len]}. A feedback label is revealed only after the
@@ -63,15 +63,14 @@ typedef struct et_app_port {
   uint32_t work_bytes;
   /* Weights, optimizer state and statistics back to the bundle's values (boot, episodic reset). */
   et_status (*reset)(void);
-  /* the sample shape input_len flattens: rank 2 (C x T) or 3 (C x H x W), compared with a stream's
-   * header words 6-7; rank 0: not declared, only the float count is checked. Last, so ports
-   * initialised without them declare none. */
-  uint32_t input_rank;
-  uint32_t input_shape[3];
 } et_app_port;
 
 /* Implemented by the model code. */
 et_status et_app_port_get(const et_app_port **out);
+/* The sample shape input_len flattens: returns the rank, 2 (dims C, T) or 3 (C, H, W), compared
+ * with a stream's header words 6-7. The generated model code defines it; et_app.c's weak default
+ * (for hand-written ports) returns 0: not declared, only the float count is checked. */
+uint32_t et_app_input_shape(uint32_t dims[3]);
 
 /* What differs between the mains. */
 typedef struct et_app_hooks {
