@@ -131,7 +131,7 @@ def stream_samples(data, corruptions: tuple[str, ...], severity: int, protocol: 
     from edgetune.evaluate import revealed
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"simulate: --n must be a positive integer (got {n!r}); pass --n 1 or more")
+        raise ConfigError(f"simulate: --n must be at least 1 (got {n!r}); pass --n 1 or more")
     reveal = revealed(n, labelled_fraction, seed, "simulate")
     dataset = load_data(data, resize, crop)
     if input_shape is not None:

@@ -440,7 +440,7 @@ CLI = [
     Row("build-initial-state-edited", ["build", BD], 5, bd=bd_edit("initial-state"), says="initial_state"),
     # simulate
     Row("simulate-missing", ["simulate", "{tmp}/gone"], 5),
-    Row("simulate-n-0", [*SIM[:2], "--n", "0"], 2),
+    Row("simulate-n-0", [*SIM[:2], "--n", "0"], 1, says="--n must be at least 1"),
     Row("simulate-n-text", [*SIM[:2], "--n", "lots"], 2),
     Row("simulate-n-huge", [*SIM[:2], "--n", "1000000000"], 1, says="--n"),
     Row("simulate-seed-negative", [*SIM, "--seed", "-1"], 2),

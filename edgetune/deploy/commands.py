@@ -42,8 +42,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--corruption", default="gaussian_noise",
                    help="a name, a comma list, 'all', or 'none' (the data as it is: a real shift)")
     s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
-    from edgetune.cli import _count, _fraction, _seed  # the CLI's checked number types (the CLI is loaded)
-    s.add_argument("--n", type=_count, default=300,
+    from edgetune.cli import _fraction, _seed  # the CLI's checked number types (the CLI is loaded)
+    s.add_argument("--n", type=int, default=300,  # n < 1: simulate's ConfigError (exit 1)
                    help="samples in the stream (split over the corruptions; more than the stream has is an error)")
     s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
     s.add_argument("--seed", type=_seed, default=0)
