@@ -216,9 +216,14 @@ def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = Tru
 
     Raises:
         ConfigError: an unknown mode.
-        DataError: mode ``labelled`` on a source without labels, or a source without samples.
+        DataError: ``data`` is not a data source (anything ``edgetune.data.load_data`` takes), its
+            samples are not shaped like the model's input, mode ``labelled`` on a source without
+            labels, or a source without samples.
     """
+    from edgetune.data import conform, load_data
+
     check_mode(mode)
+    data = conform(data if isinstance(data, Dataset) else load_data(data), adaptable.backbone.input_shape, "source")
     if not len(data.train_x):
         raise DataError(f"source: {data.name} has no training samples; pass a source with samples")
     if mode == "labelled" and not data.labelled:

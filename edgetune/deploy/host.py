@@ -18,6 +18,7 @@ import numpy as np
 
 from edgetune import cruntime as cr
 from edgetune.deploy.project import write_model_sources
+from edgetune.errors import DataError
 
 MODEL_GETTER = "edgetune_model"
 
@@ -58,6 +59,15 @@ class HostModel:
         return self.runtime.step(x)
 
     def feedback(self, x: np.ndarray, label: int) -> cr.Step:
+        """Supervised feedback: one update of ``x`` towards class ``label`` (already scored).
+
+        Raises:
+            DataError: ``label`` is not a class index of the bundle.
+        """
+        k = self.runtime.classes
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < k:
+            raise DataError(f"HostModel.feedback: label {label!r} is outside 0..{k - 1} (the bundle's {k} classes); "
+                            "pass the class index of x")
         return self.runtime.feedback(x, label)
 
     def state(self) -> dict[str, np.ndarray]:

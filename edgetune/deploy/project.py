@@ -93,13 +93,20 @@ class TargetProject:
 
 def save_initial_state(bundle_dir: str | Path, method) -> Path:
     """Write the method's running statistics as they are now (right after ``fit``) into the bundle,
-    keyed by their trainable.onnx input names: the firmware starts from them."""
-    from edgetune.export.manifest import onnx_name  # torch side: the method's buffers
+    keyed by their trainable.onnx input names: the firmware starts from them. The bundle's manifest
+    then records the file's hash (``seal_bundle``), so an edited initial state is refused later.
+
+    Raises:
+        CheckpointError: the bundle's graphs do not match its manifest (see ``seal_bundle``).
+    """
+    from edgetune.export.manifest import MANIFEST_FILE, onnx_name, seal_bundle  # torch side: the method's buffers
 
     arrays = {f"state_{onnx_name(n)}": method.get_buffer(n).detach().cpu().numpy().astype(np.float32)
               for n in method.state_names()}
     path = Path(bundle_dir) / STATE_FILE
     np.savez(path, **arrays)
+    if (Path(bundle_dir) / MANIFEST_FILE).is_file():
+        seal_bundle(bundle_dir)
     return path
 
 
