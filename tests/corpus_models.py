@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 from onnxruntime.quantization import CalibrationDataReader
@@ -23,6 +22,7 @@ from torch import nn
 from edgetune.compilers import CompiledGraph, compile_frozen
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import EdgetuneError
+from edgetune.deploy.project import backbone_macs
 from edgetune.export.onnx_graphs import export_frozen
 from edgetune.export.ops import SUPPORTED_OPS
 from edgetune.export.quantize import quantize_graph
@@ -413,22 +413,5 @@ def parameters(backbone: Backbone) -> int:
 
 
 def graph_macs(path: Path) -> int:
-    """Multiply-accumulates of one forward of an ONNX graph: Conv of any rank (output elements x input
-    channels per group x kernel elements), Gemm and MatMul (output elements x inner size), from
-    inferred shapes; norms, activations and pools count as free."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
-    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
-    macs = 0
-    for node in model.graph.node:
-        out = shapes.get(node.output[0])
-        if not out:
-            continue
-        if node.op_type == "Conv":
-            w = shapes.get(node.input[1], [])
-            macs += int(np.prod(out)) * int(np.prod(w[1:])) if w else 0
-        elif node.op_type in ("Gemm", "MatMul"):
-            a = shapes.get(node.input[0], [])
-            macs += int(np.prod(out)) * a[-1] if a else 0
-    return macs
+    """Multiply-accumulates of one forward of the ONNX graph at ``path`` (what the firmware reports)."""
+    return backbone_macs(path)

@@ -120,7 +120,9 @@ def load_initial_state(bundle_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 def backbone_macs(onnx_path: str | Path) -> int:
-    """Multiply-accumulates of one forward of an ONNX graph (Conv, Gemm, MatMul), from inferred shapes."""
+    """Multiply-accumulates of one forward of an ONNX graph, from inferred shapes: Conv of any rank
+    (output elements x input channels per group x kernel elements), Gemm and MatMul (output elements
+    x inner size); norms, activations and pools count as free."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
@@ -132,8 +134,8 @@ def backbone_macs(onnx_path: str | Path) -> int:
             continue
         if node.op_type == "Conv":
             w = shapes.get(node.input[1], [])
-            if len(w) == 4:
-                macs += int(np.prod(out)) * w[1] * w[2] * w[3]
+            if len(w) >= 3:  # 1-D and 2-D convs alike
+                macs += int(np.prod(out)) * int(np.prod(w[1:]))
         elif node.op_type in ("Gemm", "MatMul"):
             a = shapes.get(node.input[0], [])
             if a:
