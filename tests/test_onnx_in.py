@@ -132,10 +132,15 @@ def test_cli_inspect_and_eval_on_an_onnx_file(onnx_models, capsys):
     out = capsys.readouterr().out
     assert "/ReduceMean_output_0" in out and "per stage (tinytta, lst, vqt):    --taps " in out
     per_stage = out.strip().splitlines()[-1].split("--taps ")[1]
-    assert main(["eval", "--model", path, "--taps", per_stage, "--method", "tinytta", "--corruption", "contrast",
-                 "--samples-per-corruption", "20", "--set", "fit_epochs=1", "--json"]) == 0
+    eval_args = ["eval", "--model", path, "--taps", per_stage, "--method", "tinytta", "--corruption", "contrast",
+                 "--samples-per-corruption", "20", "--set", "fit_epochs=1", "--json"]
+    # an ONNX file records no data: no default stream, and the stream is never taken as the source
+    assert main(eval_args) == 1 and "--data DATA" in capsys.readouterr().err
+    assert main([*eval_args, "--data", "digits"]) == 1 and "--source-data" in capsys.readouterr().err
+    assert main([*eval_args, "--data", "digits", "--source-data", "digits"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 20 and report["model"] == "mcunet.onnx"
+    assert report["source_data"]["labels_used"] is True and report["source_data"]["origin"] == "given as --source-data"
 
 
 def test_onnx_errors_are_one_line(onnx_models, tmp_path, capsys):
