@@ -14,6 +14,7 @@ import tvm
 from onnx import numpy_helper, shape_inference
 from tvm.relax.frontend.onnx import from_onnx
 
+from edgetune.compilers.pipeline import clip_takes
 from edgetune.errors import CompileError
 from edgetune.export.ops import SHAPE_INPUTS
 
@@ -172,9 +173,10 @@ def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # renaming notices for names like "/stages.0/Conv"
-            return from_onnx(model, keep_params_in_input=False)
+            mod = from_onnx(model, keep_params_in_input=False)
     except Exception as exc:  # the frontend raises ValueError, TVMError, OpNotImplemented, AssertionError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompileError(f"onnx: TVM's ONNX frontend rejected the graph ({first}); "
                            "simplify the export or report the op") from None
+    return clip_takes(mod)  # before any FoldConstant legalises a Gather in TVM's warning "fast" mode
 

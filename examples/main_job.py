@@ -22,7 +22,7 @@ import torch
 
 from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
-from edgetune.data import load_dataset
+from edgetune.data import load_dataset, record_source, source_info
 from edgetune.deploy import build_project, save_initial_state, write_target_project
 from edgetune.export import export
 from edgetune.simulate import simulate
@@ -65,7 +65,8 @@ def main() -> None:
 
     bundle = out / "bundle"
     manifest = export(adaptable, data, bundle, quantize=True, target=args.target)
-    save_initial_state(bundle, adaptable.method)
+    record_source(bundle, source_info(data, "labelled", "the checkpoint's training data"))
+    save_initial_state(bundle, adaptable.method)  # also seals the bundle (every file's hash)
     project = write_target_project(bundle, args.target)
     built = build_project(project)
     print(f"3. exported {manifest.method} on {manifest.model} and built {built.program.relative_to(bundle)} for "
