@@ -101,8 +101,9 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 def _cmd_list(args: argparse.Namespace) -> None:
     if args.what == "models":
         from edgetune.models import MODEL_HELP, MODELS
+        width = max(len(n) for n in MODELS)
         for n in MODELS:
-            print(f"{n:<14} {MODEL_HELP.get(n, '')}")
+            print(f"{n:<{width}}  {MODEL_HELP.get(n, '')}")
     elif args.what == "methods":
         from edgetune.methods import METHODS
         for n in METHODS:
