@@ -110,7 +110,8 @@ class IOPosix(Structure):
 
 class Ckpt(Structure):
     _fields_ = [("io", IO), ("base", c_uint32), ("slot_bytes", c_uint32), ("newest", c_int32), ("seq", c_uint32),
-                ("older", c_int32), ("older_seq", c_uint32), ("scanned_layout", c_uint32), ("scanned_payload", c_uint32), ("scanned", c_uint32)]
+                ("older", c_int32), ("older_seq", c_uint32), ("scanned_layout", c_uint32),
+                ("scanned_payload", c_uint32), ("scanned", c_uint32)]
 
 
 class GuardConfig(Structure):
