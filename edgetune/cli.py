@@ -195,6 +195,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     preflight_budget(backbone, args.target, args.method, _overrides(args.set), not args.no_quantize, config["model"])
     source, origin = checkpoint_source(config, args.source_data or args.data, args.source_mode, args.resize,
                                        args.crop, command="export")
+    assert source is not None  # checkpoint_source refuses export's only source-less mode ("none")
     source = conform(source, backbone.input_shape, "source-data")
     adaptable = prepare(backbone, args.method, _overrides(args.set), model_name=config["model"])
     fit(adaptable, source, seed=args.seed, mode=args.source_mode)
