@@ -47,21 +47,6 @@ C_DIR = ROOT / "tests" / "c"
 OUT_DIR = ROOT / "results" / "faults"
 SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # fsync-heavy runs: RAM-backed when there is one
 
-# The app's model port around tests/c/fake_model.c (16 inputs, 4 classes, SGD head, running mean).
-FAKE_PORT = r"""
-#include "et_app.h"
-#include "fake_model.h"
-static float input[FM_IN];
-static uint32_t work[64];
-static et_status reset(void) { return fake_model_init(3u, 0.02f); }
-static et_app_port port = {"fake on fake", 0, {0.1, 0.94, 0.005}, ET_GUARD_DEFAULTS, 1u, input, work, sizeof work,
-                           reset};
-et_status et_app_port_get(const et_app_port **out) {
-  if (port.model == 0 && fake_model_get(&port.model) != ET_OK) return ET_E_MODEL;
-  *out = &port;
-  return ET_OK;
-}
-"""
 FAKE_IN, FAKE_CLASSES = 16, 4
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g")
 
@@ -97,11 +82,10 @@ def build_fake(out: Path, src: Path = ROOT, cc: str = "gcc", extra: tuple[str, .
 
     runtime, app, c_dir = src / "targets" / "runtime", src / "targets" / "app", src / "tests" / "c"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "port.c").write_text(FAKE_PORT)
     program = out / name
     cmd = [cc, *RUNTIME_CFLAGS, "-O2", *extra, f"-I{runtime}", f"-I{app}", f"-I{c_dir}",
            *map(str, sorted(runtime.glob("*.c"))), str(app / "et_app.c"), str(app / "et_app_linux.c"),
-           str(c_dir / "fake_model.c"), str(out / "port.c"), "-lm", "-o", str(program)]
+           str(c_dir / "fake_model.c"), str(c_dir / "fake_port.c"), "-lm", "-o", str(program)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"faults: building {name} with {cc} failed:\n{proc.stderr}")

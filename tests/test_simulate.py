@@ -26,21 +26,6 @@ KEYS = {"target", "method", "n", "online_accuracy", "source_accuracy", "flash_by
         "instructions_per_sample", "inference_instructions_per_sample", "adaptation_instructions_per_sample",
         "instructions_per_mac"}
 
-# The app's model port around tests/c/fake_model.c (16 inputs, 4 classes, SGD head, running mean).
-FAKE_PORT = r"""
-#include "et_app.h"
-#include "fake_model.h"
-static float input[FM_IN];
-static uint32_t work[64];
-static et_status reset(void) { return fake_model_init(3u, 0.02f); }
-static et_app_port port = {"fake on fake", 0, {0.1, 0.94, 0.005}, ET_GUARD_DEFAULTS, 1u, input, work, sizeof work,
-                           reset};
-et_status et_app_port_get(const et_app_port **out) {
-  if (port.model == 0 && fake_model_get(&port.model) != ET_OK) return ET_E_MODEL;
-  *out = &port;
-  return ET_OK;
-}
-"""
 FAKE_LAYOUT = (StateEntry("w", "param", (4, 8)), StateEntry("b", "param", (4,)), StateEntry("vw", "optim", (4, 8)),
                StateEntry("vb", "optim", (4,)), StateEntry("mean", "stat", (8,)))
 
@@ -51,10 +36,9 @@ def fake_run(tmp_path_factory) -> Path:
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     out = tmp_path_factory.mktemp("fake-run")
-    (out / "port.c").write_text(FAKE_PORT)
     app = HERE / "app"
     cmd = ["gcc", *RUNTIME_CFLAGS, "-O2", f"-I{RUNTIME_DIR}", f"-I{app}", f"-I{C_DIR}", *map(str, runtime_sources()),
-           str(app / "et_app.c"), str(app / "et_app_linux.c"), str(C_DIR / "fake_model.c"), str(out / "port.c"),
+           str(app / "et_app.c"), str(app / "et_app_linux.c"), str(C_DIR / "fake_model.c"), str(C_DIR / "fake_port.c"),
            "-lm", "-o", str(out / "edgetune-run")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
