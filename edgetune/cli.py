@@ -30,47 +30,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT_CODE, f"edgetune: error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
-def _count(text: str) -> int:
-    """A positive integer (sample counts, epochs)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
-    return value
+def _number(cast: type, valid, expected: str, in_range: str):
+    """An argparse type: ``cast(text)`` that ``valid(value)`` accepts, else one line saying what is expected."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected} (got {text!r})") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {in_range} (got {value if cast is int else text})")
+        return value
+    return parse
 
 
-def _seed(text: str) -> int:
-    """A seed: an integer >= 0 (numpy's seeds are unsigned)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})") from None
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2^32) (got {value})")
-    return value
-
-
-def _rate(text: str) -> float:
-    """A learning rate: a positive finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive and finite (got {text})")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (got {text!r})") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (got {text})")
-    return value
+_count = _number(int, lambda v: v >= 1, "a positive integer", "a positive integer")  # sample counts, epochs
+_seed = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer >= 0", "in [0, 2^32)")  # numpy's seeds are unsigned
+_rate = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive number", "positive and finite")
+_fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "in [0, 1]")
 
 
 def _check_out(path: str, option: str = "-o") -> None:
