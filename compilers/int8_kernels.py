@@ -193,3 +193,8 @@ def pad_int8(x: te.Tensor, *, before: tuple[int, ...], out_shape: tuple[int, ...
         return tirx.if_then_else(inside, x[src], tirx.const(value, x.dtype))
 
     return te.compute(out_shape, at, name="out")
+
+
+def lookup_table(x: te.Tensor, table: te.Tensor) -> te.Tensor:
+    """An int8 -> int8 lookup: ``table[x + 128]`` (256 entries built at compile time, ``int8_tables``)."""
+    return te.compute(x.shape, lambda *idx: table[x[idx].astype("int32") + 128], name="out")

@@ -12,8 +12,11 @@ the float expression it closes is computed in integers, and a graph output decid
 crosses the float boundary (a ``dequantize``, a view of one, or a spatial mean of one). Which
 Relax op gets which int8 rule comes from the op table (``edgetune.export.ops.relax_rules``).
 
-A float expression with no int8 rule, or whose rule's preconditions fail, becomes a *float
-island*: its int8 inputs are dequantized (DequantizeLinear's arithmetic), the imported float
+A float expression with no int8 rule, or whose rule's preconditions fail, is first tried as an
+int8 lookup table (``lut``): when it is elementwise in ONE int8 activation, with scalar constants
+and ops whose float32 steps ``int8_tables`` reproduces (Sigmoid, HardSigmoid, HardSwish,
+LeakyRelu, arithmetic with scalars), its 256 results are computed at compile time. Otherwise it
+becomes a *float island*: its int8 inputs are dequantized (DequantizeLinear's arithmetic), the imported float
 ops run as TVM lowers them, and the ``quantize`` that closes it is a QuantizeLinear kernel —
 what onnxruntime computes for ops it leaves in float. ``float_islands`` (op table) lists them
 with ONNX node names; quantisation the kernels cannot represent is reported by
@@ -30,6 +33,7 @@ from tvm import relax, tirx
 
 from edgetune.compilers import int8_kernels as kernels
 from edgetune.compilers import int8_math as im
+from edgetune.compilers import int8_tables as tables
 from edgetune.compilers.boundary import dequant_table, spatial_mean
 from edgetune.compilers.schedule import conv_family
 from edgetune.errors import CompileError
@@ -45,7 +49,8 @@ ELEMENTWISE_FLOAT = frozenset(f"relax.{op}" for op in (
     "sqrt", "rsqrt", "erf", "negative", "abs", "round", "floor", "ceil", "where", "nn.relu", "nn.leakyrelu",
     "nn.gelu", "nn.silu"))
 # int8 rule of the op table -> the method of ``_Lowering`` that lowers it
-RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "concat": "concat",
+RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "mul": "lower_mul",
+                "lut": "lut", "concat": "concat",
                 "avg_pool": "avg_pool", "global_pool": "global_pool", "mean": "global_pool", "max_pool": "max_pool",
                 "clip": "clip", "view": "view", "pad": "pad"}
 KERNEL_ATTR = "edgetune.kernel"  # PrimFunc attribute: which int8 kernel family (read by schedule)
@@ -291,8 +296,11 @@ class _Lowering:
             try:
                 return self.rules[rule](call, sy, zy)
             except _Unsupported:
-                pass  # the rule's preconditions do not hold here: the expression runs in float
-        return self.island(v, sy, zy)
+                pass  # the rule's preconditions do not hold here: a table, else the expression runs in float
+        try:
+            return self.lut(call, sy, zy)
+        except _Unsupported:
+            return self.island(v, sy, zy)
 
     def conv_unit(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
         return self.conv(call, None, sy, zy)
@@ -318,6 +326,57 @@ class _Lowering:
         x = self.activation(call.args[0], call.op.name)
         moved = self.bb.emit(relax.Call(call.op, [x.q, *call.args[1:]], call.attrs))
         return self.rescale(_DQ(moved, x.scale, x.zp), sy, zy)
+
+    # --- lookup tables ------------------------------------------------------------------
+    def lut(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """An elementwise float expression of one int8 activation as a 256-entry int8 table: every
+        input value dequantized, the expression evaluated in float32 as onnxruntime rounds it, the
+        result quantized (QLinearSigmoid / QLinearLeakyRelu build theirs the same way; for ops it
+        leaves in float, DQ -> op -> Q is the same function of the int8 input)."""
+        sources: list[_DQ] = []
+        values = self.tabulate(_Float(call), sources)
+        if not sources:
+            raise _Unsupported("a constant expression")
+        x = sources[0]
+        if _shape(call) != _shape(x.q) or np.shape(values) != (256,):
+            raise _Unsupported("a table whose output has another shape than its input")
+        try:
+            table = tables.lookup_table(values, sy, zy)
+        except ValueError as exc:
+            raise _Unsupported(str(exc)) from None
+        return self.emit_kernel("lut", kernels.lookup_table, x.q, relax.const(table))
+
+    def tabulate(self, v: object, sources: list[_DQ]) -> np.ndarray:
+        """float32 values of ``v`` for the 256 int8 values of its one activation input (a scalar for
+        constants); raises ``_Unsupported`` for anything ``int8_tables`` does not reproduce."""
+        if isinstance(v, _DQ):
+            if sources and not (sources[0].q.same_as(v.q) and sources[0].scale == v.scale
+                                and sources[0].zp == v.zp):
+                raise _Unsupported("an expression of two int8 activations")
+            sources[:1] = [v]
+            return tables.dequantized_inputs(v.scale, v.zp)
+        const = _dequantized(v) if isinstance(v, _QConst) else _const_np(v) if isinstance(v, relax.Expr) else None
+        if const is not None:
+            if const.size != 1:
+                raise _Unsupported("a constant that is not a scalar")
+            return const.astype(F32).reshape(())
+        if not isinstance(v, _Float) or not isinstance(v.call.op, tvm.ir.Op):
+            raise _Unsupported(f"{type(v).__name__} in a table")
+        call, name = v.call, v.call.op.name
+        args = list(call.args)
+        if name == "relax.call_tir":  # the frontend's maximum / minimum kernels (Clip)
+            name, args = "relax." + call.args[0].name_hint.rstrip("0123456789"), list(call.args[1].fields)
+        if name == "relax.clip":
+            return tables.clip(_bound(args[1]), _bound(args[2]))(self.tabulate(self.value(args[0]), sources))
+        if name == "relax.nn.leakyrelu":
+            return tables.leaky_relu(float(call.attrs.alpha))(self.tabulate(self.value(args[0]), sources))
+        if name not in tables.FLOAT_OPS:
+            raise _Unsupported(f"{name} in a table")
+        operands = []
+        for arg in args:
+            bound = self.scalar_constant(arg) if name in ("relax.maximum", "relax.minimum") else None
+            operands.append(F32(bound) if bound is not None else self.tabulate(self.value(arg), sources))
+        return tables.FLOAT_OPS[name](*operands)
 
     # --- float islands ------------------------------------------------------------------
     def island(self, v: object, sy: F32, zy: int) -> relax.Expr:
@@ -425,7 +484,7 @@ class _Lowering:
                 if const is not None:
                     lower = self.matmul if main.call.op.name == "relax.matmul" else self.conv
                     return lower(main.call, const, sy, zy)
-        a, b = (self.add_operand(x) for x in call.args)
+        a, b = (self.binary_operand(x) for x in call.args)
         out = _shape(call)
         if _shape(a.q) != out and _shape(b.q) == out:
             # onnxruntime's QLinearAdd passes the broadcast operand as MLAS' scalar ("B") side,
@@ -439,12 +498,28 @@ class _Lowering:
         fn = partial(kernels.broadcast_binary, lambda p, qa, qb: im.add(qa, qb, p[0], p[1], p[2]))
         return self.emit_kernel("add", fn, self.params(ra, rb, fixed), a.q, b.q)
 
-    def add_operand(self, expr: relax.Expr) -> _DQ:
-        """An int8 activation, or a per-tensor quantised constant as one (QLinearAdd's constant input)."""
+    def lower_mul(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """QLinearMul, with broadcasting (squeeze-excitation's [N, C, 1, 1] scale) and per-tensor
+        quantised constants; hardswish's ``x * HardSigmoid(x)`` is a table then this."""
+        a, b = (self.binary_operand(x) for x in call.args)
+        out = _shape(call)
+        if _shape(a.q) != out and _shape(b.q) == out:
+            a, b = b, a  # the product commutes (so does onnxruntime's scalar-B loop): broadcast ``b``
+        elif _shape(a.q) != out:
+            raise _Unsupported("mul where both operands are broadcast")
+        ratio = im.mul_ratio(a.scale, b.scale, sy)
+        if not im.mul_fits(ratio, a.zp, b.zp, zy):
+            raise _Unsupported("mul whose products leave the int32 range onnxruntime converts")
+        fn = partial(kernels.broadcast_binary, lambda p, qa, qb: im.mul(qa, qb, a.zp, b.zp, p[0], p[1], zy))
+        return self.emit_kernel("mul", fn, self.params(ratio, 0.0), a.q, b.q)
+
+    def binary_operand(self, expr: relax.Expr) -> _DQ:
+        """An int8 activation, or a per-tensor quantised constant as one (QLinearAdd's / QLinearMul's
+        constant input)."""
         v = self.value(expr)
         if isinstance(v, _QConst) and v.scale.size == 1 and v.zp.size == 1 and v.data.dtype == np.int8:
             return _DQ(relax.const(v.data), F32(v.scale.reshape(())), int(v.zp.reshape(())))
-        return self.activation(expr, "add input")
+        return self.activation(expr, "binary op input")
 
     def bias_const(self, v: object) -> _QConst | None:
         if isinstance(v, _Float) and v.call.op.name == "relax.reshape":

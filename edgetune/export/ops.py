@@ -35,7 +35,7 @@ FLOAT_ONLY = "float-only"  # only on the trainable side
 class OpRule:
     """One ONNX op: which sides may hold it, how the int8 rewrite lowers it, which kernel runs it.
 
-    ``int8``: the rewrite rule (``conv``, ``matmul``, ``add``, ``concat``, ``avg_pool``,
+    ``int8``: the rewrite rule (``conv``, ``matmul``, ``add``, ``mul``, ``lut``, ``concat``, ``avg_pool``,
     ``global_pool``, ``max_pool``, ``mean``, ``clip``, ``view``, ``pad``), ``island``, ``qdq`` or
     ``float-only``. ``relax``: the Relax ops TVM's frontend emits for it that the rule lowers.
     ``shape_inputs``: input positions that must be constants (shapes, axes, bounds).
@@ -60,6 +60,7 @@ def _r(op: str, int8: str, family: str, relax: tuple[str, ...] = (), *, frozen: 
 
 _VIEW = "data movement (int8)"
 _FLOAT = "float island"
+_LUT = "lookup table (int8)"
 OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("QuantizeLinear", QDQ, "elementwise", ("relax.quantize",), trainable=False),
     _r("DequantizeLinear", QDQ, "elementwise", ("relax.dequantize",), trainable=False),
@@ -67,6 +68,13 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("Gemm", "matmul", "qmatmul", ("relax.matmul",)),
     _r("MatMul", "matmul", "qmatmul", ("relax.matmul",)),
     _r("Add", "add", "elementwise", ("relax.add",)),
+    _r("Mul", "mul", "elementwise", ("relax.multiply",)),
+    # 256-entry int8 tables built at compile time (QLinearSigmoid / QLinearLeakyRelu, or DQ -> op -> Q);
+    # HardSigmoid and HardSwish import as clip / add / multiply chains, tabulated when those rules fail
+    _r("Sigmoid", "lut", _LUT, ("relax.sigmoid",)),
+    _r("HardSigmoid", "lut", _LUT),
+    _r("HardSwish", "lut", _LUT),
+    _r("LeakyRelu", "lut", _LUT, ("relax.nn.leakyrelu",), trainable=False),
     _r("Concat", "concat", _VIEW, ("relax.concat",)),
     _r("AveragePool", "avg_pool", "qavg_pool", ("relax.nn.avg_pool2d", "relax.nn.avg_pool1d")),
     _r("GlobalAveragePool", "global_pool", "qglobal_pool", ("relax.mean",)),
@@ -84,11 +92,11 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("Slice", "view", _VIEW, ("relax.strided_slice",), shape_inputs=(1, 2, 3, 4), boundary=True),
     # no int8 rule: float islands on the frozen side (onnxruntime runs most of them in float too)
     *(_r(op, ISLAND, _FLOAT) for op in (
-        "Sub", "Mul", "Div", "Sqrt", "Pow", "Erf", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Softmax",
+        "Sub", "Div", "Sqrt", "Pow", "Erf", "Tanh", "Softmax",
         "LayerNormalization", "Gather", "Split", "Expand", "Identity", "Constant", "Neg", "Exp", "Abs", "Max", "Min",
         "ReduceMax")),
     *(_r(op, ISLAND, _FLOAT, trainable=False) for op in (
-        "LeakyRelu", "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
+        "InstanceNormalization", "Resize", "Elu", "Softplus", "Gelu")),
     # an unfolded BatchNormalization: one float32 per-channel affine x * s + b, fused with its dequantize
     _r("BatchNormalization", ISLAND, "per-channel affine (float)", ("relax.nn.batch_norm",), trainable=False),
     *(_r(op, FLOAT_ONLY, "float", frozen=False) for op in (
@@ -245,7 +253,7 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
         problems += [p for p in (_activation_input(g, node.input[0]), second) if p]
         if len(g.shapes.get(node.input[0]) or [2]) != 2:
             problems.append("MatMul of a tensor that is not 2-D")
-    elif op == "Add":  # an operand may be a per-tensor quantised constant (QLinearAdd's constant input)
+    elif op in ("Add", "Mul"):  # an operand may be a per-tensor quantised constant (QLinearAdd / QLinearMul)
         problems += [p for p in (_activation_input(g, i) for i in node.input if not _per_tensor_const(g, i)) if p]
     else:
         problems += [p for p in (_activation_input(g, i) for k, i in enumerate(node.input)

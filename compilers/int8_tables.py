@@ -1,0 +1,111 @@
+"""int8 lookup tables: an elementwise float function of one int8 tensor as 256 int8 entries.
+
+onnxruntime computes QLinearSigmoid and QLinearLeakyRelu with a 256-entry table built from the
+input and output quantisation (``QlinearBuildLookupTable``: dequantize every int8 value, apply the
+float function, ``MlasQuantizeLinear``), and it runs HardSigmoid, HardSwish and other elementwise
+ops it leaves in float as DequantizeLinear -> float op -> QuantizeLinear, which is a function of the
+int8 input alone. Either way a table built at compile time from the same float32 steps equals its
+result on every element, as the field's int8 runtimes (TFLite, CMSIS-NN) do it for their
+activations. The table is evaluated here in numpy, step by step in float32 the way onnxruntime's
+kernels round; ``FLOAT_OPS`` lists the Relax ops whose float32 semantics are reproduced (IEEE
+arithmetic, clamps, MLAS' rational logistic); anything else (exp, tanh, erf: library
+approximations that differ per platform) is not tabulated and stays a float island.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Callable
+
+import numpy as np
+
+F32 = np.float32
+QMIN, QMAX = -128, 127
+
+# MLAS' logistic (logistic.cpp, the coefficients of Eigen's rational approximation)
+_LOGISTIC_RANGE = F32(18.0)
+_ALPHA = tuple(F32(v) for v in (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
+                                8.51377133304701e-03, 2.48287947061529e-01))
+_BETA = tuple(F32(v) for v in (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
+                               1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01))
+
+
+def _round_f32(exact: Fraction) -> F32:
+    """``exact`` rounded once to float32 (nearest, ties to even): no double rounding through float64."""
+    f = F32(float(exact))
+    lo = np.nextafter(f, F32(-np.inf)) if Fraction(float(f)) > exact else f
+    hi = np.nextafter(lo, F32(np.inf))
+    below, above = exact - Fraction(float(lo)), Fraction(float(hi)) - exact
+    if below != above:
+        return lo if below < above else hi
+    return lo if int(lo.view(np.int32)) % 2 == 0 else hi
+
+
+def fma32(a: F32, b: F32, c: F32) -> F32:
+    """float32 fused multiply-add (one rounding), as FMA3 / NEON ``vfmaq_f32`` compute it."""
+    return _round_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
+
+
+def logistic(x: np.ndarray) -> np.ndarray:
+    """MLAS' logistic in float32: clamp to [-18, 18], odd/even rational polynomial with fused
+    multiply-adds (the kernel x86 FMA3 and aarch64 run), + 0.5, clamp to [0, 1]."""
+    out = np.empty(x.shape, F32)
+    for i, v in enumerate(np.clip(x.astype(F32), -_LOGISTIC_RANGE, _LOGISTIC_RANGE).ravel()):
+        v2 = F32(v * v)
+        p = fma32(v2, _ALPHA[0], _ALPHA[1])
+        for a in _ALPHA[2:]:
+            p = fma32(p, v2, a)
+        p = F32(p * v)
+        q = fma32(v2, _BETA[0], _BETA[1])
+        for b in _BETA[2:]:
+            q = fma32(q, v2, b)
+        out.flat[i] = min(max(F32(F32(p / q) + F32(0.5)), F32(0.0)), F32(1.0))
+    return out
+
+
+def _f(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    return lambda *args: np.asarray(fn(*(np.asarray(a, F32) for a in args)), F32)
+
+
+# Relax op -> its float32 semantics (numpy float32 arithmetic is IEEE single precision, unfused)
+FLOAT_OPS: dict[str, Callable[..., np.ndarray]] = {
+    "relax.add": _f(np.add),
+    "relax.subtract": _f(np.subtract),
+    "relax.multiply": _f(np.multiply),
+    "relax.divide": _f(np.divide),
+    "relax.maximum": _f(np.maximum),
+    "relax.minimum": _f(np.minimum),
+    "relax.negative": _f(np.negative),
+    "relax.nn.relu": _f(lambda x: np.maximum(x, F32(0.0))),
+    "relax.sigmoid": _f(logistic),
+}
+
+
+def leaky_relu(alpha: float) -> Callable[[np.ndarray], np.ndarray]:
+    """onnxruntime's LeakyRelu: ``x >= 0 ? x : x * alpha`` in float32."""
+    return _f(lambda x: np.where(x >= 0, x, x * F32(alpha)))
+
+
+def clip(lo: float, hi: float) -> Callable[[np.ndarray], np.ndarray]:
+    return _f(lambda x: np.minimum(np.maximum(x, F32(lo)), F32(hi)))
+
+
+def dequantized_inputs(scale: float, zp: int) -> np.ndarray:
+    """DequantizeLinear of every int8 value -128..127 in float32: ``fl32(float(q - z) * s)``."""
+    return (np.arange(QMIN, QMAX + 1, dtype=np.int32) - zp).astype(F32) * F32(scale)
+
+
+def quantize(values: np.ndarray, scale: float, zp: int) -> np.ndarray:
+    """MlasQuantizeLinear: ``sat8(rne(x / s) + z)`` with a true float32 division."""
+    return np.clip(np.rint((values.astype(F32) / F32(scale)).astype(F32)) + zp, QMIN, QMAX).astype(np.int8)
+
+
+def lookup_table(outputs: np.ndarray, scale: float, zp: int) -> np.ndarray:
+    """The int8 table of float outputs for the inputs of ``dequantized_inputs`` (entry ``q + 128``).
+
+    Raises:
+        ValueError: ``outputs`` is not 256 finite values.
+    """
+    values = np.asarray(outputs, F32).reshape(-1)
+    if values.size != QMAX - QMIN + 1 or not np.all(np.isfinite(values)):
+        raise ValueError(f"a lookup table needs 256 finite values (got {values.size})")
+    return quantize(values, scale, zp)
