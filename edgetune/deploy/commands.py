@@ -57,8 +57,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = False, compile_host: bool = True) -> str:
     """After ``export(..., target=T)``: keep the method's initial statistics in the bundle (hashed in its
     manifest, ``seal_bundle``) and write
-    (and optionally build) ``bundle/<T>/``. For the host (``compile_host``): the int8 backbone
-    compiled for this machine and the model's C, in ``bundle/host/``. Returns a one-line summary.
+    (and optionally build) ``bundle/<T>/``. For the host (``compile_host``): the model's C (one TVM
+    compile) and the host library built from it, in ``bundle/host/``. Returns a one-line summary.
 
     Raises:
         BudgetError, CompileError, ToolchainError: see ``write_target_project`` and ``build``.
@@ -75,12 +75,21 @@ def deploy_after_export(bundle_dir: str, method, target: str, build_it: bool = F
             return ""
         if not load_manifest(bundle_dir).frozen.quantized:
             return "host: a float bundle; nothing compiled (the compiler lowers int8 backbones)"
-        from edgetune.compilers import compile_bundle
+        import shutil
 
-        compile_bundle(bundle_dir, "host")
-        write_model_sources(bundle_dir, Path(bundle_dir) / "host" / "model")
-        return (f"wrote {Path(bundle_dir) / 'host'} (the int8 backbone compiled for this machine, and the model's C "
-                "that `edgetune eval --runtime compiled` builds)")
+        from edgetune.cruntime import build_shared
+
+        # one TVM compile: the model's C (backbone kernels + training step) is generated once, and the
+        # host library is that C built by the host compiler (the library `eval --runtime compiled` loads,
+        # found again in the build cache), not a second lowering of the backbone by TVM's LLVM backend
+        host = Path(bundle_dir) / "host"
+        model = host / "model"
+        write_model_sources(bundle_dir, model)
+        library = build_shared([model / "et_model_gen.c", model / "et_kernels.c", model / "tvm_workspace.c"],
+                               [model, model / "include"])
+        shutil.copyfile(library, host / "libedgetune.so")
+        return (f"wrote {host} (the int8 backbone compiled for this machine, once: the model's C in model/ and "
+                "libedgetune.so built from it, what `edgetune eval --runtime compiled` runs)")
     project = write_target_project(bundle_dir, target)
     line = f"wrote {project.directory} (model C + runtime + Makefile)"
     if build_it:
