@@ -299,3 +299,37 @@ def _train_attachments(method: Method, taps: list[torch.Tensor], labels: torch.T
 def _fit_val_loss(method: Method, taps: list[torch.Tensor], labels: torch.Tensor) -> float:
     with torch.no_grad():
         return float(method.fit_loss(taps, labels))
+
+
+
+def start_new_task(adaptable: Adaptable) -> list[str]:
+    """Transfer to a new task (new classes): every layer of the method that outputs the classes (a
+    ``Linear`` with ``num_classes`` outputs: the classifier, heads, exit heads) starts at zero and
+    learns them from revealed labels; everything else (side network, queries, statistics) stays as
+    the fit left it. Returns the re-initialised parameter names (the report says them).
+
+    Zero, not a random draw: a fresh class layer should know nothing (uniform predictions), and it
+    is the same on every runtime without carrying a seed.
+
+    Raises:
+        ConfigError: no re-initialised parameter is trainable, so the method cannot learn the new classes.
+    """
+    from edgetune.errors import ConfigError
+
+    method = adaptable.method
+    names: list[str] = []
+    with torch.no_grad():
+        for module_name, module in method.named_modules():
+            if isinstance(module, nn.Linear) and module.out_features == method.num_classes:
+                for kind, param in module.named_parameters(recurse=False):
+                    param.zero_()
+                    names.append(f"{module_name}.{kind}")
+    learns = set(method.trainable_names()) if method.config.lr > 0 else set()
+    if not learns & set(names):
+        trainable = ", ".join(method.trainable_names()) or "none"
+        raise ConfigError(f"task: {method.name} cannot learn new classes (its class layers {', '.join(names)} are "
+                          f"not trained at test time; trainable: {trainable}); use a method that learns from labels "
+                          "(last-layer, lst, vqt, bias-only, full-finetune)")
+    method._initial = None  # reset() returns to the new task's start, not to the source classes
+    method.reset()
+    return names

@@ -157,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(backbone, config["model"], args.method, data, args.corruption, args.severity, args.protocol,
                       args.seed, args.samples_per_corruption, args.backbone, _overrides(args.set),
                       args.labelled_fraction, progress=not args.json, source=source, source_mode=args.source_mode,
-                      warmup=args.warmup, source_origin=origin, resize=resize, crop=crop)
+                      warmup=args.warmup, source_origin=origin, resize=resize, crop=crop, task=args.task)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
 
 
@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "backbone + training step + C runtime) built for this machine")
     s.add_argument("--labelled-fraction", type=_fraction, default=0.0, metavar="P",
                    help="supervised mode: reveal the label of this fraction of samples after scoring them")
+    s.add_argument("--task", default="same", choices=["same", "new"],
+                   help="same: the stream has the source's classes; new: transfer to the stream's own classes (the "
+                        "method's class layers start at zero and learn them from revealed labels; needs "
+                        "--labelled-fraction). A stream of another built-in dataset than the source needs 'new'")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

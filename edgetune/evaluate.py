@@ -189,6 +189,8 @@ class EvalReport:
     source: StreamResult  # the no-adaptation floor on the same stream
     memory_bytes: dict[str, int]
     source_data: SourceInfo | None = None  # what fit and calibration read
+    task: str = "same"  # "new": the stream's classes are not the source's (``start_new_task``)
+    reinitialised: tuple[str, ...] = ()  # what started at zero to learn the new classes
 
     def to_json(self) -> dict:
         return {"method": self.result.method, "model": self.model, "data": self.data, "severity": self.severity,
@@ -200,7 +202,7 @@ class EvalReport:
                 "per_corruption": _json_numbers(self.result.per_corruption),
                 "source_per_corruption": _json_numbers(self.source.per_corruption),
                 "early_exit_rate": self.result.early_exit_rate, "collapse_restores": self.result.restores,
-                "memory_bytes": self.memory_bytes}
+                "memory_bytes": self.memory_bytes, "task": self.task, "reinitialised": list(self.reinitialised)}
 
     def table(self) -> str:
         name = self.result.method + (f" (supervised, {self.result.labelled_fraction:.0%} labelled)"
@@ -209,6 +211,9 @@ class EvalReport:
                 f"backbone {self.backbone}, {self.result.samples} samples"]
         if self.source_data is not None:
             rows.append(self.source_data.line())
+        if self.task == "new":
+            rows.append(f"new task: {', '.join(self.reinitialised)} started at zero and learn the stream's classes "
+                        "from revealed labels only; source is the unchanged model (scored on classes it never saw)")
         rows.append(f"{'corruption':<20} {'source':>8} {name:>10}")
         for c, acc in self.result.per_corruption.items():
             rows.append(f"{c:<20} {_percent(self.source.per_corruption[c], 8)} {_percent(acc, 10)}")
@@ -273,7 +278,7 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
              overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
              progress: bool = True, source=None, source_mode: str = "labelled", warmup: int = WARMUP,
              source_origin: str | None = None, resize: tuple[int, int] | None = None,
-             crop: tuple[int, int] | None = None) -> EvalReport:
+             crop: tuple[int, int] | None = None, task: str = "same") -> EvalReport:
     """Fit ``method`` (and ``source``, the no-adaptation floor) on the *source*, stream the shifted
     test split of ``data`` (the *stream*) through both, and report online accuracy side by side
     with the method's memory table and what served as source.
@@ -287,21 +292,30 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     training data instead, see ``checkpoint_source``). ``source_origin`` says in the report
     where the source came from.
 
+    ``task``: ``same`` (the stream has the source's classes) or ``new`` (transfer: the method's
+    class layers start at zero and learn the stream's classes from revealed labels, see
+    ``start_new_task``; needs ``labelled_fraction > 0``). A stream from another built-in dataset
+    than the source is refused with ``same``: its classes mean other things, and the accuracy
+    would be silently wrong (``edgetune.data.roles.check_task``).
+
     Raises:
         EdgetuneError: bad names or options (see ``prepare``, ``build_stream``, ``run_stream``);
             DataError: data or source samples whose shape is not the model's input, or a
             labelled mode with an unlabelled source.
+        ConfigError: a stream of another built-in dataset with ``task='same'``; ``task='new'``
+            without labels or with a method that cannot learn new classes.
     """
     import copy
 
-    from edgetune.adapt import fit, prepare
+    from edgetune.adapt import fit, prepare, start_new_task
     from edgetune.data import build_stream, conform, load_data, parse_corruptions
-    from edgetune.data.roles import check_mode, source_info
+    from edgetune.data.roles import check_mode, check_task, source_info
     from edgetune.memory import memory_table
 
     if backbone_kind not in BACKBONES:
         raise ConfigError(f"eval: unknown runtime {backbone_kind!r}; pick one of {', '.join(BACKBONES)}")
     check_mode(source_mode)
+    check_task(task, labelled_fraction)
     shape = tuple(backbone.input_shape)
     stream_data = conform(load_data(data, resize, crop), shape, "data")
     if isinstance(corruptions, str):
@@ -309,12 +323,16 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     segments = build_stream(stream_data, corruptions, severity, protocol, seed, samples_per_corruption)
     src, origin = _source_role(stream_data, source, source_mode, segments, warmup, shape, resize, crop)
     origin = source_origin or origin
+    check_task(task, labelled_fraction, stream_data.name, src.name if source_mode != "none" else None)
+    reinitialised: list[str] = []
     results: dict[str, StreamResult] = {}
     labels: dict[str, str] = {}
     memory: dict[str, int] = {}
     for name, ovr, frac in ((method, overrides or {}, labelled_fraction), ("source", {}, 0.0)):
         adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
         fit(adaptable, src, seed=seed, progress=progress, mode=source_mode)
+        if task == "new" and name == method:
+            reinitialised = start_new_task(adaptable)
         if backbone_kind == "compiled":
             results[name], labels[name] = _compiled(adaptable, src, segments, frac, seed, progress)
         else:
@@ -323,7 +341,7 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
         if name == method:
             memory = memory_table(adaptable)
     return EvalReport(model_name, stream_data.name, severity, protocol, seed, labels[method], results[method],
-                      results["source"], memory, source_info(src, source_mode, origin))
+                      results["source"], memory, source_info(src, source_mode, origin), task, tuple(reinitialised))
 
 
 def _source_role(stream_data: Dataset, source, mode: str, segments: list[Segment], warmup: int,

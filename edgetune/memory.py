@@ -217,6 +217,13 @@ def backward_bytes(table: Mapping[str, int]) -> int:
     return table["saved_for_backward"] + table["gradients"] + table["optimizer_state"]
 
 
+def training_bytes(table: Mapping[str, int]) -> int:
+    """What must sit in RAM for one adaptation step: every category but the frozen weights (which
+    stay in flash on a microcontroller). For a method that trains every weight, the weights are
+    trainable parameters and count here."""
+    return sum(v for k, v in table.items() if k != "frozen_weights")
+
+
 def _human(n: int) -> str:
     return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KB"
 

@@ -9,12 +9,13 @@ import pytest
 
 from edgetune.adapt import prepare
 from edgetune.memory import (CATEGORIES, backward_bytes, format_memory_comparison, format_memory_table,
-                             memory_table)
+                             memory_table, training_bytes)
 from edgetune.methods import METHODS
 from edgetune.models import build_model
 
 NEEDS_BATCHNORM = ("bn-adapt", "alpha-bn")
 ATTACHMENTS = ("tinytta", "lst", "vqt")
+TRAINS_EVERY_WEIGHT = ("full-finetune",)  # no frozen weight left: the model is its trainable parameters
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,11 @@ def test_every_category_is_counted(tables, method):
     table = tables[method]
     assert tuple(table) == CATEGORIES
     assert all(isinstance(v, int) and v >= 0 for v in table.values())
-    assert table["frozen_weights"] > 0 and table["peak_forward_activations"] > 0
+    assert table["peak_forward_activations"] > 0
+    if method in TRAINS_EVERY_WEIGHT:
+        assert table["frozen_weights"] == 0 and table["trainable_params"] > 0
+    else:
+        assert table["frozen_weights"] > 0
     assert table["gradients"] == table["trainable_params"]
 
 
@@ -76,3 +81,23 @@ def test_tables_print(tables):
     both = format_memory_comparison({"tent": tables["tent"], "tinytta": tables["tinytta"]}).splitlines()
     assert both[0].split() == ["category", "tent", "tinytta"]
     assert len(both) == len(CATEGORIES) + 3
+
+
+def test_full_finetune_keeps_every_weight_in_ram_and_its_optimizer_state(tables):
+    full = tables["full-finetune"]
+    weights = 4 * sum(p.numel() for p in build_model("mcunet-s").parameters())
+    assert full["trainable_params"] == full["gradients"] == full["optimizer_state"] == weights
+    assert full["saved_for_backward"] >= tables["tent"]["saved_for_backward"]  # every activation, as tent
+
+
+def test_label_learning_memory_ranks_as_the_methods_promise(tables):
+    """Issue 12's memory side: lst and vqt train at <= 1/5 of full fine-tuning's memory; bias-only (TinyTL)
+    below full fine-tuning; last-layer the least of the learners."""
+    full = training_bytes(tables["full-finetune"])
+    for method in ("lst", "vqt"):
+        assert training_bytes(tables[method]) <= full / 5
+    assert training_bytes(tables["last-layer"]) < training_bytes(tables["lst"])
+    assert training_bytes(tables["bias-only"]) < full
+    assert tables["bias-only"]["trainable_params"] < tables["full-finetune"]["trainable_params"] / 20
+    assert training_bytes(tables["last-layer"]) == sum(tables["last-layer"].values()) - tables["last-layer"][
+        "frozen_weights"]

@@ -60,6 +60,35 @@ def check_mode(mode: str) -> None:
         raise ConfigError(f"source: unknown mode {mode!r}; pick one of {', '.join(SOURCE_MODES)}")
 
 
+TASKS = ("same", "new")
+
+
+def check_task(task: str, labelled_fraction: float, stream: str | None = None, source: str | None = None) -> None:
+    """A stream's task against its source: ``same`` classes (the default) or a ``new`` task (transfer).
+
+    Two different built-in datasets never share classes (digit 3 is not Fashion-MNIST's dress), so
+    scoring one on a model of the other with ``same`` would print a silently wrong number: refused.
+    Folders and ``.npz`` files may be the user's own recordings of the same classes: allowed.
+
+    Raises:
+        ConfigError: an unknown task; ``new`` without revealed labels; ``same`` with a stream of
+            another built-in dataset than the source.
+    """
+    from edgetune.data.datasets import DATASETS
+
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r}; pick one of {', '.join(TASKS)}")
+    if task == "new" and not labelled_fraction > 0:
+        raise ConfigError(f"task: a new task learns its classes from revealed labels only (labelled fraction "
+                          f"{labelled_fraction:g}); pass --labelled-fraction F with F > 0")
+    builtin = set(DATASETS.names())
+    if task == "same" and source is not None and stream != source and {stream, source} <= builtin:
+        raise ConfigError(f"task: the stream {stream} is another dataset than the source {source} the model was "
+                          f"fitted on (other classes: its accuracy would be silently wrong); pass --task new to "
+                          f"learn the stream's classes from revealed labels (--labelled-fraction F), or stream "
+                          f"{source}")
+
+
 def source_info(source: "Dataset", mode: str, origin: str, samples: int | None = None) -> SourceInfo:
     """What a fit on ``source`` in ``mode`` read (``samples``: default as many as ``fit`` reads)."""
     split = "first stream samples (warm-up)" if mode == "none" else "training split"
@@ -170,5 +199,6 @@ def recorded_source(bundle_dir: str | Path) -> SourceInfo | None:
     return None
 
 
-__all__ = ["FIT_SAMPLES", "SOURCE_MODES", "WARMUP", "SourceInfo", "check_mode", "checkpoint_source",
+__all__ = ["FIT_SAMPLES", "SOURCE_MODES", "TASKS", "WARMUP", "SourceInfo", "check_mode", "check_task",
+           "checkpoint_source",
            "checkpoint_stream", "record_source", "recorded_source", "source_info", "warmup_source"]
