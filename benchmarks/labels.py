@@ -13,11 +13,18 @@ Two studies, every method in the same run on the same stream in the same order:
   100 % of the samples (one seeded draw per stream, the same for every method), episodic and
   continual; mean online accuracy.
 
+Test-time learning rates are chosen on validation data only (``--tune``): for transfer, the
+held-out accuracy after every label on the target's *validation* split (Fashion-MNIST -> digits);
+for personalisation, continual online accuracy with 20 % labels on the 4 validation corruptions
+of held-out training images. The choice is written to ``chosen.json`` and read by the reported
+run. The lr is a test-time setting: it is applied after the (cached) fit, so every lr shares one fit.
+
 Memory per method: the analytic table of one adaptation step (``edgetune.memory``, DESIGN
 section 10); "training memory" is what must sit in RAM for a step (everything but the frozen
 weights, which stay in flash). The frozen backbone runs in torch float32 here (the int8 chain
 torch = onnxruntime = compiled = QEMU per sample is what ``tests/test_labels.py`` checks).
 
+    python benchmarks/labels.py --tune          # choose each learner's lr on validation data
     python benchmarks/labels.py                 # the committed results (results/labels/)
     python benchmarks/labels.py --quick         # tiny-cnn, a few hundred samples (a smoke run)
     python benchmarks/labels.py --part transfer --methods lst,vqt --set lst:lr=3e-3
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -35,7 +43,7 @@ import torch
 
 from edgetune.adapt import fit, prepare, source_taps, start_new_task
 from edgetune.checkpoint import load_checkpoint
-from edgetune.data import build_stream, load_dataset
+from edgetune.data import VALIDATION_CORRUPTIONS, build_stream, load_dataset
 from edgetune.evaluate import run_stream
 from edgetune.memory import memory_table, training_bytes
 
@@ -43,6 +51,7 @@ TRANSFER_METHODS = ("full-finetune", "bias-only", "last-layer", "lst", "vqt", "t
 PERSONAL_METHODS = ("source", "feature-align", "tinytta", "lst", "vqt", "last-layer", "bias-only", "full-finetune")
 PERSONAL_CORRUPTIONS = ("gaussian_noise", "fog", "contrast", "pixelate")  # the issue's quick measurement
 FRACTIONS = (0.05, 0.2, 1.0)
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)  # the --tune grid of every learner's test-time lr
 
 
 def method_spec(spec: str) -> tuple[str, str, dict[str, str]]:
@@ -64,27 +73,39 @@ def held_out_accuracy(method, taps: list[torch.Tensor], labels: np.ndarray) -> f
     return float(np.mean([predict(method, [t[i:i + 1] for t in taps]) == y for i, y in enumerate(labels)]))
 
 
-def prepared(backbone, model: str, method: str, overrides: dict[str, str], source, args):
+def prepared(backbone, model: str, method: str, overrides: dict[str, str], source, args, lr: float | None = None):
+    """Prepared and fitted; ``lr`` (a test-time setting) replaces the config's after the fit."""
     adaptable = prepare(copy.deepcopy(backbone), method, {**args.fit_overrides, **overrides}, model_name=model,
                         seed=args.seed)
     fit(adaptable, source, seed=args.seed, progress=False, max_samples=args.fit_samples)
+    if lr is not None and adaptable.method.trainable_names():
+        adaptable.method.config = dataclasses.replace(adaptable.method.config, lr=lr)
+        adaptable.method.reset()  # rebuilds the optimizer with the new lr from the fitted state
     return adaptable
 
 
-def transfer(args, ckpt: str, target_name: str) -> list[dict]:
-    """One direction of the transfer study: rows with the learning curve and held-out accuracies."""
+def chosen_lr(args, study: str, label: str) -> float | None:
+    return args.chosen.get(study, {}).get(label)
+
+
+def transfer(args, ckpt: str, target_name: str, tune: bool = False) -> list[dict]:
+    """One direction of the transfer study: rows with the learning curve and held-out accuracies
+    (``tune``: every lr of ``LRS``, held out on the validation split)."""
     backbone, cfg = load_checkpoint(ckpt)
     source, target = load_dataset(cfg["data"]), load_dataset(target_name)
     rng = np.random.RandomState(args.seed)
     order = rng.permutation(len(target.train_y))[:args.transfer_stream]
     x, y = target.train_x[order], target.train_y[order]
-    held = rng.permutation(len(target.test_y))[:args.held_out]
-    hx, hy = target.test_x[held], target.test_y[held]
+    pool_x, pool_y = (target.val_x, target.val_y) if tune else (target.test_x, target.test_y)
+    held = rng.permutation(len(pool_y))[:args.held_out]
+    hx, hy = pool_x[held], pool_y[held]
     checkpoints = sorted({n for n in (200, 1000) if n < len(y)} | {len(y)})
     rows = []
-    for label, method, overrides in map(method_spec, args.transfer_methods.split(",")):
+    runs = [(spec, lr) for spec in map(method_spec, args.transfer_methods.split(","))
+            for lr in (LRS if tune else (chosen_lr(args, "transfer", spec[0]),))]
+    for (label, method, overrides), lr in runs:
         start = time.time()
-        adaptable = prepared(backbone, cfg["model"], method, overrides, source, args)
+        adaptable = prepared(backbone, cfg["model"], method, overrides, source, args, lr)
         reinitialised = start_new_task(adaptable)
         m = adaptable.method
         taps, held_taps = source_taps(adaptable, x), source_taps(adaptable, hx)
@@ -99,12 +120,14 @@ def transfer(args, ckpt: str, target_name: str) -> list[dict]:
                 held_acc[i + 1] = held_out_accuracy(m, held_taps, hy)
         mem = memory_table(adaptable)
         row = {"study": "transfer", "direction": f"{cfg['data']} -> {target_name}", "model": cfg["model"],
-               "method": label, "overrides": {**args.fit_overrides, **overrides}, "reinitialised": reinitialised,
+               "method": label, "overrides": {**args.fit_overrides, **overrides}, "lr": m.config.lr,
+               "split": "val" if tune else "test", "reinitialised": reinitialised,
                "stream": len(y), "held_out": len(hy), "prequential": float(np.mean(correct)),
                "curve": np.cumsum(correct).tolist(), "held_out_accuracy": held_acc, "memory_bytes": mem,
                "training_bytes": training_bytes(mem), "seconds": round(time.time() - start, 1)}
         rows.append(row)
-        print(f"transfer {row['direction']:<28} {label:<24} prequential {100 * row['prequential']:5.1f}  held-out "
+        print(f"transfer {row['direction']:<28} {label:<24} lr {m.config.lr:<7g} "
+              f"prequential {100 * row['prequential']:5.1f}  held-out "
               + "  ".join(f"N={n}: {100 * a:5.1f}" for n, a in held_acc.items())
               + f"  train mem {training_bytes(mem) / 1024:8.1f} KB  ({row['seconds']} s)", flush=True)
     return rows
@@ -123,30 +146,80 @@ class CachedTaps:
         return self.cache[key]
 
 
-def personalisation(args) -> list[dict]:
+def personalisation(args, tune: bool = False) -> list[dict]:
+    """The personalisation study (``tune``: every lr of ``LRS``, 20 % labels, continual, on the validation
+    corruptions of held-out training images)."""
     backbone, cfg = load_checkpoint(args.checkpoint)
     data = load_dataset(cfg["data"])
-    corruptions = tuple(args.corruptions.split(","))
+    corruptions = VALIDATION_CORRUPTIONS if tune else tuple(args.corruptions.split(","))
     taps = CachedTaps()
     rows = []
-    for protocol in ("episodic", "continual"):
-        segments = build_stream(data, corruptions, 5, protocol, args.seed, args.samples)
-        for label, method, overrides in map(method_spec, args.personal_methods.split(",")):
-            adaptable = prepared(backbone, cfg["model"], method, overrides, data, args)
+    for protocol in ("continual",) if tune else ("episodic", "continual"):
+        segments = build_stream(data, corruptions, 5, protocol, args.seed, args.samples,
+                                split="val" if tune else "test")
+        specs = list(map(method_spec, args.personal_methods.split(",")))
+        runs = [(spec, lr) for spec in specs for lr in (LRS if tune else (chosen_lr(args, "personal", spec[0]),))]
+        for (label, method, overrides), lr in runs:
+            adaptable = prepared(backbone, cfg["model"], method, overrides, data, args, lr)
             learns = bool(adaptable.method.trainable_names()) and adaptable.method.config.lr > 0
-            for fraction in FRACTIONS if learns else (0.0,):
+            if tune and not learns:
+                continue
+            for fraction in ((0.2,) if tune else FRACTIONS) if learns else (0.0,):
                 start = time.time()
                 adaptable.reset()
                 result = run_stream(adaptable, segments, taps, fraction, args.seed, progress=False)
                 mem = memory_table(adaptable)
                 rows.append({"study": "personalisation", "protocol": protocol, "model": cfg["model"],
                              "method": label, "overrides": {**args.fit_overrides, **overrides},
+                             "lr": adaptable.method.config.lr, "split": "val" if tune else "test",
                              "labelled_fraction": fraction, "mean": result.mean,
                              "per_corruption": result.per_corruption, "restores": result.restores,
                              "memory_bytes": mem, "training_bytes": training_bytes(mem),
                              "seconds": round(time.time() - start, 1)})
-                print(f"personal {protocol:<10} {label:<24} labels {fraction:4.0%}  {100 * result.mean:5.1f}  "
+                print(f"personal {protocol:<10} {label:<24} lr {adaptable.method.config.lr:<7g} labels "
+                      f"{fraction:4.0%}  {100 * result.mean:5.1f}  "
                       f"({rows[-1]['seconds']} s)", flush=True)
+    return rows
+
+
+def mcu(args) -> list[dict]:
+    """Measured SRAM on cortex-m7 (QEMU) of every exportable learner, learning from 20 % labels, next to
+    the analytic training memory; the non-partitioned ones get the analytic budget check only."""
+    from edgetune.deploy import analytic_budget, save_initial_state, write_target_project
+    from edgetune.errors import BudgetError
+    from edgetune.export import export
+    from edgetune.simulate import simulate
+    from edgetune.targets import get_target
+
+    backbone, cfg = load_checkpoint(args.checkpoint)
+    data = load_dataset(cfg["data"])
+    rows = []
+    for label, method, overrides in map(method_spec, args.mcu_methods.split(",")):
+        start = time.time()
+        adaptable = prepared(backbone, cfg["model"], method, overrides, data, args, chosen_lr(args, "personal", label))
+        mem = memory_table(adaptable)
+        row = {"study": "mcu", "target": args.mcu_target, "model": cfg["model"], "method": label,
+               "lr": adaptable.method.config.lr, "memory_bytes": mem, "training_bytes": training_bytes(mem)}
+        if adaptable.method.partitioned:
+            bundle = Path(args.work) / f"{cfg['model']}-{label.replace(':', '_').replace('=', '-')}"
+            export(adaptable, data, bundle, progress=False)
+            save_initial_state(bundle, adaptable.method)
+            try:
+                project = write_target_project(bundle, args.mcu_target, out_dir=bundle / args.mcu_target)
+                report = simulate(project.directory, data=cfg["data"], n=args.mcu_n, labelled_fraction=0.2,
+                                  workdir=project.directory / "sim").to_json()
+                row.update(sram_bytes=report["sram_bytes"], flash_bytes=report.get("flash_bytes"),
+                           online_accuracy=report.get("online_accuracy"), simulated_samples=args.mcu_n)
+            except BudgetError as exc:
+                row["refused"] = str(exc).splitlines()[0]
+        else:
+            budget = analytic_budget(get_target(args.mcu_target), mem)
+            row.update(analytic_sram_bytes=budget.sram, fits=not budget.problems(),
+                       why="adapts the float backbone itself: no exported program, analytic budget only")
+        row["seconds"] = round(time.time() - start, 1)
+        rows.append(row)
+        print(f"mcu {args.mcu_target} {label:<16} " + json.dumps({k: v for k, v in row.items()
+                                                                   if k not in ("memory_bytes", "study")}), flush=True)
     return rows
 
 
@@ -190,6 +263,19 @@ def write_tables(rows: list[dict], path: Path, args) -> None:
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {_kb(mem)} |")
         lines += ["", "source and feature-align have nothing that learns from labels: one run each, the same number "
                       "in every labelled-fraction column.", ""]
+    mcu_rows = [r for r in rows if r["study"] == "mcu"]
+    if mcu_rows:
+        lines += [f"## Memory on {mcu_rows[0]['target']} ({mcu_rows[0]['model']}; measured: QEMU, 20 % labels, "
+                  f"SRAM = .data + .bss + stack high-water mark)", "",
+                  "| method | analytic training memory (KB) | measured SRAM (KB) | flash (KB) |",
+                  "| --- | ---: | ---: | ---: |"]
+        for r in mcu_rows:
+            sram = (_kb(r["sram_bytes"]) if r.get("sram_bytes") else r.get("refused") or
+                    f"not exportable; analytic budget {_kb(r['analytic_sram_bytes'])} "
+                    f"({'fits' if r['fits'] else 'does not fit'})")
+            flash = _kb(r["flash_bytes"]) if r.get("flash_bytes") else "-"
+            lines.append(f"| {r['method']} | {_kb(r['training_bytes'])} | {sram} | {flash} |")
+        lines.append("")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -245,10 +331,35 @@ def plot(rows: list[dict], out: Path) -> None:
         fig.savefig(out / "personalisation.png", dpi=120)
 
 
+def tune(args, path: Path) -> None:
+    """Every learner's lr on validation data; the best per study goes to ``path`` (all runs beside it)."""
+    rows: list[dict] = []
+    if args.part in ("all", "transfer"):
+        rows += transfer(args, args.checkpoint, "digits", tune=True)
+    if args.part in ("all", "personal"):
+        rows += personalisation(args, tune=True)
+    chosen: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.exists() else {}
+    for r in rows:
+        study = "transfer" if r["study"] == "transfer" else "personal"
+        score = list(r["held_out_accuracy"].values())[-1] if study == "transfer" else r["mean"]
+        best = [x for x in rows if x["study"] == r["study"] and x["method"] == r["method"]]
+        top = max(best, key=lambda x: list(x["held_out_accuracy"].values())[-1] if study == "transfer" else x["mean"])
+        if r is top:
+            chosen.setdefault(study, {})[r["method"]] = r["lr"]
+            print(f"chosen {study} {r['method']}: lr {r['lr']:g} ({100 * score:.1f} on validation)")
+    path.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    (path.parent / f"tuning-{args.part}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny-cnn, few samples, 2 fit epochs: a smoke run")
-    p.add_argument("--part", default="all", choices=["all", "transfer", "personal"])
+    p.add_argument("--tune", action="store_true", help="choose every learner's lr on validation data (chosen.json)")
+    p.add_argument("--part", default="all", choices=["all", "transfer", "personal", "mcu"])
+    p.add_argument("--mcu-methods", default="feature-align,tinytta,last-layer,lst,vqt,bias-only,full-finetune")
+    p.add_argument("--mcu-target", default="cortex-m7")
+    p.add_argument("--mcu-n", type=int, default=30, help="samples streamed in QEMU per method")
+    p.add_argument("--work", default="/tmp/edgetune-labels", help="bundles and target projects (scratch)")
     p.add_argument("--checkpoint", default="checkpoints/mcunet-s-fashion-mnist")
     p.add_argument("--reverse-checkpoint", default="checkpoints/mcunet-s-digits",
                    help="the reverse transfer's backbone (trained on digits; '' skips the reverse)")
@@ -273,15 +384,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    chosen_path = out / "chosen.json"
+    args.chosen = json.loads(chosen_path.read_text()) if chosen_path.exists() and not args.tune else {}
     rows: list[dict] = []
+    if args.tune:
+        tune(args, chosen_path)
+        return
     if args.part in ("all", "transfer"):
         rows += transfer(args, args.checkpoint, "digits")
         if args.reverse_checkpoint:
             rows += transfer(args, args.reverse_checkpoint, "fashion-mnist")
     if args.part in ("all", "personal"):
         rows += personalisation(args)
+    if args.part in ("all", "mcu"):
+        rows += mcu(args)
     tag = "labels" if args.part == "all" else f"labels-{args.part}"
-    settings = {k: v for k, v in vars(args).items() if k != "fit_overrides"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("fit_overrides", "chosen")}
+    settings["chosen_lr"] = args.chosen
     (out / f"{tag}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     write_tables(rows, out / f"{tag}.md", args)
     plot(rows, out)
