@@ -93,6 +93,35 @@ class HswishSECNN(Backbone):
         ], 24)
 
 
+class _SqueezeExcite(nn.Module):
+    """MobileNetV3's squeeze-excitation with 1x1 convs: pool, reduce, ReLU, expand, sigmoid gate, scale."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.down, self.up = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.up(F.relu(self.down(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class HardswishSEDigits(Backbone):
+    """Not a corpus model: a small hardswish + squeeze-excitation net on 1x32x32 digits, whose features
+    vary with the input (hswish-se's collapse on structured samples), for the Cortex-M fidelity test of
+    the lookup tables and QLinearMul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _backbone(self, (1, 32, 32), [
+            nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.Hardswish()),
+            nn.Sequential(_SqueezeExcite(16), nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.Hardswish()),
+            nn.Sequential(nn.Conv2d(24, 24, 1), nn.Hardswish(), _SqueezeExcite(24)),
+        ], 24)
+        with torch.no_grad():  # torch's default init shrinks activations layer by layer: keep them varied
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.mul_(3.0)
+
+
 class SensorConv1d(Backbone):
     """A Conv1d network for 3x128 accelerometer windows: unpadded and strided 1-D convs, max-pooling."""
 

@@ -258,6 +258,29 @@ MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
 def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, capsys):
     """keras-mnist (unpadded convs, max-pooling) and grouped-shuffle on digits; imu-conv1d (1-D convs, a
     1-D mean) on labelled structured samples of its 6x100 shape."""
+    _firmware_equals_host(name, MCU_TARGET, digits, tmp_path, capsys)
+
+
+@pytest.mark.toolchain
+@pytest.mark.skipif(any(shutil.which(t) is None for t in MCU_TOOLS), reason=f"needs {', '.join(MCU_TOOLS)}")
+def test_lookup_tables_and_mul_on_cortex_m4(digits, tmp_path, capsys):
+    """hswish-se compiles with no float island left (hardswish = HardSigmoid table + QLinearMul,
+    squeeze-excitation = Sigmoid table + broadcast Mul); a digits net of the same ops (hswish-se's features
+    hardly vary on structured samples) runs on Cortex-M4 and predicts what the host build does."""
+    from corpus_models import HardswishSEDigits
+
+    outcome = export_and_compile("hswish-se", tmp_path / "host-compile")
+    assert outcome.compiled is not None and not outcome.compiled.islands, outcome.refusal
+    kernels = " ".join(k.name for k in outcome.compiled.plan.kernels)
+    assert "lut" in kernels and "mul" in kernels
+    torch.manual_seed(0)
+    assert _firmware_equals_host("hardswish-se-digits", "cortex-m4", digits, tmp_path, capsys,
+                                 HardswishSEDigits().eval()), "fits cortex-m4"
+
+
+def _firmware_equals_host(name: str, target: str, digits, tmp_path: Path, capsys, backbone=None) -> bool:
+    """Export ``name`` (method source), write and build its ``target`` firmware and assert its predictions
+    on SAMPLES samples equal the host build of the same C (True); or a budget / one-line refusal (False)."""
     from edgetune.adapt import fit, prepare
     from edgetune.data import to_tensor
     from edgetune.deploy import build_project, save_initial_state, write_stream, write_target_project
@@ -265,7 +288,7 @@ def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, ca
     from edgetune.export import export
     from edgetune.simulate import run_program
 
-    backbone = build(name)
+    backbone = build(name) if backbone is None else backbone
     data = digits if backbone.input_shape == (1, 32, 32) else labelled_samples(backbone)
     fit_linear_probe(backbone, data)
     adaptable = prepare(copy.deepcopy(backbone), "source", model_name=name)
@@ -274,17 +297,17 @@ def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, ca
     try:
         export(adaptable, data, bundle, progress=False)
         save_initial_state(bundle, adaptable.method)
-        project = write_target_project(bundle, MCU_TARGET)
+        project = write_target_project(bundle, target)
     except BudgetError as exc:
         assert "budget" in str(exc) and not any(t in str(exc) for t in TVM_TEXT)
         with capsys.disabled():
-            print(f"\ncorpus {name} on {MCU_TARGET}: refused by the budget check: {str(exc).splitlines()[0]}")
-        return
+            print(f"\ncorpus {name} on {target}: refused by the budget check: {str(exc).splitlines()[0]}")
+        return False
     except EdgetuneError as exc:  # the compile refuses it: the same one-line rule as on the host
         check_refusal(Outcome(name, None, None, str(exc), "firmware", directory=bundle))
         with capsys.disabled():
-            print(f"\ncorpus {name} on {MCU_TARGET}: refused: {exc}")
-        return
+            print(f"\ncorpus {name} on {target}: refused: {exc}")
+        return False
     x = to_tensor(data.test_x[:SAMPLES]).numpy()
     assert len(x) == SAMPLES
     stream = write_stream(tmp_path / "stream.bin", x)
@@ -295,8 +318,9 @@ def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, ca
     assert run.records["prediction"].tolist() == expected
     assert len(set(expected)) > 1  # a constant prediction would hide a broken backbone
     with capsys.disabled():
-        print(f"\ncorpus {name} on {MCU_TARGET}: {len(expected)} firmware predictions = host build "
+        print(f"\ncorpus {name} on {target}: {len(expected)} firmware predictions = host build "
               f"(flash {built.flash_bytes:,} B, static RAM {built.static_ram_bytes:,} B)")
+    return True
 
 
 # --- the reference models of the zoo: shapes, folding, pooling, methods -----------------------------------------
