@@ -198,3 +198,39 @@ def pad_int8(x: te.Tensor, *, before: tuple[int, ...], out_shape: tuple[int, ...
 def lookup_table(x: te.Tensor, table: te.Tensor) -> te.Tensor:
     """An int8 -> int8 lookup: ``table[x + 128]`` (256 entries built at compile time, ``int8_tables``)."""
     return te.compute(x.shape, lambda *idx: table[x[idx].astype("int32") + 128], name="out")
+
+
+def qbatch_matmul(a: te.Tensor, b: te.Tensor, params: te.Tensor, *, za: int, zb: int, zy: int) -> te.Tensor:
+    """QLinearMatMul of two int8 activations ``[..., M, K] x [..., K, N]`` with the same leading (batch)
+    dims: ``sum((a - za) * (b - zb))`` per batch, requantised by ``params[0]`` (attention's q.k and p.v)."""
+    *lead, m, k = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    rk = te.reduce_axis((0, k), "rk")
+
+    def mac(*idx):
+        batch, i, j = idx[:-2], idx[-2], idx[-1]
+        return te.sum((a[(*batch, i, rk)].astype("int32") - za) * (b[(*batch, rk, j)].astype("int32") - zb), axis=rk)
+
+    acc = te.compute((*lead, m, n), mac, name="acc")
+    return te.compute((*lead, m, n), lambda *idx: im.requantize(acc[idx], params[0], zy), name="out")
+
+
+def qsoftmax(x: te.Tensor, table: te.Tensor, params: te.Tensor, *, zy: int) -> te.Tensor:
+    """QLinearSoftmax over the last axis (onnxruntime's int8 kernel): per row the int8 maximum, the
+    float32 table of ``exp`` indexed by ``max - x`` (``int8_tables.softmax_exp_table``), their float32
+    sum in row order, then ``nearbyintf(e * params[0] / sum) + zy`` with onnxruntime's clamp at 255 and
+    its int32 -> int8 wrap (``params[0]`` = ``floorf(1 / y_scale)``)."""
+    *lead, d = (int(v) for v in x.shape)
+    rmax, rsum = te.reduce_axis((0, d), "rmax"), te.reduce_axis((0, d), "rsum")
+    xmax = te.compute(tuple(lead), lambda *i: te.max(x[(*i, rmax)].astype("int32"), axis=rmax), name="xmax")
+    total = te.compute(tuple(lead), lambda *i: te.sum(table[xmax[i] - x[(*i, rsum)].astype("int32")], axis=rsum),
+                       name="acc")
+
+    def out(*idx):
+        row = idx[:-1]
+        e = table[xmax[row] - x[idx].astype("int32")]
+        vq = tirx.round((e * params[0]) / total[row]).astype("int32") + tirx.const(zy, "int32")
+        w = tirx.min(vq, tirx.const(255, "int32"))
+        return tirx.if_then_else(w > 127, w - 256, w).astype("int8")
+
+    return te.compute(x.shape, out, name="out")

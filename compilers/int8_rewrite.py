@@ -50,7 +50,7 @@ ELEMENTWISE_FLOAT = frozenset(f"relax.{op}" for op in (
     "nn.gelu", "nn.silu"))
 # int8 rule of the op table -> the method of ``_Lowering`` that lowers it
 RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "mul": "lower_mul",
-                "lut": "lut", "concat": "concat",
+                "lut": "lut", "softmax": "softmax", "concat": "concat",
                 "avg_pool": "avg_pool", "global_pool": "global_pool", "mean": "global_pool", "max_pool": "max_pool",
                 "clip": "clip", "view": "view", "pad": "pad"}
 KERNEL_ATTR = "edgetune.kernel"  # PrimFunc attribute: which int8 kernel family (read by schedule)
@@ -581,9 +581,15 @@ class _Lowering:
 
     def matmul(self, call: relax.Call, bias: _QConst | None, sy: F32, zy: int) -> relax.Expr:
         a = self.activation(call.args[0], "matmul input")
+        rhs = self.value(call.args[1])
+        if isinstance(rhs, _DQ) and len(_shape(a.q)) > 2:  # batched activation x activation (attention)
+            if bias is not None or _shape(a.q)[:-2] != _shape(rhs.q)[:-2]:
+                raise _Unsupported("batched matmul with a bias or with broadcast batch dimensions")
+            scale = im.requant_scale(a.scale, rhs.scale, sy)
+            return self.emit_kernel("qbmm", kernels.qbatch_matmul, a.q, rhs.q, self.params(scale), za=a.zp,
+                                    zb=rhs.zp, zy=zy)
         if len(_shape(a.q)) != 2:
             raise _Unsupported("matmul input that is not 2-D")
-        rhs = self.value(call.args[1])
         if isinstance(rhs, _DQ):
             if bias is not None or len(_shape(rhs.q)) != 2:
                 raise _Unsupported("activation x activation matmul with a bias or not 2-D")
@@ -608,6 +614,16 @@ class _Lowering:
         scale = im.requant_scale(a.scale, np.broadcast_to(w.scale, (n,)), sy)
         return self.emit_kernel("qmatmul", kernels.qmatmul, a.q, relax.const(wkn), relax.const(b),
                                 *self.requant_consts(scale), zy=zy)
+
+    def softmax(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """QLinearSoftmax over the last axis: an exp table from the input scale and row length."""
+        x = self.activation(call.args[0], "softmax input")
+        shape = _shape(x.q)
+        if int(call.attrs.axis) % len(shape) != len(shape) - 1:
+            raise _Unsupported("softmax over an axis other than the last")
+        table = tables.softmax_exp_table(x.scale, shape[-1])
+        return self.emit_kernel("qsoftmax", kernels.qsoftmax, x.q, relax.const(table),
+                                self.params(tables.softmax_output_scale(sy)), zy=zy)
 
     def spatial_axes(self, call: relax.Call, x: relax.Expr) -> None:
         rank = len(_shape(x))

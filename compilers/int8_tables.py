@@ -109,3 +109,24 @@ def lookup_table(outputs: np.ndarray, scale: float, zp: int) -> np.ndarray:
     if values.size != QMAX - QMIN + 1 or not np.all(np.isfinite(values)):
         raise ValueError(f"a lookup table needs 256 finite values (got {values.size})")
     return quantize(values, scale, zp)
+
+
+FLT_MAX = F32(np.finfo(np.float32).max)
+
+
+def softmax_exp_table(x_scale: float, reduce_len: int) -> np.ndarray:
+    """QLinearSoftmax's float32 ``exp`` table (``QlinearBuildLookupTableUint32``, int8 input), indexed by
+    ``d = max - x`` (0..255): ``exp((-d + shift) * sx)`` in double with ``shift = max(0, log(FLT_MAX /
+    D) - 5) / sx`` (headroom so a row of D values sums below FLT_MAX), rounded to float32.
+    ``math.exp`` is the C library's, the one onnxruntime calls."""
+    import math
+
+    sx = float(F32(x_scale))
+    shift = max(0.0, math.log(float(F32(FLT_MAX / F32(reduce_len)))) - 5.0) / sx
+    # onnxruntime's entry i (i = 255 - d) is exp((double(i) - 255 + shift) * sx), evaluated left to right
+    return np.array([F32(math.exp(((float(255 - d) - 255.0) + shift) * sx)) for d in range(256)], F32)
+
+
+def softmax_output_scale(y_scale: float) -> F32:
+    """QLinearSoftmax's output multiplier ``floorf(1.0f / y_scale)``."""
+    return F32(np.floor(F32(1.0) / F32(y_scale)))

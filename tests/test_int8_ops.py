@@ -75,6 +75,22 @@ class ActTimesAct(nn.Module):
         return self.a(x).t() @ self.b(x)
 
 
+class Attention(nn.Module):
+    """Single-head self-attention over the 25 pixels of a 5x5 map, all int8: q.k (batched MatMul of two
+    activations), Softmax over the last axis, then v.attention (the 1/sqrt(d) is in q's weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.q, self.k, self.v = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        q, k, v = (m(y).flatten(2) for m in (self.q, self.k, self.v))  # [1, 8, 25]
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # [1, 25, 25]
+        return v @ attention.transpose(1, 2)
+
+
 def _bn() -> nn.Module:
     """BatchNorm after ReLU: export cannot fold it into the conv."""
     torch.manual_seed(3)
@@ -143,6 +159,7 @@ CASES = {
     "gemm": Case(lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(64, 10)), IMG,
                  family="qmatmul"),
     "matmul_activations": Case(ActTimesAct, (1, 3, 2, 2), islands=("Flatten",)),  # a view of the float input
+    "attention": Case(Attention, IMG, family="qsoftmax"),
     "batchnorm_unfolded": Case(_bn, IMG, islands=("BatchNormalization",)),
     "reduce_mean_spatial": Case(lambda: Head(lambda y: y.mean((2, 3))), IMG),
     "reduce_mean_channels": Case(lambda: Head(lambda y: F.relu(y.mean(1, keepdim=True))), IMG,
@@ -213,10 +230,12 @@ def test_op_matches_onnxruntime_integer_kernels(name, compiled):
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
-def test_float_islands_build_as_c_and_match_onnxruntime(tmp_path):
-    """The Cortex-M path: islands (HardSigmoid, Sigmoid, Mul of squeeze-excitation) are TVM's C codegen of
-    their TIR, built warning-free, and equal onnxruntime's int8 session on the host."""
-    case = CASES["squeeze_excitation"]
+@pytest.mark.parametrize("name", ["squeeze_excitation", "attention", "batchnorm_unfolded"])
+def test_c_source_builds_and_matches_onnxruntime(name, tmp_path):
+    """The Cortex-M path: the kernels (lookup tables, QLinearMul, batched MatMul, QLinearSoftmax, a float
+    island) are TVM's C codegen of their TIR, built warning-free with -ffp-contract=off, and equal
+    onnxruntime's int8 session on the host."""
+    case = CASES[name]
     path = _export(case, tmp_path)
     graph = compile_frozen(path, "c", tmp_path / "c")
     a = graph.artifacts

@@ -69,6 +69,7 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("MatMul", "matmul", "qmatmul", ("relax.matmul",)),
     _r("Add", "add", "elementwise", ("relax.add",)),
     _r("Mul", "mul", "elementwise", ("relax.multiply",)),
+    _r("Softmax", "softmax", "qsoftmax (exp table, float32 row sum)", ("relax.nn.softmax",)),
     # 256-entry int8 tables built at compile time (QLinearSigmoid / QLinearLeakyRelu, or DQ -> op -> Q);
     # HardSigmoid and HardSwish import as clip / add / multiply chains, tabulated when those rules fail
     _r("Sigmoid", "lut", _LUT, ("relax.sigmoid",)),
@@ -92,7 +93,7 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("Slice", "view", _VIEW, ("relax.strided_slice",), shape_inputs=(1, 2, 3, 4), boundary=True),
     # no int8 rule: float islands on the frozen side (onnxruntime runs most of them in float too)
     *(_r(op, ISLAND, _FLOAT) for op in (
-        "Sub", "Div", "Sqrt", "Pow", "Erf", "Tanh", "Softmax",
+        "Sub", "Div", "Sqrt", "Pow", "Erf", "Tanh",
         "LayerNormalization", "Gather", "Split", "Expand", "Identity", "Constant", "Neg", "Exp", "Abs", "Max", "Min",
         "ReduceMax")),
     *(_r(op, ISLAND, _FLOAT, trainable=False) for op in (
@@ -251,8 +252,12 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
         second = (_const_input(g, node.input[1], np.int8, "weight") if dq is not None and dq.input[0] in g.consts
                   else _activation_input(g, node.input[1]))
         problems += [p for p in (_activation_input(g, node.input[0]), second) if p]
-        if len(g.shapes.get(node.input[0]) or [2]) != 2:
-            problems.append("MatMul of a tensor that is not 2-D")
+        a_shape, b_shape = g.shapes.get(node.input[0]) or [0, 0], g.shapes.get(node.input[1]) or [0, 0]
+        batched = dq is not None and dq.input[0] not in g.consts and len(a_shape) == len(b_shape) > 2
+        if batched and a_shape[:-2] != b_shape[:-2]:
+            problems.append("batched MatMul with broadcast batch dimensions")
+        elif len(a_shape) != 2 and not batched:
+            problems.append("MatMul of a tensor that is not 2-D (int8 only for 2-D or batched activation x activation)")
     elif op in ("Add", "Mul"):  # an operand may be a per-tensor quantised constant (QLinearAdd / QLinearMul)
         problems += [p for p in (_activation_input(g, i) for i in node.input if not _per_tensor_const(g, i)) if p]
     else:
@@ -260,6 +265,12 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
                                  if i and k not in shape_in) if p]
     if op == "ReduceMean":
         problems += [p for p in (_spatial_mean(g, node),) if p]
+    if op == "Softmax":
+        opset = max((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        rank = len(g.shapes.get(node.input[0]) or [])
+        axis = attr(node, "axis", -1 if opset >= 13 else 1)
+        if opset < 13 or rank == 0 or int(axis) % rank != rank - 1:  # type: ignore[call-overload]
+            problems.append("Softmax that is not over the last axis (opset 13+)")
     if op == "Pad" and attr(node, "mode", b"constant") not in (b"constant", "constant"):
         problems.append("Pad that is not a constant pad (int8 only for constant padding)")
     if op == "Pad" and len(node.input) > 1 and node.input[1] in g.consts and np.any(g.consts[node.input[1]] < 0):

@@ -4,13 +4,14 @@ Symmetric per-channel int8 weights, asymmetric int8 activations (min/max calibra
 format the compilers' QDQ -> integer rewrite expects: Quantize/DequantizeLinear pairs around
 float ops, weights stored as int8 initialisers with their own DequantizeLinear.
 
-A MatMul or Softmax that the op table runs as a float island (``edgetune.export.ops.float_islands``,
-e.g. the 3-D MatMuls and the Softmax of attention) is left unquantised (quantised again without
-it, until nothing changes): onnxruntime's int8 session would otherwise run it as an integer
-kernel of its own (QLinearMatMul, QLinearSoftmax: int32 sums, a lookup table) that the compiled
-float island does not reproduce; with the exclusion both compute it in float between the same
-dequantise and quantise. Elementwise islands (Sigmoid, HardSigmoid, Mul, ...) stay quantised:
-their float computation between dequantise and quantise equals onnxruntime's integer kernels.
+Attention's MatMuls (2-D, or batched activation x activation) and a Softmax over the last axis have
+int8 rules that reproduce onnxruntime's QLinearMatMul and QLinearSoftmax, so they stay quantised.
+A MatMul or Softmax whose rule's preconditions fail (broadcast batch dimensions, a Softmax over
+another axis: ``edgetune.export.ops.float_islands``) is left unquantised (quantised again without
+it, until nothing changes): onnxruntime's int8 session would otherwise run it as its integer kernel,
+which a compiled float island does not reproduce; with the exclusion both compute it in float
+between the same dequantise and quantise. Elementwise islands stay quantised: their float
+computation between dequantise and quantise equals what onnxruntime's int8 session computes.
 """
 from __future__ import annotations
 
@@ -49,13 +50,13 @@ def calibration_images(images: np.ndarray, samples: int = CALIBRATION_SAMPLES, s
 
 
 MAX_EXCLUSION_PASSES = 4
-EXCLUDED_ISLAND_OPS = frozenset({"MatMul", "Softmax"})  # islands whose onnxruntime integer kernel differs
+EXCLUDED_ISLAND_OPS = frozenset({"MatMul", "Softmax"})  # as islands, onnxruntime's integer kernel differs
 
 
 def quantize_graph(fp32_path: Path, out_path: Path, reader: Callable[[], CalibrationDataReader]) -> list[str]:
     """onnxruntime's static QDQ quantisation of ``fp32_path`` into ``out_path`` with edgetune's
-    settings, calibrated on what ``reader()`` yields, leaving the op table's MatMul and Softmax
-    islands in float. Returns the nodes left in float.
+    settings, calibrated on what ``reader()`` yields, leaving MatMul and Softmax nodes the op table
+    cannot lower to int8 in float. Returns the nodes left in float.
 
     Raises:
         ExportError: onnxruntime fails to quantise the graph.
