@@ -637,6 +637,12 @@ class _Lowering:
         return self.bb.emit(R.reshape(x.q, (n, c, 1, t)))
 
     def global_pool(self, call: relax.Call, sy: F32, zy: int) -> relax.Expr:
+        """QLinearGlobalAveragePool (a GlobalAveragePool); a ReduceMean (negative axes, see
+        ``onnx_import.mark_reduce_means``) is onnxruntime's float mean, then QuantizeLinear."""
+        if any(int(i) < 0 for i in call.attrs.axis):
+            f = self.ort_mean(call, self.activation(call.args[0], "mean input"))
+            fn = partial(kernels.elementwise, lambda p, x: im.quantize(x, p[0], zy))
+            return self.emit_kernel("quantize", fn, self.params(sy), f)
         x = self.activation(call.args[0], "mean input")
         rank = len(_shape(x.q))
         axes = sorted(int(i) % rank for i in call.attrs.axis)
@@ -755,6 +761,18 @@ class _Lowering:
             q, p[0], x.zp, p[2] if has_lo else None, p[3] if has_hi else None, p[1], zy)),
             self.params(x.scale, sy, lo if has_lo else 0.0, hi if has_hi else 0.0), x.q)
 
+    def ort_mean(self, call: relax.Call, x: _DQ) -> relax.Expr:
+        """onnxruntime's float ReduceMean of a dequantized map (its summation order), spatial or over time."""
+        rank = len(_shape(x.q))
+        if rank == 3 and sorted(int(i) % 3 for i in call.attrs.axis) == [2]:
+            xq = self.as_2d(x)  # a mean over time of N x C x T: the same rows as a spatial mean
+        else:
+            self.spatial_axes(call, x.q)
+            xq = x.q
+        y = self.emit_kernel("ort_mean", spatial_mean, xq, relax.const(dequant_table(x.scale, x.zp)),
+                             keepdims=bool(call.attrs.keepdims))
+        return self.bb.emit(R.reshape(y, _shape(call))) if rank == 3 else y
+
     # --- the float boundary -------------------------------------------------------------
     def output(self, v: object) -> relax.Expr:
         if isinstance(v, _Tuple):
@@ -770,16 +788,7 @@ class _Lowering:
                 moved = self.bb.emit(relax.Call(v.call.op, [x.q, *v.call.args[1:]], v.call.attrs))
                 return self.output(_DQ(moved, x.scale, x.zp))
             if isinstance(v, _Float) and v.call.op.name == "relax.mean":
-                x = self.activation(v.call.args[0], "output mean input")
-                rank = len(_shape(x.q))
-                if rank == 3 and sorted(int(i) % 3 for i in v.call.attrs.axis) == [2]:
-                    xq = self.as_2d(x)  # a mean over time of N x C x T: the same rows as a spatial mean
-                else:
-                    self.spatial_axes(v.call, x.q)
-                    xq = x.q
-                y = self.emit_kernel("ort_mean", spatial_mean, xq, relax.const(dequant_table(x.scale, x.zp)),
-                                     keepdims=bool(v.call.attrs.keepdims))
-                return self.bb.emit(R.reshape(y, _shape(v.call))) if rank == 3 else y
+                return self.ort_mean(v.call, self.activation(v.call.args[0], "output mean input"))
         except _Unsupported:
             pass  # not a boundary of a dequantized int8 tensor: computed in float
         return self.floating(v)  # a float island ending at the graph output

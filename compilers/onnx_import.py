@@ -163,13 +163,45 @@ def fold_constant_operands(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def mark_reduce_means(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ReduceMean axes rewritten as negative numbers (the same axes): TVM imports ReduceMean and
+    GlobalAveragePool to the same ``relax.mean``, but onnxruntime's int8 session computes them
+    differently (a quantised GlobalAveragePool is QLinearGlobalAveragePool's integer sum, a ReduceMean
+    always a float mean between dequantize and quantize). GlobalAveragePool's axes import as
+    positive numbers, so the sign tells the int8 rewrite which one it sees."""
+    ranks = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph ONNX cannot infer: its ReduceMeans keep their axes (treated as pools)
+        return model
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.tensor_type.HasField("shape"):
+            ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    for node in out.graph.node:
+        rank = ranks.get(node.input[0]) if node.op_type == "ReduceMean" and node.input else None
+        if not rank:
+            continue
+        for a in node.attribute:
+            if a.name == "axes":
+                a.ints[:] = [int(x) % rank - rank for x in a.ints]
+        if len(node.input) > 1 and node.input[1] in inits:
+            axes = numpy_helper.to_array(inits[node.input[1]])
+            name = f"{node.input[1]}_negative_{node.output[0]}"
+            out.graph.initializer.append(numpy_helper.from_array((axes % rank - rank).astype(np.int64), name))
+            node.input[1] = name
+    return out
+
+
 def import_onnx(model: onnx.ModelProto) -> tvm.IRModule:
     """Convert a checked model to a Relax module; initialisers become constants (not inputs).
 
     Raises:
         CompileError: TVM's converter rejects the graph (the message carries its reason).
     """
-    model = fold_constant_operands(model)
+    model = mark_reduce_means(fold_constant_operands(model))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # renaming notices for names like "/stages.0/Conv"

@@ -91,6 +91,19 @@ class Attention(nn.Module):
         return v @ attention.transpose(1, 2)
 
 
+class MeanThenLinear(nn.Module):
+    """A classifier head as users export it: ReduceMean over H, W (quantised: it feeds a Gemm), then Linear.
+    onnxruntime computes that ReduceMean in float between dequantize and quantize (not
+    QLinearGlobalAveragePool's integer sum, which rounds differently near ties)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 64, 3, padding=1), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
 def _bn() -> nn.Module:
     """BatchNorm after ReLU: export cannot fold it into the conv."""
     torch.manual_seed(3)
@@ -162,6 +175,7 @@ CASES = {
     "attention": Case(Attention, IMG, family="qsoftmax"),
     "batchnorm_unfolded": Case(_bn, IMG, islands=("BatchNormalization",)),
     "reduce_mean_spatial": Case(lambda: Head(lambda y: y.mean((2, 3))), IMG),
+    "reduce_mean_quantized": Case(MeanThenLinear, IMG, family="ort_mean"),
     "reduce_mean_channels": Case(lambda: Head(lambda y: F.relu(y.mean(1, keepdim=True))), IMG,
                                  islands=("ReduceMean", "Relu")),
 }

@@ -79,7 +79,8 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("Concat", "concat", _VIEW, ("relax.concat",)),
     _r("AveragePool", "avg_pool", "qavg_pool", ("relax.nn.avg_pool2d", "relax.nn.avg_pool1d")),
     _r("GlobalAveragePool", "global_pool", "qglobal_pool", ("relax.mean",)),
-    _r("ReduceMean", "mean", "qglobal_pool", ("relax.mean",), shape_inputs=(1,), boundary=True),
+    # onnxruntime has no integer ReduceMean: a float mean in its summation order, then QuantizeLinear
+    _r("ReduceMean", "mean", "ort_mean", ("relax.mean",), shape_inputs=(1,), boundary=True),
     _r("MaxPool", "max_pool", "qmax_pool", ("relax.nn.max_pool2d", "relax.nn.max_pool1d"), trainable=False),
     _r("Relu", "clip", "elementwise", ("relax.nn.relu",)),
     _r("Clip", "clip", "elementwise", ("relax.clip", "relax.maximum", "relax.minimum", "call_tir:maximum",
