@@ -128,7 +128,8 @@ def workspace_pool_bytes(kernels_c: str) -> int:
 
 def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
                             initial_params: Mapping[str, np.ndarray], learns: bool) -> Interface:
-    """The model interface a bundle manifest describes (read by field names, as the compilers do).
+    """The model interface a bundle manifest describes (its typed fields, including the method's
+    declared runtime contract: schedule, guard, exits).
 
     Raises:
         CompileError: a state tensor has no initial value.
@@ -143,12 +144,13 @@ def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
     params = tuple(Tensor(p.name, tuple(p.shape), np.asarray(initial_params[p.name], np.float32))
                    for p in t.parameters if p.trainable)
     opt = tuple(Tensor(s.name, tuple(s.shape)) for s in t.optimizer.states)
-    sched = t.momentum_schedule
+    runtime = manifest.runtime
+    sched = runtime.momentum_schedule
     schedule = (sched.start, sched.decay, sched.floor) if sched is not None else (0.0, 0.0, 0.0)
     taps = tuple(Tensor(o.name, tuple(o.shape)) for o in manifest.frozen.outputs)
     return Interface(f"{manifest.method} on {manifest.model}", tuple(manifest.input.shape), manifest.num_classes,
-                     taps, states, params, opt, schedule, bool(manifest.config.get("guard", True)),
-                     learns and bool(params))
+                     taps, states, params, opt, schedule, runtime.guard, learns and bool(params), runtime.exits,
+                     tuple(o.stage for o in manifest.frozen.outputs))
 
 
 __all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "workspace_pool_bytes"]

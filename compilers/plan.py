@@ -19,7 +19,7 @@ Usage::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import tvm
@@ -395,6 +395,48 @@ def extract_plan(mod: tvm.IRModule, function: str = "main") -> tuple[StaticPlan,
     plan = StaticPlan(function, tuple(inputs), tuple(outputs), tuple(buffers.values()), tuple(constants),
                       tuple(storages), tuple(kernels), tuple(walker.calls), arena_bytes, blob)
     return plan, values
+
+
+def stage_segments(plan: StaticPlan, groups: list[list[int]]) -> tuple[StaticPlan, tuple[int, ...]] | None:
+    """The plan with its calls reordered so that the outputs at positions ``groups[k]`` (and every
+    earlier group's) are complete after the first ``ends[k]`` calls: a runtime may then stop after
+    segment k (an early exit skips the rest of the frozen graph). Returns (plan, ends).
+
+    A buffer is produced by the first call that touches it (destination-passing style); a call
+    needs the producers of the other buffers it touches. The order within each segment is the
+    original one. None when the reordered plan would be unsound: a call before its inputs, or
+    arena buffers that would now be alive together while sharing bytes (``StaticPlan.check``).
+    """
+    consts = {c.name for c in plan.constants}
+    producer: dict[str, int] = {}
+    for i, call in enumerate(plan.calls):
+        for arg in call.args:
+            if arg not in consts:
+                producer.setdefault(plan.root(arg).name, i)
+    deps = [{producer[plan.root(a).name] for a in call.args if a not in consts} - {i}
+            for i, call in enumerate(plan.calls)]
+    order: list[int] = []
+    placed: set[int] = set()
+    ends = []
+    for group in groups:
+        stack = [producer[plan.root(plan.outputs[pos]).name] for pos in group if plan.root(plan.outputs[pos]).name
+                 in producer]
+        needed: set[int] = set()
+        while stack:
+            i = stack.pop()
+            if i not in needed and i not in placed:
+                needed.add(i)
+                stack.extend(deps[i])
+        order += sorted(needed)
+        placed |= needed
+        ends.append(len(order))
+    order += [i for i in range(len(plan.calls)) if i not in placed]
+    ends[-1] = len(order)  # the last segment runs whatever is left
+    position = {i: p for p, i in enumerate(order)}
+    if any(position[d] > position[i] for i in order for d in deps[i]):
+        return None
+    segmented = replace(plan, calls=tuple(plan.calls[i] for i in order))
+    return (segmented, tuple(ends)) if not segmented.check() else None
 
 
 def _replace(b: Buffer, **changes: object) -> Buffer:

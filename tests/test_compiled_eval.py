@@ -8,15 +8,28 @@ import shutil
 import numpy as np
 import pytest
 
+from edgetune.adapt import prepare
 from edgetune.cli import main
 from edgetune.errors import ConfigError
 from edgetune.evaluate import evaluate
+from edgetune.models import build_model
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a host C compiler (apt install gcc)")
 CORRUPTIONS = ("gaussian_noise", "contrast")
 
 
-@pytest.mark.parametrize("method", ["feature-align", "tinytta"])
+def _with_runtime_work() -> list[str]:
+    """Exportable methods whose runtime has work beyond the graph: a momentum schedule or early exits."""
+    from edgetune.export import exportable_methods
+
+    def declared(name: str) -> bool:
+        c = prepare(build_model("tiny-cnn"), name).method.contract()
+        return c.schedule is not None or c.exits is not None
+
+    return [n for n in exportable_methods() if declared(n)]
+
+
+@pytest.mark.parametrize("method", _with_runtime_work())
 def test_compiled_runtime_follows_the_int8_reference(tiny_cnn, digits, method):
     """Same segments, resets and int8 taps as ``--runtime onnx-int8`` (whose method step is torch):
     the C step predicts the same class for (nearly) every sample; float summation order may flip a
@@ -31,8 +44,8 @@ def test_compiled_runtime_follows_the_int8_reference(tiny_cnn, digits, method):
     assert same >= 0.98, same
     assert abs(got.result.mean - ref.result.mean) <= 0.02
     assert got.source.predictions == ref.source.predictions  # no adaptation: int8 taps are bit-exact
-    if method == "tinytta":
-        assert got.result.early_exit_rate is not None
+    declared = got.result.early_exit_rate is not None
+    assert declared == (prepare(build_model("tiny-cnn"), method).method.contract().exits is not None)
 
 
 def test_compiled_runtime_refuses_methods_that_adapt_the_backbone(tiny_cnn, digits):

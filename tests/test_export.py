@@ -92,7 +92,7 @@ def test_trainable_graph_matches_torch_forward_graph(bundle, fitted, digits, mod
     out, manifest = bundle(model, method)
     adaptable, runner = fitted(model, method), OrtTrainable(out)
     m = adaptable.method
-    schedule = manifest.trainable.momentum_schedule
+    schedule = manifest.runtime.momentum_schedule
     state = [m.get_buffer(n).detach().clone() for n in m.state_names()]
     x = to_tensor(digits.test_x[:16])
     for k in range(len(x)):
@@ -168,6 +168,20 @@ def test_bundle_follows_the_contract(bundle, fitted, method):
     assert [s.of for s in states] == ([p.name for p in manifest.trainable.trainable_parameters()]
                                       if m.config.momentum > 0 else [])
     assert tuple(manifest.memory) == CATEGORIES
+    # the runtime contract is the method's declarations, typed (never re-derived from config names)
+    c, r = m.contract(), manifest.runtime
+    assert (r.momentum_schedule is None) == (c.schedule is None) and (r.guard is None) == (c.guard is None)
+    if c.schedule is not None:
+        s = r.momentum_schedule
+        assert (s.start, s.decay, s.floor) == (c.schedule.start, c.schedule.decay, c.schedule.floor)
+    if c.guard is not None:
+        assert (r.guard.rate, r.guard.max_share, r.guard.every, r.guard.warmup) == (
+            c.guard.rate, c.guard.max_share, c.guard.every, c.guard.warmup)
+    assert r.labels == c.labels.use
+    assert (r.exits is None) == (c.exits is None)
+    if c.exits is not None:
+        assert r.exits.stages == c.exits.stages and r.exits.state == f"state_{c.exits.state.replace('.', '_')}"
+        assert r.exits.state in [i.name for i in manifest.trainable.inputs if i.role == "state"]
 
 
 def test_gradient_stops_stay_visible_in_the_trainable_graph(bundle):
@@ -338,6 +352,10 @@ def rewrite_manifest(change):
 @pytest.mark.parametrize("edit, message", [
     (lambda out: (out / MANIFEST_FILE).write_text("{not json"), "manifest: not valid JSON"),
     (rewrite_manifest(lambda raw: raw.update(format="edgetune-bundle/99")), "unknown format 'edgetune-bundle/99'"),
+    (rewrite_manifest(lambda raw: raw.update(format="edgetune-bundle/1")),
+     "format 'edgetune-bundle/1' was written before methods declared .*re-export"),
+    (rewrite_manifest(lambda raw: raw.pop("runtime")), "manifest lacks field 'runtime'"),
+    (rewrite_manifest(lambda raw: raw["runtime"].update(labels="sometimes")), "runtime.labels is 'sometimes'"),
     (rewrite_manifest(lambda raw: raw.pop("format")), "no 'format' field"),
     (rewrite_manifest(lambda raw: raw["trainable"].pop("parameters")), "trainable lacks field 'parameters'"),
     (rewrite_manifest(lambda raw: raw.update(num_classes="ten")), "num_classes should be int"),

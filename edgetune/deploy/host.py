@@ -44,10 +44,12 @@ class HostModel:
         self.runtime = self._start()
 
     def _start(self) -> cr.Runtime:
-        s = self.manifest.trainable.momentum_schedule
+        contract = self.manifest.runtime  # the method's declarations, as export wrote them
+        s, g = contract.momentum_schedule, contract.guard
+        settings = dict(rate=g.rate, max_share=g.max_share, every=g.every, warmup=g.warmup) if g else {}
         return cr.Runtime(self.lib, MODEL_GETTER, adapt=self.adapt,
-                          momentum=(s.start, s.decay, s.floor) if s else (0.0, 0.0, 0.0),
-                          guard=bool(self.manifest.config.get("guard", True)))
+                          momentum=(s.start, s.decay, s.floor) if s else (0.0, 0.0, 0.0), guard=g is not None,
+                          **settings)
 
     def reset(self) -> None:
         """Back to the exported parameters, statistics and optimizer state, with a fresh runtime
@@ -83,7 +85,7 @@ class _CompiledRunner:
 
     def __init__(self, model: HostModel) -> None:
         self.model = model
-        self.has_exits = "exit_threshold" in model.manifest.config  # a method with early exits (tinytta)
+        self.has_exits = model.manifest.runtime.exits is not None  # the method declared early exits
         self.finished_restores = 0  # of runtimes already replaced by a reset
         self.x = np.zeros((0,), np.float32)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,10 @@ from tqdm import tqdm
 from edgetune.adapt import Adaptable, check_sample
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import ExportError
-from edgetune.export.manifest import (FROZEN_FILE, GIVEN, MANIFEST_FILE, TRAINABLE_FILE, FrozenPart, Manifest,
-                                      MomentumSchedule, OptimizerSpec, OptimizerState, QuantizationSpec, TapOutput,
-                                      TensorSpec, TrainablePart, seal, sha256_of)
+from edgetune.export.manifest import (FROZEN_FILE, GIVEN, MANIFEST_FILE, TRAINABLE_FILE, ExitSpec, FrozenPart,
+                                      GuardSpec, Manifest, MomentumSchedule, OptimizerSpec, OptimizerState,
+                                      QuantizationSpec, RuntimeContract, TapOutput, TensorSpec, TrainablePart,
+                                      onnx_name, seal, sha256_of)
 from edgetune.export.onnx_graphs import export_frozen, export_trainable
 from edgetune.export.ops import SUPPORTED_OPS
 from edgetune.export.quantize import quantize_frozen
@@ -30,6 +31,7 @@ from edgetune.export.validate import (check_frozen_numerics, check_partition, ch
 from edgetune.memory import memory_table
 from edgetune.models.onnx_backbone import OnnxBackbone
 from edgetune.methods import METHODS
+from edgetune.methods.base import Method
 from edgetune.targets import get_target
 from edgetune.version import __version__
 
@@ -92,8 +94,10 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
 
     Raises:
         ExportError, DataError: as ``export``.
+        ConfigError: the method's runtime declarations contradict each other.
     """
     method, backbone = adaptable.method, adaptable.backbone
+    contract = runtime_contract(method)  # contradictory declarations fail before any file is written
     images = to_tensor(data.train_x[:CHECK_SAMPLES])
     check_sample(images[:1], backbone.input_shape)
     bar = tqdm(total=5, desc="export", disable=not progress, leave=False)
@@ -144,19 +148,16 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
     config = method.config
     trainable = [p for p in parameters if p.trainable]
     states = tuple(OptimizerState(f"sgd_momentum_{p.name}", p.shape, "float32", p.name) for p in trainable)
-    # The EMA momentum schedule travels as config fields (feature-align's names; composing methods reuse them).
-    values = {f.name: getattr(config, f.name) for f in fields(config)}
-    schedule = (MomentumSchedule(values["momentum_start"], values["momentum_decay"], values["momentum_floor"])
-                if {"momentum_start", "momentum_decay", "momentum_floor"} <= set(values) else None)
     manifest = Manifest(
         model=adaptable.model_name, method=method.name,
         config=json.loads(json.dumps(asdict(config), default=str)), num_classes=method.num_classes, target=target,
         input=TensorSpec("x", (1, *backbone.input_shape), "float32"),
         frozen=FrozenPart(FROZEN_FILE, sha256_of(frozen_path), quantize, taps),
         trainable=TrainablePart(TRAINABLE_FILE, sha256_of(trainable_path), inputs, outputs, parameters,
-                                OptimizerSpec("sgd", config.lr, config.momentum, states if config.momentum > 0 else ()),
-                                schedule),
-        quantization=quantization, memory=memory_table(adaptable), edgetune_version=__version__)
+                                OptimizerSpec("sgd", config.lr, config.momentum,
+                                              states if config.momentum > 0 else ())),
+        runtime=contract, quantization=quantization, memory=memory_table(adaptable),
+        edgetune_version=__version__)
     # Sealed (digest; side files written later are added by ``seal_bundle``), so an edit is refused.
     manifest = seal(manifest, directory)
     (directory / MANIFEST_FILE).write_text(manifest.to_json())
@@ -166,6 +167,19 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
     return manifest
 
 
+def runtime_contract(method: Method) -> RuntimeContract:
+    """The manifest's form of ``method.contract()`` (state names as trainable.onnx calls them).
+
+    Raises:
+        ConfigError: the method's declarations contradict each other (see ``Method.contract``).
+    """
+    c = method.contract()
+    s, e, g = c.schedule, c.exits, c.guard
+    return RuntimeContract(
+        momentum_schedule=MomentumSchedule(float(s.start), float(s.decay), float(s.floor)) if s else None,
+        exits=ExitSpec(tuple(e.stages), f"state_{onnx_name(e.state)}") if e else None,
+        guard=GuardSpec(float(g.rate), float(g.max_share), int(g.every), int(g.warmup)) if g else None,
+        labels=c.labels.use)
 
 
 # A QDQ graph run in onnxruntime and as fake quantisation in torch may round a tie differently

@@ -1,4 +1,4 @@
-"""The bundle's manifest: what ``export`` wrote and how to call it (format ``edgetune-bundle/1``).
+"""The bundle's manifest: what ``export`` wrote and how to call it (format ``edgetune-bundle/2``).
 
 A bundle is a folder::
 
@@ -10,6 +10,13 @@ A bundle is a folder::
                     "target" float32 [1, classes]. Outputs: "logits" [1, classes], "loss" [] (a
                     scalar), then "new_state_<buffer>" per state input.
     manifest.json   this file's ``Manifest``.
+
+What a runtime needs beyond the graphs is the method's declared contract (``Manifest.runtime``,
+written from ``Method.contract()``): the EMA momentum schedule fed as "momentum", the early exits
+(which trainable.onnx state input holds the one-hot of the exit taken, and after which backbone
+stage each exit is decided), the collapse guard's settings, and what a revealed label does.
+Runtimes read these typed fields only, never config field names or buffer-name suffixes. Format
+``edgetune-bundle/1`` (before the contract) is refused with a one-line error: re-export.
 
 Naming rule (compilers must read names from the manifest, never re-derive them): an ONNX name is
 the torch name (``Method.named_parameters()`` / ``named_buffers()``) with "." replaced by "_".
@@ -37,7 +44,8 @@ from typing import Any
 
 from edgetune.errors import CheckpointError
 
-FORMAT = "edgetune-bundle/1"
+FORMAT = "edgetune-bundle/2"
+OLD_FORMATS = {"edgetune-bundle/1": "written before methods declared their schedule, exits and guard"}
 FROZEN_FILE = "frozen.onnx"
 TRAINABLE_FILE = "trainable.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -136,6 +144,42 @@ class MomentumSchedule:
 
 
 @dataclass(frozen=True)
+class ExitSpec:
+    """Early exits: exit k is decided after backbone stage ``stages[k]`` (the last exit: the full
+    network); the trainable.onnx state input ``state`` holds the one-hot of the exit taken."""
+
+    stages: tuple[int, ...]
+    state: str
+
+    @property
+    def count(self) -> int:
+        return len(self.stages)
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """The collapse guard: histogram rate, collapse share, snapshot period, warm-up (samples)."""
+
+    rate: float
+    max_share: float
+    every: int
+    warmup: int
+
+
+LABEL_USES = ("none", "target")  # "target": one update towards the one-hot "target"; "none": no effect
+
+
+@dataclass(frozen=True)
+class RuntimeContract:
+    """What the method declared for the runtime (``Method.contract()``); None: the method has none."""
+
+    momentum_schedule: MomentumSchedule | None
+    exits: ExitSpec | None
+    guard: GuardSpec | None
+    labels: str
+
+
+@dataclass(frozen=True)
 class FrozenPart:
     file: str
     sha256: str
@@ -151,7 +195,6 @@ class TrainablePart:
     outputs: tuple[GraphOutput, ...]
     parameters: tuple[ParameterSpec, ...]
     optimizer: OptimizerSpec
-    momentum_schedule: MomentumSchedule | None
 
     def trainable_parameters(self) -> tuple[ParameterSpec, ...]:
         """The parameters the compiler differentiates ``loss`` by, in calling order."""
@@ -185,6 +228,7 @@ class Manifest:
     input: TensorSpec
     frozen: FrozenPart
     trainable: TrainablePart
+    runtime: RuntimeContract
     quantization: QuantizationSpec | None
     memory: dict[str, int]
     edgetune_version: str
@@ -208,7 +252,8 @@ class Manifest:
                     f"{'symmetric' if q.weight_symmetric else 'asymmetric'} weights, {how}")
         t = self.trainable
         trained = t.trainable_parameters()
-        schedule = t.momentum_schedule
+        r = self.runtime
+        schedule, exits, guard = r.momentum_schedule, r.exits, r.guard
         lines = [
             f"{self.method} on {self.model} ({self.num_classes} classes), target {self.target}; {self.format}, "
             f"edgetune {self.edgetune_version}",
@@ -223,6 +268,11 @@ class Manifest:
             f"({len(t.optimizer.states)} state buffers)",
             "EMA momentum: " + (f"max({schedule.floor:g}, {schedule.start:g} * {schedule.decay:g}^t)" if schedule
                                 else "none"),
+            "early exits: " + (f"{exits.count}, after stages {list(exits.stages)} (state {exits.state})" if exits
+                               else "none"),
+            "collapse guard: " + (f"rate {guard.rate:g}, max share {guard.max_share:g}, snapshot every {guard.every}, "
+                                  f"warm-up {guard.warmup}" if guard else "off"),
+            f"labels: {r.labels}",
             "config: " + ", ".join(f"{k}={v}" for k, v in self.config.items()),
             "verified files: " + ", ".join([self.frozen.file, self.trainable.file, *self.files, MANIFEST_FILE]),
         ]
@@ -242,10 +292,22 @@ class Manifest:
         if not isinstance(raw, dict) or "format" not in raw:
             raise CheckpointError("manifest: no 'format' field (not an edgetune bundle manifest); "
                                   "re-export the bundle with `edgetune export`")
+        if raw["format"] in OLD_FORMATS:
+            raise CheckpointError(f"manifest: format {raw['format']!r} was {OLD_FORMATS[raw['format']]} (this "
+                                  f"edgetune reads {FORMAT}); re-export the bundle with this edgetune version")
         if raw["format"] != FORMAT:
             raise CheckpointError(f"manifest: unknown format {raw['format']!r} (this edgetune reads {FORMAT}); "
                                   "re-export the bundle with this edgetune version")
-        return _build(cls, raw, "manifest")
+        manifest = _build(cls, raw, "manifest")
+        r = manifest.runtime
+        states = {i.name for i in manifest.trainable.inputs if i.role == "state"}
+        if r.labels not in LABEL_USES:
+            raise CheckpointError(f"manifest: runtime.labels is {r.labels!r}, not one of {', '.join(LABEL_USES)}; "
+                                  "re-export the bundle")
+        if r.exits is not None and (r.exits.state not in states or r.exits.count < 2):
+            raise CheckpointError(f"manifest: runtime.exits names state {r.exits.state!r} with {r.exits.count} "
+                                  "exits (needs a state input and >= 2 exits); re-export the bundle")
+        return manifest
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -8,7 +8,8 @@ computation is ``forward_graph`` — a pure function exported as ``trainable.onn
 
 * ``taps``: tensors in ``taps()`` order (batch 1).
 * ``state``: forward-only running tensors (feature statistics), in ``state_names()`` order.
-* ``momentum``: shape [1], the EMA momentum for this sample (the runtime computes the schedule).
+* ``momentum``: shape [1], the EMA momentum for this sample (the runtime computes it from the
+  method's declared ``schedule()``).
 * ``target``: shape [1, classes]; all zeros in the unsupervised protocol, a one-hot label in the
   supervised mode. ``loss`` is cross-entropy towards ``target`` when it is non-zero, else the
   method's unsupervised loss; a label therefore never changes a prediction already scored.
@@ -18,6 +19,17 @@ SGD with momentum (``lr``, ``momentum`` in every config). A gradient stop inside
 (e.g. a detached pseudo-label) goes through ``stop_gradient``, never a bare ``detach``, so export
 can keep it in the ONNX graph. Methods that adapt the backbone itself
 (tent, bn-adapt, alpha-bn) set ``partitioned = False``: their tap is the input image.
+
+What the runtime needs beyond the graph is declared, never inferred from config field names or
+buffer names (``contract()`` collects it; export writes it into the manifest as typed fields):
+
+* ``schedule()``: the EMA momentum schedule of the running statistics (``Schedule``), or None;
+* ``exits()``: the early exits (``Exits``): how many, after which backbone stage each one is
+  decided, and the state buffer holding the one-hot of the exit the last sample took;
+* ``guard()``: the collapse guard's settings (``Guard``), or None for no guard;
+* ``labels()``: what a revealed label does (``Labels``).
+Defaults fit a method with no running statistics, no exits, the standard guard (when
+``config.guard``) and cross-entropy updates from labels when it has trainable parameters.
 """
 from __future__ import annotations
 
@@ -152,6 +164,67 @@ def ema_momentum(step: int, start: float, decay: float, floor: float) -> float:
     return max(floor, start * decay ** step)
 
 
+# --- the method -> runtime contract -------------------------------------------------------------
+@dataclass(frozen=True)
+class Schedule:
+    """EMA momentum of the running statistics at sample t: ``max(floor, start * decay**t)``; t counts
+    accepted unsupervised samples (feedback steps use momentum 0: statistics stay as they are)."""
+
+    start: float
+    decay: float
+    floor: float
+
+    def at(self, step: int) -> float:
+        return ema_momentum(step, self.start, self.decay, self.floor)
+
+
+@dataclass(frozen=True)
+class Exits:
+    """Early exits: exit k is decided once backbone stage ``stages[k]`` has run (the last exit is the
+    full network). ``state`` names the state buffer (``state_names()``) holding the one-hot of the exit
+    the last unsupervised sample took -- 0/1 values, never a running count, so nothing in float32 has
+    to count past 2^24; runtimes count exits in integers."""
+
+    stages: tuple[int, ...]
+    state: str
+
+    @property
+    def count(self) -> int:
+        return len(self.stages)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The collapse guard (``CollapseGuard``): histogram rate, collapse share, snapshot period, warm-up."""
+
+    rate: float = 0.02
+    max_share: float = 0.8
+    every: int = 50
+    warmup: int = 100
+
+
+LABEL_USES = ("none", "target")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What a revealed label does. ``"target"``: one SGD step of the trainable parameters on the loss
+    towards the one-hot ``target`` input (statistics, schedule and guard untouched); ``"none"``: it
+    changes nothing (no trainable parameters)."""
+
+    use: str = "target"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Everything a runtime needs of a method beyond its graph (``Method.contract()``)."""
+
+    schedule: Schedule | None
+    exits: Exits | None
+    guard: Guard | None
+    labels: Labels
+
+
 class CollapseGuard:
     """Detects collapse of a stream's predictions and says when to restore good weights.
 
@@ -231,10 +304,50 @@ class Method(nn.Module):
     def calibrate(self, batches: Iterable[list[torch.Tensor]]) -> None:
         """Measure source statistics from batches of source taps (before ``fit``)."""
 
+    # --- what the runtime needs (the contract) -----------------------------------------
+    def schedule(self) -> Schedule | None:
+        """The EMA momentum schedule of the running statistics (None: none; momentum is then 0)."""
+        return None
+
+    def exits(self) -> Exits | None:
+        """The early exits, or None for a method with one exit."""
+        return None
+
+    def guard(self) -> Guard | None:
+        """The collapse guard's settings, or None for no guard (``config.guard`` false)."""
+        return Guard() if self.config.guard else None
+
+    def labels(self) -> Labels:
+        """What a revealed label does (default: an update when there is something to train)."""
+        return Labels("target" if self.trainable_names() else "none")
+
+    def contract(self) -> Contract:
+        """The declarations above, checked against each other.
+
+        Raises:
+            ConfigError: an exits state that is not a state buffer, exits on stages the method does
+                not tap, fewer than two exits, or an unknown label use.
+        """
+        exits, labels = self.exits(), self.labels()
+        problems = []
+        if exits is not None:
+            if exits.state not in self.state_names():
+                problems.append(f"exits state {exits.state!r} is not one of state_names() {self.state_names()}")
+            tapped = {t.stage for t in self.taps()}
+            if exits.count < 2 or not set(exits.stages) <= tapped or list(exits.stages) != sorted(set(exits.stages)):
+                problems.append(f"exit stages {list(exits.stages)} must be >= 2 increasing stages among the taps "
+                                f"{sorted(tapped)}")
+        if labels.use not in LABEL_USES:
+            problems.append(f"labels use {labels.use!r} is not one of {', '.join(LABEL_USES)}")
+        if problems:
+            raise ConfigError(f"method {self.name}: {'; '.join(problems)}; fix the method's declarations")
+        return Contract(self.schedule(), exits, self.guard(), labels)
+
     # --- test time ----------------------------------------------------------------------
     def momentum_now(self) -> float:
-        """The EMA momentum of the current sample (methods with running statistics override)."""
-        return 0.0
+        """The EMA momentum of the current sample (from ``schedule()``; 0 without one)."""
+        schedule = self.schedule()
+        return schedule.at(self.steps) if schedule is not None else 0.0
 
     def reset(self) -> None:
         """Back to the state right after ``fit`` (weights, optimizer state, statistics)."""
@@ -246,7 +359,9 @@ class Method(nn.Module):
         params = self._trainable()
         self._optimizer = (torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
                            if params and self.config.lr > 0 else None)
-        self._guard = CollapseGuard(self.num_classes) if self.config.guard and self._optimizer else None
+        g = self.guard()
+        self._guard = (CollapseGuard(self.num_classes, g.rate, g.max_share, g.every, g.warmup)
+                       if g is not None and self._optimizer else None)
 
     def step(self, taps: list[torch.Tensor], target: torch.Tensor | None = None) -> torch.Tensor:
         """Predict one sample, then adapt on it; returns the logits of the prediction (1 x classes).
@@ -311,5 +426,5 @@ def declare(cls: type[Method]) -> type[Method]:
     return METHODS.register(cls.name)(cls)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "TapSpec", "CollapseGuard", "declare", "entropy",
-           "ema_momentum", "stop_gradient", "supervised_or"]
+__all__ = ["LABEL_USES", "METHODS", "CollapseGuard", "Contract", "Exits", "Guard", "Labels", "Method", "MethodConfig",
+           "Schedule", "TapSpec", "declare", "entropy", "ema_momentum", "stop_gradient", "supervised_or"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from edgetune.methods.align import FeatureAligner
-from edgetune.methods.base import (Method, MethodConfig, Range, TapSpec, declare, ema_momentum, entropy, setting,
+from edgetune.methods.base import (Method, MethodConfig, Range, Schedule, TapSpec, declare, entropy, setting,
                                   supervised_or)
 
 
@@ -48,9 +48,9 @@ class FeatureAlign(Method):
     def calibrate(self, batches) -> None:
         self.aligner.calibrate([torch.cat([b[0] for b in batches])])
 
-    def momentum_now(self) -> float:
+    def schedule(self) -> Schedule:
         c = self.config
-        return ema_momentum(self.steps, c.momentum_start, c.momentum_decay, c.momentum_floor)
+        return Schedule(c.momentum_start, c.momentum_decay, c.momentum_floor)
 
     def forward_graph(self, taps, state, momentum, target):
         z, mean, sqmean = self.aligner.align(0, taps[0], state[0], state[1], momentum)

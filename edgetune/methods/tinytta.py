@@ -23,8 +23,7 @@ open, made here (DESIGN §3 has the prototype measurements behind them):
   graph has no data-dependent control flow and exports as it is; the runtime may skip the
   remaining frozen stages. Default 1.0 = never exit early: early exits are often confidently
   wrong under shift, so a threshold calibrated on clean data cannot be trusted there (on the
-  digits validation corruptions 0.8 exited early on 14% of samples for -0.4 points). The
-  ``exit_counts`` state buffer counts exits per stage (``last_exit`` is the last one).
+  digits validation corruptions 0.8 exited early on 14% of samples for -0.4 points).
 * Test-time loss: soft cross-entropy of every head that ran towards the ensemble's (stopped)
   prediction rather than plain entropy minimisation — it beat entropy on the prototypes;
   no entropy-margin filter (it hurt). Supervised mode: each head towards the label. lr 1e-4:
@@ -43,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.methods.align import FeatureAligner
-from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare, ema_momentum, setting, stop_gradient
+from edgetune.methods.base import (Exits, Method, MethodConfig, Range, Schedule, TapSpec, declare, setting,
+                                   stop_gradient)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class TinyTTA(Method):
     prefix_sum: torch.Tensor
     depth_weight: torch.Tensor
     is_last: torch.Tensor
-    exit_counts: torch.Tensor
+    exit_taken: torch.Tensor
 
     def __init__(self, backbone, config: TinyTTAConfig) -> None:
         super().__init__(backbone, config)
@@ -86,7 +86,7 @@ class TinyTTA(Method):
         self.depth = len(widths)
         self.heads = nn.ModuleList(exit_head(c, config.hidden, self.num_classes) for c in widths[:-1])
         self.aligner = FeatureAligner(widths) if config.align else None
-        self.register_buffer("exit_counts", torch.zeros(self.depth))
+        self.register_buffer("exit_taken", torch.zeros(self.depth))
         # Constants of the ensemble as buffers: prefix sums are a matmul with a lower-triangular
         # matrix (no CumSum op to lower), depth weights k/K, and the last exit's indicator.
         k = self.depth
@@ -95,6 +95,7 @@ class TinyTTA(Method):
         self.register_buffer("is_last", (torch.arange(k) == k - 1).float(), persistent=False)
         self.classifier.requires_grad_(False)  # the last exit is never updated
         self.last_exit: int | None = None
+        self.exit_counts = [0] * self.depth  # unsupervised samples per exit since reset (integers)
 
     def taps(self) -> tuple[TapSpec, ...]:
         return tuple(TapSpec(k, pooled=True) for k in range(self.depth))
@@ -104,15 +105,18 @@ class TinyTTA(Method):
 
     def state_names(self) -> list[str]:
         aligned = self.aligner.state_names("aligner.") if self.aligner is not None else []
-        return aligned + ["exit_counts"]
+        return aligned + ["exit_taken"]
 
     def calibrate(self, batches) -> None:
         if self.aligner is not None:
             self.aligner.calibrate([torch.cat([b[k] for b in batches]) for k in range(self.depth)])
 
-    def momentum_now(self) -> float:
+    def schedule(self) -> Schedule | None:
         c = self.config
-        return ema_momentum(self.steps, c.momentum_start, c.momentum_decay, c.momentum_floor)
+        return Schedule(c.momentum_start, c.momentum_decay, c.momentum_floor) if self.aligner is not None else None
+
+    def exits(self) -> Exits:
+        return Exits(tuple(range(self.depth)), "exit_taken")
 
     def fit_loss(self, taps, labels):
         # Source taps are already at the source statistics: alignment is the identity there.
@@ -129,24 +133,34 @@ class TinyTTA(Method):
         return (chosen[:, None] * prefix).sum(0, keepdim=True), chosen
 
     def forward_graph(self, taps, state, momentum, target):
-        feats, new_state = list(taps), []
+        feats, updated = list(taps), []
         if self.aligner is not None:
             for k in range(self.depth):
                 feats[k], mean, sqmean = self.aligner.align(k, taps[k], state[2 * k], state[2 * k + 1], momentum)
-                new_state += [mean, sqmean]
+                updated.append((mean, sqmean))
         logits = [head(z) for head, z in zip(self.heads, feats)] + [self.classifier(feats[-1])]
         log_probs = F.log_softmax(torch.cat(logits), dim=-1)
         prediction, chosen = self.ensemble(stop_gradient(log_probs))
         ran = 1.0 - self.prefix_sum @ chosen + chosen  # exit k ran iff the sample exited at k or later
+        # A stage after the exit never ran: its statistics stay as they were (masked, not branched), so
+        # the outputs do not depend on the taps of skipped stages and a runtime may leave them uncomputed.
+        new_state = []
+        for k, (mean, sqmean) in enumerate(updated):
+            new_state += [ran[k] * mean + (1.0 - ran[k]) * state[2 * k],
+                          ran[k] * sqmean + (1.0 - ran[k]) * state[2 * k + 1]]
         labelled = target.sum()
         soft_target = labelled * target + (1.0 - labelled) * prediction
         loss = -(ran[:-1, None] * soft_target * log_probs[:-1]).sum()
-        new_state.append(state[-1] + chosen)
+        new_state.append(chosen)
         return torch.log(prediction.clamp_min(1e-12)), loss, new_state
 
+    def reset(self) -> None:
+        super().reset()
+        self.exit_counts = [0] * self.depth
+
     def step(self, taps, target=None):
-        before = self.exit_counts.clone()
         logits = super().step(taps, target)
         if target is None:
-            self.last_exit = int(torch.argmax(self.exit_counts - before))
+            self.last_exit = int(torch.argmax(self.exit_taken))
+            self.exit_counts[self.last_exit] += 1
         return logits
