@@ -364,6 +364,10 @@ def main() -> None:
     p.add_argument("--reverse-checkpoint", default="checkpoints/mcunet-s-digits",
                    help="the reverse transfer's backbone (trained on digits; '' skips the reverse)")
     p.add_argument("--transfer-methods", default=",".join(TRANSFER_METHODS))
+    p.add_argument("--directions", default="forward,reverse", help="transfer: forward (the --checkpoint's data -> "
+                                                                   "digits) and/or reverse (digits -> Fashion-MNIST)")
+    p.add_argument("--render", default="", metavar="JSON[,JSON]", help="only write tables and plots of these runs")
+    p.add_argument("--tag", default="", help="name of this run's json/md (default: labels[-PART])")
     p.add_argument("--personal-methods", default=",".join(PERSONAL_METHODS))
     p.add_argument("--transfer-stream", type=int, default=2000, help="labelled stream samples (at most)")
     p.add_argument("--held-out", type=int, default=1000, help="held-out test samples (at most)")
@@ -390,15 +394,21 @@ def main() -> None:
     if args.tune:
         tune(args, chosen_path)
         return
-    if args.part in ("all", "transfer"):
+    if args.render:  # tables and plots of earlier runs (parts run in parallel), nothing measured
+        for f in args.render.split(","):
+            rows += json.loads(Path(f).read_text())["rows"]
+        write_tables(rows, out / "labels.md", args)
+        plot(rows, out)
+        return
+    if args.part in ("all", "transfer") and "forward" in args.directions:
         rows += transfer(args, args.checkpoint, "digits")
-        if args.reverse_checkpoint:
-            rows += transfer(args, args.reverse_checkpoint, "fashion-mnist")
+    if args.part in ("all", "transfer") and "reverse" in args.directions and args.reverse_checkpoint:
+        rows += transfer(args, args.reverse_checkpoint, "fashion-mnist")
     if args.part in ("all", "personal"):
         rows += personalisation(args)
     if args.part in ("all", "mcu"):
         rows += mcu(args)
-    tag = "labels" if args.part == "all" else f"labels-{args.part}"
+    tag = args.tag or ("labels" if args.part == "all" else f"labels-{args.part}")
     settings = {k: v for k, v in vars(args).items() if k not in ("fit_overrides", "chosen")}
     settings["chosen_lr"] = args.chosen
     (out / f"{tag}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")

@@ -58,15 +58,24 @@ def test_baselines_train_exactly_their_parameters_and_only_from_labels(tiny_cnn,
 
 
 @pytest.mark.parametrize("method", ["lst", "vqt"])
-def test_aligned_lst_and_vqt_start_where_feature_align_is(tiny_cnn, digits, method):
-    """Unfitted (fit_epochs 0), an aligned lst/vqt predicts exactly like feature-align on a shifted stream."""
+def test_aligned_lst_and_vqt_compose_feature_align(tiny_cnn, digits, method):
+    """Aligned lst / vqt are feature-align plus what they learn: with their own contribution at zero
+    (lst: a zero side head; vqt unfitted: zero query weights) they predict exactly like feature-align on
+    a shifted stream; align=false does not."""
     segments = [Segment("contrast", digits.test_x[:40] // 3, digits.test_y[:40], True)]
     got = {}
-    for name in (method, "feature-align"):
-        adaptable = prepare(copy.deepcopy(tiny_cnn[0]), name, {"fit_epochs": "0"})
+    for name, overrides in ((method, {}), (method + "-raw", {"align": "false"}), ("feature-align", {})):
+        adaptable = prepare(copy.deepcopy(tiny_cnn[0]), name.removesuffix("-raw"), {"fit_epochs": "0", **overrides})
         fit(adaptable, digits, progress=False, max_samples=300)
+        if name.startswith("lst"):
+            with torch.no_grad():
+                adaptable.method.head.weight.zero_()
+                adaptable.method.head.bias.zero_()
+            adaptable.method._initial = None
+            adaptable.reset()
         got[name] = walk_stream(_TorchRunner(adaptable, torch_taps), segments, name, progress=False).predictions
     assert got[method] == got["feature-align"]
+    assert got[method + "-raw"] != got["feature-align"]
 
 
 @pytest.mark.parametrize("method", LABEL_METHODS)

@@ -12,8 +12,9 @@ memory of fine-tuning. Choices the paper leaves open here:
   bias update alone buys.
 * Everything else as ``full-finetune`` (one float copy of the backbone, not partitioned; batch 1,
   SGD momentum 0.9; labels only; no backward pass on an unlabelled sample; guard off; no fit).
-* lr 1e-2 (biases move more slowly than weights for the same loss): chosen on the validation
-  protocol of ``benchmarks/labels.py``.
+* lr 3e-4: with 20 % labels under shift (``benchmarks/labels.py --tune``: mcunet-s, the 4
+  validation corruptions, continual) 3e-4 / 1e-3 / 3e-3 / 1e-2 gave 70.2 / 62.8 / 45.2 / 26.5;
+  for a new task's fresh classifier the benchmark uses 1e-2 (not tuned there: no time was left).
 * Memory: what torch keeps for the backward pass is measured, not assumed (``edgetune.memory``):
   the activations the bias gradients pass through (ReLU masks, the inputs of the norm affines)
   are still kept, as TinyTL notes for non-linearities.
@@ -28,7 +29,7 @@ from edgetune.methods.full_finetune import FullFinetune, FullFinetuneConfig
 
 @dataclass(frozen=True)
 class BiasOnlyConfig(FullFinetuneConfig):
-    lr: float = setting(1e-2, Range(0.0, 10.0), "SGD learning rate of the biases and the classifier "
+    lr: float = setting(3e-4, Range(0.0, 10.0), "SGD learning rate of the biases and the classifier "
                                                 "(revealed labels only)")
 
 

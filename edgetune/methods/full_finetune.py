@@ -10,8 +10,10 @@ bound. Choices for a device stream:
 * Like ``tent`` the method runs a trainable float copy of the backbone (``partitioned = False``;
   its tap is the input image): there is no frozen int8 part, so it runs in torch only.
 * Trainable: every parameter, the classifier included (``bias-only`` narrows this set).
-* Batch 1, SGD with momentum 0.9 (the shared optimizer of every method), lr 1e-3: chosen on the
-  validation protocol of ``benchmarks/labels.py`` (see its docstring).
+* Batch 1, SGD with momentum 0.9 (the shared optimizer of every method), lr 1e-3: on the transfer
+  validation protocol of ``benchmarks/labels.py`` (mcunet-s, Fashion-MNIST -> digits, held-out
+  accuracy on digits' validation split after 1,258 labels) 1e-3 gave 92.8, 3e-4 86.7; with 20 %
+  labels under shift (4 validation corruptions, continual) 3e-4 gave 68.5 (the benchmark passes it).
 * Labels only: the unsupervised loss is off (``entropy_weight`` 0), and an unlabelled sample is
   only predicted (no backward pass at all, a compute saving a device would take too); a sample
   whose label is revealed after scoring gets one SGD step on its cross-entropy.

@@ -10,8 +10,10 @@ partitioned, exportable and runs compiled on every target. Choices:
   pre-deployment fit: it was trained with the backbone).
 * No feature alignment: this is the baseline as TinyML uses it (``feature-align`` is the
   alignment-only one; lst and vqt compose both).
-* Batch 1, SGD with momentum 0.9 (the shared optimizer), lr 1e-2: chosen on the validation
-  protocol of ``benchmarks/labels.py``.
+* Batch 1, SGD with momentum 0.9 (the shared optimizer), lr 1e-3: on the transfer validation
+  protocol of ``benchmarks/labels.py`` (mcunet-s, Fashion-MNIST -> digits) 3e-4 / 1e-3 / 3e-3 / 1e-2
+  gave 66.7 / 70.0 / 57.2 / 61.1 held-out; with 20 % labels under shift (4 validation corruptions,
+  continual) 69.0 / 65.9 / 60.4 / 56.2, so the personalisation runs use 3e-4.
 * Labels only (``entropy_weight`` 0): an unlabelled sample's loss is zero, so its step only
   carries the SGD momentum of earlier labelled samples (every runtime does the same).
 * The collapse guard is off: labels cannot drive a collapse, and a fresh head on a new task
@@ -26,7 +28,7 @@ from edgetune.methods.base import Method, MethodConfig, Range, TapSpec, declare,
 
 @dataclass(frozen=True)
 class LastLayerConfig(MethodConfig):
-    lr: float = setting(1e-2, Range(0.0, 10.0), "SGD learning rate of the classifier (revealed labels only)")
+    lr: float = setting(1e-3, Range(0.0, 10.0), "SGD learning rate of the classifier (revealed labels only)")
     entropy_weight: float = setting(0.0, Range(0.0, 100.0), "weight of the unsupervised entropy loss (0: learn "
                                                             "only from revealed labels)")
     guard: bool = field(default=False, metadata={"help": "collapse guard (off: labels cannot drive a collapse)"})
