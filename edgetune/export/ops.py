@@ -35,9 +35,11 @@ FLOAT_ONLY = "float-only"  # only on the trainable side
 class OpRule:
     """One ONNX op: which sides may hold it, how the int8 rewrite lowers it, which kernel runs it.
 
-    ``int8``: the rewrite rule (``conv``, ``matmul``, ``add``, ``mul``, ``lut``, ``concat``, ``avg_pool``,
-    ``global_pool``, ``max_pool``, ``mean``, ``clip``, ``view``, ``pad``), ``island``, ``qdq`` or
-    ``float-only``. ``relax``: the Relax ops TVM's frontend emits for it that the rule lowers.
+    ``int8``: the rewrite rule (``conv``, ``matmul``, ``add``, ``mul``, ``lut``, ``softmax``, ``concat``,
+    ``avg_pool``, ``global_pool``, ``max_pool``, ``mean``, ``clip``, ``view``, ``pad``), ``island``,
+    ``qdq`` or ``float-only``. ``family``: the kernel that runs it (``lookup table (int8)``: a
+    256-entry table built at compile time, see ``compilers/int8_tables.py``).
+    ``relax``: the Relax ops TVM's frontend emits for it that the rule lowers.
     ``shape_inputs``: input positions that must be constants (shapes, axes, bounds).
     A ``call_tir:<kernel>`` entry in ``relax`` names a TIR kernel the frontend emits (topi's pad).
     ``boundary``: may turn an int8 tensor into a float graph output without a float kernel.
