@@ -11,6 +11,12 @@ augmented copies of each sample; a microcontroller stream cannot afford it), the
 E[x^2] rather than the batch variance (the variance of one sample's spatial positions is what
 batch 1 offers), and DUA's momentum schedule ``max(0.005, 0.1 * 0.94**t)``. Needs a backbone
 with BatchNorm (``mcunet-s-bn``).
+
+``batch > 1`` is a *reference, not a deployable mode*: the big-batch test-time BatchNorm of
+Schneider et al. (NeurIPS 2020) and Nado et al. (2020), every BatchNorm normalising a batch of
+``batch`` consecutive stream samples with that batch's own statistics (no running estimate).
+It needs the whole batch before the first prediction, so ``step`` refuses it; benchmarks call
+``predict_batch`` on consecutive chunks of the stream instead.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgetune.errors import ConfigError
 from edgetune.methods.base import (Method, MethodConfig, Range, TapSpec, declare, ema_momentum, entropy, setting,
                                   supervised_or)
 from edgetune.methods.bn_stats import SampleStatNorm, with_sample_norms
@@ -28,15 +35,20 @@ class BNAdaptConfig(MethodConfig):
     momentum_start: float = setting(0.1, Range(0.0, 1.0), "EMA momentum of the first test sample")
     momentum_decay: float = setting(0.94, Range(0.0, 1.0), "per-sample decay of the EMA momentum")
     momentum_floor: float = setting(0.005, Range(0.0, 1.0), "lowest EMA momentum")
+    batch: int = setting(1, Range(1, 4096), "reference only (not deployable): >1 normalises each batch of this "
+                                            "many stream samples with its own statistics (predict_batch)")
 
 
 class RunningNorm(SampleStatNorm):
-    """Normalises with the running estimate after this sample entered it (inputs set per call in ``feed``)."""
+    """Normalises with the running estimate after this sample entered it (inputs set per call in ``feed``);
+    with ``feed`` None (``predict_batch``), with the statistics of the call's own batch."""
 
-    feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     updated: tuple[torch.Tensor, torch.Tensor]
 
     def statistics(self, mean, sqmean):
+        if self.feed is None:
+            return mean, torch.clamp(sqmean - mean * mean, min=0.0)
         run_mean, run_sqmean, momentum = self.feed
         run_mean = (1.0 - momentum) * run_mean + momentum * mean
         run_sqmean = (1.0 - momentum) * run_sqmean + momentum * sqmean
@@ -70,6 +82,24 @@ class BNAdapt(Method):
     def momentum_now(self) -> float:
         c = self.config
         return ema_momentum(self.steps, c.momentum_start, c.momentum_decay, c.momentum_floor)
+
+    def step(self, taps, target=None):
+        """See ``Method.step``.
+
+        Raises:
+            ConfigError: ``batch > 1`` (a reference that needs the whole batch: use ``predict_batch``).
+        """
+        if self.config.batch > 1:
+            raise ConfigError(f"bn-adapt: batch={self.config.batch} is a big-batch reference, not a per-sample "
+                              "mode; stream with batch=1, or call predict_batch on chunks of the stream")
+        return super().step(taps, target)
+
+    @torch.no_grad()
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of stream images N x C x H x W, every BatchNorm using this batch's statistics."""
+        for norm in self.norms:
+            norm.feed = None
+        return self.net(images)
 
     def forward_graph(self, taps, state, momentum, target):
         for k, norm in enumerate(self.norms):

@@ -1,0 +1,136 @@
+"""norm-align on the int8 backbone: statistics from the int32 accumulators, the affine folded into requantisation.
+
+Per sample and convolution k (forward order): the accumulators ``acc`` the layer already
+produces give the pre-activation ``y = fl32(sx * sw) * acc`` per channel; its spatial mean and
+E[y^2] enter the running statistics (``update_statistics``), the standardising affine
+``a * y + b`` (``standardising_affine``) is folded into the layer's requantisation as
+``scale = a`` (the multiplier becomes ``fl32(S * a)``) and an int32 bias correction
+``offset = rne(b / (a * sx * sw))``, and the int8 output follows. No second pass, weights
+untouched, no label read. The pooled features (``pooled=True``) are aligned on the float side,
+as feature-align does. Source statistics are measured on this int8 graph (identity affine), so
+alignment targets what the int8 backbone produces on source data, not the float model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetune.data import to_tensor
+from edgetune.errors import ConfigError
+from edgetune.int8ref.qdq_model import QDQModel
+from edgetune.methods.norm_align import NormAlign, standardising_affine, update_statistics
+
+
+def fold_affine(a: torch.Tensor, b: torch.Tensor, accum_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(requant scale factor, int32 accumulator offset) equal to the float affine ``a * y + b``."""
+    a32 = a.float()
+    offset = torch.round(b.double() / (a32.double() * accum_scale.double()))
+    return a32, offset
+
+
+def int8_graph(backbone, source_images: np.ndarray, data_name: str, path: Path) -> Path:
+    """Export ``backbone``'s frozen part (input -> pooled last stage) as int8 QDQ at ``path``, calibrated
+    on ``source_images`` exactly as ``edgetune export`` does.
+
+    Raises:
+        ExportError: export or quantisation fails.
+    """
+    from edgetune.export.onnx_graphs import export_frozen
+    from edgetune.export.quantize import quantize_frozen
+    from edgetune.methods import TapSpec
+
+    fp32 = path.with_suffix(".fp32.onnx")
+    export_frozen(backbone, (TapSpec(len(backbone.stages) - 1, pooled=True),), fp32)
+    quantize_frozen(fp32, path, source_images, data_name)
+    return path
+
+
+class Int8NormAlign:
+    """A fitted torch ``NormAlign`` (its config, momentum schedule, pooled alignment and classifier)
+    run on the int8 graph ``qdq``. ``step(x)`` predicts one sample, then its statistics stay in.
+
+    Raises (on construction):
+        ConfigError: ``layers='stages'`` (a stage's last requantisation may be an add: only
+            convolution requantisations are folded here) or a graph whose convs do not match.
+    """
+
+    def __init__(self, method: NormAlign, qdq: QDQModel) -> None:
+        if method.config.layers != "convs":
+            raise ConfigError(f"int8ref: norm-align layers={method.config.layers!r} has no int8 reference; "
+                              "use layers=convs")
+        self.method, self.qdq, self.convs = method, qdq, qdq.convs
+        self.heads = [m for m in method.aligned if isinstance(m.inner, torch.nn.Identity)]
+        # graph conv index -> position in the state (only the aligned convs keep statistics)
+        self.slot = {m.conv_index: k for k, m in enumerate(m for m in method.aligned if m.conv_index >= 0)}
+        total = sum(1 for m in method.net.modules() if getattr(m, "conv_index", -1) >= 0)
+        if len(self.convs) != total:
+            raise ConfigError(f"int8ref: the int8 graph has {len(self.convs)} convs, the method's backbone "
+                              f"{total}; build both from the same backbone")
+        width = [len(self.convs[k].requant) for k in self.slot]
+        self.source = [(torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)) for c in width]
+        self.state: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.steps = 0
+        self.restores = 0
+
+    def pre_activation(self, k: int, acc: torch.Tensor) -> torch.Tensor:
+        return acc * self.convs[k].accum_scale.double().reshape((1, -1) + (1,) * (acc.dim() - 2))
+
+    @torch.no_grad()
+    def calibrate(self, images: np.ndarray, batch: int = 250) -> None:
+        """Source statistics of every conv's pre-activation on the int8 graph (identity affine)."""
+        sums = [[0.0, 0.0, 0] for _ in self.slot]
+
+        def record(k: int, acc: torch.Tensor):
+            if k not in self.slot:
+                return None
+            y = self.pre_activation(k, acc)
+            k = self.slot[k]
+            dims = (0,) + tuple(range(2, y.dim()))
+            sums[k][0] = sums[k][0] + y.sum(dims)
+            sums[k][1] = sums[k][1] + (y * y).sum(dims)
+            sums[k][2] += y.numel() // y.shape[1]
+            return None
+
+        pooled = torch.cat([self.qdq.run(to_tensor(images[i:i + batch]), record)[0]
+                            for i in range(0, len(images), batch)]).double()
+        self.source = [(s / n, sq / n) for s, sq, n in sums]
+        for head in self.heads:  # the pooled features' source statistics, as the int8 graph gives them
+            k = self.method.aligned.index(head)
+            for name, value in ((f"mean{k}", pooled.mean(0)), (f"sqmean{k}", (pooled * pooled).mean(0))):
+                self.method.get_buffer(name).copy_(value.float())
+            head.source_mean.copy_(pooled.mean(0).float())
+            head.source_sqmean.copy_((pooled * pooled).mean(0).float())
+        self.method._initial = None  # the method's reset point now holds the int8 source statistics
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = [(m.clone(), sq.clone()) for m, sq in self.source]
+        self.method.reset()  # the float side's pooled statistics back to source
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, convs: bool = True) -> torch.Tensor:
+        """Logits (1 x classes) of one sample (1 x C x H x W float), then its statistics stay in the state.
+
+        ``convs=False`` folds nothing (onnxruntime's graph as exported; only a pooled alignment, if
+        configured, runs): the source and feature-align rows of the same runner.
+        """
+        momentum = torch.tensor(self.method.momentum_now(), dtype=torch.float64)
+        include = self.method.config.include_sample
+
+        def align(k: int, acc: torch.Tensor):
+            if k not in self.slot:
+                return None
+            y, op, k = self.pre_activation(k, acc), self.convs[k], self.slot[k]
+            old = self.state[k]
+            self.state[k] = update_statistics(*old, y, momentum)
+            a, b = standardising_affine(*(self.state[k] if include else old), *self.source[k])
+            return fold_affine(a, b, op.accum_scale)
+
+        pooled, _ = self.qdq.run(x, align if convs else None)
+        logits = self.method.classify(pooled, momentum.float())
+        self.method.steps += 1
+        self.steps += 1
+        return logits

@@ -1,0 +1,238 @@
+"""norm-align: per-layer normalisation alignment inside the frozen backbone, forward only, batch 1.
+
+Paper: M. J. Mirza, J. Micorek, H. Possegger, H. Bischof. "The Norm Must Go On: Dynamic
+Unsupervised Domain Adaptation by Normalization". CVPR 2022 (DUA) — its decaying-momentum
+running statistics, applied to every convolution of a backbone that has no BatchNorm left.
+
+For every convolution of the export-fused backbone (its normalisation folded in, as the int8
+graph has it) the method keeps an exponential moving average of the stream's per-channel mean
+and second moment of the convolution's *pre-activation* (the int32 accumulator of the int8
+graph), initialised from the source statistics measured at fit, and re-standardises the
+pre-activation to the source's mean and variance: ``y' = a * y + b`` per channel with
+``a = sqrt(var_src + eps) / sqrt(var_run + eps)`` and ``b = mean_src - a * mean_run``. In the
+int8 graph that affine is folded into the layer's requantisation (int32 -> int8 scale and
+bias; ``edgetune.int8ref``), so weights stay untouched and kernels stay integer.
+
+Why a method of its own and not a ``layers=`` option of feature-align: feature-align is
+partitioned (its statistics live on the float side, after the frozen graph); this method's
+statistics change the frozen graph's own requantisation, so it runs the backbone itself
+(``partitioned = False``, like bn-adapt) and its state is per layer, not per tap.
+
+Choices DUA leaves open, measured on the 4 validation corruptions (``benchmarks/norm_align.py``):
+* ``layers``: ``convs`` (every convolution) or ``stages`` (every stage output: the affine then
+  sits on the stage's last requantisation).
+* ``include_sample``: the current sample enters the statistics before its own prediction (DUA;
+  the layer's accumulators must be complete before requantising), or the affine uses the
+  statistics up to the previous sample (``False``: the kernel requantises as it accumulates).
+* the sample's statistics are its spatial mean and E[y^2] (batch 1 has nothing else); the
+  source statistics are the population mean and E[y^2] over the source images' positions, so
+  the running estimate converges to the same quantity on the target domain.
+Statistics come only from the activations the forward already produces; no label is read.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgetune.errors import ConfigError
+from edgetune.methods.base import (Method, MethodConfig, Range, TapSpec, declare, ema_momentum, entropy, setting,
+                                   supervised_or)
+
+EPS = 1e-5
+LAYERS = ("convs", "stages")
+
+
+@dataclass(frozen=True)
+class NormAlignConfig(MethodConfig):
+    momentum_start: float = setting(0.1, Range(0.0, 1.0), "EMA momentum of the first test sample")
+    momentum_decay: float = setting(0.94, Range(0.0, 1.0), "per-sample decay of the EMA momentum")
+    momentum_floor: float = setting(0.005, Range(0.0, 1.0), "lowest EMA momentum")
+    layers: str = field(default="convs", metadata={"help": "where statistics are aligned: 'convs' (every "
+                                                           "convolution's pre-activation) or 'stages'"})
+    include_sample: bool = field(default=True, metadata={"help": "the current sample enters the statistics "
+                                                                 "before its own prediction (DUA)"})
+    pooled: bool = field(default=False, metadata={"help": "also align the pooled features the classifier reads "
+                                                          "(feature-align's statistics, on the float side)"})
+    first_stage: int = setting(0, Range(0, 64), "align only layers in this stage and later (early layers left as "
+                                                "they are)")
+
+
+def update_statistics(mean: torch.Tensor, sqmean: torch.Tensor, y: torch.Tensor,
+                      momentum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running (mean, E[y^2]) per channel after sample ``y`` (1 x C x ...) entered with ``momentum``."""
+    dims = (0,) + tuple(range(2, y.dim()))
+    return ((1.0 - momentum) * mean + momentum * y.mean(dims).to(mean.dtype),
+            (1.0 - momentum) * sqmean + momentum * (y * y).mean(dims).to(mean.dtype))
+
+
+def standardising_affine(mean: torch.Tensor, sqmean: torch.Tensor, source_mean: torch.Tensor,
+                         source_sqmean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (a, b) with ``a * y + b`` mapping running statistics (mean, E[y^2]) onto the source's."""
+    var = torch.clamp(sqmean - mean * mean, min=0.0)
+    src_var = torch.clamp(source_sqmean - source_mean ** 2, min=0.0)
+    a = torch.sqrt(src_var + EPS) / torch.sqrt(var + EPS)
+    return a, source_mean - a * mean
+
+
+class AlignedLayer(nn.Module):
+    """A frozen layer whose per-channel output is re-standardised to the source statistics.
+
+    Modes (set by the owner): ``record`` accumulates source sums; otherwise ``feed`` holds
+    (running mean, running E[y^2], momentum) and ``updated`` receives the new running pair.
+    """
+
+    def __init__(self, inner: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("source_mean", torch.zeros(channels))
+        self.register_buffer("source_sqmean", torch.ones(channels))
+        self.record: list[torch.Tensor] | None = None
+        self.include_sample = True
+        self.feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.updated: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.conv_index = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if self.record is not None:
+            dims = (0,) + tuple(range(2, y.dim()))  # source pass: sums over every position of every image
+            y64 = y.double()
+            for k, part in enumerate((y64.sum(dims), (y64 * y64).sum(dims), torch.tensor(y.numel() / y.shape[1]))):
+                self.record[k] += part.clone()
+            return y
+        if self.feed is None:
+            return y
+        run_mean, run_sqmean, momentum = self.feed
+        self.updated = update_statistics(run_mean, run_sqmean, y, momentum)
+        a, b = standardising_affine(*(self.updated if self.include_sample else (run_mean, run_sqmean)),
+                                    self.source_mean, self.source_sqmean)
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        return y * a.reshape(shape) + b.reshape(shape)
+
+
+def aligned_network(backbone, layers: str, pooled: bool = False,
+                    first_stage: int = 0) -> tuple[nn.Module, list[AlignedLayer]]:
+    """An eval-mode fused copy of ``backbone`` with an ``AlignedLayer`` around every conv or stage of
+    stage ``first_stage`` and later (and the pooled features when ``pooled``), in forward order.
+    Each layer's ``conv_index`` is its convolution's position among all of the backbone's
+    convolutions in forward order (the int8 graph's numbering; -1 for stages and the pooled layer).
+
+    Raises:
+        ConfigError: unknown ``layers`` or a backbone without convolutions.
+    """
+    if layers not in LAYERS:
+        raise ConfigError(f"norm-align: layers={layers!r} is unknown; use one of {', '.join(LAYERS)}")
+    net = backbone.for_export().requires_grad_(False)
+    wrapped: list[AlignedLayer] = []
+    if layers == "stages":
+        widths = backbone.stage_widths()
+        for k, stage in enumerate(list(net.stages)):
+            wrapped.append(AlignedLayer(stage, widths[k]))
+            net.stages[k] = wrapped[-1]
+    else:
+        _wrap_convs(net, wrapped)
+    if not wrapped:
+        raise ConfigError("norm-align: the backbone has no Conv1d/Conv2d to align; use feature-align")
+    stage_of = {id(m): k for k, stage in enumerate(net.stages) for m in stage.modules()}
+    if first_stage >= len(net.stages):
+        raise ConfigError(f"norm-align: first_stage={first_stage} but the backbone has {len(net.stages)} stages; "
+                          f"give 0 to {len(net.stages) - 1}")
+    if pooled:  # the classifier's input: one more layer, after every conv in forward order
+        head = AlignedLayer(nn.Identity(), net.classifier.in_features)
+        net.classifier = nn.Sequential(head, net.classifier)
+        wrapped.append(head)
+    # named_children order is definition order; the forward order is what the runtime needs
+    order: list[AlignedLayer] = []
+    hooks = [w.register_forward_hook(lambda m, i, o: order.append(m)) for w in wrapped]
+    with torch.no_grad():
+        net(torch.zeros(1, *backbone.input_shape))
+    for h in hooks:
+        h.remove()
+    convs = [m for m in order if not isinstance(m.inner, nn.Identity)]
+    for k, m in enumerate(convs):
+        m.conv_index = k if layers == "convs" else -1
+    return net, [m for m in order if stage_of.get(id(m), len(net.stages)) >= first_stage]
+
+
+def _wrap_convs(net: nn.Module, wrapped: list[AlignedLayer]) -> None:
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Conv1d, nn.Conv2d)):
+                wrapped.append(AlignedLayer(child, child.out_channels))
+                setattr(parent, name, wrapped[-1])
+
+
+@declare
+class NormAlign(Method):
+    name = "norm-align"
+    paper = "Mirza et al., The Norm Must Go On (DUA), CVPR 2022 (per-layer, through the requantisation)"
+    Config = NormAlignConfig
+    config: NormAlignConfig
+    partitioned = False
+
+    def __init__(self, backbone, config: NormAlignConfig) -> None:
+        super().__init__(backbone, config)
+        del self.classifier  # not partitioned: the classifier stays inside the network copy
+        self.net, layers = aligned_network(copy.deepcopy(backbone), config.layers, config.pooled,
+                                              config.first_stage)
+        self.aligned: list[AlignedLayer] = layers  # plain list: the modules already live in self.net
+        for k, layer in enumerate(layers):
+            layer.include_sample = config.include_sample
+            self.register_buffer(f"mean{k}", torch.zeros_like(layer.source_mean))
+            self.register_buffer(f"sqmean{k}", torch.ones_like(layer.source_mean))
+
+    def taps(self) -> tuple[TapSpec, ...]:
+        return (TapSpec(-1, pooled=False),)
+
+    def state_names(self) -> list[str]:
+        return [f"{s}{k}" for k in range(len(self.aligned)) for s in ("mean", "sqmean")]
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Source statistics of every aligned layer (population mean and E[y^2] over images and positions)."""
+        for layer in self.aligned:
+            c = len(layer.source_mean)
+            layer.record, layer.feed = [torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64),
+                                        torch.zeros((), dtype=torch.float64)], None
+        for batch in batches:
+            for i in range(0, len(batch[0]), 500):
+                self.net(batch[0][i:i + 500])
+        for k, layer in enumerate(self.aligned):
+            total, squares, n = layer.record or []
+            mean, sqmean = (total / n).float(), (squares / n).float()
+            layer.source_mean.copy_(mean)
+            layer.source_sqmean.copy_(sqmean)
+            self.get_buffer(f"mean{k}").copy_(mean)
+            self.get_buffer(f"sqmean{k}").copy_(sqmean)
+            layer.record = None
+
+    def momentum_now(self) -> float:
+        c = self.config
+        return ema_momentum(self.steps, c.momentum_start, c.momentum_decay, c.momentum_floor)
+
+    @torch.no_grad()
+    def classify(self, pooled: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
+        """The float side of an int8 run (``edgetune.int8ref``): pooled alignment, when configured, then the
+        classifier; the pooled statistics are updated in place."""
+        if not self.config.pooled:
+            return self.net.classifier(pooled)
+        k = len(self.aligned) - 1
+        head = self.aligned[k]
+        head.feed = (self.get_buffer(f"mean{k}"), self.get_buffer(f"sqmean{k}"), momentum)
+        logits = self.net.classifier(pooled)
+        for name, value in zip((f"mean{k}", f"sqmean{k}"), head.updated or ()):
+            self.get_buffer(name).copy_(value)
+        head.feed = None
+        return logits
+
+    def forward_graph(self, taps, state, momentum, target):
+        for k, layer in enumerate(self.aligned):
+            layer.feed = (state[2 * k], state[2 * k + 1], momentum)
+        logits = self.net(taps[0])
+        new_state = [t for layer in self.aligned for t in (layer.updated or (None, None))]
+        for layer in self.aligned:
+            layer.feed = None
+        return logits, supervised_or(entropy(logits).sum(), logits, target), new_state
