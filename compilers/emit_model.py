@@ -22,6 +22,13 @@ What the generated code does:
 * Early exits come from the manifest's declared exits (``Interface.exits``): their state holds the
   one-hot of the exit the sample took, so it exited early when an entry other than the last one is
   set; the runtime counts exits in uint32.
+* With declared exits the frozen plan is cut into stage segments (``plan.stage_segments``: calls
+  reordered so each exit's taps are complete after a prefix, checked against the arena's
+  lifetimes). ``frozen_forward`` runs the first exit's segment; the method entry then runs
+  ``infer`` as a probe on the taps so far (the method's outputs do not depend on the taps of stages
+  that have not run) and the next segment only while no exit is confident. The method's functions
+  then get arena bytes of their own after the frozen graph's, since the frozen graph's live
+  tensors must survive a probe. A plan that cannot be reordered soundly runs every stage.
 """
 from __future__ import annotations
 

@@ -20,8 +20,10 @@ open, made here (DESIGN §3 has the prototype measurements behind them):
   ensemble defined when every exit is uniform).
 * Early exit: at the first k whose prefix ensemble has max-probability > ``exit_threshold``.
   Every prefix ensemble is computed and the first confident one selected with tensor ops, so the
-  graph has no data-dependent control flow and exports as it is; the runtime may skip the
-  remaining frozen stages. Default 1.0 = never exit early: early exits are often confidently
+  graph has no data-dependent control flow and exports as it is. Stages after the exit do not
+  count: their heads get no gradient and their alignment statistics stay as they were (masked),
+  so the outputs do not depend on their taps and the compiled runtime skips those frozen stages.
+  Default 1.0 = never exit early: early exits are often confidently
   wrong under shift, so a threshold calibrated on clean data cannot be trusted there (on the
   digits validation corruptions 0.8 exited early on 14% of samples for -0.4 points).
 * Test-time loss: soft cross-entropy of every head that ran towards the ensemble's (stopped)

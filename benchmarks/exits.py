@@ -1,0 +1,215 @@
+"""Early exits that save compute: tinytta's exit threshold swept on Fashion-MNIST-C, accuracy against
+mean guest instructions per sample on a simulated Cortex-M4.
+
+    python benchmarks/exits.py --out results/exits                   # 300 samples per corruption
+    python benchmarks/exits.py --quick --out /tmp/exits               # 40 per corruption, 3 corruptions
+
+The rule (TinyTTA's, Jia et al. NeurIPS 2024, on the *aligned* ensemble): exit at the first stage
+whose confidence-weighted prefix ensemble of the aligned exits has max-probability above the
+threshold. The threshold is chosen on the 4 validation corruptions only (applied to held-out
+training images): the lowest threshold whose validation accuracy stays within 0.5 points of
+tinytta without exits (threshold 1.0); a lower threshold only exits more and earlier, so it is
+the cheapest acceptable one. Then, on the 15 test corruptions (severity 5, continual):
+
+* accuracy and the share of samples per exit, for every threshold of the sweep: torch's tinytta on
+  the bundle's int8 taps (onnxruntime), which tests/test_exits.py shows takes the same exits and
+  predictions as the compiled runtime and the firmware;
+* instructions: the firmware of the chosen threshold and of threshold 1.0 (no early exits) run the
+  whole test stream in qemu-system-arm (SysTick counts guest instructions). Each sample's
+  instructions depend only on where it exited (the plan runs a fixed kernel sequence per path), so
+  the sweep's mean instructions are the exit shares times the per-exit instructions measured in
+  those two runs (an exit stage never taken there has no measured cost and the point is left out).
+
+Writes ``exits.json``, ``exits.md`` and ``exits.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetune.adapt import fit, prepare
+from edgetune.checkpoint import load_checkpoint
+from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream, load_dataset, to_tensor
+from edgetune.deploy import build_project, save_initial_state, write_target_project
+from edgetune.deploy.streams import EARLY_EXIT, write_stream
+from edgetune.export import export
+from edgetune.ort_runtime import OrtTaps
+from edgetune.simulate import run_program
+from edgetune.targets import get_target
+
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLDS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+ACCURACY_BUDGET = 0.005  # the goal: at most 0.5 points below tinytta without exits
+
+
+def stream_taps(bundle: Path, segments) -> tuple[list[list[torch.Tensor]], np.ndarray, list[int], np.ndarray]:
+    """(int8 taps per sample, labels, segment lengths, float32 samples) of a stream."""
+    runner = OrtTaps(bundle)
+    x = np.concatenate([to_tensor(s.images).numpy() for s in segments])
+    taps = [runner(torch.from_numpy(x[i:i + 1])) for i in range(len(x))]
+    return taps, np.concatenate([s.labels for s in segments]), [len(s.labels) for s in segments], x
+
+
+def sweep_point(method, threshold: float, taps, labels, lengths) -> dict:
+    """tinytta at ``threshold`` over one continual stream: accuracy (mean over corruptions) and exits."""
+    m = copy.deepcopy(method)
+    m.config = dataclasses.replace(m.config, exit_threshold=threshold)
+    m._initial = None
+    m.reset()
+    preds, exits = [], []
+    for t in taps:
+        preds.append(int(m.step(t).argmax()))
+        exits.append(m.last_exit)
+    correct = np.array(preds) == labels
+    bounds = np.cumsum([0, *lengths])
+    per = [float(correct[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])]
+    share = np.bincount(exits, minlength=m.depth) / len(exits)
+    return {"threshold": threshold, "accuracy": float(np.mean(per)), "exit_share": share.tolist(),
+            "predictions": preds, "exits": exits}
+
+
+def firmware_run(adaptable, data, threshold: float, x: np.ndarray, work: Path) -> np.ndarray:
+    """Per-sample records of the cortex-m4 firmware of tinytta at ``threshold`` over samples ``x``."""
+    a = copy.deepcopy(adaptable)
+    a.method.config = dataclasses.replace(a.method.config, exit_threshold=threshold)
+    a.method._initial = None
+    a.method.reset()
+    bundle = work / f"bundle-{threshold:g}"
+    export(a, data, bundle, quantize=True, target="cortex-m4", progress=False)
+    save_initial_state(bundle, a.method)
+    built = build_project(write_target_project(bundle, "cortex-m4"))
+    stream = write_stream(work / f"stream-{threshold:g}.bin", x, None, None, built.project.classes)
+    return run_program(built, stream, work / f"run-{threshold:g}", adapt=True).records
+
+
+def instructions(records: np.ndarray) -> np.ndarray:
+    """Guest instructions per sample of a firmware run (SysTick ticks under ``-icount shift=0``)."""
+    return records["step"].astype(float) * get_target("cortex-m4").ticks_to_instructions(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/exits")
+    parser.add_argument("--samples", type=int, default=300, help="samples per corruption")
+    parser.add_argument("--quick", action="store_true", help="40 samples of 3 corruptions per split (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="bundles and firmware (default: a temporary folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.time()
+    n = 40 if args.quick else args.samples
+    val_c = VALIDATION_CORRUPTIONS[:3] if args.quick else VALIDATION_CORRUPTIONS
+    test_c = TEST_CORRUPTIONS[:3] if args.quick else TEST_CORRUPTIONS
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="edgetune-exits-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    data = load_dataset("fashion-mnist")
+    backbone, _ = load_checkpoint(ROOT / "checkpoints" / "mcunet-s-fashion-mnist")
+    adaptable = prepare(copy.deepcopy(backbone), "tinytta", model_name="mcunet-s", seed=args.seed)
+    fit(adaptable, data, seed=args.seed, progress=False)
+    taps_bundle = work / "bundle-taps"
+    export(adaptable, data, taps_bundle, quantize=True, progress=False)  # the int8 frozen graph for the taps
+
+    streams = {}
+    for split, corruptions in (("val", val_c), ("test", test_c)):
+        segments = build_stream(data, corruptions, 5, "continual", args.seed, n, split=split)
+        streams[split] = stream_taps(taps_bundle, segments)
+    sweep = {split: [sweep_point(adaptable.method, t, *streams[split][:3]) for t in THRESHOLDS]
+             for split in streams}
+    for split in sweep:
+        for p in sweep[split]:
+            print(f"{split:<5} threshold {p['threshold']:<6g} accuracy {100 * p['accuracy']:6.2f}  exits "
+                  + " ".join(f"{100 * s:5.1f}" for s in p["exit_share"]), flush=True)
+    full_val = sweep["val"][0]["accuracy"]
+    ok = [p for p in sweep["val"] if p["accuracy"] >= full_val - ACCURACY_BUDGET]
+    chosen = min(ok, key=lambda p: p["threshold"])["threshold"]
+    print(f"chosen on validation: threshold {chosen:g}", flush=True)
+
+    x_test = streams["test"][3]
+    runs = {t: firmware_run(adaptable, data, t, x_test, work) for t in dict.fromkeys((1.0, chosen))}
+    by_t = {p["threshold"]: p for p in sweep["test"]}
+    depth = adaptable.method.depth
+    cost: dict[int, list[float]] = {k: [] for k in range(depth)}
+    agree = {}
+    for t, records in runs.items():
+        exits = np.array(by_t[t]["exits"])
+        flagged = (records["flags"] & EARLY_EXIT) != 0
+        agree[t] = {"exits": float(np.mean(flagged == (exits < depth - 1))),
+                    "predictions": float(np.mean(records["prediction"] == np.array(by_t[t]["predictions"])))}
+        for k in range(depth):
+            cost[k] += instructions(records)[exits == k].tolist()
+    per_exit = {k: float(np.mean(v)) if v else None for k, v in cost.items()}
+    full = per_exit[depth - 1]
+    rows = []
+    for p in sweep["test"]:
+        known = all(per_exit[k] is not None for k, s in enumerate(p["exit_share"]) if s > 0)
+        mean = sum(s * per_exit[k] for k, s in enumerate(p["exit_share"]) if s > 0) if known else None
+        rows.append({"threshold": p["threshold"], "accuracy": p["accuracy"], "exit_share": p["exit_share"],
+                     "early_exit_share": 1.0 - p["exit_share"][-1],
+                     "instructions_per_sample": mean, "relative_instructions": mean / full if mean and full else None,
+                     "measured_in_qemu": p["threshold"] in runs})
+    measured = {f"{t:g}": {"instructions_per_sample": float(instructions(r).mean()),
+                           "accuracy": float(np.mean(r["prediction"] == streams["test"][1])),
+                           "early_exit_share": float(np.mean((r["flags"] & EARLY_EXIT) != 0)),
+                           "agreement_with_torch": agree[t]} for t, r in runs.items()}
+    result = {"data": "fashion-mnist", "model": "mcunet-s", "severity": 5, "protocol": "continual",
+              "samples_per_corruption": n, "validation_corruptions": list(val_c), "test_corruptions": list(test_c),
+              "chosen_threshold": chosen, "per_exit_instructions": per_exit, "qemu": measured,
+              "validation": [{k: v for k, v in p.items() if k not in ("predictions", "exits")} for p in sweep["val"]],
+              "test": rows, "seconds": round(time.time() - start)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exits.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_table(result, out / "exits.md")
+    plot(result, out / "exits.png")
+    print((out / "exits.md").read_text())
+
+
+def write_table(r: dict, path: Path) -> None:
+    base = next(row for row in r["test"] if row["threshold"] == 1.0)
+    lines = [f"tinytta early exits, Fashion-MNIST-C severity 5, continual, mcunet-s int8, cortex-m4 (QEMU), "
+             f"{r['samples_per_corruption']} samples per corruption; threshold chosen on "
+             f"{', '.join(r['validation_corruptions'])}: {r['chosen_threshold']:g}", "",
+             "| threshold | test accuracy (%) | vs no exits (points) | early exits (%) | instructions / sample | "
+             "vs full |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["test"]:
+        ins = row["instructions_per_sample"]
+        mark = " (QEMU run)" if row["measured_in_qemu"] else ""
+        lines.append(f"| {row['threshold']:g}{mark} | {100 * row['accuracy']:.2f} | "
+                     f"{100 * (row['accuracy'] - base['accuracy']):+.2f} | {100 * row['early_exit_share']:.1f} | "
+                     + (f"{ins:,.0f} | {row['relative_instructions']:.3f} |" if ins else "- | - |"))
+    lines += ["", "Per-exit instructions (QEMU): " + ", ".join(
+        f"exit {k}: {v:,.0f}" if v else f"exit {k}: not taken" for k, v in r["per_exit_instructions"].items()),
+        "QEMU runs vs torch on the int8 taps (share of samples that agree): " + "; ".join(
+            f"threshold {t}: exits {100 * q['agreement_with_torch']['exits']:.1f} %, predictions "
+            f"{100 * q['agreement_with_torch']['predictions']:.1f} %" for t, q in r["qemu"].items())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [row for row in r["test"] if row["instructions_per_sample"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["instructions_per_sample"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "o-")
+    for p in pts:
+        ax.annotate(f"{p['threshold']:g}", (p["instructions_per_sample"] / 1e6, 100 * p["accuracy"]), fontsize=7)
+    ax.set_xlabel("mean guest instructions per sample (millions, cortex-m4 QEMU)")
+    ax.set_ylabel("online accuracy (%)")
+    ax.set_title("tinytta early-exit threshold sweep, Fashion-MNIST-C sev 5")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
