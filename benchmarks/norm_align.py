@@ -39,7 +39,7 @@ from edgetune.methods import norm_align  # noqa: F401 - registers norm-align
 # exploration behind it (every conv, stage outputs, mean only) is in the README section.
 GRID = {"first_stage": ["1", "2", "3"], "include_sample": ["true", "false"], "pooled": ["true"]}
 FEATURE_ALIGN = {"momentum_start": "0.2", "momentum_decay": "0.98", "momentum_floor": "0.005"}  # its validated values
-SOURCE_STATS_IMAGES = 5000
+SOURCE_STATS_IMAGES = 2000
 
 
 class Int8Runner:
@@ -64,8 +64,8 @@ class Int8Runner:
 
 
 def int8_row(name, backbone, cfg, data, qdq, segments, overrides, align=True):
+    # no float fit: every statistic the int8 run uses is measured on the int8 graph by ``calibrate``
     adaptable = prepare(copy.deepcopy(backbone), "norm-align", overrides, model_name=cfg["model"])
-    fit(adaptable, data, seed=0, progress=False)
     model = Int8NormAlign(adaptable.method, qdq)
     model.calibrate(calibration_images(data.train_x, SOURCE_STATS_IMAGES))
     return walk_stream(Int8Runner(model, align), segments, name, progress=False)
@@ -110,12 +110,19 @@ def run(args: argparse.Namespace) -> None:
         if args.tune:
             grid = {**GRID, **json.loads(args.grid)}
             configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+        elif args.configs:
+            configs = json.loads(args.configs)
         else:
             configs = [json.loads(chosen_path.read_text())] if chosen_path.exists() else [{}]
         for overrides in configs if "norm-align" in args.rows else []:
             t = time.time()
-            record("norm-align", protocol, "mcunet-s int8", int8_row("norm-align", main, main_cfg, data, qdq, segments,
-                                                                   overrides).per_corruption, overrides, t)
+            if args.backbone == "torch":  # the float reference (any layers= choice)
+                adaptable = prepare(copy.deepcopy(main), "norm-align", overrides, model_name=main_cfg["model"])
+                fit(adaptable, data, seed=0, progress=False)
+                per = run_stream(adaptable, segments, progress=False).per_corruption
+            else:
+                per = int8_row("norm-align", main, main_cfg, data, qdq, segments, overrides).per_corruption
+            record("norm-align", protocol, f"mcunet-s {args.backbone}", per, overrides, t)
         if args.tune:
             continue
         if "source" in args.rows:
@@ -218,6 +225,10 @@ def main() -> None:
                         "sample), clean (norm-align and source on the clean test stream)")
     p.add_argument("--grid", default="{}", help='--tune: JSON overriding grid entries, e.g. \'{"include_sample": '
                                                  '["false"]}\' (to split the grid over processes)')
+    p.add_argument("--configs", default="", help='norm-align overrides to run instead of chosen.json, a JSON list '
+                                                 'such as \'[{"layers": "stages"}, {}]\'')
+    p.add_argument("--backbone", default="int8", choices=["int8", "torch"],
+                   help="norm-align rows on the int8 reference (default) or the float torch reference")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="100 samples of 3 corruptions, episodic (a smoke run)")
     p.add_argument("--out", default="results/norm_align")
