@@ -55,9 +55,9 @@ LRS = (3e-4, 1e-3, 3e-3, 1e-2)  # the --tune grid of every learner's test-time l
 
 
 def method_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """``name`` or ``name:key=value,key=value`` -> (label, method, overrides)."""
+    """``name`` or ``name:key=value+key=value`` -> (label, method, overrides)."""
     name, _, rest = spec.partition(":")
-    overrides = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
+    overrides = dict(kv.split("=", 1) for kv in rest.split("+") if kv) if rest else {}
     return spec, name, overrides
 
 
@@ -396,7 +396,10 @@ def main() -> None:
         return
     if args.render:  # tables and plots of earlier runs (parts run in parallel), nothing measured
         for f in args.render.split(","):
-            rows += json.loads(Path(f).read_text())["rows"]
+            run = json.loads(Path(f).read_text())
+            rows += run["rows"]
+            if any(r["study"] == "personalisation" for r in run["rows"]):  # the table names the run's stream
+                args.samples, args.corruptions = run["settings"]["samples"], run["settings"]["corruptions"]
         write_tables(rows, out / "labels.md", args)
         plot(rows, out)
         return

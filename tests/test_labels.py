@@ -152,7 +152,7 @@ def test_new_task_needs_a_method_that_learns_its_classes(tiny_cnn, digits):
 def test_cli_transfer_opt_in_learns_the_new_classes_and_says_so(tiny_cnn, capsys):
     """A digits model on a Fashion-MNIST stream: refused as the same task, learned as a new one."""
     base = ["eval", "--checkpoint", str(tiny_cnn[1]), "--method", "last-layer", "--data", "fashion-mnist",
-            "--corruption", "none", "--samples-per-corruption", "300", "--set", "fit_epochs=0"]
+            "--corruption", "none", "--samples-per-corruption", "300", "--set", "fit_epochs=0", "--set", "lr=0.01"]
     assert main(base + ["--labelled-fraction", "1"]) == 1
     assert "--task new" in capsys.readouterr().err
     assert main(base + ["--task", "new"]) == 1

@@ -37,6 +37,9 @@ labels vqt never updates, so on its own it cannot follow a shift that alignment 
 measured on main before this choice (Fashion-MNIST-C, 20 % labels, continual): vqt 50.0 vs
 feature-align 52.6. An unfitted aligned vqt predicts exactly like ``feature-align``; then the
 queries and head learn from labels. ``align=false`` is vqt as in the paper.
+Measured with ``benchmarks/labels.py`` (mcunet-s, ``results/labels/``): transfer Fashion-MNIST ->
+digits, held-out accuracy after 1,258 labels, aligned 74.7 vs ``align=false`` 72.4 (full fine-tuning
+90.5); Fashion-MNIST-C with 20 % labels (episodic) aligned 48.3, feature-align 53.7.
 """
 from __future__ import annotations
 
