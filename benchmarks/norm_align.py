@@ -242,8 +242,13 @@ def main() -> None:
     if args.quick:
         args.samples, args.corruptions, args.protocols = 100, 3, "episodic"
     if args.merge:
+        # source and feature-align from benchmarks/accuracy.py (onnxruntime int8, the same streams) when
+        # its output sits in <out>/baselines, then every tagged run of this script
+        base = Path(args.out) / "baselines" / f"fashion-mnist-{args.split}-sev{args.severity}.json"
+        rows = [{**r, "backbone": "mcunet-s int8 (onnxruntime)"} for r in json.loads(base.read_text())] \
+            if base.exists() else []
         parts = sorted(Path(args.out).glob(f"{args.split}-sev{args.severity}-*.json"))
-        write([r for part in parts for r in json.loads(part.read_text())["rows"]], args)
+        write(rows + [r for part in parts for r in json.loads(part.read_text())["rows"]], args)
         return
     run(args)
 
