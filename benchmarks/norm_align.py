@@ -205,7 +205,8 @@ def plot(get: dict, methods: list[str], corrs: list[str], protocol: str, path: P
                   ha="right")
     ax.set_ylabel("online accuracy (%)")
     ax.set_title(f"fashion-mnist-C severity {args.severity}, {protocol}, {args.samples} samples per corruption")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, ncol=len(methods), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
