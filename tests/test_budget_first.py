@@ -211,3 +211,80 @@ def test_estimate_matches_the_linked_firmware(bundle, compiled):
     for est in (estimate, bundle[1]):
         _within(est.flash, built.flash_bytes, "flash")
         _within(est.sram, sram, "SRAM")
+
+
+def test_kernel_costs_are_keyed_by_the_op_table():
+    """The estimate's per-kernel costs name kernel families and int8 rules of the op table (one source
+    of truth): a renamed family or rule fails here instead of silently falling back to a default."""
+    from edgetune.deploy.estimate import FAMILY_CODE_BYTES, RULE_CONSTANTS
+    from edgetune.export.ops import OP_TABLE
+
+    families = {r.family for r in OP_TABLE.values()}
+    rules = {r.int8 for r in OP_TABLE.values()}
+    assert set(FAMILY_CODE_BYTES) <= families, set(FAMILY_CODE_BYTES) - families
+    assert set(RULE_CONSTANTS) <= rules, set(RULE_CONSTANTS) - rules
+    # every family of an op the frozen side accepts has a measured code size
+    assert {r.family for r in OP_TABLE.values() if r.frozen} <= set(FAMILY_CODE_BYTES)
+
+
+@pytest.fixture(scope="module")
+def hswish_se(tmp_path_factory):
+    """The corpus' hardswish + squeeze-excitation CNN (QLinearMul, lookup tables, a quantised
+    ReduceMean), exported with method source as benchmarks/corpus.py deploys it (no TVM yet)."""
+    import copy
+
+    from corpus_models import build, fit_linear_probe, labelled_samples
+
+    from edgetune.adapt import fit, prepare
+    from edgetune.deploy.project import save_initial_state
+    from edgetune.export import export
+
+    backbone = build("hswish-se")
+    data = labelled_samples(backbone, 256)
+    fit_linear_probe(backbone, data)
+    adaptable = prepare(copy.deepcopy(backbone), "source", model_name="hswish-se")
+    out = tmp_path_factory.mktemp("budget-hswish") / "bundle"
+    fit(adaptable, data, progress=False)
+    export(adaptable, data, out, progress=False)
+    save_initial_state(out, adaptable.method)
+    return out
+
+
+def test_estimate_counts_the_new_int8_kernels(hswish_se):
+    """Each 256-entry lookup table (HardSigmoid, Sigmoid) is in the flash estimate."""
+    import onnx
+
+    from edgetune.deploy.estimate import RULE_CONSTANTS, estimate_graph
+    from edgetune.export.ops import OP_TABLE
+
+    frozen = onnx.load(str(hswish_se / "frozen.onnx"))
+    ops = [n.op_type for n in frozen.graph.node]
+    luts = sum(OP_TABLE[op].int8 == "lut" for op in ops)
+    assert luts >= 5 and "Mul" in ops and "ReduceMean" in ops
+    est = estimate_graph(frozen)
+    stripped = onnx.ModelProto()  # the same graph with the lookup-table ops as plain views: no tables
+    stripped.CopyFrom(frozen)
+    for node in stripped.graph.node:
+        if OP_TABLE.get(node.op_type) is not None and OP_TABLE[node.op_type].int8 == "lut":
+            node.op_type = "Identity"
+            del node.attribute[:]
+    assert est.constants - estimate_graph(stripped).constants == luts * RULE_CONSTANTS["lut"].table
+
+
+@needs_tool("arm-none-eabi-gcc", "make")
+def test_estimate_covers_the_linked_firmware_with_new_kernels(hswish_se):
+    """hswish-se on cortex-m4: the estimate is never below the linked firmware (flash and SRAM) nor
+    below the generated model's constants and workspace, and at most 15 % above the linked sizes."""
+    from edgetune.deploy.build import build_project
+    from edgetune.deploy.project import write_target_project
+
+    target = get_target("cortex-m4")
+    estimate = estimate_bundle(hswish_se, target)
+    project = write_target_project(hswish_se, target)
+    built = build_project(project)
+    sram = built.static_ram_bytes + target.board.stack_bytes + target.board.heap_bytes
+    by = {r.what: r for r in estimate.rows}
+    assert by["frozen weights, constants, initial values"].flash >= project.memory["flash_constants"]
+    assert by["kernel workspace"].sram >= project.memory["workspace"]
+    assert built.flash_bytes <= estimate.flash <= 1.15 * built.flash_bytes, (estimate.flash, built.flash_bytes)
+    assert sram <= estimate.sram <= 1.15 * sram, (estimate.sram, sram)

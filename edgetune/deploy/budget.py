@@ -18,7 +18,7 @@ from edgetune.targets import Target, list_targets
 # board + libc code, and the static data of newlib (stdio, semihosting) + runtime + app.
 CODE_BASE_BYTES = 48 * 1024
 CODE_PER_KERNEL_BYTES = 700
-STATIC_DATA_BYTES = 4 * 1024
+STATIC_DATA_BYTES = 4 * 1024 + 256  # measured 4,048 .. 4,112 B with the generated models of the corpus
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,17 @@ figures exist; a model that cannot fit should be refused in seconds. This estima
 the graphs' shapes and constants and mirrors what the compiler will make of them:
 
 * flash: per quantised Conv/Gemm/MatMul its int8 weight, an int32 bias (always: it carries the
-  input zero-point correction) and a float32 requantisation scale per output channel; a
-  256-entry dequantisation table per pooled tap; every other initialiser (float islands, the
-  method's parameters and constants) in float32; the initial values of the RAM tensors; each
-  constant 64-byte aligned, as the emitter lays them out. Code: a base plus a cost per kernel,
-  both measured on linked Cortex-M firmware (``benchmarks/budget_estimate.py``).
-* SRAM: the activation arena from a static liveness plan over the ONNX shapes, allocated the
+  input zero-point correction) and a float32 requantisation scale per output channel; the
+  tables and scalar parameters each int8 rule of the op table (``edgetune.export.ops``) builds at
+  compile time (``RULE_CONSTANTS``: a 256-entry int8 lookup table, Softmax's float32 exp table,
+  the 1 KB dequantisation table of a mean or an average pool); every other initialiser (float
+  islands, the method's parameters and constants) in float32; the initial values of the RAM
+  tensors; each constant 64-byte aligned, as the emitter lays them out. Code: a base, a call
+  record per kernel and the kernel's code by its op-table kernel family (``FAMILY_CODE_BYTES``),
+  all measured on linked Cortex-M firmware (``benchmarks/budget_estimate.py``).
+* SRAM: the kernel workspace (the largest of: a conv's padded input band, the float32 result
+  a float island or a quantised mean computes before quantising it in the same kernel, the
+  mean's packet accumulators); the activation arena from a static liveness plan over the ONNX shapes, allocated the
   way TVM's ``StaticPlanBlockMemory`` shares storage (one pool per dtype, a freed block is reused
   by a request within a factor 16 of its size, growing it when smaller), int8 for quantised
   tensors and float32 otherwise. A tensor lives from its producer to its last consumer; views
@@ -33,6 +38,7 @@ import numpy as np
 import onnx
 
 from edgetune.deploy.budget import STATIC_DATA_BYTES, MemoryBudget, MemoryRow
+from edgetune.export.ops import FLOAT_ONLY, ISLAND, OP_TABLE, QDQ, float_islands
 from edgetune.targets import Target
 
 ALIGN = 64  # the emitter's and the planner's alignment of every constant and arena block
@@ -46,12 +52,51 @@ ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Exp", "Log", "S
 REDUCE_OPS = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin"})
 DEQUANT_TABLE_BYTES = 256 * 4  # boundary mean of a pooled tap: one float per int8 value
 # Code (runtime + app + board + libc + kernels), fitted as an upper envelope of linked cortex-m4 / cortex-m7
-# firmware (arm-none-eabi-gcc -O2, newlib + rdimon; benchmarks/budget_estimate.py): a base, each int8
-# kernel of the frozen graph, and when the method learns, its training step (backward kernels, the
-# optimizer, the runtime's guard) with a share per weighted op of the method graph (a Conv's backward
-# is two kernels, a Gemm/MatMul's one).
-CODE_BASE_BYTES = 74 * 1024
-CODE_PER_FROZEN_KERNEL_BYTES = 1400
+# firmware (arm-none-eabi-gcc -O2, newlib + rdimon; benchmarks/budget_estimate.py, the symbol sizes of
+# the generated functions): a base, each int8 kernel of the frozen graph (a call record + its family's
+# code), each float kernel of the method graph's forward, and when the method learns, its training step
+# (backward kernels, the optimizer, the runtime's guard) with a share per weighted op of the method graph
+# (a Conv's backward is two kernels, a Gemm/MatMul's one).
+CODE_BASE_BYTES = 59 * 1024
+# a float kernel of the method graph's forward (TVM's fused elementwise / reduction / matmul functions)
+CODE_PER_FLOAT_KERNEL_BYTES = 750
+CODE_PER_FROZEN_KERNEL_BYTES = 1400  # a kernel family without a measured figure below
+# Every int8 kernel's call record in the generated model (argument descriptors, shapes, the call table).
+CODE_PER_CALL_BYTES = 280
+# Code of one kernel by its family in the op table (``OpRule.family``), an upper envelope of the
+# generated functions' sizes in linked cortex-m4 firmware of the zoo and corpus models (TVM emits one
+# function per shape: a conv unrolls its kernel window, a lookup table is one indexed load per element).
+FAMILY_CODE_BYTES: dict[str, int] = {
+    "qconv2d": 2600, "qmatmul": 1150, "elementwise": 300, "lookup table (int8)": 100,
+    "qsoftmax (exp table, float32 row sum)": 1000, "ort_mean": 1000, "qglobal_pool": 700, "qavg_pool": 1000,
+    "qmax_pool": 800, "data movement (int8)": 300, "float island": 1000, "per-channel affine (float)": 600,
+}
+
+
+@dataclass(frozen=True)
+class RuleConstants:
+    """Flash an int8 rule's kernel brings in besides the op's own weights: a table built at compile
+    time, and whether it carries a block of scalar parameters (scales, zero points: one 64-byte
+    aligned constant)."""
+
+    table: int = 0
+    scalars: bool = False
+
+
+# By int8 rule of the op table (``OpRule.int8``); see compilers/int8_tables.py and compilers/boundary.py.
+RULE_CONSTANTS: dict[str, RuleConstants] = {
+    "lut": RuleConstants(table=256),  # 256 int8 entries
+    "softmax": RuleConstants(table=256 * 4, scalars=True),  # float32 exp table indexed by max - x
+    "mean": RuleConstants(table=DEQUANT_TABLE_BYTES, scalars=True),  # onnxruntime's float mean, then quantise
+    "avg_pool": RuleConstants(table=DEQUANT_TABLE_BYTES, scalars=True),
+    "add": RuleConstants(scalars=True), "mul": RuleConstants(scalars=True),
+    "global_pool": RuleConstants(scalars=True), "clip": RuleConstants(scalars=True),
+    "max_pool": RuleConstants(scalars=True),  # the rescale after the max
+}
+# float lanes of the quantised mean's accumulators: two packets of Eigen's four (compilers/boundary.py)
+MEAN_ACCUMULATOR_LANES = 8
+# a 1x1 conv (no window to unroll): its measured figure instead of the "qconv2d" family's
+POINTWISE_CONV_CODE_BYTES = 1400
 CODE_LEARNING_BYTES = 26 * 1024
 CODE_PER_LEARNED_OP_BYTES = 1300
 # bytes of arena per byte of float32 block the step's plan needs: compilers/plan.py declares each
@@ -73,6 +118,7 @@ class GraphEstimate:
     kept: int = 0  # every materialised tensor at once: what a backward keeps of the forward
     adjoints: int = 0  # the materialised tensors that depend on a trainable parameter (each gets a gradient)
     transposed: int = 0  # trainable Gemm weights inference transposes at run time (inputs, not constants)
+    code: int = 0  # the kernels' code and call records (FAMILY_CODE_BYTES, CODE_PER_CALL_BYTES)
 
 
 def _align(n: int) -> int:
@@ -241,9 +287,12 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
     size: dict[str, tuple[int, str]] = {}
     reads: dict[str, set[str]] = {}  # value -> the materialised tensors it is computed from
     counted: set[str] = set()
-    constants = tables = kernels = 0
+    constants = tables = kernels = code = 0
     workspace = 0
     int8_input = walk.quantize and not walk.qdq
+    int8 = walk.qdq or walk.quantize
+    islands = {i.node for i in float_islands(model)} if walk.qdq else set()
+    fused_into: set[str] = set()  # outputs of kernels that finish a fused producer
     for inp in walk.graph.input:
         if inp.name in walk.inits:
             continue
@@ -251,6 +300,7 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
             size[inp.name] = (walk.nbytes(inp.name, 1), "int8")
             born[inp.name], died[inp.name] = -1, -1
             kernels += 1
+            code += CODE_PER_CALL_BYTES + FAMILY_CODE_BYTES[OP_TABLE["QuantizeLinear"].family]
         elif not external_inputs:
             size[inp.name] = (walk.nbytes(inp.name), "float32")
             born[inp.name], died[inp.name] = -1, -1
@@ -275,13 +325,21 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
         if node.op_type in VIEW_OPS or (node.op_type == "DequantizeLinear"):
             reads[out] = ins
             continue
-        if node.op_type == "ReduceMean" and out in walk.outputs:
-            tables += DEQUANT_TABLE_BYTES if (walk.qdq or walk.quantize) else 0
-        workspace = max(workspace, _conv_band(walk, node))
-        if walk.fused(out):
+        rule = _int8_rule(node, islands) if int8 else None
+        if rule is not None:
+            cost = RULE_CONSTANTS.get(rule, RuleConstants())
+            tables += _align(cost.table) if cost.table else 0
+            tables += ALIGN if cost.scalars else 0
+        fused = walk.fused(out)
+        workspace = max(workspace, _conv_band(walk, node), _float_result(walk, node, rule, fused))
+        if fused:  # its code is in the kernel of the consumer that quantises it
+            code += _kernel_code(walk, node, rule) if int8 else 0
+            fused_into.update(u.output[0] for u in walk.consumers[out])
             reads[out] = ins
             continue
         kernels += 1
+        if int8:
+            code += CODE_PER_CALL_BYTES + (0 if out in fused_into else _kernel_code(walk, node, rule))
         if out in walk.outputs and external_inputs:
             if walk.quantize and not walk.qdq and node.op_type != "ReduceMean":
                 # the int8 graph keeps this op's quantised output and dequantises it last
@@ -304,7 +362,44 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
             died[name] = len(nodes)
     planned, peak = plan_arena([(size[n][0], size[n][1], born[n], died[n]) for n in size])
     outputs = sum(_align(walk.nbytes(o.name, 4)) for o in walk.graph.output)
-    return GraphEstimate(constants + tables, planned, peak, workspace, kernels, outputs, kept, adjoints, transposed)
+    return GraphEstimate(constants + tables, planned, peak, workspace, kernels, outputs, kept, adjoints, transposed,
+                         code)
+
+
+def _int8_rule(node: onnx.NodeProto, islands: set[str]) -> str | None:
+    """The op table's int8 rule that lowers ``node``, or None when it runs in float (no rule, or a
+    float island of this QDQ graph: a precondition of its rule fails)."""
+    rule = OP_TABLE.get(node.op_type)
+    if rule is None or rule.int8 in (ISLAND, QDQ, FLOAT_ONLY) or (node.name or node.output[0]) in islands:
+        return None
+    return rule.int8
+
+
+def _kernel_code(walk: _Walk, node: onnx.NodeProto, rule: str | None) -> int:
+    """Code bytes of the int8 graph's kernel for ``node``, by the op table's kernel family."""
+    if rule is None:  # Quantize/DequantizeLinear's own family, else a float island (Sub has no int8 rule)
+        own = OP_TABLE.get(node.op_type)
+        return FAMILY_CODE_BYTES[own.family if own is not None and own.int8 == QDQ else OP_TABLE["Sub"].family]
+    if rule == "conv" and _numel(walk.types.get(node.input[1], ((1, 1, 3, 3), 4))[0][2:]) == 1:
+        return POINTWISE_CONV_CODE_BYTES
+    return FAMILY_CODE_BYTES.get(OP_TABLE[node.op_type].family, CODE_PER_FROZEN_KERNEL_BYTES)
+
+
+def _float_result(walk: _Walk, node: onnx.NodeProto, rule: str | None, fused: bool) -> int:
+    """Workspace of a kernel that computes a float32 result and quantises it itself: a float island
+    fused with its QuantizeLinear, and a quantised mean (onnxruntime's float mean; on rows of whole
+    packets it also keeps ``MEAN_ACCUMULATOR_LANES`` float accumulators per channel)."""
+    if not (walk.qdq or walk.quantize) or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return 0
+    out = walk.types.get(node.output[0], ((1,), 4))[0]
+    if rule == "mean":
+        x = walk.types.get(node.input[0], ((1,), 4))[0]
+        channels, row = _numel(x[:2]), _numel(x[2:])
+        packets = row % (MEAN_ACCUMULATOR_LANES // 2) == 0 and row >= MEAN_ACCUMULATOR_LANES
+        return _align(4 * _numel(out)) + (_align(4 * MEAN_ACCUMULATOR_LANES * channels) if packets else 0)
+    if rule is None and fused and node.op_type not in ELEMENTWISE_OPS and node.op_type in OP_TABLE:
+        return _align(4 * _numel(out))  # elementwise islands compute each value inline, in registers
+    return 0
 
 
 def _conv_band(walk: _Walk, node: onnx.NodeProto) -> int:
@@ -353,7 +448,7 @@ def estimate_budget(target: Target, frozen: onnx.ModelProto, trainable: onnx.Mod
     f = estimate_graph(frozen, quantize)
     t = estimate_graph(trainable, quantize=False, trainable=state.trainable)
     learned_ops = sum(2 if n.op_type == "Conv" else 1 for n in trainable.graph.node if n.op_type in WEIGHTED_OPS)
-    code = CODE_BASE_BYTES + CODE_PER_FROZEN_KERNEL_BYTES * f.kernels
+    code = CODE_BASE_BYTES + f.code + CODE_PER_FLOAT_KERNEL_BYTES * t.kernels
     if state.learns:
         code += CODE_LEARNING_BYTES + CODE_PER_LEARNED_OP_BYTES * learned_ops
     # the step's float blocks: inference reuses them along the liveness plan (plus run-time transposed
