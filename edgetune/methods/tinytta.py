@@ -124,7 +124,7 @@ class TinyTTA(Method):
 
     def state_names(self) -> list[str]:
         aligned = self.aligner.state_names("aligner.") if self.aligner is not None else []
-        return aligned + ["exit_taken"] + (["class_prior"] if self.config.prior_rate > 0 else [])
+        return aligned + (["class_prior"] if self.config.prior_rate > 0 else []) + ["exit_taken"]
 
     def calibrate(self, batches) -> None:
         if self.aligner is not None:
@@ -163,7 +163,7 @@ class TinyTTA(Method):
         log_probs = F.log_softmax(torch.cat(logits), dim=-1)
         prediction, chosen = self.ensemble(stop_gradient(log_probs))
         if self.config.prior_rate > 0:
-            prediction = prior.correct(prediction, state[-1], self.config.prior_strength)
+            prediction = prior.correct(prediction, state[-2], self.config.prior_strength)
         ran = 1.0 - self.prefix_sum @ chosen + chosen  # exit k ran iff the sample exited at k or later
         # A stage after the exit never ran: its statistics stay as they were (masked, not branched), so
         # the outputs do not depend on the taps of skipped stages and a runtime may leave them uncomputed.
@@ -174,9 +174,9 @@ class TinyTTA(Method):
         labelled = target.sum()
         soft_target = labelled * target + (1.0 - labelled) * prediction
         loss = -(ran[:-1, None] * soft_target * log_probs[:-1]).sum()
-        new_state.append(chosen)
         if self.config.prior_rate > 0:
-            new_state.append(prior.update(state[-1], prediction, self.config.prior_rate))
+            new_state.append(prior.update(state[-2], prediction, self.config.prior_rate))
+        new_state.append(chosen)
         return torch.log(prediction.clamp_min(1e-12)), loss, new_state
 
     def reset(self) -> None:
