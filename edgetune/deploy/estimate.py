@@ -97,7 +97,7 @@ RULE_CONSTANTS: dict[str, RuleConstants] = {
 MEAN_ACCUMULATOR_LANES = 8
 # a 1x1 conv (no window to unroll): its measured figure instead of the "qconv2d" family's
 POINTWISE_CONV_CODE_BYTES = 1400
-CODE_LEARNING_BYTES = 26 * 1024
+CODE_LEARNING_BYTES = 30 * 1024
 CODE_PER_LEARNED_OP_BYTES = 1300
 # bytes of arena per byte of float32 block the step's plan needs: compilers/plan.py declares each
 # block at StaticPlanBlockMemory's alloc_storage size, which is in bytes for every dtype
@@ -264,7 +264,8 @@ def _constant_bytes(walk: _Walk, node: onnx.NodeProto, counted: set[str]) -> int
             total += _align(walk.nbytes(name, 1))
         elif weights and k == 2:
             continue  # replaced by the int32 bias above
-        elif _numel(walk.types.get(name, ((1,), 4))[0]) > 1:  # scalars become kernel immediates
+        elif walk.qdq or _numel(walk.types.get(name, ((1,), 4))[0]) > 1:
+            # a float graph's scalars become kernel immediates; a float island's stay 64-byte aligned constants
             total += _align(walk.nbytes(name, 4))
     return total
 
@@ -448,9 +449,11 @@ def estimate_budget(target: Target, frozen: onnx.ModelProto, trainable: onnx.Mod
     f = estimate_graph(frozen, quantize)
     t = estimate_graph(trainable, quantize=False, trainable=state.trainable)
     learned_ops = sum(2 if n.op_type == "Conv" else 1 for n in trainable.graph.node if n.op_type in WEIGHTED_OPS)
-    code = CODE_BASE_BYTES + f.code + CODE_PER_FLOAT_KERNEL_BYTES * t.kernels
-    if state.learns:
+    code = CODE_BASE_BYTES + f.code
+    if state.learns:  # the step's figures were measured with its forward kernels included
         code += CODE_LEARNING_BYTES + CODE_PER_LEARNED_OP_BYTES * learned_ops
+    else:
+        code += CODE_PER_FLOAT_KERNEL_BYTES * t.kernels
     # the step's float blocks: inference reuses them along the liveness plan (plus run-time transposed
     # weights); a training step keeps every forward tensor for the backward plus a gradient of each
     # one a parameter reaches (measured: -2 % .. +30 % of the generated step's blocks). The new
