@@ -97,7 +97,7 @@ RULE_CONSTANTS: dict[str, RuleConstants] = {
 MEAN_ACCUMULATOR_LANES = 8
 # a 1x1 conv (no window to unroll): its measured figure instead of the "qconv2d" family's
 POINTWISE_CONV_CODE_BYTES = 1400
-CODE_LEARNING_BYTES = 30 * 1024
+CODE_LEARNING_BYTES = 42 * 1024
 CODE_PER_LEARNED_OP_BYTES = 1300
 # bytes of arena per byte of float32 block the step's plan needs: compilers/plan.py declares each
 # block at StaticPlanBlockMemory's alloc_storage size, which is in bytes for every dtype
