@@ -57,7 +57,7 @@ DEQUANT_TABLE_BYTES = 256 * 4  # boundary mean of a pooled tap: one float per in
 # code), each float kernel of the method graph's forward, and when the method learns, its training step
 # (backward kernels, the optimizer, the runtime's guard) with a share per weighted op of the method graph
 # (a Conv's backward is two kernels, a Gemm/MatMul's one).
-CODE_BASE_BYTES = 59 * 1024
+CODE_BASE_BYTES = 62 * 1024 + 512
 # a float kernel of the method graph's forward (TVM's fused elementwise / reduction / matmul functions)
 CODE_PER_FLOAT_KERNEL_BYTES = 750
 CODE_PER_FROZEN_KERNEL_BYTES = 1400  # a kernel family without a measured figure below
@@ -398,8 +398,10 @@ def _float_result(walk: _Walk, node: onnx.NodeProto, rule: str | None, fused: bo
         channels, row = _numel(x[:2]), _numel(x[2:])
         packets = row % (MEAN_ACCUMULATOR_LANES // 2) == 0 and row >= MEAN_ACCUMULATOR_LANES
         return _align(4 * _numel(out)) + (_align(4 * MEAN_ACCUMULATOR_LANES * channels) if packets else 0)
-    if rule is None and fused and node.op_type not in ELEMENTWISE_OPS and node.op_type in OP_TABLE:
-        return _align(4 * _numel(out))  # elementwise islands compute each value inline, in registers
+    # elementwise islands (and a BatchNormalization's per-channel affine) compute each value inline
+    inline = node.op_type in ELEMENTWISE_OPS or OP_TABLE.get(node.op_type) == OP_TABLE["BatchNormalization"]
+    if rule is None and fused and not inline and node.op_type in OP_TABLE:
+        return _align(4 * _numel(out))
     return 0
 
 
