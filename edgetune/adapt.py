@@ -191,8 +191,11 @@ def teacher_targets(backbone: Backbone, images: np.ndarray, batch: int = 500) ->
 
 def _init_from_classifier(method: Method) -> None:
     """Unlabelled fit: attachments shaped like the classifier (e.g. an exit head on a tap as wide
-    as the last stage) start from its weights; the others keep their seeded initialisation."""
-    src = method.classifier
+    as the last stage) start from its weights; the others keep their seeded initialisation.
+    Methods that run the backbone themselves (bn-adapt, norm-align) have no classifier copy."""
+    src = getattr(method, "classifier", None)
+    if not isinstance(src, nn.Linear):
+        return
     params = {id(p) for p in method.fit_parameters()}
     with torch.no_grad():
         for module in method.modules():
