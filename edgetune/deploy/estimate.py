@@ -95,6 +95,9 @@ RULE_CONSTANTS: dict[str, RuleConstants] = {
 }
 # float lanes of the quantised mean's accumulators: two packets of Eigen's four (compilers/boundary.py)
 MEAN_ACCUMULATOR_LANES = 8
+# ops of a float graph the int8 quantiser splits in two kernels: the op -> the second one (HardSwish is
+# a lookup table then QLinearMul)
+SPLIT_BY_QUANTISER = {"HardSwish": "Mul"}
 # a 1x1 conv (no window to unroll): its measured figure instead of the "qconv2d" family's
 POINTWISE_CONV_CODE_BYTES = 1400
 CODE_LEARNING_BYTES = 42 * 1024
@@ -234,7 +237,18 @@ class _Walk:
     def activation_bytes(self, name: str) -> int:
         if self.qdq:
             return self.nbytes(name)  # QuantizeLinear outputs are int8 already; float islands float32
+        if self.quantize and _island_chain(self, name):
+            return self.nbytes(name, 4)  # a float island's result feeding another island stays float32
         return self.nbytes(name, 1 if self.quantize else 4)
+
+
+def _island_chain(walk: _Walk, name: str) -> bool:
+    """In a float graph the quantiser will turn to int8: ``name`` is made by a float island (no int8
+    rule; not a BatchNormalization, computed inline) and read by one too."""
+    def island(node: onnx.NodeProto | None) -> bool:
+        rule = OP_TABLE.get(node.op_type) if node is not None else None
+        return rule is not None and rule.int8 == ISLAND and rule.op != "BatchNormalization"
+    return island(walk.producers.get(name)) and any(island(u) for u in walk.consumers.get(name, []))
 
 
 def _constant_bytes(walk: _Walk, node: onnx.NodeProto, counted: set[str]) -> int:
@@ -348,6 +362,13 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
             else:
                 reads[out] = ins  # the int8 rewrite emits the float boundary last: its inputs live to the end
             continue
+        if node.op_type in SPLIT_BY_QUANTISER and int8_input:
+            # onnxruntime's quantiser writes x * HardSigmoid(x): the int8 gate lives next to x and the output
+            gate = f"{out}#gate"
+            size[gate], born[gate], died[gate] = (walk.nbytes(out, 1), "int8"), k, k
+            kernels += 1
+            code += CODE_PER_CALL_BYTES + FAMILY_CODE_BYTES[OP_TABLE[SPLIT_BY_QUANTISER[node.op_type]].family]
+            tables += ALIGN if RULE_CONSTANTS[OP_TABLE[SPLIT_BY_QUANTISER[node.op_type]].int8].scalars else 0
         for o in node.output:
             if not o:
                 continue
@@ -400,7 +421,7 @@ def _float_result(walk: _Walk, node: onnx.NodeProto, rule: str | None, fused: bo
         return _align(4 * _numel(out)) + (_align(4 * MEAN_ACCUMULATOR_LANES * channels) if packets else 0)
     # elementwise islands (and a BatchNormalization's per-channel affine) compute each value inline
     inline = node.op_type in ELEMENTWISE_OPS or OP_TABLE.get(node.op_type) == OP_TABLE["BatchNormalization"]
-    if rule is None and fused and not inline and node.op_type in OP_TABLE:
+    if rule is None and (fused or not walk.qdq) and not inline and node.op_type in OP_TABLE:
         return _align(4 * _numel(out))
     return 0
 
