@@ -192,9 +192,10 @@ def main() -> None:
         rows += [r for model in corpus for r in measure_corpus(model, work, args.reuse)]
     text = table(rows)
     print(text)
+    argv = [a for a in sys.argv[1:] if a != args.workdir and a != "--workdir"]  # no machine paths in results
     (out / "budget_estimate.md").write_text(
         "Memory estimated before compiling vs the linked Cortex-M firmware "
-        "(`python benchmarks/budget_estimate.py`).\n\n" + text + "\n")
+        f"(`python benchmarks/budget_estimate.py {' '.join(argv)}`).\n\n" + text + "\n")
     (out / "budget_estimate.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
 
 

@@ -22,10 +22,10 @@ from edgetune.targets import HERE as TARGETS_DIR
 from edgetune.targets import get_target
 
 ROOT = Path(__file__).resolve().parents[1]
-# The error measured by benchmarks/budget_estimate.py (results/budget_estimate/) on tiny-cnn and mcunet-s
-# with feature-align, tinytta and lst: flash +3..+6 %, SRAM +0..+14 % (lst's training step is where it
-# is loose). For tiny-cnn + feature-align the estimate may be below the real figure by at most LOW
-# and above it by at most HIGH.
+# The error measured by benchmarks/budget_estimate.py (results/budget_estimate/) on tiny-cnn, mcunet-s and
+# seven corpus models (lookup tables, QLinearMul, attention, Softmax, quantised means): flash +0.9..+13.3 %,
+# SRAM +0.1..+10.2 % of the linked firmware. For tiny-cnn + feature-align the estimate may be below the
+# generated model's figure by at most LOW and above it by at most HIGH.
 LOW, HIGH = 0.03, 0.10
 
 USER_MODEL = '''
