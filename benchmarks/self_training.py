@@ -133,7 +133,7 @@ def main() -> None:
             start = time.time()
             adaptable = prepare(copy.deepcopy(backbone), method, {k: str(v) for k, v in overrides.items()},
                                 model_name=cfg["model"])
-            key = (method, overrides.get("hidden", 0))
+            key = (method, overrides.get("hidden", 0), float(overrides.get("prior_rate", 0.02)) > 0)
             if key in fitted:  # the fit does not depend on the test-time rule: share it
                 adaptable.method.load_state_dict(fitted[key], strict=True)
             else:
