@@ -31,7 +31,7 @@ from edgetune.deploy import (TargetProject, build_project, read_state, save_init
 from edgetune.deploy.host import HostModel
 from edgetune.deploy.streams import REJECTED
 from edgetune.errors import BudgetError
-from edgetune.export import export, load_manifest
+from edgetune.export import export, exportable_methods, load_manifest
 from edgetune.simulate import run_program, stream_samples
 from edgetune.targets import HERE, get_target
 from test_board_qemu import read_slots  # the independent (zlib) reader of the slot format
@@ -39,7 +39,7 @@ from test_board_qemu import read_slots  # the independent (zlib) reader of the s
 N = 300
 TOL = 1e-4
 LABELLED = 0.3  # supervised feedback on 30% of the samples: lst and vqt learn only from revealed labels
-MCU = {"feature-align": "cortex-m4", "tinytta": "cortex-m4", "lst": "cortex-m4", "vqt": "cortex-m4"}
+MCU = {method: "cortex-m4" for method in exportable_methods()}  # every method that runs compiled, from the registry
 LINUX = ("rpi4", "android-arm64")
 TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "aarch64-linux-gnu-gcc", "qemu-aarch64-static", "make")
 
