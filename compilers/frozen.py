@@ -281,21 +281,18 @@ def compile_bundle(bundle_dir: str | Path, target: str | EmitTarget = "host", ou
     The manifest's frozen outputs must be frozen.onnx's outputs, in order.
 
     Raises:
-        CheckpointError: no readable manifest.json, or it disagrees with frozen.onnx.
+        CheckpointError: no readable or an edited bundle (``load_manifest``), or the manifest disagrees
+            with frozen.onnx.
         CompileError, ConfigError, ToolchainError: as ``compile_frozen``.
     """
+    from edgetune.export.manifest import load_manifest  # the bundle format: one module, hashes checked
+
     bundle = Path(bundle_dir)
-    try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        frozen = manifest["frozen"]
-        names = [o["name"] for o in frozen["outputs"]]
-        onnx_file = bundle / frozen["file"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"compile: {bundle} has no readable manifest.json ({type(exc).__name__}: {exc}); "
-                              "export the bundle with `edgetune export` first") from None
+    frozen = load_manifest(bundle).frozen
+    names = [o.name for o in frozen.outputs]
     name = target if isinstance(target, str) else target.name
-    graph = compile_frozen(onnx_file, target, out_dir or bundle / name, fixed_point)
+    graph = compile_frozen(bundle / frozen.file, target, out_dir or bundle / name, fixed_point)
     if list(graph.output_names) != names:
-        raise CheckpointError(f"compile: manifest.json lists frozen outputs {names} but {frozen['file']} has "
+        raise CheckpointError(f"compile: manifest.json lists frozen outputs {names} but {frozen.file} has "
                               f"{list(graph.output_names)}; re-export the bundle")
     return graph

@@ -35,6 +35,7 @@ from edgetune.compilers.emit import EmitTarget, resolve_target
 from edgetune.compilers.emit_c import CSources, emit_c_source, write_workspace
 from edgetune.compilers.onnx_import import check_onnx, import_onnx
 from edgetune.compilers.optimizers import Optimizer, optimizer_from_manifest
+from edgetune.export.manifest import INPUT_ROLES, TensorSpec  # the bundle format (stdlib only)
 from edgetune.compilers.pipeline import clip_takes, lower
 from edgetune.compilers.plan import StaticPlan, extract_plan
 from edgetune.errors import CompileError, DataError
@@ -43,18 +44,6 @@ TRAIN_STEP = "train_step"
 INFER = "infer"
 # ONNX Identity nodes named so are gradient stops (edgetune.methods.base.stop_gradient at export).
 STOP_GRADIENT = "stop_gradient"
-
-
-# The manifest's types live in edgetune.export, whose package imports torch and the methods;
-# compilers read the manifest by its field names instead (edgetune.export.manifest documents them).
-INPUT_ROLES = ("tap", "state", "momentum", "target")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
 
 
 def _zeros(spec: TensorSpec) -> np.ndarray:

@@ -7,6 +7,8 @@ last stage, quantised with onnxruntime (QDQ, per-channel symmetric int8 weights)
 """
 from __future__ import annotations
 
+import copy
+
 import ctypes
 import json
 import re
@@ -346,20 +348,28 @@ def test_compiled_graph_reloads_and_runner_checks_input(host, tmp_path):
         CompiledGraph.load(tmp_path)
 
 
-def test_compile_bundle_reads_the_manifest(frozen, tmp_path):
+def test_compile_bundle_reads_the_manifest(tiny_cnn, digits, tmp_path):
+    """compile_bundle reads the bundle through the one bundle format (load_manifest): a real bundle
+    compiles; an edited manifest or a swapped frozen.onnx is refused before any compile."""
+    from edgetune.adapt import prepare
+    from edgetune.export import export
+
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    shutil.copyfile(frozen["tiny-cnn"], bundle / "frozen.onnx")
-    names = [o.name for o in onnx.load(str(frozen["tiny-cnn"])).graph.output]
-    manifest = {"format": "edgetune-bundle/1", "frozen": {"file": "frozen.onnx", "outputs": [{"name": n}
-                                                                                             for n in names]}}
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    export(prepare(copy.deepcopy(tiny_cnn[0]), "source", model_name="tiny-cnn"), digits, bundle, progress=False)
     graph = compile_bundle(bundle, "c")
     assert graph.out_dir == bundle / "c" and (bundle / "c" / "frozen_plan.json").exists()
-    manifest["frozen"]["outputs"].reverse()
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["frozen"]["outputs"][0]["name"] = "renamed"
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle, edited)
+    (edited / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError):
-        compile_bundle(bundle, "c", tmp_path / "again")
+        compile_bundle(edited, "c", tmp_path / "again")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(bundle, swapped)
+    shutil.copyfile(bundle / "trainable.onnx", swapped / "frozen.onnx")
+    with pytest.raises(CheckpointError, match="frozen"):
+        compile_bundle(swapped, "c", tmp_path / "again2")
 
 
 # --- emitters ----------------------------------------------------------------------------------------
