@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -23,6 +22,7 @@ from edgetune.checkpoint import load_checkpoint
 from edgetune.compilers import FrozenRunner, compile_frozen
 from edgetune.data import to_tensor
 from edgetune.export.quantize import calibration_images, quantize_graph
+from edgetune.ort_runtime import session as ort_session
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mcunet-s-digits"
 
@@ -33,14 +33,6 @@ class _Images(CalibrationDataReader):
 
     def get_next(self):
         return next(self.feeds, None)
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _user_quantised(float_path: Path, images: np.ndarray, out: Path) -> Path:
@@ -55,7 +47,7 @@ def _user_quantised(float_path: Path, images: np.ndarray, out: Path) -> Path:
 
 
 def _predictions(path: Path, x: np.ndarray) -> np.ndarray:
-    session = _session(path)
+    session = ort_session(path, int8_kernels=True)
     return np.array([int(session.run(None, {"input": x[i:i + 1]})[0].argmax()) for i in range(len(x))])
 
 
@@ -72,7 +64,8 @@ def test_user_qdq_compiles_to_onnxruntime_and_differs_from_edgetune_only_by_cali
     quantize_graph(float_path, tmp_path / "edgetune.onnx", lambda: _Images(ours))
     x = to_tensor(digits.test_x).numpy()
 
-    runner, session = FrozenRunner(compile_frozen(user, "host", tmp_path / "host")), _session(user)
+    runner = FrozenRunner(compile_frozen(user, "host", tmp_path / "host"))
+    session = ort_session(user, int8_kernels=True)
     identical = sum(np.array_equal(runner(x[i:i + 1])[0], session.run(None, {"input": x[i:i + 1]})[0])
                     for i in range(len(x)))
     reference = _predictions(tmp_path / "edgetune.onnx", x)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.errors import ConfigError
+from edgetune.export.manifest import LABEL_USES  # what a revealed label may do: one list, the bundle format's
 from edgetune.models import Backbone
 from edgetune.registry import Registry
 
@@ -203,7 +204,6 @@ class Guard:
     warmup: int = 100
 
 
-LABEL_USES = ("none", "target")
 
 
 @dataclass(frozen=True)
