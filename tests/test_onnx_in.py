@@ -1,8 +1,10 @@
 """An existing ONNX file as the model: ``edgetune export model.onnx --taps ...`` and ``eval --model model.onnx``.
 
 mcunet-s trained on digits, exported by torch to ONNX (float) and quantised by onnxruntime's
-quantiser (QDQ, as a user would), goes through export -> eval (torch / onnx-int8 / compiled) ->
-cortex-m4 simulate; its predictions are compared sample by sample with the torch-defined path.
+quantiser (QDQ, as a user would, calibrated on the images edgetune's own export calibrates on), goes
+through export -> eval (torch / onnx-int8 / compiled) -> cortex-m4 simulate; its predictions equal the
+torch-defined path's sample by sample. (With its owner's own calibration images the int8 model is a
+different one: ``test_int8_qdq_in.py`` measures that case against onnxruntime.)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from edgetune.cli import main
 from edgetune.data import to_tensor
 from edgetune.errors import ConfigError, ModelError
 from edgetune.evaluate import evaluate
+from edgetune.export.quantize import calibration_images
 from edgetune.models.onnx_backbone import load_onnx_backbone, tap_candidates
 
 from conftest import needs_tool
@@ -46,7 +49,8 @@ def onnx_models(mcunet, digits, tmp_path_factory):
 
     class Images(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter([{"input": to_tensor(digits.train_x[i:i + 1]).numpy()} for i in range(100)])
+            images = calibration_images(digits.train_x)
+            self.feeds = iter([{"input": to_tensor(images[i:i + 1]).numpy()} for i in range(len(images))])
 
         def get_next(self):
             return next(self.feeds, None)
@@ -98,11 +102,17 @@ def test_qdq_onnx_is_taken_as_given(mcunet, onnx_models, digits, tmp_path, capsy
     model = load_onnx_backbone(qdq)
     ref = _eval(mcunet[0], "mcunet-s", "feature-align", digits, "onnx-int8")
     ort = _eval(model, "mcunet_qdq.onnx", "feature-align", digits, "onnx-int8")
-    assert np.mean(np.array(ort.result.predictions) == np.array(ref.result.predictions)) >= 0.9
+    agree = float(np.mean(np.array(ort.result.predictions) == np.array(ref.result.predictions)))
     if shutil.which("gcc"):
         compiled = _eval(model, "mcunet_qdq.onnx", "feature-align", digits, "compiled")
         assert compiled.source.predictions == ort.source.predictions  # int8 taps: bit-exact with onnxruntime
-        assert np.mean(np.array(compiled.result.predictions) == np.array(ort.result.predictions)) >= 0.95
+        agree_compiled = float(np.mean(np.array(compiled.result.predictions) == np.array(ref.result.predictions)))
+        with capsys.disabled():
+            print(f"\nQDQ file vs torch path (feature-align): onnx-int8 {agree:.2%}, compiled {agree_compiled:.2%}")
+        assert compiled.source.predictions == ref.source.predictions
+        assert compiled.result.predictions == ref.result.predictions
+    assert ort.source.predictions == ref.source.predictions
+    assert ort.result.predictions == ref.result.predictions
 
 
 @needs_tool("arm-none-eabi-gcc", "qemu-system-arm")
@@ -122,8 +132,12 @@ def test_cortex_m4_firmware_from_onnx_predicts_as_the_torch_path(mcunet, onnx_mo
     # The float file re-exported by edgetune is the same int8 model: the same firmware decisions.
     assert runs["float"].predictions == runs["zoo"].predictions
     assert runs["float"].source_predictions == runs["zoo"].source_predictions
-    # The QDQ file carries its owner's calibration (100 images, not edgetune's 256): nearly the same.
-    assert np.mean(np.array(runs["qdq"].predictions) == np.array(runs["zoo"].predictions)) >= 0.9
+    # The QDQ file, quantised by onnxruntime on the same calibration images: the same decisions too.
+    with capsys.disabled():
+        agree = np.mean(np.array(runs["qdq"].predictions) == np.array(runs["zoo"].predictions))
+        print(f"\ncortex-m4 firmware from the QDQ file vs the torch path: {agree:.2%} of predictions")
+    assert runs["qdq"].source_predictions == runs["zoo"].source_predictions
+    assert runs["qdq"].predictions == runs["zoo"].predictions
 
 
 def test_cli_inspect_and_eval_on_an_onnx_file(onnx_models, capsys):
