@@ -57,6 +57,7 @@ UNARY = {
     "HardSigmoid_default": helper.make_node("HardSigmoid", ["d"], ["f"]),
     "HardSwish": helper.make_node("HardSwish", ["d"], ["f"]),
     "LeakyRelu": helper.make_node("LeakyRelu", ["d"], ["f"], alpha=0.1),
+    "Erf": helper.make_node("Erf", ["d"], ["f"]),  # GELU's core: left in float by the quantiser
 }
 
 
