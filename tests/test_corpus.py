@@ -7,8 +7,8 @@ writes frozen.onnx, then compiled for the host. Exactly two outcomes are accepte
     (``session.qdqisint8allowed=1``) bit for bit where the tap is an int8 tensor (its producer is a
     DequantizeLinear), and within 1e-4 of the tap's largest magnitude where it is float (a pooled
     tap or a float island at the end). Downstream of a float island whose float arithmetic is not
-    onnxruntime's (a reduction: LayerNorm, ...: TVM and onnxruntime sum in different orders; or Erf:
-    MLAS' polynomial, which TVM's erf does not reproduce — the transformer's remaining difference)
+    onnxruntime's (a reduction: LayerNorm, ...: TVM and onnxruntime sum in different orders — the
+    transformer's remaining difference; GELU's Erf is no island: an int8 table of MLAS' own erf)
     results can differ in the last bit and flip a later int8 rounding, so a tap may differ by at most
     one quantisation step of the int8 tensor it is computed from; the test prints how often it does;
 (b) export or compile refuses it with ONE ``EdgetuneError`` line naming the offending node, with no
@@ -128,7 +128,7 @@ def check_refusal(outcome: Outcome) -> None:
 
 REDUCING_ISLANDS = {"MatMul", "Gemm", "Softmax", "LayerNormalization", "ReduceMean", "ReduceSum",
                     "InstanceNormalization", "GroupNormalization", "Conv",
-                    "Erf"}  # not a reduction, but MLAS' erf polynomial is not TVM's erf
+                    "Erf"}  # not a reduction; an island only where it is no function of one int8 tensor
 
 
 def _after_reducing_island(path: Path) -> dict[str, float]:
