@@ -263,6 +263,18 @@ def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, ca
     _firmware_equals_host(name, MCU_TARGET, digits, tmp_path, capsys)
 
 
+def test_gelu_is_one_lookup_table(outcomes):
+    """The transformer's GELU (x / sqrt 2 -> Erf -> +1 -> * x -> * 0.5): DQ -> Div -> Erf -> Q is one int8
+    table (MLAS' erf reproduced), so neither the Div nor the Erf is listed or compiled as a float island;
+    what stays float are the LayerNorms, the attention scale and the final mean."""
+    outcome = outcomes["transformer"]
+    assert isinstance(outcome, Outcome) and outcome.compiled is not None, outcome
+    islands = " ".join(outcome.compiled.islands)
+    assert "Erf" not in islands and "mlp.1/Div" not in islands, islands
+    assert "LayerNormalization" in islands
+    assert "lut" in " ".join(k.name for k in outcome.compiled.plan.kernels)
+
+
 @pytest.mark.toolchain
 @pytest.mark.skipif(any(shutil.which(t) is None for t in MCU_TOOLS), reason=f"needs {', '.join(MCU_TOOLS)}")
 def test_lookup_tables_and_mul_on_cortex_m4(digits, tmp_path, capsys):

@@ -78,6 +78,8 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("HardSigmoid", "lut", _LUT),
     _r("HardSwish", "lut", _LUT),
     _r("LeakyRelu", "lut", _LUT, ("relax.nn.leakyrelu",), trainable=False),
+    # onnxruntime leaves Erf in float; GELU's DQ -> Div -> Erf -> Q is one table (MLAS' erf reproduced)
+    _r("Erf", "lut", _LUT, ("relax.erf",)),
     _r("Concat", "concat", _VIEW, ("relax.concat",)),
     _r("AveragePool", "avg_pool", "qavg_pool", ("relax.nn.avg_pool2d", "relax.nn.avg_pool1d")),
     _r("GlobalAveragePool", "global_pool", "qglobal_pool", ("relax.mean",)),
@@ -96,7 +98,7 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     _r("Slice", "view", _VIEW, ("relax.strided_slice",), shape_inputs=(1, 2, 3, 4), boundary=True),
     # no int8 rule: float islands on the frozen side (onnxruntime runs most of them in float too)
     *(_r(op, ISLAND, _FLOAT) for op in (
-        "Sub", "Div", "Sqrt", "Pow", "Erf", "Tanh",
+        "Sub", "Div", "Sqrt", "Pow", "Tanh",
         "LayerNormalization", "Gather", "Split", "Expand", "Identity", "Constant", "Neg", "Exp", "Abs", "Max", "Min",
         "ReduceMax")),
     *(_r(op, ISLAND, _FLOAT, trainable=False) for op in (
@@ -104,7 +106,8 @@ OP_TABLE: dict[str, OpRule] = {r.op: r for r in (
     # an unfolded BatchNormalization: one float32 per-channel affine x * s + b, fused with its dequantize
     _r("BatchNormalization", ISLAND, "per-channel affine (float)", ("relax.nn.batch_norm",), trainable=False),
     *(_r(op, FLOAT_ONLY, "float", frozen=False) for op in (
-        "Log", "LogSoftmax", "ReduceSum", "Cast", "Where", "Equal", "Greater", "Less")),
+        "Log", "LogSoftmax", "ReduceSum", "Cast", "Where", "Equal", "Greater", "Less",
+        "Round")),  # Round: norm-align's step folds its integer accumulator offset (round half to even)
 )}
 
 SUPPORTED_OPS: dict[str, frozenset[str]] = {
@@ -206,6 +209,35 @@ def _const_input(g: QdqGraph, tensor: str, dtype: type, what: str) -> str | None
     return None
 
 
+# float ops with a scalar constant operand that a lookup table absorbs (its input is then "DQ -> op")
+_TABLE_PREFIX_OPS = ("Div", "Mul", "Add", "Sub", "Neg")
+
+
+def _scalar_const(g: QdqGraph, tensor: str) -> bool:
+    value = g.consts.get(tensor)
+    if value is None and _quantised_const(g, tensor):
+        value = g.consts[g.dq(tensor).input[0]]
+    return value is not None and value.size == 1
+
+
+def _table_prefix(g: QdqGraph, tensor: str) -> onnx.NodeProto | None:
+    """The float op producing ``tensor`` when a lookup table can absorb it: an elementwise op of one
+    dequantized activation and scalar constants (GELU's ``x / sqrt(2)`` before Erf)."""
+    node = g.producer.get(tensor)
+    if node is None or node.op_type not in _TABLE_PREFIX_OPS:
+        return None
+    variable = [i for i in node.input if i and not _scalar_const(g, i)]
+    return node if len(variable) == 1 and _activation_input(g, variable[0]) is None else None
+
+
+def _absorbed_by_table(g: QdqGraph, node: onnx.NodeProto) -> bool:
+    """``node`` is computed inside the lookup tables of all its consumers, not as a float island."""
+    users = [u for o in node.output for u in g.consumers.get(o, [])]
+    return (bool(users) and all(_table_prefix(g, o) is node for o in node.output)
+            and all(OP_TABLE.get(u.op_type) is not None and OP_TABLE[u.op_type].int8 == "lut"
+                    and not int8_precondition(g, u) for u in users))
+
+
 def _quantised_const(g: QdqGraph, tensor: str) -> bool:
     """A DequantizeLinear of initializers (the compiler folds it into a float constant)."""
     dq = g.dq(tensor)
@@ -263,6 +295,9 @@ def int8_precondition(g: QdqGraph, node: onnx.NodeProto) -> list[str]:
             problems.append("MatMul of a tensor that is not 2-D (int8 only for 2-D or batched activation x activation)")
     elif op in ("Add", "Mul"):  # an operand may be a per-tensor quantised constant (QLinearAdd / QLinearMul)
         problems += [p for p in (_activation_input(g, i) for i in node.input if not _per_tensor_const(g, i)) if p]
+    elif rule.int8 == "lut":  # the table may start with a scalar-constant float op (see _table_prefix)
+        problems += [p for p in (_activation_input(g, i) for i in node.input
+                                 if i and _table_prefix(g, i) is None) if p]
     else:
         problems += [p for p in (_activation_input(g, i) for k, i in enumerate(node.input)
                                  if i and k not in shape_in) if p]
@@ -333,7 +368,7 @@ def float_islands(model: onnx.ModelProto) -> list[Island]:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or node.domain not in ("", "ai.onnx"):
             continue
         problems = int8_precondition(g, node)
-        if not problems:
+        if not problems or _absorbed_by_table(g, node):
             continue
         weights = acts = 0
         for i in node.input:
