@@ -21,6 +21,15 @@ the cheapest acceptable one. Then, on the 15 test corruptions (severity 5, conti
   those two runs (an exit stage never taken there has no measured cost and the point is left out).
 
 Writes ``exits.json``, ``exits.md`` and ``exits.png`` to ``--out``.
+
+``--rule agreement`` studies the drift-aware rule instead (tinytta's ``exit_agreement``: per-exit agreement
+trackers by confidence bin, fed by the samples that run to the end, ``edgetune/methods/exit_agreement.py``):
+its target swept on the same streams, chosen on validation the same way, in Python only (torch on the int8
+taps); instructions = exit shares x the per-exit instructions measured in QEMU (``--costs``: a committed
+threshold run for exits 1..3; exit 0, never taken there, measured on a few samples with threshold 0). It
+writes ``agreement.json``, ``agreement.md`` and ``agreement.png``.
+
+    python benchmarks/exits.py --rule agreement --costs results/exits/exits.json --out results/exits
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ from edgetune.targets import get_target
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 ACCURACY_BUDGET = 0.005  # the goal: at most 0.5 points below tinytta without exits
+TARGETS = (0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the agreement rule's consistency targets
 
 
 def stream_taps(bundle: Path, segments) -> tuple[list[list[torch.Tensor]], np.ndarray, list[int], np.ndarray]:
@@ -58,12 +68,25 @@ def stream_taps(bundle: Path, segments) -> tuple[list[list[torch.Tensor]], np.nd
     return taps, np.concatenate([s.labels for s in segments]), [len(s.labels) for s in segments], x
 
 
-def sweep_point(method, threshold: float, taps, labels, lengths) -> dict:
-    """tinytta at ``threshold`` over one continual stream: accuracy (mean over corruptions) and exits."""
-    m = copy.deepcopy(method)
-    m.config = dataclasses.replace(m.config, exit_threshold=threshold)
-    m._initial = None
+def configured(method, backbone, **overrides):
+    """The fitted ``method`` with config ``overrides`` (a fresh instance: the agreement rule's trackers are
+    buffers that exist only when the rule is on), at its start."""
+    m = type(method)(backbone, dataclasses.replace(method.config, **overrides))
+    m.load_state_dict(method.state_dict(), strict=False)  # heads, statistics; new trackers start empty
     m.reset()
+    return m
+
+
+def sweep_point(method, threshold: float, taps, labels, lengths, backbone=None, **rule) -> dict:
+    """tinytta at ``threshold`` (or the agreement ``rule``) over one continual stream: accuracy (mean over
+    corruptions) and exits."""
+    if backbone is not None:
+        m = configured(method, backbone, exit_threshold=threshold, **rule)
+    else:
+        m = copy.deepcopy(method)
+        m.config = dataclasses.replace(m.config, exit_threshold=threshold)
+        m._initial = None
+        m.reset()
     preds, exits = [], []
     for t in taps:
         preds.append(int(m.step(t).argmax()))
@@ -72,7 +95,7 @@ def sweep_point(method, threshold: float, taps, labels, lengths) -> dict:
     bounds = np.cumsum([0, *lengths])
     per = [float(correct[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])]
     share = np.bincount(exits, minlength=m.depth) / len(exits)
-    return {"threshold": threshold, "accuracy": float(np.mean(per)), "exit_share": share.tolist(),
+    return {"threshold": threshold, **rule, "accuracy": float(np.mean(per)), "exit_share": share.tolist(),
             "predictions": preds, "exits": exits}
 
 
@@ -102,6 +125,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 samples of 3 corruptions per split (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="bundles and firmware (default: a temporary folder)")
+    parser.add_argument("--rule", default="threshold", choices=["threshold", "agreement"])
+    parser.add_argument("--costs", default="results/exits/exits.json", help="agreement: per-exit instructions of "
+                                                                             "a threshold run")
+    parser.add_argument("--explore", type=int, default=10, help="agreement: every N-th sample runs to the end")
+    parser.add_argument("--rate", type=float, default=0.05, help="agreement: EMA rate of the trackers")
+    parser.add_argument("--bins", type=int, default=10, help="agreement: confidence bins per exit")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.time()
@@ -122,6 +151,9 @@ def main() -> None:
     for split, corruptions in (("val", val_c), ("test", test_c)):
         segments = build_stream(data, corruptions, 5, "continual", args.seed, n, split=split)
         streams[split] = stream_taps(taps_bundle, segments)
+    if args.rule == "agreement":
+        agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, work, start)
+        return
     sweep = {split: [sweep_point(adaptable.method, t, *streams[split][:3]) for t in THRESHOLDS]
              for split in streams}
     for split in sweep:
@@ -171,6 +203,85 @@ def main() -> None:
     write_table(result, out / "exits.md")
     plot(result, out / "exits.png")
     print((out / "exits.md").read_text())
+
+
+def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, work, start) -> None:
+    """The agreement rule's target swept on both splits, the target chosen on validation, instructions from
+    the per-exit QEMU table (exit 0 measured here when the table lacks it)."""
+    rule = {"exit_explore": args.explore, "exit_rate": args.rate, "exit_bins": args.bins}
+    sweep = {}
+    for split in streams:
+        base = sweep_point(adaptable.method, 1.0, *streams[split][:3])
+        sweep[split] = [base] + [sweep_point(adaptable.method, 1.0, *streams[split][:3], backbone=backbone,
+                                             exit_agreement=t, **rule) for t in TARGETS]
+        for p in sweep[split]:
+            print(f"{split:<5} target {p.get('exit_agreement', 0):<5g} accuracy {100 * p['accuracy']:6.2f}  exits "
+                  + " ".join(f"{100 * s:5.1f}" for s in p["exit_share"]), flush=True)
+    costs = {int(k): v for k, v in json.loads(Path(args.costs).read_text())["per_exit_instructions"].items()}
+    if costs.get(0) is None:  # threshold 0 exits every sample at exit 0
+        costs[0] = float(instructions(firmware_run(adaptable, data, 0.0, streams["test"][3][:6], work)).mean())
+    full = costs[max(costs)]
+
+    def priced(p: dict) -> dict:
+        mean = sum(s * costs[k] for k, s in enumerate(p["exit_share"]))
+        return {k: v for k, v in p.items() if k not in ("predictions", "exits")} | {
+            "target": p.get("exit_agreement", 0.0), "early_exit_share": 1.0 - p["exit_share"][-1],
+            "instructions_per_sample": mean, "relative_instructions": mean / full}
+
+    rows = {split: [priced(p) for p in ps] for split, ps in sweep.items()}
+    ok = [p for p in rows["val"][1:] if p["accuracy"] >= rows["val"][0]["accuracy"] - ACCURACY_BUDGET]
+    chosen = min(ok, key=lambda p: p["relative_instructions"])["target"] if ok else None
+    result = {"data": "fashion-mnist", "model": "mcunet-s", "severity": 5, "protocol": "continual", "rule": rule,
+              "samples_per_corruption": n, "validation_corruptions": list(val_c), "test_corruptions": list(test_c),
+              "chosen_target": chosen, "per_exit_instructions": costs, "validation": rows["val"],
+              "test": rows["test"], "seconds": round(time.time() - start)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "agreement.json").write_text(json.dumps(result, indent=1) + "\n")
+    base = rows["test"][0]
+    lines = [f"tinytta agreement-tracker exits (explore every {args.explore}, rate {args.rate:g}, {args.bins} bins), "
+             f"Fashion-MNIST-C severity 5, continual, mcunet-s int8, {n} samples per corruption; accuracy: torch on "
+             f"the int8 taps; instructions: exit shares x the per-exit cortex-m4 QEMU table; target chosen on "
+             f"{', '.join(val_c)}: {chosen if chosen is not None else 'none within 0.5 points'}", "",
+             "| target | val accuracy (%) | val vs no exits | test accuracy (%) | test vs no exits (points) | "
+             "early exits (%) | instructions / sample | vs full |", "|" + " ---: |" * 8]
+    for v, t in zip(rows["val"], rows["test"]):
+        lines.append(f"| {t['target']:g}{' (no exits)' if not t['target'] else ''} | {100 * v['accuracy']:.2f} | "
+                     f"{100 * (v['accuracy'] - rows['val'][0]['accuracy']):+.2f} | {100 * t['accuracy']:.2f} | "
+                     f"{100 * (t['accuracy'] - base['accuracy']):+.2f} | {100 * t['early_exit_share']:.1f} | "
+                     f"{t['instructions_per_sample']:,.0f} | {t['relative_instructions']:.3f} |")
+    lines += ["", "Per-exit instructions (QEMU): " + ", ".join(f"exit {k}: {v:,.0f}" for k, v in sorted(costs.items()))]
+    (out / "agreement.md").write_text("\n".join(lines) + "\n")
+    plot_frontier(result, out / "agreement.png")
+    print((out / "agreement.md").read_text())
+
+
+def plot_frontier(r: dict, path: Path) -> None:
+    """Accuracy vs instructions of the agreement rule next to the threshold rule (when its json is beside)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = r["test"]
+    ax.plot([p["relative_instructions"] for p in pts], [100 * p["accuracy"] for p in pts], "o-",
+            label="agreement trackers (target)")
+    for p in pts:
+        ax.annotate(f"{p['target']:g}", (p["relative_instructions"], 100 * p["accuracy"]), fontsize=7)
+    threshold = path.parent / "exits.json"
+    if threshold.exists():
+        t = [row for row in json.loads(threshold.read_text())["test"] if row["relative_instructions"]]
+        ax.plot([p["relative_instructions"] for p in t], [100 * p["accuracy"] for p in t], "s--",
+                label="static threshold")
+    base = 100 * pts[0]["accuracy"]
+    ax.axhline(base - 100 * ACCURACY_BUDGET, color="grey", lw=0.8, ls=":")
+    ax.axvline(0.7, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("mean cortex-m4 instructions per sample / full inference")
+    ax.set_ylabel("test online accuracy (%)")
+    ax.set_title("tinytta early exits, Fashion-MNIST-C sev 5 (goal: lower-right of the dotted lines)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def write_table(r: dict, path: Path) -> None:

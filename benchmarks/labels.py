@@ -32,6 +32,7 @@ torch = onnxruntime = compiled = QEMU per sample is what ``tests/test_labels.py`
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import json
@@ -54,11 +55,79 @@ FRACTIONS = (0.05, 0.2, 1.0)
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)  # the --tune grid of every learner's test-time lr
 
 
+# Learner settings of this study (not method settings): how the revealed labels are learnt from.
+#   optim=adam   Adam with bias correction (Kingma & Ba 2015) in place of the method's SGD with momentum;
+#                on a device it keeps two float32 moments per trainable parameter (SGD keeps one).
+#   warmup=N     the lr ramps linearly over the first N labelled samples (Goyal et al. 2017).
+#   replay=N     a buffer of the last N labelled samples' int8 taps and labels; each revealed label is
+#                followed by one step on a sample drawn from the buffer (experience replay, as in
+#                on-device continual learning, e.g. Pellegrini et al. 2020 "Latent replay"). The stream
+#                stays single-pass: only samples already seen and scored are replayed.
+#   rsteps=S     replayed samples per revealed label (default 1).
+LEARNER_KEYS = ("optim", "warmup", "replay", "rsteps")
+
+
 def method_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """``name`` or ``name:key=value+key=value`` -> (label, method, overrides)."""
+    """``name`` or ``name:key=value+key=value`` -> (label, method, overrides); learner keys stay in the
+    overrides (``learner`` splits them off)."""
     name, _, rest = spec.partition(":")
     overrides = dict(kv.split("=", 1) for kv in rest.split("+") if kv) if rest else {}
     return spec, name, overrides
+
+
+def learner(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(method overrides, learner settings) of a spec's overrides."""
+    return ({k: v for k, v in overrides.items() if k not in LEARNER_KEYS},
+            {k: v for k, v in overrides.items() if k in LEARNER_KEYS})
+
+
+def install_learner(method, settings: dict[str, str], seed: int) -> None:
+    """Put the study's optimiser, warm-up and replay on ``method`` (this instance only, reset-proof)."""
+    if not settings:
+        return
+    optim, warmup, replay = settings.get("optim", "sgd"), int(settings.get("warmup", 0)), int(settings.get("replay", 0))
+    replay_steps = int(settings.get("rsteps", 1))
+    base_reset, base_step = method.reset, method.step
+    buffer: collections.deque = collections.deque(maxlen=max(1, replay))
+    rng = np.random.RandomState(seed)
+    seen = [0]
+
+    def swap_optimizer() -> None:
+        if optim == "adam" and method._optimizer is not None:
+            method._optimizer = torch.optim.Adam(method._trainable(), lr=method.config.lr)
+
+    def reset() -> None:
+        base_reset()
+        swap_optimizer()
+        buffer.clear()
+        seen[0] = 0
+
+    def step(taps, target=None):
+        if target is None or method._optimizer is None:
+            return base_step(taps, target)
+        seen[0] += 1
+        if warmup:
+            for group in method._optimizer.param_groups:
+                group["lr"] = method.config.lr * min(1.0, seen[0] / warmup)
+        out = base_step(taps, target)
+        if replay:
+            for _ in range(replay_steps if buffer else 0):
+                old_taps, old_target = buffer[rng.randint(len(buffer))]
+                base_step(old_taps, old_target)
+            buffer.append(([t.detach().clone() for t in taps], target.clone()))
+        return out
+
+    method.reset, method.step = reset, step
+    swap_optimizer()
+
+
+def learner_bytes(method, settings: dict[str, str], taps: list[torch.Tensor]) -> int:
+    """RAM the learner settings add on a device: Adam's second moment (float32 per trainable parameter)
+    and the replay buffer (int8 taps + a label byte per sample)."""
+    params = sum(p.numel() for p in method._trainable())
+    adam = 4 * params if settings.get("optim") == "adam" and method.config.lr > 0 else 0
+    replay = int(settings.get("replay", 0)) * (sum(t[:1].numel() for t in taps) + 1)
+    return adam + replay
 
 
 def predict(method, taps: list[torch.Tensor]) -> int:
@@ -75,6 +144,7 @@ def held_out_accuracy(method, taps: list[torch.Tensor], labels: np.ndarray) -> f
 
 def prepared(backbone, model: str, method: str, overrides: dict[str, str], source, args, lr: float | None = None):
     """Prepared and fitted; ``lr`` (a test-time setting) replaces the config's after the fit."""
+    overrides, _ = learner(overrides)
     adaptable = prepare(copy.deepcopy(backbone), method, {**args.fit_overrides, **overrides}, model_name=model,
                         seed=args.seed)
     fit(adaptable, source, seed=args.seed, progress=False, max_samples=args.fit_samples)
@@ -108,6 +178,8 @@ def transfer(args, ckpt: str, target_name: str, tune: bool = False) -> list[dict
         adaptable = prepared(backbone, cfg["model"], method, overrides, source, args, lr)
         reinitialised = start_new_task(adaptable)
         m = adaptable.method
+        settings = learner(overrides)[1]
+        install_learner(m, settings, args.seed)
         taps, held_taps = source_taps(adaptable, x), source_taps(adaptable, hx)
         correct, held_acc = [], {}
         for i in range(len(y)):
@@ -124,12 +196,13 @@ def transfer(args, ckpt: str, target_name: str, tune: bool = False) -> list[dict
                "split": "val" if tune else "test", "reinitialised": reinitialised,
                "stream": len(y), "held_out": len(hy), "prequential": float(np.mean(correct)),
                "curve": np.cumsum(correct).tolist(), "held_out_accuracy": held_acc, "memory_bytes": mem,
-               "training_bytes": training_bytes(mem), "seconds": round(time.time() - start, 1)}
+               "training_bytes": training_bytes(mem) + learner_bytes(m, settings, taps),
+               "seconds": round(time.time() - start, 1)}
         rows.append(row)
         print(f"transfer {row['direction']:<28} {label:<24} lr {m.config.lr:<7g} "
               f"prequential {100 * row['prequential']:5.1f}  held-out "
               + "  ".join(f"N={n}: {100 * a:5.1f}" for n, a in held_acc.items())
-              + f"  train mem {training_bytes(mem) / 1024:8.1f} KB  ({row['seconds']} s)", flush=True)
+              + f"  train mem {row['training_bytes'] / 1024:8.1f} KB  ({row['seconds']} s)", flush=True)
     return rows
 
 
@@ -161,6 +234,8 @@ def personalisation(args, tune: bool = False) -> list[dict]:
         runs = [(spec, lr) for spec in specs for lr in (LRS if tune else (chosen_lr(args, "personal", spec[0]),))]
         for (label, method, overrides), lr in runs:
             adaptable = prepared(backbone, cfg["model"], method, overrides, data, args, lr)
+            settings = learner(overrides)[1]
+            install_learner(adaptable.method, settings, args.seed)
             learns = bool(adaptable.method.trainable_names()) and adaptable.method.config.lr > 0
             if tune and not learns:
                 continue
@@ -174,7 +249,8 @@ def personalisation(args, tune: bool = False) -> list[dict]:
                              "lr": adaptable.method.config.lr, "split": "val" if tune else "test",
                              "labelled_fraction": fraction, "mean": result.mean,
                              "per_corruption": result.per_corruption, "restores": result.restores,
-                             "memory_bytes": mem, "training_bytes": training_bytes(mem),
+                             "memory_bytes": mem, "training_bytes": training_bytes(mem) + learner_bytes(
+                                 adaptable.method, settings, taps(adaptable, segments[0].images[:1])),
                              "seconds": round(time.time() - start, 1)})
                 print(f"personal {protocol:<10} {label:<24} lr {adaptable.method.config.lr:<7g} labels "
                       f"{fraction:4.0%}  {100 * result.mean:5.1f}  "
@@ -348,7 +424,8 @@ def tune(args, path: Path) -> None:
             chosen.setdefault(study, {})[r["method"]] = r["lr"]
             print(f"chosen {study} {r['method']}: lr {r['lr']:g} ({100 * score:.1f} on validation)")
     path.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
-    (path.parent / f"tuning-{args.part}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (path.parent / f"tuning-{args.part}{'-' + args.tag if args.tag else ''}.json").write_text(
+        json.dumps(rows, indent=1) + "\n")
 
 
 def main() -> None:

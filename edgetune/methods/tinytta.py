@@ -33,6 +33,9 @@ open, made here (DESIGN §3 has the prototype measurements behind them):
   Default 1.0 = never exit early: early exits are often confidently
   wrong under shift, so a threshold calibrated on clean data cannot be trusted there (on the
   digits validation corruptions 0.8 exited early on 14% of samples for -0.4 points).
+* Exit rule ``exit_agreement`` > 0 (off by default): per-exit agreement trackers by confidence bin,
+  recalibrated online from the samples that ran to the end (``exit_agreement.py``, after CALM); it
+  replaces ``exit_threshold``. Measured in ``benchmarks/exits.py`` (``results/exits``).
 * Test-time loss (self-training): soft cross-entropy of every head that ran towards the
   ensemble's (stopped, prior-corrected) prediction — self-distillation from the aligned ensemble
   into the heads. Supervised mode: each head towards the label. Chosen on the 4 validation
@@ -54,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetune.methods import prior
+from edgetune.methods import exit_agreement, prior
 from edgetune.methods.align import FeatureAligner
 from edgetune.methods.base import (Exits, Method, MethodConfig, Range, Schedule, TapSpec, declare, setting,
                                    stop_gradient)
@@ -78,6 +81,13 @@ class TinyTTAConfig(MethodConfig):
                                                        "prior (0: no correction)")
     prior_strength: float = setting(1.0, Range(0.0, 10.0), "class-prior correction: exponent of the prior "
                                                            "(1: Bayes' rule)")
+    exit_agreement: float = setting(0.0, Range(0.0, 1.0), "exit rule: open exit k for a confidence bin while the "
+                                                          "samples that ran to the end agreed with it at least this "
+                                                          "often (0: the static exit_threshold)")
+    exit_bins: int = setting(10, Range(1, 100), "exit rule: confidence bins of each exit's agreement tracker")
+    exit_explore: int = setting(10, Range(0, 1_000_000), "exit rule: every N-th sample runs to the end to feed "
+                                                         "the trackers (0: never)")
+    exit_rate: float = setting(0.05, Range(0.0, 1.0, lo_open=True), "exit rule: EMA rate of the agreement trackers")
 
 
 def exit_head(width: int, hidden: int, classes: int) -> nn.Module:
@@ -117,6 +127,11 @@ class TinyTTA(Method):
         self.exit_counts = [0] * self.depth  # unsupervised samples per exit since reset (integers)
         if config.prior_rate > 0:
             self.register_buffer("class_prior", prior.uniform_prior(self.num_classes))
+        if config.exit_agreement > 0:  # the trackers start empty: every exit closed until they have evidence
+            self.register_buffer("exit_hits", torch.zeros(k - 1, config.exit_bins))
+            self.register_buffer("exit_seen", torch.zeros(k - 1, config.exit_bins))
+            self.register_buffer("exit_clock", torch.zeros(1))
+            self.register_buffer("suffix", exit_agreement.suffix_matrix(config.exit_bins), persistent=False)
 
     def taps(self) -> tuple[TapSpec, ...]:
         return tuple(TapSpec(k, pooled=True) for k in range(self.depth))
@@ -126,7 +141,8 @@ class TinyTTA(Method):
 
     def state_names(self) -> list[str]:
         aligned = self.aligner.state_names("aligner.") if self.aligner is not None else []
-        return aligned + (["class_prior"] if self.config.prior_rate > 0 else []) + ["exit_taken"]
+        tracked = ["exit_hits", "exit_seen", "exit_clock"] if self.config.exit_agreement > 0 else []
+        return aligned + (["class_prior"] if self.config.prior_rate > 0 else []) + tracked + ["exit_taken"]
 
     def calibrate(self, batches) -> None:
         if self.aligner is not None:
@@ -139,21 +155,30 @@ class TinyTTA(Method):
     def exits(self) -> Exits | None:
         # A threshold >= 1 never exits (a max-probability is at most 1): declaring no exits spares the
         # runtime its probes between stages (+1.3 % instructions per sample on mcunet-s, for nothing).
-        return Exits(tuple(range(self.depth)), "exit_taken") if self.config.exit_threshold < 1.0 else None
+        exits = self.config.exit_threshold < 1.0 or self.config.exit_agreement > 0
+        return Exits(tuple(range(self.depth)), "exit_taken") if exits else None
 
     def fit_loss(self, taps, labels):
         # Source taps are already at the source statistics: alignment is the identity there.
         return sum(F.cross_entropy(head(z), labels) for head, z in zip(self.heads, taps))
 
-    def ensemble(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction 1 x C, one-hot exit over K) from the exits' log-probabilities K x C (no gradient)."""
+    def prefixes(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The prefix ensembles K x C (row k: exits 0..k) from the exits' log-probabilities K x C."""
         probs = log_probs.exp()
         confidence = 1.0 - (-(probs * log_probs).sum(-1)) / math.log(self.num_classes)
         weights = torch.clamp(confidence, min=1e-3) * self.depth_weight
-        prefix = (self.prefix_sum @ (weights[:, None] * probs)) / (self.prefix_sum @ weights)[:, None]
-        confident = torch.maximum((prefix.amax(-1) > self.config.exit_threshold).float(), self.is_last)
+        return (self.prefix_sum @ (weights[:, None] * probs)) / (self.prefix_sum @ weights)[:, None]
+
+    def select(self, prefix: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction 1 x C, one-hot exit over K): the first prefix whose ``gate`` (K, 0/1) is set, else the last."""
+        confident = torch.maximum(gate, self.is_last)
         chosen = confident * ((self.prefix_sum @ confident) == 1.0).float()  # the first confident prefix
         return (chosen[:, None] * prefix).sum(0, keepdim=True), chosen
+
+    def ensemble(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction 1 x C, one-hot exit over K) by the static threshold (no gradient)."""
+        prefix = self.prefixes(log_probs)
+        return self.select(prefix, (prefix.amax(-1) > self.config.exit_threshold).float())
 
     def forward_graph(self, taps, state, momentum, target):
         feats, updated = list(taps), []
@@ -163,9 +188,21 @@ class TinyTTA(Method):
                 updated.append((mean, sqmean))
         logits = [head(z) for head, z in zip(self.heads, feats)] + [self.classifier(feats[-1])]
         log_probs = F.log_softmax(torch.cat(logits), dim=-1)
-        prediction, chosen = self.ensemble(stop_gradient(log_probs))
-        if self.config.prior_rate > 0:
-            prediction = prior.correct(prediction, state[-2], self.config.prior_strength)
+        c, at = self.config, 2 * self.depth if self.aligner is not None else 0  # state after the statistics
+        class_prior = state[at] if c.prior_rate > 0 else None
+        prefix = self.prefixes(stop_gradient(log_probs))
+        corrected = prior.correct(prefix, class_prior, c.prior_strength) if class_prior is not None else prefix
+        if c.exit_agreement > 0:
+            hits, seen, clock = state[at + (class_prior is not None):][:3]
+            onehot = exit_agreement.bin_onehot(prefix[:-1].amax(-1), c.exit_bins)
+            explore, clock = exit_agreement.explore_now(clock, c.exit_explore)
+            gate = exit_agreement.open_exits(onehot, hits, seen, self.suffix, c.exit_agreement,
+                                             c.exit_rate) * (1.0 - explore)
+            prediction, chosen = self.select(corrected, torch.cat([gate, torch.zeros(1)]))
+            tracked = [*exit_agreement.update(hits, seen, onehot, corrected, chosen[-1:], c.exit_rate), clock]
+        else:
+            prediction, chosen = self.select(corrected, (prefix.amax(-1) > c.exit_threshold).float())
+            tracked = []
         ran = 1.0 - self.prefix_sum @ chosen + chosen  # exit k ran iff the sample exited at k or later
         # A stage after the exit never ran: its statistics stay as they were (masked, not branched), so
         # the outputs do not depend on the taps of skipped stages and a runtime may leave them uncomputed.
@@ -176,9 +213,9 @@ class TinyTTA(Method):
         labelled = target.sum()
         soft_target = labelled * target + (1.0 - labelled) * prediction
         loss = -(ran[:-1, None] * soft_target * log_probs[:-1]).sum()
-        if self.config.prior_rate > 0:
-            new_state.append(prior.update(state[-2], prediction, self.config.prior_rate))
-        new_state.append(chosen)
+        if class_prior is not None:
+            new_state.append(prior.update(class_prior, prediction, c.prior_rate))
+        new_state += tracked + [chosen]
         return torch.log(prediction.clamp_min(1e-12)), loss, new_state
 
     def reset(self) -> None:
