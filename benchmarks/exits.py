@@ -25,11 +25,11 @@ Writes ``exits.json``, ``exits.md`` and ``exits.png`` to ``--out``.
 ``--rule agreement`` studies the drift-aware rule instead (tinytta's ``exit_agreement``: per-exit agreement
 trackers by confidence bin, fed by the samples that run to the end, ``edgetune/methods/exit_agreement.py``):
 its target swept on the same streams, chosen on validation the same way, in Python only (torch on the int8
-taps); instructions = exit shares x the per-exit instructions measured in QEMU (``--costs``: a committed
-threshold run for exits 1..3; exit 0, never taken there, measured on a few samples with threshold 0). It
-writes ``agreement.json``, ``agreement.md`` and ``agreement.png``.
+taps); instructions = exit shares x the per-exit instructions measured in QEMU in the same run (the first
+``--cost-samples`` test samples through the firmware at thresholds 0, 0.5 and 1: every exit taken). It writes
+``agreement.json``, ``agreement.md`` and ``agreement.png``.
 
-    python benchmarks/exits.py --rule agreement --costs results/exits/exits.json --out results/exits
+    python benchmarks/exits.py --rule agreement --rate 0.02 --out results/exits
 """
 from __future__ import annotations
 
@@ -126,8 +126,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="bundles and firmware (default: a temporary folder)")
     parser.add_argument("--rule", default="threshold", choices=["threshold", "agreement"])
-    parser.add_argument("--costs", default="results/exits/exits.json", help="agreement: per-exit instructions of "
-                                                                             "a threshold run")
+    parser.add_argument("--cost-samples", type=int, default=40, help="agreement: test samples run in QEMU (at "
+                                                                      "thresholds 0, 0.5, 1) for the per-exit table")
     parser.add_argument("--explore", type=int, default=10, help="agreement: every N-th sample runs to the end")
     parser.add_argument("--rate", type=float, default=0.05, help="agreement: EMA rate of the trackers")
     parser.add_argument("--bins", type=int, default=10, help="agreement: confidence bins per exit")
@@ -205,6 +205,31 @@ def main() -> None:
     print((out / "exits.md").read_text())
 
 
+def exit_costs(adaptable, data, x: np.ndarray, taps, work: Path) -> dict[int, float]:
+    """Guest instructions of a sample per exit taken, measured in one go (one compiler state): the firmware
+    at thresholds 0 (every sample exits at exit 0), 1 (none exits) and 0.5 (exits in between) on ``x``
+    (``taps``: its int8 taps, for torch's exits).
+    A sample's instructions depend only on its exit (a fixed kernel sequence per path)."""
+    depth = adaptable.method.depth
+    seen: dict[int, list[float]] = {k: [] for k in range(depth)}
+    for threshold in (0.0, 0.5, 1.0):
+        records = firmware_run(adaptable, data, threshold, x, work)
+        m = copy.deepcopy(adaptable.method)
+        m.config = dataclasses.replace(m.config, exit_threshold=threshold)
+        m._initial = None
+        m.reset()
+        exits = []
+        for t in taps:
+            m.step(t)
+            exits.append(m.last_exit)
+        for k, cost in zip(exits, instructions(records)):
+            seen[k].append(float(cost))
+    missing = [k for k, v in seen.items() if not v]
+    if missing:
+        raise SystemExit(f"exits: no measured sample took exit(s) {missing}; raise --cost-samples")
+    return {k: float(np.mean(v)) for k, v in seen.items()}
+
+
 def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, work, start) -> None:
     """The agreement rule's target swept on both splits, the target chosen on validation, instructions from
     the per-exit QEMU table (exit 0 measured here when the table lacks it)."""
@@ -217,9 +242,8 @@ def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, 
         for p in sweep[split]:
             print(f"{split:<5} target {p.get('exit_agreement', 0):<5g} accuracy {100 * p['accuracy']:6.2f}  exits "
                   + " ".join(f"{100 * s:5.1f}" for s in p["exit_share"]), flush=True)
-    costs = {int(k): v for k, v in json.loads(Path(args.costs).read_text())["per_exit_instructions"].items()}
-    if costs.get(0) is None:  # threshold 0 exits every sample at exit 0
-        costs[0] = float(instructions(firmware_run(adaptable, data, 0.0, streams["test"][3][:6], work)).mean())
+    k = args.cost_samples
+    costs = exit_costs(adaptable, data, streams["test"][3][:k], streams["test"][0][:k], work)
     full = costs[max(costs)]
 
     def priced(p: dict) -> dict:

@@ -172,7 +172,7 @@ def transfer(args, ckpt: str, target_name: str, tune: bool = False) -> list[dict
     checkpoints = sorted({n for n in (200, 1000) if n < len(y)} | {len(y)})
     rows = []
     runs = [(spec, lr) for spec in map(method_spec, args.transfer_methods.split(","))
-            for lr in (LRS if tune else (chosen_lr(args, "transfer", spec[0]),))]
+            for lr in (args.lrs if tune else (chosen_lr(args, "transfer", spec[0]),))]
     for (label, method, overrides), lr in runs:
         start = time.time()
         adaptable = prepared(backbone, cfg["model"], method, overrides, source, args, lr)
@@ -231,7 +231,8 @@ def personalisation(args, tune: bool = False) -> list[dict]:
         segments = build_stream(data, corruptions, 5, protocol, args.seed, args.samples,
                                 split="val" if tune else "test")
         specs = list(map(method_spec, args.personal_methods.split(",")))
-        runs = [(spec, lr) for spec in specs for lr in (LRS if tune else (chosen_lr(args, "personal", spec[0]),))]
+        runs = [(spec, lr) for spec in specs
+                for lr in (args.lrs if tune else (chosen_lr(args, "personal", spec[0]),))]
         for (label, method, overrides), lr in runs:
             adaptable = prepared(backbone, cfg["model"], method, overrides, data, args, lr)
             settings = learner(overrides)[1]
@@ -455,7 +456,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/labels")
+    p.add_argument("--lrs", default=",".join(map(str, LRS)), help="--tune: the test-time lr grid")
     args = p.parse_args()
+    args.lrs = tuple(float(v) for v in args.lrs.split(","))
     if args.quick:
         args.checkpoint, args.reverse_checkpoint = "checkpoints/tiny-cnn-fashion-mnist", ""
         args.transfer_stream, args.held_out, args.samples, args.fit_samples = 300, 100, 100, 1000

@@ -206,6 +206,52 @@ def test_tinytta_early_exit_selects_the_first_confident_prefix_and_updates_only_
         assert same == (k > 0), f"head {k} {'did not change' if same else 'changed'}"
 
 
+def test_agreement_trackers_open_a_confidence_bin_only_on_evidence():
+    from edgetune.methods import exit_agreement as ea
+    onehot = ea.bin_onehot(torch.tensor([0.0, 0.55, 1.0]), 10)
+    assert onehot.argmax(-1).tolist() == [0, 5, 9] and onehot.sum().item() == 3
+    suffix = ea.suffix_matrix(4)
+    sample = ea.bin_onehot(torch.tensor([0.9]), 4)  # the top bin
+    empty = torch.zeros(1, 4)
+    assert ea.open_exits(sample, empty, empty, suffix, 0.5, 0.1).item() == 0.0  # no evidence: closed
+    hits, seen = empty, empty
+    for agree in (True,) * 10:  # samples that ran to the end, confident in the top bin, agreeing with the final
+        final = torch.tensor([[0.9, 0.1]]) if agree else torch.tensor([[0.1, 0.9]])
+        hits, seen = ea.update(hits, seen, sample, torch.cat([torch.tensor([[0.9, 0.1]]), final]), torch.ones(1), 0.1)
+    assert ea.open_exits(sample, hits, seen, suffix, 0.5, 0.1).item() == 1.0
+    low = ea.bin_onehot(torch.tensor([0.3]), 4)  # a lower bin with no evidence of its own sums the bins above it
+    assert ea.open_exits(low, hits, seen, suffix, 0.5, 0.1).item() == 1.0
+    unchanged = ea.update(hits, seen, sample, torch.tensor([[0.9, 0.1], [0.1, 0.9]]), torch.zeros(1), 0.1)
+    assert torch.equal(unchanged[0], hits) and torch.equal(unchanged[1], seen)  # an exited sample teaches nothing
+    for _ in range(30):  # disagreement closes it again
+        hits, seen = ea.update(hits, seen, sample, torch.tensor([[0.9, 0.1], [0.1, 0.9]]), torch.ones(1), 0.1)
+    assert ea.open_exits(sample, hits, seen, suffix, 0.5, 0.1).item() == 0.0
+    clock, explored = torch.zeros(1), []
+    for _ in range(7):
+        e, clock = ea.explore_now(clock, 3)
+        explored.append(int(e.item()))
+    assert explored == [1, 0, 0, 1, 0, 0, 1]
+
+
+def test_tinytta_agreement_rule_exits_where_trackers_are_open_and_explores(digits):
+    a = _prepared(_backbone("tiny-cnn"), "tinytta", exit_agreement="0.5", exit_explore="3", align="false")
+    m = a.method
+    assert m.exits() is not None and {"exit_hits", "exit_seen", "exit_clock"} <= set(m.state_names())
+    x = _stream(digits, 4)
+    a.step(x[:1])  # trackers empty: every exit closed (and sample 0 explores)
+    assert m.last_exit == m.depth - 1 and m.exit_seen.sum() > 0
+    with torch.no_grad():  # every bin of every exit agreed so far: all open
+        m.exit_hits.fill_(1.0)
+        m.exit_seen.fill_(1.0)
+    before = m.exit_hits.clone()
+    a.step(x[1:2])
+    assert m.last_exit == 0 and torch.equal(m.exit_hits, before)  # exited: the trackers stay as they were
+    a.step(x[2:3])
+    assert m.last_exit == 0
+    a.step(x[3:4])  # the third sample after the first: exploration runs it to the end
+    assert m.last_exit == m.depth - 1
+
+
 @pytest.mark.parametrize("model", ["tiny-cnn", "vit-tiny"])
 def test_vqt_starts_as_the_source_classifier(model, digits):
     backbone = _backbone(model)
