@@ -1,23 +1,31 @@
-"""norm-align on Fashion-MNIST-C: per-layer alignment inside the int8 backbone, next to source, pooled
-alignment (feature-align) and the BatchNorm twin's bn-adapt at batch 1 and batch 64.
+"""norm-align on Fashion-MNIST-C (or digits-C): per-layer alignment inside the int8 backbone, next to source,
+pooled alignment (feature-align), tinytta, and the BatchNorm twin's bn-adapt at batch 1 and batch 64.
 
 The int8 rows run the exported QDQ backbone through ``edgetune.int8ref`` (onnxruntime's integer
-arithmetic, bit-exact with its session when nothing is folded) with each convolution's affine
-folded into its requantisation; the classifier and the pooled alignment run in float, as on the
-device. ``source`` is the same graph with nothing folded; ``feature-align`` aligns only the pooled
-features (its validated momentum). bn-adapt runs the BatchNorm twin in torch float: batch 1 is
-the deployable DUA-style running estimate, batch 64 the big-batch reference (each chunk of 64
-consecutive stream samples normalised with its own statistics; not deployable).
+arithmetic, bit-exact with its session when nothing is folded) with each aligned convolution's
+affine folded into its requantisation; the classifier and the pooled alignment run in float, as
+on the device. All int8 rows of one protocol run side by side as the rows of one
+``AlignedStreams`` batch (episodic: one row per corruption and variant; continual: one row per
+variant on the whole stream). ``source`` folds nothing and aligns nothing; ``feature-align``
+aligns only the pooled features (its validated momentum); ``tinytta`` rows feed tinytta's float
+side the int8 graph's pooled stage outputs. bn-adapt runs the BatchNorm twin in torch float:
+batch 1 is the deployable DUA-style running estimate, batch 64 the big-batch reference (each
+chunk of 64 consecutive stream samples normalised with its own statistics; not deployable).
 
-    python benchmarks/norm_align.py --split val --tune --samples 2000       # choose on validation
-    python benchmarks/norm_align.py --split test --samples 2000             # 15 corruptions + clean
-    python benchmarks/norm_align.py --quick                                  # 100 samples, 3 corruptions
+ATTEMPTS is every variant tried for the accuracy goal; ``--tune`` runs them on the validation
+corruptions and writes the best (mean of both protocols) to ``chosen_variant.json``, which the
+test rows read as ``norm-align (best)``.
+
+    python benchmarks/norm_align.py --split val --tune --samples 2000                # attempts, validation only
+    python benchmarks/norm_align.py --split test --samples 2000                      # 15 corruptions + clean
+    python benchmarks/norm_align.py --data digits --samples 359 --out results/norm_align/digits
+    python benchmarks/norm_align.py --quick                                           # 100 samples, 3 corruptions
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import itertools
+import dataclasses
 import json
 import tempfile
 import time
@@ -29,46 +37,95 @@ import torch
 from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
 from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream, load_dataset, to_tensor
-from edgetune.evaluate import run_stream, walk_stream
+from edgetune.evaluate import run_stream
 from edgetune.export.quantize import calibration_images
-from edgetune.int8ref.norm_align_int8 import Int8NormAlign, int8_graph
+from edgetune.int8ref.norm_align_int8 import int8_graph
 from edgetune.int8ref.qdq_model import QDQModel
+from edgetune.int8ref.variants import AlignedStreams, Variant, conv_stages
 from edgetune.methods import norm_align  # noqa: F401 - registers norm-align
 
-# Validation grid (int8): which stages to align; DUA's momentum schedule stays at its defaults. The float
-# exploration behind it (every conv, stage outputs, mean only) is in the README section.
-GRID = {"first_stage": ["1", "2", "3"], "include_sample": ["true", "false"], "pooled": ["true"]}
-FEATURE_ALIGN = {"momentum_start": "0.2", "momentum_decay": "0.98", "momentum_floor": "0.005"}  # its validated values
 SOURCE_STATS_IMAGES = 2000
+FEATURE_ALIGN = (0.2, 0.98, 0.005)  # feature-align's validated momentum on fashion-mnist (results/a)
+BASELINES = {"source": Variant("source", first_stage=99, pooled=False),
+             "feature-align": Variant("feature-align", first_stage=99, pooled_momentum=FEATURE_ALIGN),
+             "tinytta": Variant("tinytta", first_stage=99, tinytta=True)}
+_NA = Variant()
+# Every attempt at the goal (validation only). ``first_stage=99`` is clipped to the stage count (no conv aligned).
+ATTEMPTS = [
+    _NA,  # DUA on every conv of stages 2-3 + pooled (the validated float choice)
+    dataclasses.replace(_NA, name="stages 1-3", first_stage=1),
+    dataclasses.replace(_NA, name="stage 3", first_stage=3),
+    dataclasses.replace(_NA, name="all convs", first_stage=0),
+    dataclasses.replace(_NA, name="include sample", include_sample=True),
+    dataclasses.replace(_NA, name="no depthwise", kinds=("stem", "expand", "project", "head")),
+    dataclasses.replace(_NA, name="depthwise only", kinds=("depthwise",)),
+    dataclasses.replace(_NA, name="project+head", kinds=("project", "head")),
+    dataclasses.replace(_NA, name="expand+depthwise", kinds=("expand", "depthwise")),
+    dataclasses.replace(_NA, name="variance only", mode="var"),
+    dataclasses.replace(_NA, name="strength 0.5", strength=0.5),
+    dataclasses.replace(_NA, name="strength 1.25", strength=1.25),
+    dataclasses.replace(_NA, name="instance 0.1", instance=0.1),
+    dataclasses.replace(_NA, name="instance 0.3", instance=0.3),
+    dataclasses.replace(_NA, name="floor 0.002", momentum=(0.1, 0.94, 0.002)),
+    dataclasses.replace(_NA, name="floor 0.02", momentum=(0.1, 0.94, 0.02)),
+    dataclasses.replace(_NA, name="slow start 0.2/0.98", momentum=FEATURE_ALIGN, pooled_momentum=FEATURE_ALIGN),
+    dataclasses.replace(_NA, name="prior", prior_rate=0.02),
+    dataclasses.replace(_NA, name="all convs strength 0.5 + prior", first_stage=0, strength=0.5, prior_rate=0.02),
+    dataclasses.replace(_NA, name="no pooled", pooled=False),
+    dataclasses.replace(_NA, name="tinytta on top", tinytta=True),
+]
+# Round 2: the single changes that gained on validation, combined
+_R2 = dataclasses.replace(_NA, name="project+head+prior", kinds=("project", "head"), prior_rate=0.02)
+ATTEMPTS += [
+    _R2,
+    dataclasses.replace(_R2, name="project+head+prior+floor 0.002", momentum=(0.1, 0.94, 0.002)),
+    dataclasses.replace(_R2, name="project+head+prior+floor 0.002+strength 0.5", momentum=(0.1, 0.94, 0.002),
+                        strength=0.5),
+    dataclasses.replace(_R2, name="project+head+floor 0.002+tinytta", momentum=(0.1, 0.94, 0.002), tinytta=True),
+    dataclasses.replace(_NA, name="expand+depthwise+prior+floor 0.002", kinds=("expand", "depthwise"),
+                        prior_rate=0.02, momentum=(0.1, 0.94, 0.002)),
+]
+BY_NAME = {v.name: v for v in ATTEMPTS + list(BASELINES.values())}
 
 
-class Int8Runner:
-    """``walk_stream``'s runner for an ``Int8NormAlign`` (predict, then the statistics stay in)."""
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every int8 row shares: the graph, its conv stages, the classifier, source images, tinytta."""
 
-    restores = 0
-
-    def __init__(self, model: Int8NormAlign, align: bool) -> None:
-        self.model, self.align, self.x = model, align, torch.empty(0)
-
-    def reset(self) -> None:
-        self.model.reset()
-
-    def begin(self, images: np.ndarray) -> None:
-        self.x = to_tensor(images)
-
-    def step(self, i: int) -> tuple[int, None]:
-        return int(self.model.step(self.x[i:i + 1], self.align).argmax()), None
-
-    def feedback(self, i: int, label: int) -> None:  # the unsupervised protocol reveals no label
-        raise NotImplementedError
+    qdq: QDQModel
+    stages: list[int]
+    classifier: torch.nn.Module
+    source: torch.Tensor
+    tinytta: object
 
 
-def int8_row(name, backbone, cfg, data, qdq, segments, overrides, align=True):
-    # no float fit: every statistic the int8 run uses is measured on the int8 graph by ``calibrate``
-    adaptable = prepare(copy.deepcopy(backbone), "norm-align", overrides, model_name=cfg["model"])
-    model = Int8NormAlign(adaptable.method, qdq)
-    model.calibrate(calibration_images(data.train_x, SOURCE_STATS_IMAGES))
-    return walk_stream(Int8Runner(model, align), segments, name, progress=False)
+def clip(v: Variant, stages: int) -> Variant:
+    return dataclasses.replace(v, first_stage=min(v.first_stage, stages))
+
+
+def int8_rows(ctx: Context, variants: list[Variant], segments, continual: bool) -> dict[str, dict[str, float]]:
+    """Per-corruption online accuracy of each variant (name -> corruption -> accuracy), all in one batch."""
+    stages = max(ctx.stages) + 1
+    variants = [clip(v, stages) for v in variants]
+    single = continual or len(segments) == 1
+    groups = [segments] if single else [[s] for s in segments]
+    rows = [(g, v) for g in range(len(groups)) for v in variants]
+    bank = AlignedStreams(ctx.qdq, ctx.stages, ctx.classifier, [v for _, v in rows], ctx.tinytta)
+    bank.calibrate(ctx.source)
+    per: dict[str, dict[str, float]] = {v.name: {} for v in variants}
+    for part in range(len(groups[0])):  # continual: segment after segment; episodic: all corruptions at once
+        segs = [g[part] for g in groups]
+        if single and segs[0].reset:
+            bank.reset()
+        n = min(len(s.labels) for s in segs)
+        x = torch.stack([to_tensor(s.images[:n]) for s in segs])  # corruptions x n x image
+        index = torch.tensor([g for g, _ in rows])
+        preds = torch.stack([bank.step(x[index, i]) for i in range(n)])  # n x rows
+        for r, (g, v) in enumerate(rows):
+            labels = segs[g].labels[:n]
+            scored = labels >= 0
+            per[v.name][segs[g].name] = float((preds[:, r].numpy()[scored] == labels[scored]).mean())
+    return per
 
 
 def batch_row(backbone, cfg, data, segments, batch: int, continual: bool):
@@ -89,52 +146,57 @@ def batch_row(backbone, cfg, data, segments, batch: int, continual: bool):
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    data = load_dataset("fashion-mnist")
+    data = load_dataset(args.data)
     main, main_cfg = load_checkpoint(args.checkpoint)
-    bn, bn_cfg = load_checkpoint(args.bn_checkpoint)
     qdq = QDQModel(int8_graph(main, data.train_x, data.name, Path(tempfile.mkdtemp()) / "frozen.onnx"))
-    chosen_path = Path(args.out) / "chosen.json"
+    chosen_path = Path(args.out) / "chosen_variant.json"
+    best = BY_NAME[json.loads(chosen_path.read_text())["variant"]] if chosen_path.exists() else Variant()
+    if args.tune:
+        variants = ATTEMPTS
+    elif args.variants:
+        variants = [BY_NAME[n] for n in args.variants.split(",")]
+    else:
+        fa = BASELINES["feature-align"] if args.data == "fashion-mnist" else Variant("feature-align", first_stage=99)
+        candidates = (BASELINES["source"], fa, dataclasses.replace(best, name="norm-align (best)", tinytta=False),
+                      BASELINES["tinytta"], dataclasses.replace(best, name="norm-align+tinytta", tinytta=True))
+        variants = [v for v in candidates if v.name.split(" ")[0] in args.rows]
+        if "norm-align-dua" in args.rows and best != Variant():
+            variants.append(dataclasses.replace(Variant(), name="norm-align (DUA, stages 2-3)"))
+    tinytta = None
+    if any(v.tinytta for v in variants):  # tinytta's heads fitted as the accuracy benchmark fits them
+        adaptable = prepare(copy.deepcopy(main), "tinytta", {}, model_name=main_cfg["model"])
+        fit(adaptable, data, seed=0, progress=False)
+        tinytta = adaptable.method
+    ctx = Context(qdq, conv_stages(main), main.for_export().classifier,
+                  to_tensor(calibration_images(data.train_x, SOURCE_STATS_IMAGES)), tinytta)
     corruptions = (VALIDATION_CORRUPTIONS if args.split == "val" else TEST_CORRUPTIONS)[:args.corruptions]
     rows = []
 
-    def record(method, protocol, backbone, per, overrides, start):
-        row = {"method": method, "protocol": protocol, "backbone": backbone, "overrides": overrides,
+    def record(method, protocol, backbone, per, config, start):
+        row = {"method": method, "protocol": protocol, "backbone": backbone, "config": config,
                "per_corruption": per, "mean": float(np.mean(list(per.values()))), "seconds": round(time.time() - start)}
         rows.append(row)
-        print(f"{protocol:<10} {method:<26} {json.dumps(overrides):<60} {100 * row['mean']:6.2f} ({row['seconds']} s)",
-              flush=True)
+        print(f"{protocol:<10} {method:<34} {100 * row['mean']:6.2f} ({row['seconds']} s)", flush=True)
 
     for protocol in args.protocols.split(","):
         segments = build_stream(data, corruptions, args.severity, protocol, 0, args.samples,
                                 split="test" if args.split == "test" else "val")
-        if args.tune:
-            grid = {**GRID, **json.loads(args.grid)}
-            configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
-        elif args.configs:
-            configs = json.loads(args.configs)
-        else:
-            configs = [json.loads(chosen_path.read_text())] if chosen_path.exists() else [{}]
-        for overrides in configs if "norm-align" in args.rows else []:
+        if variants:
             t = time.time()
-            if args.backbone == "torch":  # the float reference (any layers= choice)
-                adaptable = prepare(copy.deepcopy(main), "norm-align", overrides, model_name=main_cfg["model"])
-                fit(adaptable, data, seed=0, progress=False)
-                per = run_stream(adaptable, segments, progress=False).per_corruption
-            else:
-                per = int8_row("norm-align", main, main_cfg, data, qdq, segments, overrides).per_corruption
-            record("norm-align", protocol, f"mcunet-s {args.backbone}", per, overrides, t)
+            per = int8_rows(ctx, variants, segments, protocol == "continual")
+            for v in variants:
+                record(v.name, protocol, "mcunet-s int8", per[v.name], dataclasses.asdict(v), t)
         if args.tune:
             continue
-        if "source" in args.rows:
+        if "norm-align-torch" in args.rows:  # the float reference of the torch method (its own config)
             t = time.time()
-            record("source", protocol, "mcunet-s int8",
-                   int8_row("source", main, main_cfg, data, qdq, segments, {}, align=False).per_corruption, {}, t)
-        if "feature-align" in args.rows:
-            t = time.time()
-            fa = {**FEATURE_ALIGN, "pooled": "true"}
-            record("feature-align (pooled only)", protocol, "mcunet-s int8",
-                   int8_row("feature-align", main, main_cfg, data, qdq, segments, fa, align=False).per_corruption, fa,
-                   t)
+            adaptable = prepare(copy.deepcopy(main), "norm-align", json.loads(args.torch_config),
+                                model_name=main_cfg["model"])
+            fit(adaptable, data, seed=0, progress=False)
+            record("norm-align (torch float)", protocol, "mcunet-s float",
+                   run_stream(adaptable, segments, progress=False).per_corruption, json.loads(args.torch_config), t)
+        if {"bn-adapt-64", "bn-adapt-1"} & args.rows:
+            bn, bn_cfg = load_checkpoint(args.bn_checkpoint)
         if "bn-adapt-64" in args.rows:
             t = time.time()
             record("bn-adapt batch 64 (reference)", protocol, "mcunet-s-bn float",
@@ -147,11 +209,11 @@ def run(args: argparse.Namespace) -> None:
                    run_stream(adaptable, segments, progress=False).per_corruption, args.bn_batch1_overrides, t)
     if "clean" in args.rows and not args.tune:
         clean = build_stream(data, ("none",), args.severity, "episodic", 0, args.samples)
-        overrides = json.loads(chosen_path.read_text()) if chosen_path.exists() else {}
-        for name, ovr, align in (("norm-align", overrides, True), ("source", {}, False)):
-            t = time.time()
-            record(name, "clean", "mcunet-s int8",
-                   int8_row(name, main, main_cfg, data, qdq, clean, ovr, align).per_corruption, ovr, t)
+        t = time.time()
+        named = [v for v in variants if not v.tinytta] or [BASELINES["source"]]
+        per = int8_rows(ctx, named, clean, True)
+        for v in named:
+            record(v.name, "clean", "mcunet-s int8", per[v.name], dataclasses.asdict(v), t)
     write(rows, args)
 
 
@@ -161,15 +223,17 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     tag = "quick" if args.quick else f"{args.split}-sev{args.severity}" + (f"-{args.tag}" if args.tag else "")
     summary = {"samples_per_corruption": args.samples, "rows": rows}
     (out / f"{tag}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if args.tune:
-        best = max((r for r in rows if r["protocol"] == "episodic"), key=lambda r: r["mean"])
-        (out / "chosen.json").write_text(json.dumps(best["overrides"], indent=1, sort_keys=True) + "\n")
-        print(f"chosen on validation -> {out / 'chosen.json'}: {best['overrides']}")
-        return
+    if args.tune:  # the attempt with the best mean over the protocols run
+        names = dict.fromkeys(r["method"] for r in rows)
+        means = {m: float(np.mean([r["mean"] for r in rows if r["method"] == m])) for m in names}
+        best = max(means, key=lambda m: means[m])
+        (out / "chosen_variant.json").write_text(json.dumps({"variant": best, "validation_mean": means[best]},
+                                                            indent=1) + "\n")
+        print(f"chosen on validation -> {out / 'chosen_variant.json'}: {best} ({100 * means[best]:.2f})")
     protocols = [p for p in dict.fromkeys(r["protocol"] for r in rows) if p != "clean"] or ["clean"]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["protocol"] in protocols))
     get = {(r["method"], r["protocol"]): r for r in rows}
-    lines = [f"Mean online accuracy (%), fashion-mnist-C, {args.split} corruptions, severity {args.severity}, "
+    lines = [f"Mean online accuracy (%), {args.data}-C, {args.split} corruptions, severity {args.severity}, "
              f"{args.samples} samples per corruption, batch 1 (except the batch-64 reference), seed 0", "",
              "| method | backbone | " + " | ".join(protocols) + " | clean |",
              "| --- | --- | " + " | ".join("---:" for _ in protocols) + " | ---: |"]
@@ -179,16 +243,17 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         clean_cell = "" if clean is None else f"{100 * clean['mean']:.1f}"
         lines.append(f"| {m} | {first['backbone']} | " + " | ".join(
             f"{100 * get[(m, p)]['mean']:.1f}" if (m, p) in get else "" for p in protocols) + f" | {clean_cell} |")
-    corrs = list(next(iter(rows))["per_corruption"])
-    lines += ["", f"Per corruption ({protocols[0]}):", "", "| method | " + " | ".join(c[:10] for c in corrs) + " |",
-              "| --- | " + " | ".join("---:" for _ in corrs) + " |"]
-    for m in methods:
-        if (m, protocols[0]) in get:
-            lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in get[(m, protocols[0])]["per_corruption"]
-                                                   .values()) + " |")
+    corrs = list(next(r for r in rows if r["protocol"] in protocols)["per_corruption"])
+    for protocol in protocols:
+        lines += ["", f"Per corruption ({protocol}):", "", "| method | " + " | ".join(c[:10] for c in corrs) + " |",
+                  "| --- | " + " | ".join("---:" for _ in corrs) + " |"]
+        for m in methods:
+            if (m, protocol) in get:
+                lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in get[(m, protocol)]["per_corruption"]
+                                                       .values()) + " |")
+        plot(get, methods, corrs, protocol, out / f"{tag}-{protocol}.png", args)
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(get, methods, corrs, protocols[0], out / f"{tag}.png", args)
 
 
 def plot(get: dict, methods: list[str], corrs: list[str], protocol: str, path: Path, args) -> None:
@@ -204,7 +269,7 @@ def plot(get: dict, methods: list[str], corrs: list[str], protocol: str, path: P
     ax.set_xticks(np.arange(len(corrs)) + width * (len(methods) - 1) / 2, [c[:12] for c in corrs], rotation=35,
                   ha="right")
     ax.set_ylabel("online accuracy (%)")
-    ax.set_title(f"fashion-mnist-C severity {args.severity}, {protocol}, {args.samples} samples per corruption")
+    ax.set_title(f"{args.data}-C severity {args.severity}, {protocol}, {args.samples} samples per corruption")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, ncol=len(methods), loc="upper left")
     fig.tight_layout()
@@ -213,23 +278,23 @@ def plot(get: dict, methods: list[str], corrs: list[str], protocol: str, path: P
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/mcunet-s-fashion-mnist")
-    p.add_argument("--bn-checkpoint", default="checkpoints/mcunet-s-bn-fashion-mnist")
+    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    p.add_argument("--checkpoint", default="", help="default: checkpoints/mcunet-s-<data>")
+    p.add_argument("--bn-checkpoint", default="", help="default: checkpoints/mcunet-s-bn-<data>")
     p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--tune", action="store_true", help="run norm-align's grid (validation split only)")
+    p.add_argument("--tune", action="store_true", help="run every attempt (ATTEMPTS) and choose (validation only)")
     p.add_argument("--protocols", default="episodic,continual")
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--samples", type=int, default=2000, help="samples per corruption")
     p.add_argument("--corruptions", type=int, default=15, help="the first N corruptions of the split")
-    p.add_argument("--rows", default="norm-align,source,feature-align,bn-adapt-64,clean",
-                   help="which rows: norm-align, source, feature-align, bn-adapt-64, bn-adapt-1 (slow: torch per "
-                        "sample), clean (norm-align and source on the clean test stream)")
-    p.add_argument("--grid", default="{}", help='--tune: JSON overriding grid entries, e.g. \'{"include_sample": '
-                                                 '["false"]}\' (to split the grid over processes)')
-    p.add_argument("--configs", default="", help='norm-align overrides to run instead of chosen.json, a JSON list '
-                                                 'such as \'[{"layers": "stages"}, {}]\'')
-    p.add_argument("--backbone", default="int8", choices=["int8", "torch"],
-                   help="norm-align rows on the int8 reference (default) or the float torch reference")
+    p.add_argument("--rows", default="source,feature-align,norm-align,tinytta,bn-adapt-64,bn-adapt-1,clean",
+                   help="which rows: source, feature-align, norm-align (the chosen variant), norm-align-dua (the "
+                        "validated float default, when another variant was chosen), tinytta, norm-align+tinytta, "
+                        "bn-adapt-64, bn-adapt-1 (torch per sample), norm-align-torch (float reference), clean "
+                        "(the int8 rows on the clean test stream)")
+    p.add_argument("--variants", default="", help="int8 variants by name (ATTEMPTS, BASELINES) instead of --rows' "
+                                                   "int8 rows, e.g. 'norm-align,prior'")
+    p.add_argument("--torch-config", default="{}", help="norm-align-torch: the torch method's overrides (JSON)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="100 samples of 3 corruptions, episodic (a smoke run)")
     p.add_argument("--out", default="results/norm_align")
@@ -240,12 +305,14 @@ def main() -> None:
         p.error("--tune chooses hyperparameters and is allowed on --split val only")
     args.bn_batch1_overrides = {"momentum_floor": "0.001", "momentum_start": "0.05"}  # results/a's validated choice
     args.rows = set(args.rows.split(","))
+    args.checkpoint = args.checkpoint or f"checkpoints/mcunet-s-{args.data}"
+    args.bn_checkpoint = args.bn_checkpoint or f"checkpoints/mcunet-s-bn-{args.data}"
     if args.quick:
         args.samples, args.corruptions, args.protocols = 100, 3, "episodic"
     if args.merge:
         # source and feature-align from benchmarks/accuracy.py (onnxruntime int8, the same streams) when
         # its output sits in <out>/baselines, then every tagged run of this script
-        base = Path(args.out) / "baselines" / f"fashion-mnist-{args.split}-sev{args.severity}.json"
+        base = Path(args.out) / "baselines" / f"{args.data}-{args.split}-sev{args.severity}.json"
         rows = [{**r, "backbone": "mcunet-s int8 (onnxruntime)"} for r in json.loads(base.read_text())] \
             if base.exists() else []
         parts = sorted(Path(args.out).glob(f"{args.split}-sev{args.severity}-*.json"))

@@ -18,6 +18,7 @@ from edgetune.errors import ConfigError
 from edgetune.evaluate import run_stream
 from edgetune.int8ref.norm_align_int8 import Int8NormAlign, fold_affine, int8_graph
 from edgetune.int8ref.qdq_model import QDQModel
+from edgetune.int8ref.variants import AlignedStreams, Variant, conv_kinds, conv_stages
 from edgetune.methods import norm_align  # noqa: F401 - registers norm-align
 from edgetune.models import build_model
 
@@ -129,6 +130,66 @@ def test_int8_follows_the_float_reference(mcunet, digits, graph):
     agree = sum(int(model.step(x[i:i + 1]).argmax()) == int(float_ref.step(x[i:i + 1]).argmax())
                 for i in range(SAMPLES))
     assert agree >= 0.85 * SAMPLES
+
+
+def _streams(mcunet, digits, graph, variants, tinytta=None):
+    bank = AlignedStreams(graph[1], conv_stages(mcunet[0]), mcunet[0].for_export().classifier, variants, tinytta)
+    bank.calibrate(to_tensor(digits.train_x[:300]))
+    return bank
+
+
+def test_variant_rows_equal_the_single_stream_reference(mcunet, digits, graph):
+    """The default variant as one row of a batch next to other variants predicts exactly what the
+    one-sample-at-a-time ``Int8NormAlign`` predicts (and the rows do not leak into each other)."""
+    model = _int8_method(mcunet, digits, graph, first_stage="2", include_sample="false", pooled="true")
+    variants = [Variant(), Variant("mixed", mode="var", instance=0.3, strength=0.5, include_sample=True,
+                                   kinds=("expand", "project"), prior_rate=0.02), Variant("source", first_stage=4,
+                                                                                         pooled=False)]
+    bank = _streams(mcunet, digits, graph, variants)
+    x = to_tensor(_stream(digits).images)
+    rows = torch.stack([bank.step(x[i:i + 1].expand(3, -1, -1, -1)) for i in range(SAMPLES)])
+    assert rows[:, 0].tolist() == [int(model.step(x[i:i + 1]).argmax()) for i in range(SAMPLES)]
+    classifier = mcunet[0].for_export().classifier
+    source = [int(classifier(graph[1].run(x[i:i + 1])[0]).argmax()) for i in range(SAMPLES)]
+    assert rows[:, 2].tolist() == source  # nothing folded, nothing aligned: the exported graph's prediction
+    assert rows[:, 1].tolist() != rows[:, 0].tolist()  # the options do change the predictions
+
+
+def test_variant_options_fold_what_they_say(mcunet, digits, graph):
+    _, qdq = graph
+    kinds = conv_kinds(qdq.convs)
+    assert kinds[:4] == ["stem", "expand", "depthwise", "project"] and kinds[-1] == "head"
+    stages = conv_stages(mcunet[0])
+    variants = [Variant("dw", first_stage=0, kinds=("depthwise",)), Variant("mean", mode="mean"),
+                Variant("half", strength=0.5), Variant()]
+    bank = _streams(mcunet, digits, graph, variants)
+    assert bank.aligned[0].tolist() == [k == "depthwise" for k in kinds]
+    assert bank.aligned[1].tolist() == [s >= 2 for s in stages]
+    x = to_tensor(_stream(digits).images)
+    for i in range(5):
+        bank.step(x[i:i + 1].expand(4, -1, -1, -1))
+    k = stages.index(2)
+    y = torch.randn(4, len(bank.source[k][0]), 3, 3, dtype=torch.float64)
+    a, b = bank._affine(k, y, torch.full((4, 1), 0.05, dtype=torch.float64))
+    assert torch.equal(a[1], torch.ones_like(a[1])) and not torch.equal(b[1], torch.zeros_like(b[1]))
+    torch.testing.assert_close(a[2] - 1.0, 0.5 * (a[3] - 1.0))
+    torch.testing.assert_close(b[2], 0.5 * b[3])
+    with pytest.raises(ConfigError, match="variant 'bad' has mode 'median'"):
+        _streams(mcunet, digits, graph, [Variant("bad", mode="median")])
+
+
+def test_tinytta_row_reads_the_aligned_stage_outputs(mcunet, digits, graph):
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "tinytta", {}, model_name="mcunet-s")
+    fit(adaptable, digits, progress=False)
+    bank = _streams(mcunet, digits, graph, [Variant("tinytta", first_stage=4, tinytta=True),
+                                            Variant("composed", tinytta=True)], adaptable.method)
+    # the stage ends are the graph's tensors: the last is the one the graph averages for its output
+    assert len(bank.stage_ends) == 4 and bank.stage_ends[-1] == graph[1].output[0]
+    x = to_tensor(_stream(digits).images)
+    rows = torch.stack([bank.step(x[i:i + 1].expand(2, -1, -1, -1)) for i in range(SAMPLES)])
+    assert bank.tinytta[0].steps == SAMPLES and rows[:, 0].tolist() != rows[:, 1].tolist()
+    bank.reset()
+    assert bank.tinytta[0].steps == 0
 
 
 def test_unknown_layers_is_a_config_error():

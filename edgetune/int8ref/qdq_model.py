@@ -166,12 +166,16 @@ class QDQModel:
 
     def requantize(self, op: ConvOp, acc: torch.Tensor, scale: torch.Tensor | None = None,
                    offset: torch.Tensor | None = None) -> torch.Tensor:
-        """int8 values of ``op``'s output; ``scale`` / ``offset`` (per channel) fold an affine in."""
-        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        """int8 values of ``op``'s output; ``scale`` / ``offset`` (per channel: C, or N x C per sample) fold an
+        affine in."""
+        # a 2-D scale / offset is per sample and channel (N x C): independent streams in one batch
+        def per_channel(t: torch.Tensor) -> torch.Tensor:
+            rows = t.shape[0] if t.dim() == 2 else 1
+            return t.reshape((rows, -1) + (1,) * (acc.dim() - 2))
         s = op.requant if scale is None else (op.requant * scale.float()).float()
         if offset is not None:
-            acc = acc + offset.double().reshape(shape)
-        f = acc.float() * s.reshape(shape)
+            acc = acc + per_channel(offset.double())
+        f = acc.float() * per_channel(s)
         return _round_sat(f, self.q[op.dst].zero_point)
 
     def add(self, op: AddOp, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
