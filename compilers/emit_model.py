@@ -81,6 +81,7 @@ class Interface:
     learns: bool  # a train_step exists and lr > 0
     exits: ExitSpec | None = None  # the declared early exits (their state is one of ``states``)
     tap_stages: tuple[int, ...] = ()  # the backbone stage of each tap (segments the frozen graph for exits)
+    frozen_states: tuple[str, ...] = ()  # states the frozen forward reads after the image (norm-align's folds)
 
     @property
     def input_len(self) -> int:
@@ -486,9 +487,10 @@ def emit_model(iface: Interface, frozen: Planned, infer: Planned, train: Planned
         taps_at.append(f"(et_taps + {off // 4})")
         off += _align(4 * t.size)
     taps_bytes = off
-    f_fn = _place(frozen, ["et_input_dummy"], [(taps_at[k], False, None) for k in range(len(iface.taps))], arena)
-
     ram = {t.name: f"et_st_{_c_ident(t.name)}" for t in iface.states}
+    f_fn = _place(frozen, ["et_input_dummy", *[ram[n] for n in iface.frozen_states]],
+                  [(taps_at[k], False, None) for k in range(len(iface.taps))], arena)
+
     ram.update({t.name: (f"et_p_{_c_ident(t.name)}" if learning else None) for t in iface.params})
     ram.update({t.name: f"et_o_{_c_ident(t.name)}" for t in (iface.opt_states if learning else ())})
     consts_params = {} if learning else {t.name: w.constant(t.initial.astype(np.float32)) for t in iface.params}
@@ -588,9 +590,9 @@ def _probe_address(iface: Interface, infer: Planned, fn: _Function) -> str | Non
 def _check(iface: Interface, frozen: Planned, infer: Planned, train: Planned | None) -> None:
     problems = []
     f = frozen.plan
-    if len(f.inputs) != 1 or f.buffer(f.inputs[0]).shape != iface.input_shape:
+    if len(f.inputs) != 1 + len(iface.frozen_states) or f.buffer(f.inputs[0]).shape != iface.input_shape:
         problems.append(f"frozen forward takes {[f.buffer(i).shape for i in f.inputs]}, not one "
-                        f"{list(iface.input_shape)} image")
+                        f"{list(iface.input_shape)} image and {len(iface.frozen_states)} state tensors")
     shapes = [f.root(o).shape if o in {b.name for b in f.buffers} else None for o in f.outputs]
     if shapes != [t.shape for t in iface.taps]:
         problems.append(f"frozen forward returns {shapes}, the taps are {[t.shape for t in iface.taps]}")

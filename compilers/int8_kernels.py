@@ -26,11 +26,18 @@ def _epilogue(requant: tuple[te.Tensor, ...], zp: int):
 
 def qconv2d(x: te.Tensor, w: te.Tensor, bias: te.Tensor, *requant: te.Tensor, strides: tuple[int, int],
             pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, zx: int, zy: int,
-            channels_last_weight: bool = False) -> te.Tensor:
+            channels_last_weight: bool = False, moments: bool = False) -> te.Tensor | list[te.Tensor]:
     """QLinearConv (NCHW activations, OIHW weights, any group count): int8 x int8 -> int32 -> int8.
 
     With ``channels_last_weight`` the weight arrives as [I, H, W, O] (output channels
     contiguous), for kernels vectorised over output channels (``schedule``).
+
+    With ``moments`` (norm-align) ``requant`` is ``(scale, offset)``, both run-time inputs ([O]
+    float32; ``offset`` holds integers, the folded affine's accumulator offset) and the unit returns
+    ``[out, sum, sumsq]``: ``out`` requantises ``acc + bias + offset``, and ``sum`` / ``sumsq``
+    ([N, O] int64, blocks ``sum`` and ``sumsq``) are the per-channel sum and sum of squares of the
+    *unaligned* accumulator ``acc + bias`` over the output positions, read from the same
+    accumulator tiles (``schedule`` computes them per tile; no second pass).
 
     ``bias`` already holds ``B - zx * sum(W)``: padding with ``zx`` makes the raw int8
     products equal ``sum((x - zx) * w) + zx * sum(w)`` everywhere, borders included.
@@ -72,8 +79,33 @@ def qconv2d(x: te.Tensor, w: te.Tensor, bias: te.Tensor, *requant: te.Tensor, st
         return te.sum(value.astype("int32") * weight.astype("int32"), axis=[rc, ry, rx])
 
     acc = te.compute((n, o, oh, ow), mac, name="acc")
-    epi = _epilogue(requant, zy)
-    return te.compute((n, o, oh, ow), lambda nn, oo, i, j: epi(acc[nn, oo, i, j] + bias[oo], oo), name="out")
+    if not moments:
+        epi = _epilogue(requant, zy)
+        return te.compute((n, o, oh, ow), lambda nn, oo, i, j: epi(acc[nn, oo, i, j] + bias[oo], oo), name="out")
+    scale, offset = requant
+    epi = _epilogue((scale,), zy)
+    out = te.compute((n, o, oh, ow), lambda nn, oo, i, j: epi(acc[nn, oo, i, j] + bias[oo]
+                                                              + offset[oo].astype("int32"), oo), name="out")
+    return [out, *accumulator_moments(acc, bias)]
+
+
+def accumulator_moments(acc: te.Tensor, bias: te.Tensor) -> list[te.Tensor]:
+    """Per-channel sum and sum of squares ([N, O] int64) of ``acc + bias`` over the output positions.
+
+    int64: a square of an int32 accumulator needs 2 x 31 bits, and the sum over the positions a few
+    more; float32 sums would drift past the 1e-5 the statistics are checked to.
+    """
+    n, o, oh, ow = (int(d) for d in acc.shape)
+
+    def raw(nn, oo, i, j):
+        return acc[nn, oo, i, j].astype("int64") + bias[oo].astype("int64")
+
+    ri, rj = te.reduce_axis((0, oh), "si"), te.reduce_axis((0, ow), "sj")
+    total = te.compute((n, o), lambda nn, oo: te.sum(raw(nn, oo, ri, rj), axis=[ri, rj]), name="sum")
+    qi, qj = te.reduce_axis((0, oh), "qi"), te.reduce_axis((0, ow), "qj")
+    squares = te.compute((n, o), lambda nn, oo: te.sum(raw(nn, oo, qi, qj) * raw(nn, oo, qi, qj), axis=[qi, qj]),
+                         name="sumsq")
+    return [total, squares]
 
 
 def qmatmul(x: te.Tensor, w: te.Tensor, bias: te.Tensor, *requant: te.Tensor, zy: int) -> te.Tensor:

@@ -24,6 +24,7 @@ with ONNX node names; quantisation the kernels cannot represent is reported by
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,6 +38,7 @@ from edgetune.compilers import int8_tables as tables
 from edgetune.compilers.boundary import dequant_table, spatial_mean
 from edgetune.compilers.schedule import conv_family
 from edgetune.errors import CompileError
+from edgetune.export.manifest import AlignedConv
 from edgetune.export.ops import relax_rules
 
 R = relax.op
@@ -180,10 +182,16 @@ def _shape(expr: relax.Expr) -> list[int]:
 
 
 class _Lowering:
-    def __init__(self, mod: tvm.IRModule, fixed_point: bool) -> None:
+    def __init__(self, mod: tvm.IRModule, fixed_point: bool, aligned: Sequence[AlignedConv] = ()) -> None:
         self.mod = mod
         self.func = mod["main"]
         self.fixed_point = fixed_point
+        # norm-align: conv position (graph order) -> its spec and its two run-time inputs
+        self.aligned = {a.conv: (a, relax.Var(a.scale, relax.TensorType((a.channels,), "float32")),
+                                 relax.Var(a.offset, relax.TensorType((a.channels,), "float32")))
+                        for a in aligned}
+        self.convs = 0  # convolutions lowered so far
+        self.moments: list[relax.Expr] = []  # the aligned convs' statistics, appended to main's outputs
         self.bb = relax.BlockBuilder()
         self.env: dict[relax.Var, object] = {}
         self.floats: dict[int, relax.Expr] = {}  # id(value) -> its float tensor in the new function
@@ -230,12 +238,19 @@ class _Lowering:
         for p in params:
             self.env[p] = _Input(p)
         attrs = dict(self.func.attrs.items()) if self.func.attrs else {}
-        with self.bb.function("main", params=params, attrs=attrs):
+        extra = [v for k in sorted(self.aligned) for v in self.aligned[k][1:]]
+        with self.bb.function("main", params=params + extra, attrs=attrs):
             with self.bb.dataflow():
                 for block in self.func.body.blocks:
                     for binding in block.bindings:
                         self.bind(binding.var, binding.value)
                 out = self.output(self.value(self.func.body.body))
+                missing = sorted(k for k in self.aligned if k >= self.convs)
+                if missing:
+                    raise _Unsupported(f"norm-align names conv {missing[0]} but the graph lowers {self.convs} convs")
+                if self.moments:  # after the taps, in the manifest's order: sum, sumsq per aligned conv
+                    taps = list(out.fields) if isinstance(out, relax.Tuple) else [out]
+                    out = relax.Tuple(taps + self.moments)
                 gv = self.bb.emit_output(out)
             self.bb.emit_func_output(gv)
         return self.bb.get()
@@ -574,10 +589,34 @@ class _Lowering:
         pointwise = wdata.shape[2:] == (1, 1) and not any(pad) and all(s == 1 for s in strides)
         family = conv_family(o, groups, wdata.shape[1], out_hw[0] * out_hw[1] if pointwise else out_hw[1])
         weight = np.ascontiguousarray(wdata.transpose(1, 2, 3, 0)) if family == "qconv2d_oc" else wdata
-        y = self.emit_kernel(family, kernels.qconv2d, xq, relax.const(weight), relax.const(b),
-                             *self.requant_consts(scale), strides=strides, pads=tuple(pad), dilation=dilation,
-                             groups=groups, zx=x.zp, zy=zy, channels_last_weight=family == "qconv2d_oc")
+        geometry = dict(strides=strides, pads=tuple(pad), dilation=dilation, groups=groups, zx=x.zp, zy=zy,
+                        channels_last_weight=family == "qconv2d_oc")
+        spec = self.aligned.get(self.convs)
+        if spec is not None:
+            y = self.aligned_conv(family, spec, xq, weight, b, geometry)
+        else:
+            y = self.emit_kernel(family, kernels.qconv2d, xq, relax.const(weight), relax.const(b),
+                                 *self.requant_consts(scale), **geometry)
+        self.convs += 1
         return self.bb.emit(R.reshape(y, _shape(call))) if one_d else y
+
+    def aligned_conv(self, family: str, spec: tuple, xq: relax.Expr, weight: np.ndarray, bias: np.ndarray,
+                     geometry: dict) -> relax.Expr:
+        """norm-align's conv: requantisation scale and accumulator offset are run-time inputs (the
+        method's state), and the same kernel returns the unaligned accumulator's per-channel sum and
+        sum of squares, handed out as float32 [1, C] outputs of ``main``."""
+        aligned, scale, offset = spec
+        if self.fixed_point:
+            raise _Unsupported("norm-align with fixed-point requantisation (its scale changes per sample)")
+        if len(bias) != aligned.channels:
+            raise _Unsupported(f"norm-align conv {aligned.conv} ({aligned.node}) has {len(bias)} output channels, "
+                               f"the manifest says {aligned.channels}")
+        parts = self.emit_kernel(family, kernels.qconv2d, xq, relax.const(weight), relax.const(bias), scale, offset,
+                                 moments=True, **geometry)
+        for k in (1, 2):
+            moment = self.bb.emit(relax.TupleGetItem(parts, k))
+            self.moments.append(self.bb.emit(R.astype(moment, "float32")))
+        return self.bb.emit(relax.TupleGetItem(parts, 0))
 
     def matmul(self, call: relax.Call, bias: _QConst | None, sy: F32, zy: int) -> relax.Expr:
         a = self.activation(call.args[0], "matmul input")
@@ -794,17 +833,21 @@ class _Lowering:
         return self.floating(v)  # a float island ending at the graph output
 
 
-def rewrite_int8(mod: tvm.IRModule, fixed_point: bool = False) -> tvm.IRModule:
+def rewrite_int8(mod: tvm.IRModule, fixed_point: bool = False, aligned: Sequence[AlignedConv] = ()) -> tvm.IRModule:
     """Lower the fake-quant ``main`` of an imported QDQ graph to integer kernels.
 
-    ``fixed_point`` selects integer-only requantisation (see ``int8_math``).
+    ``fixed_point`` selects integer-only requantisation (see ``int8_math``). ``aligned`` (norm-align,
+    the manifest's ``norm_align.convs``): those convolutions (by position in graph order) take their
+    requantisation scale and accumulator offset as extra inputs of ``main`` (after the image, in
+    order, named as the manifest says) and give their accumulators' per-channel sum and sum of
+    squares as extra outputs (after the taps).
 
     Raises:
         CompileError: a part of the graph has no integer lowering (after ``check_int8``
             passed this is a compiler bug; the message names the Relax op).
     """
     try:
-        out = _Lowering(mod, fixed_point).run()
+        out = _Lowering(mod, fixed_point, aligned).run()
     except _Unsupported as exc:
         raise CompileError(f"int8: cannot lower the graph to integer kernels ({exc}); int8_check should have "
                            "reported this with node names — please report it as a compiler bug") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,14 @@ from tvm import tirx
 from edgetune.compilers.emit import kernel_module
 from edgetune.compilers.emit_c import c_kernels
 from edgetune.compilers.emit_model import Interface, ModelSources, Planned, Tensor, emit_model
-from edgetune.compilers.frozen import compile_stage, lower_frozen
-from edgetune.compilers.plan import ALIGNMENT
+from edgetune.compilers.frozen import LoweredFrozen, check_frozen, compile_stage, lower_frozen
+from edgetune.compilers.int8_rewrite import rewrite_int8
+from edgetune.compilers.onnx_import import import_onnx, read_onnx
+from edgetune.compilers.pipeline import lower
+from edgetune.compilers.plan import ALIGNMENT, extract_plan
 from edgetune.compilers.train_step import INFER, TRAIN_STEP, compile_train_step, lower_train_step
 from edgetune.errors import CompileError
+from edgetune.export.manifest import AlignedConv
 
 C_TARGET = {"kind": "c"}
 
@@ -61,7 +65,9 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     target = tvm.target.Target(C_TARGET)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    frozen_low = lower_frozen(bundle / manifest.frozen.file, target, "c")
+    na = manifest.norm_align
+    frozen_low = (lower_frozen(bundle / manifest.frozen.file, target, "c") if na is None else
+                  lower_aligned_frozen(bundle / manifest.frozen.file, target, "c", na.convs))
     seconds["frozen"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -98,6 +104,35 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels))
 
 
+def lower_aligned_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str,
+                         aligned: Sequence[AlignedConv]) -> LoweredFrozen:
+    """``frozen.lower_frozen`` for a norm-align bundle: the same chain (read, check, import, int8
+    rewrite, lower, plan) with ``aligned``'s convolutions taking their requantisation from inputs and
+    returning their accumulator statistics (``int8_rewrite.rewrite_int8``).
+
+    Raises:
+        CompileError: as ``lower_frozen``.
+    """
+    src = Path(onnx_path)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = read_onnx(src)
+    check_frozen(model, str(src))
+    with compile_stage("import and int8 rewrite", src, model):
+        mod = rewrite_int8(import_onnx(model), False, aligned)
+    seconds["import_rewrite"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with compile_stage(f"lowering for {target_name}", src, model):
+        lowered = lower(mod, tvm_target)
+        plan, constants = extract_plan(lowered, "main")
+    problems = plan.check()
+    if problems:
+        raise CompileError(f"compile: the static plan of {src.name} is unsound ({'; '.join(problems)}); "
+                           "this is a compiler bug, please report it")
+    seconds["lower_plan"] = time.perf_counter() - t0
+    return LoweredFrozen(src, model, lowered, plan, constants, seconds)
+
+
 def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
     """The same kernels as ``generated.kernels_c``, compiled by TVM's LLVM backend for ``tvm_target``
     (e.g. aarch64 with the CPU's features) into an object file with the same symbols.
@@ -132,7 +167,7 @@ def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
     declared runtime contract: schedule, guard, exits).
 
     Raises:
-        CompileError: a state tensor has no initial value.
+        CompileError: a state tensor has no initial value, or norm-align's frozen inputs are not state.
     """
     t = manifest.trainable
     missing = [i.name for i in t.inputs if i.role == "state" and i.name not in initial_state]
@@ -148,9 +183,22 @@ def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
     sched = runtime.momentum_schedule
     schedule = (sched.start, sched.decay, sched.floor) if sched is not None else (0.0, 0.0, 0.0)
     taps = tuple(Tensor(o.name, tuple(o.shape)) for o in manifest.frozen.outputs)
+    stages = tuple(o.stage for o in manifest.frozen.outputs)
+    frozen_states: tuple[str, ...] = ()
+    na = manifest.norm_align
+    if na is not None:  # the compiled frozen graph's extra outputs (statistics) and inputs (folds, from the state)
+        taps += tuple(Tensor(name, (1, a.channels)) for a in sorted(na.convs, key=lambda a: a.conv)
+                      for name in (a.sum, a.sumsq))
+        stages = ()
+        frozen_states = tuple(name for a in sorted(na.convs, key=lambda a: a.conv) for name in (a.scale, a.offset))
+        unknown = [n for n in frozen_states if n not in {s.name for s in states}]
+        if unknown:
+            raise CompileError(f"compile: norm_align names frozen inputs {', '.join(unknown)} that are not state "
+                               "inputs of trainable.onnx; re-export the bundle")
     return Interface(f"{manifest.method} on {manifest.model}", tuple(manifest.input.shape), manifest.num_classes,
                      taps, states, params, opt, schedule, runtime.guard, learns and bool(params), runtime.exits,
-                     tuple(o.stage for o in manifest.frozen.outputs))
+                     stages, frozen_states)
 
 
-__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "workspace_pool_bytes"]
+__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "lower_aligned_frozen",
+           "workspace_pool_bytes"]

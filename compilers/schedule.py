@@ -83,9 +83,13 @@ def _name(sch: Schedule, block) -> str:
     return sch.get(block).name_hint
 
 
+MOMENT_BLOCKS = ("sum", "sumsq")  # norm-align's accumulator statistics (``int8_kernels.accumulator_moments``)
+
+
 def _inline_tail(sch: Schedule, after: str) -> object:
-    """Inline the elementwise blocks after ``after`` into the last one; return the last."""
-    names = [_name(sch, b) for b in _blocks(sch)]
+    """Inline the elementwise blocks after ``after`` into the last one; return the last (the
+    accumulator statistics are reductions of their own: ``_moments_per_tile`` places them)."""
+    names = [_name(sch, b) for b in _blocks(sch) if _name(sch, b) not in MOMENT_BLOCKS]
     tail = names[names.index(after) + 1:]
     for name in tail[:-1]:
         sch.compute_inline(sch.get_sblock(name))
@@ -96,6 +100,19 @@ def _vectorize_inner(sch: Schedule, block, cfg: ScheduleConfig) -> None:
     loops = sch.get_loops(block)
     if cfg.vectorize and loops and _extent(sch, loops[-1]) > 1:
         sch.vectorize(loops[-1])
+
+
+def _moments_per_tile(sch: Schedule, tile_loop, outer_loop) -> str:
+    """The accumulator statistics (when the kernel has them) summed from each accumulator tile right
+    after its epilogue, while the tile is in registers: no second pass and no full accumulator
+    buffer. Their initialisation runs once, before the outermost loop."""
+    names = {_name(sch, b) for b in _blocks(sch)}
+    present = [n for n in MOMENT_BLOCKS if n in names]
+    for name in present:
+        block = sch.get_sblock(name)
+        sch.reverse_compute_at(block, tile_loop)
+        sch.decompose_reduction(block, outer_loop)
+    return ", channel moments per tile" if present else ""
 
 
 def _conv(sch: Schedule, cfg: ScheduleConfig, depthwise: bool) -> str:
@@ -137,6 +154,7 @@ def _conv(sch: Schedule, cfg: ScheduleConfig, depthwise: bool) -> str:
             sch.compute_at(sch.get_sblock("pad"), i)
             where = "pad per output row"
     sch.reverse_compute_at(epilogue, j_out)
+    moments = _moments_per_tile(sch, j_out, nn)
     for loop in (ry, rx):
         if _extent(sch, loop) > 1:
             sch.unroll(loop)
@@ -149,7 +167,7 @@ def _conv(sch: Schedule, cfg: ScheduleConfig, depthwise: bool) -> str:
     # after the loop annotations: the init block's loops copy them (vectorised zeroing)
     sch.decompose_reduction(acc, rc)
     kind = "pointwise" if pointwise else "depthwise" if depthwise else "direct"
-    return f"{kind} conv: {tile}oc x {lanes}px register tile, {where}, epilogue per tile" + \
+    return f"{kind} conv: {tile}oc x {lanes}px register tile, {where}, epilogue per tile{moments}" + \
         (", vectorised" if vectorised else "")
 
 
@@ -169,6 +187,7 @@ def _conv_oc(sch: Schedule, cfg: ScheduleConfig) -> str:
         sch.compute_at(sch.get_sblock("pad"), i)
         where = "pad per output row"
     sch.reverse_compute_at(epilogue, j_out)
+    moments = _moments_per_tile(sch, j_out, nn)
     for loop in (ry, rx):
         if _extent(sch, loop) > 1:
             sch.unroll(loop)
@@ -178,7 +197,7 @@ def _conv_oc(sch: Schedule, cfg: ScheduleConfig) -> str:
     if vectorised:
         sch.vectorize(o_in)
     sch.decompose_reduction(acc, rc)
-    return f"channel-vector conv: {lanes}oc x {pixels}px register tile, {where}, epilogue per tile" + \
+    return f"channel-vector conv: {lanes}oc x {pixels}px register tile, {where}, epilogue per tile{moments}" + \
         (", vectorised" if vectorised else "")
 
 

@@ -58,10 +58,13 @@ def export(adaptable: Adaptable, data: Dataset, out_dir: str | Path, quantize: b
     """
     target = get_target(target).name
     method = adaptable.method
-    if not method.partitioned:
+    if not method.partitioned and not method.folds_into_int8:
         raise ExportError(f"export: method {method.name!r} adapts the backbone itself, so it cannot be split into "
                           "a frozen int8 graph and a trainable graph; export one of "
                           f"{', '.join(exportable_methods())} (or evaluate {method.name} in torch)")
+    if method.folds_into_int8 and not quantize:
+        raise ExportError(f"export: {method.name} folds its state into the int8 backbone's requantisation, so it "
+                          "has no float bundle; drop --no-quantize")
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; give a directory for the bundle")
@@ -97,6 +100,9 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
         ConfigError: the method's runtime declarations contradict each other.
     """
     method, backbone = adaptable.method, adaptable.backbone
+    if method.folds_into_int8:  # norm-align: its state is the int8 graph's requantisation (own builder)
+        from edgetune.export.norm_align import build_norm_align_bundle
+        return build_norm_align_bundle(adaptable, data, directory, target, runtime_contract)
     contract = runtime_contract(method)  # contradictory declarations fail before any file is written
     images = to_tensor(data.train_x[:CHECK_SAMPLES])
     check_sample(images[:1], backbone.input_shape)

@@ -180,6 +180,47 @@ class RuntimeContract:
 
 
 @dataclass(frozen=True)
+class AlignedConv:
+    """One convolution of frozen.onnx that norm-align re-standardises through its requantisation.
+
+    ``conv``: its position among frozen.onnx's Conv nodes in graph order (``node``: the node's
+    name). The compiled frozen graph takes two more inputs per aligned conv, after the image: the
+    requantisation scale ``scale`` and the int32 accumulator offset ``offset`` (float32 [C] holding
+    integers), both trainable.onnx state inputs of the same names; and it returns two more outputs
+    after the taps: ``sum`` and ``sumsq`` (float32 [1, C]), the per-channel sum and sum of squares
+    of the unaligned int32 accumulator over the layer's ``positions`` output positions, which
+    trainable.onnx takes as tap inputs of the same names. ``accum_scale`` (float value of one
+    accumulator unit, ``fl32(sx * sw)``), ``requant`` (the exported scale ``S``), ``source_mean`` and
+    ``source_sqmean`` (the int8 graph's pre-activation statistics on the source) are the constants
+    trainable.onnx folds with; they are recorded here so the bundle states them.
+    """
+
+    conv: int
+    node: str
+    channels: int
+    positions: int
+    scale: str
+    offset: str
+    sum: str
+    sumsq: str
+    accum_scale: tuple[float, ...]
+    requant: tuple[float, ...]
+    source_mean: tuple[float, ...]
+    source_sqmean: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class NormAlignSpec:
+    """norm-align's convolutions (``AlignedConv``) and how its state is folded (``eps`` of the
+    standardisation; ``include_sample`` false: a sample is requantised with the statistics up to the
+    previous one, so the fold for the next sample is computed at the end of this one)."""
+
+    convs: tuple[AlignedConv, ...]
+    eps: float
+    include_sample: bool
+
+
+@dataclass(frozen=True)
 class FrozenPart:
     file: str
     sha256: str
@@ -235,9 +276,13 @@ class Manifest:
     format: str = FORMAT
     files: dict[str, str] = field(default_factory=dict)  # side file -> sha256 (``file_sha256``)
     digest: str = ""  # sha256 of this manifest with digest "" (``manifest_digest``)
+    # norm-align only: the compiled frozen graph's extra inputs (state) and outputs (statistics)
+    norm_align: NormAlignSpec | None = None
 
     def to_json(self) -> str:
         fields_ = asdict(self)
+        if fields_["norm_align"] is None:  # only norm-align bundles carry the section
+            del fields_["norm_align"]
         return json.dumps({"format": fields_.pop("format"), **fields_}, indent=2) + "\n"
 
     def describe(self) -> str:
@@ -389,8 +434,12 @@ def file_sha256(path: Path) -> str:
 
 
 def manifest_digest(manifest: Manifest) -> str:
-    """The sha256 of ``manifest`` with an empty digest field (canonical JSON, sorted keys)."""
-    text = json.dumps(asdict(replace(manifest, digest="")), sort_keys=True)
+    """The sha256 of ``manifest`` with an empty digest field (canonical JSON, sorted keys; an absent
+    ``norm_align`` is left out, so bundles sealed before that field existed keep their digest)."""
+    fields_ = asdict(replace(manifest, digest=""))
+    if fields_["norm_align"] is None:
+        del fields_["norm_align"]
+    text = json.dumps(fields_, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

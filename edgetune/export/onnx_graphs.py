@@ -93,7 +93,7 @@ class GraphModule(nn.Module):
     def __init__(self, method: Method) -> None:
         super().__init__()
         self.method = method
-        self.taps, self.states = len(method.taps()), len(method.state_names())
+        self.taps, self.states = len(method.tap_inputs()), len(method.state_names())
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         taps = list(inputs[:self.taps])
@@ -114,7 +114,7 @@ def trainable_example(method: Method, taps: Sequence[torch.Tensor]) -> tuple[tor
 def trainable_signature(method: Method, example: Sequence[torch.Tensor]) -> tuple[tuple[GraphInput, ...],
                                                                                      tuple[GraphOutput, ...]]:
     """Names, shapes and roles of trainable.onnx's inputs and outputs (the bundle contract)."""
-    tap_names = [t.name for t in method.taps()]
+    tap_names = method.tap_inputs()
     state_names = [f"state_{onnx_name(n)}" for n in method.state_names()]
     roles = ["tap"] * len(tap_names) + ["state"] * len(state_names) + ["momentum", "target"]
     names = tap_names + state_names + ["momentum", "target"]

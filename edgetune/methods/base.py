@@ -259,6 +259,9 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     partitioned: ClassVar[bool] = True
+    # Not partitioned, yet exportable: the method's state lives in the frozen int8 graph's
+    # requantisation (norm-align), and export writes that graph with state inputs plus the update step.
+    folds_into_int8: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
@@ -278,6 +281,11 @@ class Method(nn.Module):
     # --- what the method declares -------------------------------------------------------
     def taps(self) -> tuple[TapSpec, ...]:
         raise NotImplementedError
+
+    def tap_inputs(self) -> list[str]:
+        """Names of trainable.onnx's tap inputs, in calling order: the taps' names (norm-align's step
+        appends the statistics its compiled frozen graph returns besides the taps)."""
+        return [t.name for t in self.taps()]
 
     def trainable_names(self) -> list[str]:
         """Names (in ``named_parameters()``) of the parameters updated at test time."""

@@ -180,6 +180,7 @@ class NormAlign(Method):
     Config = NormAlignConfig
     config: NormAlignConfig
     partitioned = False
+    folds_into_int8 = True  # exported as the int8 graph + NormAlignStep (edgetune.export.norm_align)
 
     def __init__(self, backbone, config: NormAlignConfig) -> None:
         super().__init__(backbone, config)

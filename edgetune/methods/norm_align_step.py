@@ -1,0 +1,116 @@
+"""norm-align's per-sample update as a partitioned step: what a compiled runtime runs after the int8 backbone.
+
+``NormAlign`` (``norm_align.py``) is the float reference: it runs its own copy of the backbone. On
+a device the backbone is the frozen int8 graph, and norm-align's affine lives in that graph's
+requantisation. This module is the other half, exported as trainable.onnx like any method's
+update step::
+
+    frozen (compiled):  image, (scale_k, offset_k) per aligned conv -> pooled tap, (sum_k, sumsq_k)
+    this step:          pooled tap, (sum_k, sumsq_k), state, momentum -> logits, new state
+
+The state of aligned conv k is its running ``mean_k`` / ``sqmean_k`` (float units of the
+pre-activation) and the requantisation the *next* sample uses: ``scale_k = fl32(S * a)`` and the
+int32 accumulator offset ``offset_k = rne(b / (a * accum_scale))`` (float32 holding integers),
+with ``a, b`` the standardising affine of the updated statistics (``standardising_affine``) --
+``edgetune.int8ref.norm_align_int8.fold_affine``'s fold, in float32. Keeping the folded pair as
+state (instead of re-folding before each layer) means the frozen graph reads it as plain inputs
+and checkpoint, reset and the collapse guard's restore cover it with the rest of the state;
+reset = the source statistics with the identity fold (``scale = S``, ``offset = 0``).
+
+Only the lagged order is deployable (``include_sample=False``): the statistics of a sample enter
+after it was requantised, so the kernel requantises each accumulator tile as it computes it.
+The statistics come from the accumulators the conv kernel already computes (``sum_k``: sum of
+the unaligned int32 accumulator over the layer's positions, ``sumsq_k``: sum of its squares),
+never from a label. The pooled features are aligned as in ``NormAlign`` (its head layer).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from edgetune.methods.base import Method, Schedule, TapSpec, entropy, supervised_or
+from edgetune.methods.norm_align import NormAlign, standardising_affine
+
+
+@dataclass(frozen=True)
+class ConvConstants:
+    """What the step needs of one aligned int8 conv (from the int8 graph and its source statistics)."""
+
+    accum_scale: torch.Tensor  # fl32(sx * sw) per channel
+    requant: torch.Tensor  # S = fl32(fl32(sx * sw) / sy) per channel
+    source_mean: torch.Tensor
+    source_sqmean: torch.Tensor
+    positions: int  # output positions per channel (the statistics' n)
+
+
+def fold(mean: torch.Tensor, sqmean: torch.Tensor, source_mean: torch.Tensor, source_sqmean: torch.Tensor,
+         accum_scale: torch.Tensor, requant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(requantisation scale, accumulator offset) of the affine mapping (mean, sqmean) onto the source's."""
+    a, b = standardising_affine(mean, sqmean, source_mean, source_sqmean)
+    return requant * a, torch.round(b / (a * accum_scale))
+
+
+class NormAlignStep(Method):
+    """The update step of a fitted ``NormAlign`` whose aligned convs are ``convs`` (in state order)."""
+
+    name = "norm-align"
+    paper = NormAlign.paper
+    Config = NormAlign.Config
+
+    def __init__(self, method: NormAlign, convs: list[ConvConstants]) -> None:
+        super().__init__(method.backbone, method.config)
+        self.last = len(method.backbone.stages) - 1
+        self.positions = [c.positions for c in convs]
+        # the classifier with the pooled alignment in front of it (NormAlign's head), or plain
+        self.classifier = copy.deepcopy(method.net.classifier)
+        self.pooled = bool(method.config.pooled)
+        for k, c in enumerate(convs):
+            for name, value in (("accum_scale", c.accum_scale), ("requant", c.requant),
+                                ("source_mean", c.source_mean), ("source_sqmean", c.source_sqmean)):
+                self.register_buffer(f"{name}{k}", value.detach().float().clone())
+            scale, offset = fold(c.source_mean.float(), c.source_sqmean.float(), c.source_mean.float(),
+                                 c.source_sqmean.float(), c.accum_scale.float(), c.requant.float())
+            for name, value in (("mean", c.source_mean), ("sqmean", c.source_sqmean), ("scale", scale),
+                                ("offset", offset)):
+                self.register_buffer(f"{name}{k}", value.detach().float().clone())
+        if self.pooled:
+            head = self.classifier[0]
+            self.register_buffer("head_mean", head.source_mean.detach().clone())
+            self.register_buffer("head_sqmean", head.source_sqmean.detach().clone())
+
+    def taps(self) -> tuple[TapSpec, ...]:
+        return (TapSpec(self.last, pooled=True),)
+
+    def tap_inputs(self) -> list[str]:
+        return [*super().tap_inputs(), *[f"{s}{k}" for k in range(len(self.positions)) for s in ("sum", "sumsq")]]
+
+    def state_names(self) -> list[str]:
+        names = [f"{s}{k}" for k in range(len(self.positions)) for s in ("mean", "sqmean", "scale", "offset")]
+        return names + (["head_mean", "head_sqmean"] if self.pooled else [])
+
+    def schedule(self) -> Schedule:
+        c = self.config
+        return Schedule(c.momentum_start, c.momentum_decay, c.momentum_floor)
+
+    def forward_graph(self, taps, state, momentum, target):
+        new_state: list[torch.Tensor] = []
+        for k, n in enumerate(self.positions):
+            total, squares = taps[1 + 2 * k][0], taps[2 + 2 * k][0]
+            mean, sqmean = state[4 * k], state[4 * k + 1]
+            unit = self.get_buffer(f"accum_scale{k}")
+            mean = (1.0 - momentum) * mean + momentum * (unit * total / n)
+            sqmean = (1.0 - momentum) * sqmean + momentum * (unit * unit * squares / n)
+            scale, offset = fold(mean, sqmean, self.get_buffer(f"source_mean{k}"),
+                                 self.get_buffer(f"source_sqmean{k}"), unit, self.get_buffer(f"requant{k}"))
+            new_state += [mean, sqmean, scale, offset]
+        if self.pooled:
+            head = self.classifier[0]
+            head.feed = (state[-2], state[-1], momentum)
+            logits = self.classifier(taps[0])
+            new_state += list(head.updated or ())
+            head.feed = None
+        else:
+            logits = self.classifier(taps[0])
+        return logits, supervised_or(entropy(logits).sum(), logits, target), new_state

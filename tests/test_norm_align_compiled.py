@@ -1,0 +1,227 @@
+"""norm-align in the compiled runtimes: the bundle (manifest section, state, step), the int8 lowering
+whose aligned convs take their requantisation as inputs and return their accumulator statistics,
+and the host C runtime against the integer reference (``edgetune.int8ref``), per sample.
+Small: the digits mcunet-s, a few samples; the 300-sample device runs are in the benchmark."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgetune.adapt import fit, prepare
+from edgetune.data import build_stream, to_tensor
+from edgetune.errors import CheckpointError, ExportError
+from edgetune.export import export, load_manifest
+from edgetune.export.norm_align import CALIBRATION_IMAGES
+from edgetune.int8ref.norm_align_int8 import Int8NormAlign, fold_affine
+from edgetune.int8ref.qdq_model import QDQModel
+from edgetune.methods.norm_align import standardising_affine, update_statistics
+
+SAMPLES = 24
+
+
+@pytest.fixture(scope="module")
+def fitted(mcunet, digits):
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "norm-align", {}, model_name="mcunet-s")
+    fit(adaptable, digits, progress=False, use_cache=False)
+    return adaptable
+
+
+@pytest.fixture(scope="module")
+def bundle(fitted, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("na-bundle") / "bundle"
+    export(fitted, digits, out, progress=False)
+    return out
+
+
+def _reference(fitted, digits, bundle) -> Int8NormAlign:
+    ref = Int8NormAlign(copy.deepcopy(fitted.method), QDQModel(bundle / "frozen.onnx"))
+    ref.calibrate(digits.train_x[:CALIBRATION_IMAGES])
+    return ref
+
+
+def _stream(digits):
+    return to_tensor(build_stream(digits, ("gaussian_noise",), 5, "episodic", 0, SAMPLES)[0].images)
+
+
+def test_manifest_names_the_aligned_convs_and_is_sealed(fitted, bundle):
+    manifest = load_manifest(bundle)
+    na = manifest.norm_align
+    aligned = [m.conv_index for m in fitted.method.aligned if m.conv_index >= 0]
+    assert na is not None and [a.conv for a in na.convs] == aligned and not na.include_sample
+    assert all(len(a.source_mean) == a.channels == len(a.requant) and a.positions > 0 for a in na.convs)
+    inputs = {i.name: i.role for i in manifest.trainable.inputs}
+    assert all(inputs[a.scale] == inputs[a.offset] == "state" and inputs[a.sum] == inputs[a.sumsq] == "tap"
+               for a in na.convs)
+    state = np.load(bundle / "initial_state.npz")
+    for a in na.convs:  # reset point: source statistics, identity fold
+        assert np.array_equal(state[a.scale], np.asarray(a.requant, np.float32))
+        assert not state[a.offset].any()
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["norm_align"]["convs"][0]["source_mean"][0] += 1.0
+    (bundle / "manifest.json").write_text(json.dumps(raw))
+    try:
+        with pytest.raises(CheckpointError, match="does not match its digest"):
+            load_manifest(bundle)
+    finally:
+        (bundle / "manifest.json").write_text(manifest.to_json())
+    assert load_manifest(bundle) == manifest
+
+
+@pytest.mark.parametrize("overrides, what", [({"include_sample": "true"}, "include_sample=true"),
+                                             ({"layers": "stages"}, "layers='stages'")])
+def test_export_refuses_orders_the_kernel_cannot_run(mcunet, digits, tmp_path, overrides, what):
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "norm-align", overrides, model_name="mcunet-s")
+    with pytest.raises(ExportError, match=f"norm-align cannot run compiled with {what}"):
+        export(adaptable, digits, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_aligned_kernels_equal_the_integer_reference(bundle, digits):
+    """Given the same folds, the compiled host graph's statistics are the reference accumulators' sums
+    bit for bit (float32 of exact int64 sums: any int8 difference upstream would show), and its pooled
+    output is the reference's."""
+    import tvm
+    from tvm import relax
+
+    from edgetune.compilers.model import lower_aligned_frozen
+    from edgetune.compilers.pipeline import build_vm
+
+    na = load_manifest(bundle).norm_align
+    qdq = QDQModel(bundle / "frozen.onnx")
+    target = tvm.target.Target("llvm")
+    low = lower_aligned_frozen(bundle / "frozen.onnx", target, "host", na.convs)
+    described = [f.attrs["edgetune.schedule"] for gv, f in low.module.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and "qconv2d" in gv.name_hint]
+    assert sum("channel moments per tile" in d for d in described) == len(na.convs)
+    assert not any(d.startswith("unscheduled") for d in described)
+    vm = relax.VirtualMachine(build_vm(low.module, target), tvm.cpu())
+    g = torch.Generator().manual_seed(0)
+    folds = {}
+    for a in na.convs:  # gains 0.6..1.6 and offsets of tens of accumulator units
+        gain = torch.exp(torch.empty(a.channels).uniform_(-0.5, 0.5, generator=g))
+        folds[a.conv] = fold_affine(gain, torch.randn(a.channels, generator=g, dtype=torch.float64) * 40 *
+                                    torch.tensor(a.accum_scale, dtype=torch.float64) * gain,
+                                    torch.tensor(a.accum_scale))
+    x = _stream(digits)[:3]
+    moved = 0
+    for i in range(len(x)):
+        moments = {}
+
+        def hook(k, acc, moments=moments):
+            if k in folds:
+                moments[k] = (acc.sum((2, 3))[0].float(), (acc * acc).sum((2, 3))[0].float())
+                return folds[k]
+            return None
+
+        pooled, _ = qdq.run(x[i:i + 1], hook)
+        args = [tvm.runtime.tensor(x[i:i + 1].numpy())]
+        for a in na.convs:
+            scale, offset = folds[a.conv]
+            args += [tvm.runtime.tensor((qdq.convs[a.conv].requant * scale).float().numpy()),
+                     tvm.runtime.tensor(offset.float().numpy())]
+        outs = [o.numpy() for o in vm["main"](*args)]
+        np.testing.assert_allclose(outs[0], pooled.numpy(), rtol=0, atol=1e-6)
+        for j, a in enumerate(na.convs):
+            assert np.array_equal(outs[1 + 2 * j][0], moments[a.conv][0].numpy()), (i, a.conv)
+            assert np.array_equal(outs[2 + 2 * j][0], moments[a.conv][1].numpy()), (i, a.conv)
+        moved += int(np.abs(outs[0] - qdq.run(x[i:i + 1])[0].numpy()).max() > 1e-3)
+    assert moved == len(x)  # the folds did change the network's output
+
+
+@pytest.fixture(scope="module")
+def host(bundle, tmp_path_factory):
+    from edgetune.deploy.host import HostModel
+    return HostModel(bundle, workdir=tmp_path_factory.mktemp("na-host"))
+
+
+def _close(got: np.ndarray, want: torch.Tensor, scale: torch.Tensor) -> float:
+    """Worst error of a running statistic relative to its channel's scale (the root of E[y^2]): a mean
+    near zero has no relative error of its own."""
+    w = want.numpy()
+    return float((np.abs(got.astype(np.float64) - w) / np.maximum(np.abs(w), np.sqrt(scale.numpy()))).max())
+
+
+def test_host_runtime_predicts_as_the_integer_reference(fitted, digits, bundle, host):
+    """Free-running, each side folding its own statistics (the reference in float64): same predictions."""
+    ref = _reference(fitted, digits, bundle)
+    x = _stream(digits)
+    host.reset()
+    assert [host.step(x[i].numpy()).prediction for i in range(SAMPLES)] == \
+        [int(ref.step(x[i:i + 1]).argmax()) for i in range(SAMPLES)]
+
+
+def test_host_step_equals_the_reference_given_its_folds(fitted, digits, bundle, host):
+    """Per sample, the reference driven with the device's own folds (scale, offset) computes the same
+    integers (so the same prediction), its float64 update of the statistics from those accumulators is the
+    device's within 1e-5 (relative to each channel's scale), and the device's next fold is the float64 fold
+    of its statistics: scale within 1e-5 relative, offset within one accumulator unit (a float32 quotient
+    next to a rounding tie)."""
+    ref = _reference(fitted, digits, bundle)
+    na = load_manifest(bundle).norm_align
+    qdq = QDQModel(bundle / "frozen.onnx")
+    # the aligned convs' scale S' is fed whole: their exported S becomes 1 (fl32(1 * S') = S')
+    unit = {id(qdq.convs[a.conv]): dataclasses.replace(qdq.convs[a.conv], requant=torch.ones(a.channels))
+            for a in na.convs}
+    qdq.ops = [unit.get(id(op), op) for op in qdq.ops]
+    slots = {a.conv: slot for slot, a in enumerate(na.convs)}
+    x = _stream(digits)
+    host.reset()
+    method = ref.method
+    worst = {"statistics": 0.0, "scale": 0.0, "offset": 0.0}
+    for i in range(SAMPLES):
+        before = host.state()
+        momentum = torch.tensor(method.momentum_now(), dtype=torch.float64)
+        moments = {}
+
+        def driven(k, acc, before=before, moments=moments):
+            if k not in slots:
+                return None
+            moments[slots[k]] = acc
+            return tuple(torch.from_numpy(before[f"state_{s}{slots[k]}"]) for s in ("scale", "offset"))
+
+        pooled, _ = qdq.run(x[i:i + 1], driven)
+        logits = method.classify(pooled, momentum.float())
+        method.steps += 1
+        assert host.step(x[i].numpy()).prediction == int(logits.argmax()), i
+        after = host.state()
+        for slot, a in enumerate(na.convs):
+            y = moments[slot] * torch.tensor(a.accum_scale, dtype=torch.float64)[None, :, None, None]
+            mean, sqmean = update_statistics(torch.from_numpy(before[f"state_mean{slot}"]).double(),
+                                             torch.from_numpy(before[f"state_sqmean{slot}"]).double(), y, momentum)
+            worst["statistics"] = max(worst["statistics"], _close(after[f"state_mean{slot}"], mean, sqmean),
+                                      _close(after[f"state_sqmean{slot}"], sqmean, sqmean))
+            src = (torch.tensor(a.source_mean, dtype=torch.float64), torch.tensor(a.source_sqmean, dtype=torch.float64))
+            gain, shift = standardising_affine(torch.from_numpy(after[f"state_mean{slot}"]).double(),
+                                               torch.from_numpy(after[f"state_sqmean{slot}"]).double(), *src)
+            factor, offset = fold_affine(gain, shift, torch.tensor(a.accum_scale))
+            scale = (torch.tensor(a.requant) * factor).float().numpy()
+            worst["scale"] = max(worst["scale"], float(np.abs(after[f"state_scale{slot}"] / scale - 1).max()))
+            worst["offset"] = max(worst["offset"], float(np.abs(after[f"state_offset{slot}"] - offset.numpy()).max()))
+    assert worst["statistics"] < 1e-5 and worst["scale"] < 1e-5 and worst["offset"] <= 1, worst
+
+
+def test_reset_and_checkpoint_cover_the_state(bundle, host, digits):
+    from edgetune import cruntime as cr
+
+    x = _stream(digits)
+    host.reset()
+    source = host.state()
+    first = [host.step(x[i].numpy()).prediction for i in range(SAMPLES)]
+    adapted = host.state()
+    assert any(not np.array_equal(adapted[n], source[n]) for n in source if "scale" in n or "offset" in n)
+    region = bytearray(2 * cr.slot_bytes(host.runtime.payload_bytes()))
+    ckpt = cr.Checkpoint.memory(host.lib, region, cr.slot_bytes(host.runtime.payload_bytes()))
+    host.runtime.save(ckpt)
+    after = [host.step(x[i].numpy()).prediction for i in range(SAMPLES)]
+    host.reset()
+    assert all(np.array_equal(host.state()[n], source[n]) for n in source)
+    assert [host.step(x[i].numpy()).prediction for i in range(SAMPLES)] == first  # reset = source
+    host.reset()
+    assert host.runtime.boot(ckpt) is not None
+    assert all(np.array_equal(host.state()[n], adapted[n]) for n in adapted)
+    assert [host.step(x[i].numpy()).prediction for i in range(SAMPLES)] == after  # resumed, not restarted
