@@ -35,7 +35,7 @@ def qconv2d(x: te.Tensor, w: te.Tensor, bias: te.Tensor, *requant: te.Tensor, st
     With ``moments`` (norm-align) ``requant`` is ``(scale, offset)``, both run-time inputs ([O]
     float32; ``offset`` holds integers, the folded affine's accumulator offset) and the unit returns
     ``[out, sum, sumsq]``: ``out`` requantises ``acc + bias + offset``, and ``sum`` / ``sumsq``
-    ([N, O] int64, blocks ``sum`` and ``sumsq``) are the per-channel sum and sum of squares of the
+    ([N, O] int64, blocks ``moment_sum`` / ``moment_sumsq``) are the per-channel sum and sum of squares of the
     *unaligned* accumulator ``acc + bias`` over the output positions, read from the same
     accumulator tiles (``schedule`` computes them per tile; no second pass).
 
@@ -101,10 +101,10 @@ def accumulator_moments(acc: te.Tensor, bias: te.Tensor) -> list[te.Tensor]:
         return acc[nn, oo, i, j].astype("int64") + bias[oo].astype("int64")
 
     ri, rj = te.reduce_axis((0, oh), "si"), te.reduce_axis((0, ow), "sj")
-    total = te.compute((n, o), lambda nn, oo: te.sum(raw(nn, oo, ri, rj), axis=[ri, rj]), name="sum")
+    total = te.compute((n, o), lambda nn, oo: te.sum(raw(nn, oo, ri, rj), axis=[ri, rj]), name="moment_sum")
     qi, qj = te.reduce_axis((0, oh), "qi"), te.reduce_axis((0, ow), "qj")
     squares = te.compute((n, o), lambda nn, oo: te.sum(raw(nn, oo, qi, qj) * raw(nn, oo, qi, qj), axis=[qi, qj]),
-                         name="sumsq")
+                         name="moment_sumsq")
     return [total, squares]
 
 

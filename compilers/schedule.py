@@ -83,7 +83,8 @@ def _name(sch: Schedule, block) -> str:
     return sch.get(block).name_hint
 
 
-MOMENT_BLOCKS = ("sum", "sumsq")  # norm-align's accumulator statistics (``int8_kernels.accumulator_moments``)
+# norm-align's accumulator statistics (``int8_kernels.accumulator_moments``)
+MOMENT_BLOCKS = ("moment_sum", "moment_sumsq")
 
 
 def _inline_tail(sch: Schedule, after: str) -> object:

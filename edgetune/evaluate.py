@@ -263,9 +263,9 @@ def _compiled(adaptable: Adaptable, data, segments: list[Segment], labelled_frac
     from edgetune.export import export
 
     method = adaptable.method
-    if not method.partitioned:
+    if not method.partitioned and not method.folds_into_int8:  # norm-align's state is the int8 requantisation
         raise ConfigError(f"eval: {method.name} adapts the backbone itself and has no compiled program; use "
-                          "--runtime torch, or a partitioned method (feature-align, tinytta, lst, vqt)")
+                          "--runtime torch, or a partitioned method (feature-align, tinytta, lst, vqt, norm-align)")
     bundle = Path(tempfile.mkdtemp(prefix="edgetune-eval-"))
     export(adaptable, data, bundle, quantize=True, progress=False)
     save_initial_state(bundle, method)

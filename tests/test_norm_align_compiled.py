@@ -38,7 +38,9 @@ def bundle(fitted, digits, tmp_path_factory):
     return out
 
 
-def _reference(fitted, digits, bundle) -> Int8NormAlign:
+@pytest.fixture(scope="module")
+def reference(fitted, digits, bundle) -> Int8NormAlign:
+    """The integer reference on the bundle's own int8 graph, calibrated as export calibrates (reset per test)."""
     ref = Int8NormAlign(copy.deepcopy(fitted.method), QDQModel(bundle / "frozen.onnx"))
     ref.calibrate(digits.train_x[:CALIBRATION_IMAGES])
     return ref
@@ -146,22 +148,24 @@ def _close(got: np.ndarray, want: torch.Tensor, scale: torch.Tensor) -> float:
     return float((np.abs(got.astype(np.float64) - w) / np.maximum(np.abs(w), np.sqrt(scale.numpy()))).max())
 
 
-def test_host_runtime_predicts_as_the_integer_reference(fitted, digits, bundle, host):
+def test_host_runtime_predicts_as_the_integer_reference(reference, digits, host):
     """Free-running, each side folding its own statistics (the reference in float64): same predictions."""
-    ref = _reference(fitted, digits, bundle)
+    ref = reference
+    ref.reset()
     x = _stream(digits)
     host.reset()
     assert [host.step(x[i].numpy()).prediction for i in range(SAMPLES)] == \
         [int(ref.step(x[i:i + 1]).argmax()) for i in range(SAMPLES)]
 
 
-def test_host_step_equals_the_reference_given_its_folds(fitted, digits, bundle, host):
+def test_host_step_equals_the_reference_given_its_folds(reference, digits, bundle, host):
     """Per sample, the reference driven with the device's own folds (scale, offset) computes the same
     integers (so the same prediction), its float64 update of the statistics from those accumulators is the
     device's within 1e-5 (relative to each channel's scale), and the device's next fold is the float64 fold
     of its statistics: scale within 1e-5 relative, offset within one accumulator unit (a float32 quotient
     next to a rounding tie)."""
-    ref = _reference(fitted, digits, bundle)
+    ref = reference
+    ref.reset()
     na = load_manifest(bundle).norm_align
     qdq = QDQModel(bundle / "frozen.onnx")
     # the aligned convs' scale S' is fed whole: their exported S becomes 1 (fl32(1 * S') = S')

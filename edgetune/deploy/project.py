@@ -102,14 +102,16 @@ def save_initial_state(bundle_dir: str | Path, method) -> Path:
     from edgetune.export.manifest import MANIFEST_FILE, load_manifest, onnx_name, seal_bundle
 
     path = Path(bundle_dir) / STATE_FILE
-    if (Path(bundle_dir) / MANIFEST_FILE).is_file() and load_manifest(bundle_dir, side_files=False).norm_align:
+    sealed = (Path(bundle_dir) / MANIFEST_FILE).is_file()
+    if sealed and load_manifest(bundle_dir, side_files=False).norm_align:
         # norm-align's state is its step's (int8 source statistics and folds), written by export; the torch
-        # method's buffers are the float reference's
+        # method's buffers are the float reference's. Side files written since (source.json) are sealed.
+        seal_bundle(bundle_dir)
         return path
     arrays = {f"state_{onnx_name(n)}": method.get_buffer(n).detach().cpu().numpy().astype(np.float32)
               for n in method.state_names()}
     np.savez(path, **arrays)
-    if (Path(bundle_dir) / MANIFEST_FILE).is_file():
+    if sealed:
         seal_bundle(bundle_dir)
     return path
 

@@ -318,6 +318,10 @@ class Manifest:
             "collapse guard: " + (f"rate {guard.rate:g}, max share {guard.max_share:g}, snapshot every {guard.every}, "
                                   f"warm-up {guard.warmup}" if guard else "off"),
             f"labels: {r.labels}",
+            *([f"norm-align: {len(self.norm_align.convs)} aligned convs (graph positions "
+               f"{[a.conv for a in self.norm_align.convs]}, {sum(a.channels for a in self.norm_align.convs)} channels)"
+               "; their requantisation scale and offset are frozen inputs from the state"]
+              if self.norm_align else []),
             "config: " + ", ".join(f"{k}={v}" for k, v in self.config.items()),
             "verified files: " + ", ".join([self.frozen.file, self.trainable.file, *self.files, MANIFEST_FILE]),
         ]
