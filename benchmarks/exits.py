@@ -30,12 +30,19 @@ taps); instructions = exit shares x the per-exit instructions measured in QEMU i
 ``agreement.json``, ``agreement.md`` and ``agreement.png``.
 
     python benchmarks/exits.py --rule agreement --rate 0.02 --out results/exits
+
+``--rule bounds``: what any exit rule on tinytta's heads could reach, from the prefix ensembles of the no-exit
+run on the test stream (``bounds.json``, ``bounds.md``): an oracle that exits at the first prefix whose
+prediction equals the final one (no accuracy lost), and the static per-exit thresholds chosen per corruption
+on the test stream itself (the best any online recalibration of thresholds could do), traded off by lambda.
+Instructions from ``--costs`` (an ``agreement.json`` with the per-exit table).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import tempfile
 import time
@@ -125,13 +132,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 samples of 3 corruptions per split (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="bundles and firmware (default: a temporary folder)")
-    parser.add_argument("--rule", default="threshold", choices=["threshold", "agreement"])
+    parser.add_argument("--rule", default="threshold", choices=["threshold", "agreement", "bounds"])
+    parser.add_argument("--costs", default="results/exits/exits.json,results/exits/agreement.json",
+                        help="bounds, --reprice: per-exit instructions (comma-separated result files, first wins)")
     parser.add_argument("--cost-samples", type=int, default=40, help="agreement: test samples run in QEMU (at "
                                                                       "thresholds 0, 0.5, 1) for the per-exit table")
     parser.add_argument("--explore", type=int, default=10, help="agreement: every N-th sample runs to the end")
     parser.add_argument("--rate", type=float, default=0.05, help="agreement: EMA rate of the trackers")
     parser.add_argument("--bins", type=int, default=10, help="agreement: confidence bins per exit")
+    parser.add_argument("--reprice", default=None, help="agreement: re-price this agreement.json with --costs "
+                                                         "(nothing measured)")
     args = parser.parse_args()
+    if args.reprice:
+        old = json.loads(Path(args.reprice).read_text())
+        measured = old.get("per_exit_instructions_this_run", old["per_exit_instructions"])
+        old["per_exit_instructions_this_run"] = {int(k): v for k, v in measured.items()}
+        write_agreement(price(old, load_costs(args.costs), args.costs), Path(args.out))
+        return
     torch.set_num_threads(2)
     start = time.time()
     n = 40 if args.quick else args.samples
@@ -153,6 +170,9 @@ def main() -> None:
         streams[split] = stream_taps(taps_bundle, segments)
     if args.rule == "agreement":
         agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, work, start)
+        return
+    if args.rule == "bounds":
+        bounds(args, adaptable.method, streams["test"], n)
         return
     sweep = {split: [sweep_point(adaptable.method, t, *streams[split][:3]) for t in THRESHOLDS]
              for split in streams}
@@ -205,6 +225,77 @@ def main() -> None:
     print((out / "exits.md").read_text())
 
 
+def load_costs(paths: str) -> dict[int, float]:
+    """Per-exit instructions merged from the ``per_exit_instructions`` of comma-separated result files (the
+    first file that measured an exit wins)."""
+    costs: dict[int, float] = {}
+    for path in paths.split(","):
+        for k, v in json.loads(Path(path).read_text())["per_exit_instructions"].items():
+            if v is not None and int(k) not in costs:
+                costs[int(k)] = float(v)
+    return dict(sorted(costs.items()))
+
+
+def bounds(args, method, stream, n: int) -> None:
+    """Upper bounds of exit rules on these heads (see the module docstring)."""
+    taps, labels, lengths, _ = stream
+    m = copy.deepcopy(method)
+    m._initial = None
+    m.reset()
+    seen: list[torch.Tensor] = []
+    select = m.select
+
+    def recording(prefix, gate):  # the prefix ensembles as scored (class-prior corrected)
+        seen.append(prefix.detach().clone())
+        return select(prefix, gate)
+
+    m.select = recording
+    for t in taps:
+        m.step(t)
+    prefix = torch.stack(seen).numpy()  # N x K x C
+    costs = load_costs(args.costs)
+    rel = np.array([costs[k] for k in sorted(costs)]) / costs[max(costs)]
+    pred = prefix.argmax(-1)
+    final = pred[:, -1]
+    first = (pred == final[:, None]).argmax(1)
+    oracle = {"relative_instructions": float(rel[first].mean()), "exit_share": np.bincount(
+        first, minlength=len(rel)).tolist(), "accuracy_delta": 0.0}
+    grid = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.01)
+    combos = np.array(list(itertools.product(grid, repeat=len(rel) - 1)))
+    conf = prefix.max(-1)
+    bounds_ = np.cumsum([0, *lengths])
+    per = []  # per corruption: (correct, instructions) of every threshold combination
+    for a, b in zip(bounds_[:-1], bounds_[1:]):
+        ok = conf[a:b, None, :-1] > combos[None]  # samples x combos x early exits
+        ok = np.concatenate([ok, np.ones(ok.shape[:2] + (1,), bool)], axis=2)
+        exit_k = ok.argmax(2)
+        right = pred[a:b][np.arange(b - a)[:, None], exit_k] == labels[a:b, None]
+        per.append((right.sum(0), rel[exit_k].sum(0)))
+    base = float(np.mean(final == labels))
+    trade = []
+    for lam in (0.5, 1, 2, 3, 5, 10, 20, 50):
+        picks = [int(np.argmin(c - lam * r)) for r, c in per]
+        right = sum(int(r[j]) for (r, _), j in zip(per, picks))
+        cost = sum(float(c[j]) for (_, c), j in zip(per, picks))
+        trade.append({"lambda": lam, "accuracy_delta": right / len(labels) - base,
+                      "relative_instructions": cost / len(labels)})
+    result = {"samples_per_corruption": n, "costs_from": args.costs, "per_exit_relative": rel.tolist(),
+              "accuracy_no_exits": base, "oracle": oracle, "per_corruption_thresholds": trade}
+    out = Path(args.out)
+    (out / "bounds.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = ["Upper bounds of exit rules on tinytta's heads (test stream, no-exit run's prefix ensembles)", "",
+             "oracle (exit at the first prefix that equals the final prediction): "
+             f"{oracle['relative_instructions']:.3f}x at +0.00 points; exit shares "
+             + ", ".join(f"{100 * s / len(labels):.1f} %" for s in oracle["exit_share"]), "",
+             "per-exit thresholds on the corrected prefix's max-probability, chosen per corruption on the test "
+             "stream itself (what any online recalibration of thresholds could reach at best):", "",
+             "| lambda | vs no exits (points) | vs full |", "| ---: | ---: | ---: |"]
+    lines += [f"| {t['lambda']:g} | {100 * t['accuracy_delta']:+.2f} | {t['relative_instructions']:.3f} |"
+              for t in trade]
+    (out / "bounds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def exit_costs(adaptable, data, x: np.ndarray, taps, work: Path) -> dict[int, float]:
     """Guest instructions of a sample per exit taken, measured in one go (one compiler state): the firmware
     at thresholds 0 (every sample exits at exit 0), 1 (none exits) and 0.5 (exits in between) on ``x``
@@ -244,29 +335,41 @@ def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, 
                   + " ".join(f"{100 * s:5.1f}" for s in p["exit_share"]), flush=True)
     k = args.cost_samples
     costs = exit_costs(adaptable, data, streams["test"][3][:k], streams["test"][0][:k], work)
+    result = {"data": "fashion-mnist", "model": "mcunet-s", "severity": 5, "protocol": "continual", "rule": rule,
+              "samples_per_corruption": n, "validation_corruptions": list(val_c), "test_corruptions": list(test_c),
+              "per_exit_instructions_this_run": costs, "seconds": round(time.time() - start),
+              "validation": [{k: v for k, v in p.items() if k not in ("predictions", "exits")} for p in sweep["val"]],
+              "test": [{k: v for k, v in p.items() if k not in ("predictions", "exits")} for p in sweep["test"]]}
+    write_agreement(price(result, costs, "this run"), Path(args.out))
+
+
+def price(result: dict, costs: dict[int, float], source: str) -> dict:
+    """``result`` with every row's instructions (exit shares x ``costs``) and the target chosen on validation."""
     full = costs[max(costs)]
 
     def priced(p: dict) -> dict:
         mean = sum(s * costs[k] for k, s in enumerate(p["exit_share"]))
-        return {k: v for k, v in p.items() if k not in ("predictions", "exits")} | {
-            "target": p.get("exit_agreement", 0.0), "early_exit_share": 1.0 - p["exit_share"][-1],
-            "instructions_per_sample": mean, "relative_instructions": mean / full}
+        return p | {"target": p.get("exit_agreement", 0.0), "early_exit_share": 1.0 - p["exit_share"][-1],
+                    "instructions_per_sample": mean, "relative_instructions": mean / full}
 
-    rows = {split: [priced(p) for p in ps] for split, ps in sweep.items()}
+    rows = {split: [priced(p) for p in result[key]] for split, key in (("val", "validation"), ("test", "test"))}
     ok = [p for p in rows["val"][1:] if p["accuracy"] >= rows["val"][0]["accuracy"] - ACCURACY_BUDGET]
     chosen = min(ok, key=lambda p: p["relative_instructions"])["target"] if ok else None
-    result = {"data": "fashion-mnist", "model": "mcunet-s", "severity": 5, "protocol": "continual", "rule": rule,
-              "samples_per_corruption": n, "validation_corruptions": list(val_c), "test_corruptions": list(test_c),
-              "chosen_target": chosen, "per_exit_instructions": costs, "validation": rows["val"],
-              "test": rows["test"], "seconds": round(time.time() - start)}
-    out = Path(args.out)
+    return result | {"validation": rows["val"], "test": rows["test"], "chosen_target": chosen,
+                     "per_exit_instructions": costs, "costs_from": source}
+
+
+def write_agreement(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "agreement.json").write_text(json.dumps(result, indent=1) + "\n")
+    rows = {"val": result["validation"], "test": result["test"]}
     base = rows["test"][0]
-    lines = [f"tinytta agreement-tracker exits (explore every {args.explore}, rate {args.rate:g}, {args.bins} bins), "
-             f"Fashion-MNIST-C severity 5, continual, mcunet-s int8, {n} samples per corruption; accuracy: torch on "
-             f"the int8 taps; instructions: exit shares x the per-exit cortex-m4 QEMU table; target chosen on "
-             f"{', '.join(val_c)}: {chosen if chosen is not None else 'none within 0.5 points'}", "",
+    r = result["rule"]
+    lines = [f"tinytta agreement-tracker exits (explore every {r['exit_explore']}, rate {r['exit_rate']:g}, "
+             f"{r['exit_bins']} bins), Fashion-MNIST-C severity 5, continual, mcunet-s int8, "
+             f"{result['samples_per_corruption']} samples per corruption; accuracy: torch on the int8 taps; "
+             "instructions: exit shares x the per-exit cortex-m4 QEMU table; target chosen on "
+             f"{', '.join(result['validation_corruptions'])}: {result['chosen_target']}", "",
              "| target | val accuracy (%) | val vs no exits | test accuracy (%) | test vs no exits (points) | "
              "early exits (%) | instructions / sample | vs full |", "|" + " ---: |" * 8]
     for v, t in zip(rows["val"], rows["test"]):
@@ -274,7 +377,10 @@ def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, 
                      f"{100 * (v['accuracy'] - rows['val'][0]['accuracy']):+.2f} | {100 * t['accuracy']:.2f} | "
                      f"{100 * (t['accuracy'] - base['accuracy']):+.2f} | {100 * t['early_exit_share']:.1f} | "
                      f"{t['instructions_per_sample']:,.0f} | {t['relative_instructions']:.3f} |")
-    lines += ["", "Per-exit instructions (QEMU): " + ", ".join(f"exit {k}: {v:,.0f}" for k, v in sorted(costs.items()))]
+    lines += ["", f"Per-exit instructions (QEMU, {result['costs_from']}): " + ", ".join(
+        f"exit {k}: {v:,.0f}" for k, v in result["per_exit_instructions"].items()),
+        "Measured in this run's firmware: " + ", ".join(
+        f"exit {k}: {v:,.0f}" for k, v in result["per_exit_instructions_this_run"].items())]
     (out / "agreement.md").write_text("\n".join(lines) + "\n")
     plot_frontier(result, out / "agreement.png")
     print((out / "agreement.md").read_text())
