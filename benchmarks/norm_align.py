@@ -226,9 +226,10 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     if args.tune:  # the norm-align attempt (tinytta composed or not) with the best mean over the protocols run
         names = dict.fromkeys(r["method"] for r in rows)
         means = {m: float(np.mean([r["mean"] for r in rows if r["method"] == m])) for m in names}
-        alone = [m for m in means if not BY_NAME[m].tinytta]
+        tried = {v.name: v for v in ATTEMPTS}  # baseline rows of a merged validation run are not candidates
+        alone = [m for m in means if m in tried and not tried[m].tinytta]
         best = max(alone, key=lambda m: means[m])
-        composed = max((m for m in means if m not in alone), key=lambda m: means[m], default=None)
+        composed = max((m for m in means if m in tried and tried[m].tinytta), key=lambda m: means[m], default=None)
         protocols_run = sorted({r["protocol"] for r in rows})
         (out / "chosen_variant.json").write_text(json.dumps(
             {"variant": best, "validation_mean": means[best], "best_with_tinytta": composed,
