@@ -163,3 +163,36 @@ def test_in_qemu_an_early_exit_runs_fewer_instructions_and_exits_agree_with_the_
     assert records["step"][early].max() < records["step"][~early].min()
     saved = 1 - records["step"][early].mean() / records["step"][~early].mean()
     print(f"\nQEMU cortex-m4: {early.mean():.0%} exit early, {saved:.0%} fewer instructions each")
+
+
+def test_agreement_rule_exports_and_onnxruntime_takes_the_same_exits(tiny_cnn, digits, stream, tmp_path):
+    """The drift-aware rule (agreement trackers, exploration clock) is graph arithmetic: trainable.onnx in
+    onnxruntime takes torch's exits and predictions, and skipped stages' taps change nothing."""
+    settings = {"fit_epochs": "20", "fit_lr": "0.03", "exit_agreement": "0.5", "exit_explore": "4",
+                "exit_rate": "0.2", "lr": "0"}  # lr 0: the forward alone, compared exactly
+    adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "tinytta", settings, model_name="tiny-cnn")
+    fit(adaptable, digits, progress=False)
+    export(adaptable, digits, tmp_path, progress=False)
+    m = copy.deepcopy(adaptable.method)
+    m._initial = None
+    m.reset()
+    taps_of, trainable = OrtTaps(tmp_path), OrtTrainable(tmp_path)
+    state = [m.get_buffer(n).clone() for n in m.state_names()]
+    schedule = m.contract().schedule
+    exits = []
+    for i in range(SAMPLES):
+        taps = taps_of(torch.from_numpy(stream[0][i:i + 1]))
+        before = [m.get_buffer(n).clone() for n in m.state_names()]
+        momentum, target = torch.tensor([m.momentum_now()]), torch.zeros(1, m.num_classes)
+        logits = m.step(taps)
+        exits.append(m.last_exit)
+        with torch.no_grad():
+            garbage = [t if k <= m.last_exit else torch.randn_like(t) * 7 for k, t in enumerate(taps)]
+            logits2, _, new_state2 = m.forward_graph(garbage, before, momentum, target)
+        assert torch.equal(logits, logits2) and all(torch.equal(a, m.get_buffer(n))
+                                                   for a, n in zip(new_state2, m.state_names()))
+        o_logits, _, state = trainable(taps, state, torch.tensor([schedule.at(i)]), target)
+        assert int(state[-1].argmax()) == m.last_exit, f"sample {i}: onnxruntime exits elsewhere"
+        assert float((o_logits - logits).abs().max()) <= 1e-4, f"sample {i}"
+    early = sum(e < m.depth - 1 for e in exits)
+    assert 0 < early <= SAMPLES - SAMPLES // 4, f"{early} of {SAMPLES} exit early"  # every 4th explores

@@ -35,7 +35,7 @@ def bin_onehot(confidence: torch.Tensor, bins: int) -> torch.Tensor:
     lo = torch.arange(bins, dtype=torch.float32) / bins
     hi = torch.cat([lo[1:], torch.full((1,), 2.0)])
     c = confidence[:, None]
-    return (c >= lo).float() * (c < hi).float()
+    return (1.0 - (c < lo).float()) * (c < hi).float()  # no GreaterOrEqual op in the exported graph
 
 
 def suffix_matrix(bins: int) -> torch.Tensor:
@@ -47,12 +47,12 @@ def open_exits(onehot: torch.Tensor, hits: torch.Tensor, seen: torch.Tensor, suf
                target: float, rate: float) -> torch.Tensor:
     """1 for every early exit (E) whose sample's bin is open, else 0."""
     agreement = (hits @ suffix) / (seen @ suffix + PRIOR_SAMPLES * rate)
-    return (onehot * (agreement >= target).float()).sum(-1)
+    return (onehot * (1.0 - (agreement < target).float())).sum(-1)
 
 
 def hard_onehot(probs: torch.Tensor) -> torch.Tensor:
     """One-hot of the argmax of every row (K x C) without an ArgMax op."""
-    return (probs >= probs.amax(-1, keepdim=True)).float()
+    return 1.0 - (probs < probs.amax(-1, keepdim=True)).float()
 
 
 def update(hits: torch.Tensor, seen: torch.Tensor, onehot: torch.Tensor, predictions: torch.Tensor,
@@ -70,4 +70,4 @@ def explore_now(clock: torch.Tensor, every: int) -> tuple[torch.Tensor, torch.Te
     if every <= 0:
         return torch.zeros(1), clock
     nxt = clock + 1.0
-    return (clock == 0.0).float(), nxt - every * (nxt >= every).float()
+    return (clock == 0.0).float(), nxt - every * (1.0 - (nxt < every).float())

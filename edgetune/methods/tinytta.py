@@ -35,7 +35,9 @@ open, made here (DESIGN §3 has the prototype measurements behind them):
   digits validation corruptions 0.8 exited early on 14% of samples for -0.4 points).
 * Exit rule ``exit_agreement`` > 0 (off by default): per-exit agreement trackers by confidence bin,
   recalibrated online from the samples that ran to the end (``exit_agreement.py``, after CALM); it
-  replaces ``exit_threshold``. Measured in ``benchmarks/exits.py`` (``results/exits``).
+  replaces ``exit_threshold``. Measured (``benchmarks/exits.py --rule agreement``, ``results/exits``):
+  no better than the static threshold (test: target 0.9 0.94x instructions at -0.2 points, 0.8 0.88x
+  at -1.2; threshold 0.85 0.90x at -0.5), so neither is on by default.
 * Test-time loss (self-training): soft cross-entropy of every head that ran towards the
   ensemble's (stopped, prior-corrected) prediction — self-distillation from the aligned ensemble
   into the heads. Supervised mode: each head towards the label. Chosen on the 4 validation
