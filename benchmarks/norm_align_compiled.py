@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         pred, state = dev.pop("predictions_list"), dev.pop("final_state_arrays")
         dev["equals_host"] = sum(a == b for a, b in zip(pred, host_pred))
-        dev["state_equals_host"] = all(np.array_equal(np.asarray(state[k]).reshape(-1), v.reshape(-1))
-                                       for k, v in host_state.items() if k in state)
+        dev["state_equals_host"] = set(state) == set(host_state) and all(
+            np.array_equal(np.asarray(state[k]).reshape(-1), v.reshape(-1)) for k, v in host_state.items())
         row["targets"][target] = dev
         print(f"{target}: = host on {dev['equals_host']}/{len(x)}, SRAM {dev.get('sram_bytes')}, "
               f"{dev.get('instructions_per_sample')} instr/sample ({time.perf_counter() - t0:.0f} s)",
