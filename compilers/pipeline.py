@@ -17,7 +17,9 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from edgetune.compilers.dsp_kernels import dsp_kernels
 from edgetune.compilers.schedule import ScheduleConfig, schedule_kernels
+from edgetune.compilers.unroll import unroll_kernels
 
 
 def _fuse_passes() -> list[tvm.transform.Pass]:
@@ -39,6 +41,13 @@ def _vm_passes() -> list[tvm.transform.Pass]:
             relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol()]
 
 
+def _source_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    # C source targets: pointwise convs call the DSP micro-kernels (the same loops in plain C where the
+    # core has no DSP extension), the other kernels get their small loops unrolled in the source (any
+    # -O level is then fast); LLVM targets vectorise and unroll by themselves
+    return [dsp_kernels(), unroll_kernels()] if str(target.kind.name) == "c" else []
+
+
 def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: ScheduleConfig | None = None) -> tvm.IRModule:
     """Legalise, fuse, schedule and memory-plan ``mod`` for ``target``.
 
@@ -46,7 +55,7 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: ScheduleConfig
     ``FoldConstant`` the caller might add, so the caller's constants keep their dtypes.
     """
     cfg = schedule or ScheduleConfig.for_target(target)
-    passes = _fuse_passes() + [schedule_kernels(cfg)] + _plan_passes()
+    passes = _fuse_passes() + [schedule_kernels(cfg)] + _source_passes(target) + _plan_passes()
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(_fuse_transposes(clip_takes(mod)))
 

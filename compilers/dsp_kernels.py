@@ -1,0 +1,105 @@
+"""Hand-written DSP micro-kernels (``targets/runtime/et_kernels_dsp.h``) for the int8 convolutions of
+Cortex-M cores with the DSP extension: dual 16-bit MACs (SMLAD) on sign-extended byte pairs.
+
+TVM 0.27 has no Cortex-M DSP tensor intrinsics, so a kernel the micro-kernel covers is replaced, after
+scheduling, by one ``call_extern`` of it with the kernel's own buffers and its output zero point (read
+off the scheduled epilogue). Only kernels whose TIR has exactly the shape the micro-kernel computes
+are replaced (float requantisation, no fused residual, tile-divisible shapes); every other kernel keeps
+TVM's code. Applied to every C-source target: one ``et_kernels.c`` serves all the targets of a bundle
+(``compile_model`` generates it for a generic C target), so the choice is the C compiler's: the header
+uses SMLAD where the target's ``-mcpu`` (its JSON's ``toolchain.arch_flags``) defines
+``__ARM_FEATURE_DSP`` (Cortex-M4, M7, M33, M55) and the same loops in plain C elsewhere (host, aarch64
+``KERNELS=c``), with identical results.
+
+Replaced so far: pointwise (1x1, stride 1, unpadded) convolutions, 77 % of mcunet-s's instructions.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+DSP_ATTR = "edgetune.dsp"
+HEADER = "et_kernels_dsp.h"
+POINTWISE = "et_dsp_pointwise_s8"
+MAX_CIN = 256  # ET_DSP_MAX_CIN of the header
+
+
+def _shape(buf) -> tuple[int, ...]:
+    return tuple(int(d) for d in buf.shape)
+
+
+def _const(e) -> float | None:
+    return float(e.value) if isinstance(e, (tirx.FloatImm, tirx.IntImm)) else None
+
+
+def _output_zero_point(func: tirx.PrimFunc) -> int | None:
+    """The output zero point of a float-requantised conv epilogue
+    ``int8(round(max(min(float(acc + bias) * scale, 127 - zy), -128 - zy)) [+ zy])``, or None when the
+    epilogue has any other form (fixed point, a fused add, ...)."""
+    from tvm.s_tir import Schedule
+    sch = Schedule(func)
+    try:
+        store = sch.get(sch.get_sblock("out")).body
+    except (ValueError, RuntimeError):
+        return None
+    value = store.value
+    if not isinstance(value, tirx.Cast) or str(value.ty) != "int8":
+        return None
+    inner, zy = value.value, 0.0
+    if isinstance(inner, tirx.Add) and _const(inner.b) is not None:
+        inner, zy = inner.a, _const(inner.b)
+    if not isinstance(inner, tvm.ir.expr.Call) or len(inner.args) != 1:
+        return None
+    clamp = inner.args[0]
+    if not (isinstance(clamp, tirx.Max) and isinstance(clamp.a, tirx.Min)):
+        return None
+    lo, hi = _const(clamp.b), _const(clamp.a.b)
+    if lo is None or hi is None or hi != 127 - zy or lo != -128 - zy:
+        return None
+    product = clamp.a.a
+    if not (isinstance(product, tirx.Mul) and isinstance(product.a, tirx.Cast)
+            and isinstance(product.a.value, tirx.Add)):
+        return None
+    return int(zy)
+
+
+def _pointwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The pointwise conv ``func`` as one call of the DSP micro-kernel, or None if it is not one it covers."""
+    attrs = func.attrs or {}
+    if attrs.get("edgetune.kernel") != "qconv2d" or not str(attrs.get("edgetune.schedule", "")).startswith(
+            "pointwise conv"):
+        return None
+    if len(func.params) != 5:
+        return None  # (x, w, bias, scale, out): float requantisation only
+    x, w, b, s, y = (p.ty for p in func.params)  # buffer parameters carry their buffer type
+    dtypes = tuple(str(t.dtype) for t in (x, w, b, s, y))
+    if dtypes != ("int8", "int8", "int32", "float32", "int8"):
+        return None
+    (n, cin, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
+    if n != 1 or cpg != cin or (kh, kw) != (1, 1) or _shape(y) != (1, cout, h, wd):
+        return None
+    if cout % 2 or (h * wd) % 4 or cin % 4 or cin > MAX_CIN:
+        return None  # the micro-kernel's tiles must divide the layer; its input slice lives on the stack
+    zy = _output_zero_point(func)
+    if zy is None:
+        return None
+    data = [tirx.op.buffer_data(p) for p in func.params]
+    call = tirx.call_extern("int32", POINTWISE, *data, cin, h * wd, cout, zy)
+    out = tirx.PrimFunc(func.params, tirx.Evaluate(call), func.ret_type, attrs=func.attrs)
+    how = f"pointwise conv: DSP micro-kernel {POINTWISE} (channels-last 4px slice, 2oc x 2px SMLAD tile)"
+    return out.with_attr("edgetune.schedule", how)
+
+
+def dsp_kernels() -> tvm.transform.Pass:
+    """Module pass: every kernel a DSP micro-kernel covers becomes a call of it (once; attribute ``DSP_ATTR``)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="edgetune.DspKernels")
+    def apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc) or DSP_ATTR in (func.attrs or {}):
+                continue
+            replaced = _pointwise_call(func)
+            mod[gv] = (replaced or func).with_attr(DSP_ATTR, replaced is not None)
+        return mod
+
+    return apply

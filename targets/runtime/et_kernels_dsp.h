@@ -1,0 +1,140 @@
+/* int8 micro-kernels for Cortex-M cores with the DSP extension (Cortex-M4, M7, M33, M55): dual 16-bit
+ * multiply-accumulates (SMLAD) on sign-extended byte pairs (SXTB16, ACLE intrinsics). Included by the generated
+ * kernels (et_kernels.c) after their prologue, which defines et_nearbyintf; the compiler pass that
+ * calls them is compilers/dsp_kernels.py. et_kernels_dsp.c exports them for kernels compiled by
+ * TVM's LLVM backend (Linux targets). Without __ARM_FEATURE_DSP the same loops run in plain C,
+ * so a host build of the same source gives the same bytes.
+ *
+ * Bit-exact with onnxruntime's QLinearConv (and with the TVM kernel they replace): exact int32
+ * accumulation, then float32 requantisation in TVM's order: (float)(acc + bias) * scale, clamped to
+ * [-128 - zy, 127 - zy], rounded half to even, plus zy. */
+#ifndef ET_KERNELS_DSP_H
+#define ET_KERNELS_DSP_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
+#include <arm_acle.h>
+#define ET_DSP 1
+#endif
+
+/* TVM's epilogue: clamp to the zero-point-shifted int8 range, round half to even, add the zero point */
+static inline int8_t et_requant_f32(int32_t acc, float scale, int32_t zy) {
+  const float hi = (float)(127 - zy), lo = (float)(-128 - zy);
+  float v = (float)acc * scale;
+  v = v < hi ? v : hi;
+  v = v > lo ? v : lo;
+  return (int8_t)(et_nearbyintf(v) + (float)zy);
+}
+
+#if ET_DSP && defined(__ARM_FP)
+/* The same value in 6 instructions instead of ~25: VCVTR rounds to an int32 in the FPSCR's mode (round
+ * half to even, the reset default the firmware keeps) and saturates; the zero point is added
+ * saturating and the result saturated to int8. Clamping to integer bounds commutes with rounding, so
+ * sat8(rne(v) + zy) = rne(clamp(v, -128 - zy, 127 - zy)) + zy for every float32 v. */
+static inline int8_t et_requant_dsp(int32_t acc, float scale, int32_t zy) {
+  float v = (float)acc * scale, r;
+  int32_t q, s;
+  __asm__("vcvtr.s32.f32 %0, %1" : "=t"(r) : "t"(v));
+  memcpy(&q, &r, 4);
+  /* QADD, SSAT: arm_acle.h's __ssat macro is not -Wconversion clean */
+  __asm__("qadd %0, %1, %2\n\tssat %0, #8, %0" : "=&r"(s) : "r"(q), "r"(zy));
+  return (int8_t)s;
+}
+#define ET_REQUANT et_requant_dsp
+#else
+#define ET_REQUANT et_requant_f32
+#endif
+
+static inline int32_t et_load32(const int8_t *p) {
+  int32_t v;
+  memcpy(&v, p, 4); /* one LDR: the core allows unaligned word loads */
+  return v;
+}
+
+/* Largest input channel count of et_dsp_pointwise_s8: its 4-pixel slice of the input lives on the stack. */
+#define ET_DSP_MAX_CIN 256
+
+#if ET_DSP
+/* SXTB16 of the word rotated by 8 (bytes 1 and 3): one instruction; GCC 12 does not fold the rotate */
+static inline int32_t et_sxtb16_odd(int32_t v) {
+  int32_t r;
+  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+  return r;
+}
+#endif
+
+/* sum over c < cin of x[c] * w[c] for two pixels (x0, x1) and two output channels (wa, wb), added to
+ * the four accumulators; cin % 4 == 0. DSP: per 4 channels 4 word loads, 8 SXTB16, 8 SMLAD. */
+static inline void et_dsp_dot_2x2(const int8_t *x0, const int8_t *x1, const int8_t *wa, const int8_t *wb,
+                                  int32_t cin, int32_t *acc) {
+  int32_t a0 = acc[0], a1 = acc[1], b0 = acc[2], b1 = acc[3];
+  int32_t c = 0;
+#if ET_DSP
+  for (; c < cin; c += 4) {
+    const int32_t u0 = et_load32(x0 + c), u1 = et_load32(x1 + c);
+    const int32_t x0e = __sxtb16(u0), x0o = et_sxtb16_odd(u0), x1e = __sxtb16(u1), x1o = et_sxtb16_odd(u1);
+    int32_t k = et_load32(wa + c);
+    int32_t ke = __sxtb16(k), ko = et_sxtb16_odd(k);
+    a0 = __smlad(x0e, ke, a0);
+    a0 = __smlad(x0o, ko, a0);
+    a1 = __smlad(x1e, ke, a1);
+    a1 = __smlad(x1o, ko, a1);
+    k = et_load32(wb + c);
+    ke = __sxtb16(k);
+    ko = et_sxtb16_odd(k);
+    b0 = __smlad(x0e, ke, b0);
+    b0 = __smlad(x0o, ko, b0);
+    b1 = __smlad(x1e, ke, b1);
+    b1 = __smlad(x1o, ko, b1);
+  }
+#endif
+  for (; c < cin; ++c) {
+    a0 += x0[c] * wa[c];
+    a1 += x1[c] * wa[c];
+    b0 += x0[c] * wb[c];
+    b1 += x1[c] * wb[c];
+  }
+  acc[0] = a0;
+  acc[1] = a1;
+  acc[2] = b0;
+  acc[3] = b1;
+}
+
+/* 1x1 convolution, stride 1, no padding: x [cin][hw] (NCHW, one image), w [cout][cin] (OIHW), bias,
+ * scale [cout], y [cout][hw]. Per 4 pixels the input slice is copied channels-last onto the stack
+ * (so a word load holds 4 channels of one pixel, the layout SMLAD pairs need), then every output
+ * channel pair reads it: tiles of 2 channels x 2 pixels. Needs cout % 2 == 0, hw % 4 == 0,
+ * cin % 4 == 0 and cin <= ET_DSP_MAX_CIN (compilers/dsp_kernels.py checks). */
+static inline int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
+                                          int8_t *y, int32_t cin, int32_t hw, int32_t cout, int32_t zy) {
+  int8_t xt[4 * ET_DSP_MAX_CIN] __attribute__((aligned(4)));
+  if (cin > ET_DSP_MAX_CIN || cin % 4 || hw % 4 || cout % 2) return -1;
+  for (int32_t p = 0; p < hw; p += 4) {
+    for (int32_t c = 0; c < cin; ++c) {
+      const int8_t *v = x + c * hw + p;
+      xt[c] = v[0];
+      xt[cin + c] = v[1];
+      xt[2 * cin + c] = v[2];
+      xt[3 * cin + c] = v[3];
+    }
+    for (int32_t o = 0; o < cout; o += 2) {
+      const int8_t *wa = w + o * cin;
+      int8_t *ya = y + o * hw + p;
+      const int32_t ba = bias[o], bb = bias[o + 1];
+      const float sa = scale[o], sb = scale[o + 1];
+      for (int32_t k = 0; k < 4; k += 2) {
+        int32_t acc[4] = {0, 0, 0, 0};
+        et_dsp_dot_2x2(xt + k * cin, xt + (k + 1) * cin, wa, wa + cin, cin, acc);
+        ya[k] = ET_REQUANT(acc[0] + ba, sa, zy);
+        ya[k + 1] = ET_REQUANT(acc[1] + ba, sa, zy);
+        ya[hw + k] = ET_REQUANT(acc[2] + bb, sb, zy);
+        ya[hw + k + 1] = ET_REQUANT(acc[3] + bb, sb, zy);
+      }
+    }
+  }
+  return 0;
+}
+
+#endif /* ET_KERNELS_DSP_H */
