@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import needs_tool
 
 from edgetune.adapt import fit, prepare
 from edgetune.data import build_stream, to_tensor
@@ -229,3 +230,20 @@ def test_reset_and_checkpoint_cover_the_state(bundle, host, digits):
     assert host.runtime.boot(ckpt) is not None
     assert all(np.array_equal(host.state()[n], adapted[n]) for n in adapted)
     assert [host.step(x[i].numpy()).prediction for i in range(SAMPLES)] == after  # resumed, not restarted
+
+
+@needs_tool("arm-none-eabi-gcc", "make", "qemu-system-arm")
+def test_cortex_m4_firmware_equals_the_host_build(bundle, host, digits, tmp_path):
+    """The same generated C in cortex-m4 firmware under QEMU: the host build's predictions and final state."""
+    from edgetune.deploy import write_target_project
+    from edgetune.simulate import simulate, stream_samples
+
+    project = write_target_project(bundle, "cortex-m4", out_dir=tmp_path / "cortex-m4")
+    report = simulate(project.directory, data="digits", corruption="gaussian_noise", severity=5, n=SAMPLES,
+                      protocol="episodic", workdir=tmp_path / "sim")
+    x, _, _, _ = stream_samples("digits", ("gaussian_noise",), 5, "episodic", SAMPLES, 0, 0.0, (1, 32, 32))
+    host.reset()
+    assert report.predictions == [host.step(x[i]).prediction for i in range(SAMPLES)]
+    state = host.state()
+    assert set(report.final_state) == set(state)
+    assert all(np.array_equal(np.asarray(report.final_state[k]).reshape(-1), v.reshape(-1)) for k, v in state.items())

@@ -51,8 +51,10 @@ def build_norm_align_bundle(adaptable: Adaptable, data: Dataset, directory: Path
 
     Raises:
         ExportError: ``layers`` other than ``convs``, ``include_sample`` (DUA's order needs every
-            accumulator of a layer before its requantisation: not deployable), an int8 graph whose
-            convs do not match the method's, or a check of trainable.onnx fails.
+            accumulator of a layer before its requantisation: not deployable), or a check of
+            trainable.onnx fails.
+        ModelError: the int8 graph is not a conv/add chain the integer reference reads (``QDQModel``).
+        ConfigError: the int8 graph's convs do not match the method's (``Int8NormAlign``).
     """
     from edgetune.int8ref.norm_align_int8 import Int8NormAlign
     from edgetune.int8ref.qdq_model import QDQModel
