@@ -269,7 +269,7 @@ def plot(get: dict, methods: list[str], corrs: list[str], protocol: str, path: P
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(12, 4))
+    fig, ax = plt.subplots(figsize=(15, 4.5))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         if (m, protocol) in get:
@@ -280,7 +280,7 @@ def plot(get: dict, methods: list[str], corrs: list[str], protocol: str, path: P
     ax.set_ylabel("online accuracy (%)")
     ax.set_title(f"{args.data}-C severity {args.severity}, {protocol}, {args.samples} samples per corruption")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=8, ncol=len(methods), loc="upper left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: up to ten rows of names
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
