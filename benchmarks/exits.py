@@ -55,6 +55,7 @@ from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
 from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream, load_dataset, to_tensor
 from edgetune.deploy import build_project, save_initial_state, write_target_project
+from edgetune.deploy.host import HostModel
 from edgetune.deploy.streams import EARLY_EXIT, write_stream
 from edgetune.export import export
 from edgetune.ort_runtime import OrtTaps
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="40 samples of 3 corruptions per split (a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="bundles and firmware (default: a temporary folder)")
-    parser.add_argument("--rule", default="threshold", choices=["threshold", "agreement", "bounds"])
+    parser.add_argument("--rule", default="threshold", choices=["threshold", "agreement", "bounds", "costs"])
     parser.add_argument("--costs", default="results/exits/exits.json,results/exits/agreement.json",
                         help="bounds, --reprice: per-exit instructions (comma-separated result files, first wins)")
     parser.add_argument("--cost-samples", type=int, default=40, help="agreement: test samples run in QEMU (at "
@@ -140,14 +141,12 @@ def main() -> None:
     parser.add_argument("--explore", type=int, default=10, help="agreement: every N-th sample runs to the end")
     parser.add_argument("--rate", type=float, default=0.05, help="agreement: EMA rate of the trackers")
     parser.add_argument("--bins", type=int, default=10, help="agreement: confidence bins per exit")
-    parser.add_argument("--reprice", default=None, help="agreement: re-price this agreement.json with --costs "
-                                                         "(nothing measured)")
+    parser.add_argument("--reprice", default=None, help="re-price this exits.json (threshold sweep) or "
+                                                         "agreement.json with --costs (nothing measured)")
+    parser.add_argument("--costs-out", default="costs.json", help="costs: file name of the per-exit table in --out")
     args = parser.parse_args()
     if args.reprice:
-        old = json.loads(Path(args.reprice).read_text())
-        measured = old.get("per_exit_instructions_this_run", old["per_exit_instructions"])
-        old["per_exit_instructions_this_run"] = {int(k): v for k, v in measured.items()}
-        write_agreement(price(old, load_costs(args.costs), args.costs), Path(args.out))
+        reprice(Path(args.reprice), args.costs, Path(args.out))
         return
     torch.set_num_threads(2)
     start = time.time()
@@ -163,6 +162,13 @@ def main() -> None:
     fit(adaptable, data, seed=args.seed, progress=False)
     taps_bundle = work / "bundle-taps"
     export(adaptable, data, taps_bundle, quantize=True, progress=False)  # the int8 frozen graph for the taps
+    if args.rule == "costs":
+        segments = build_stream(data, test_c, 5, "continual", args.seed, n, split="test")
+        x = np.concatenate([to_tensor(s.images).numpy() for s in segments])[:args.cost_samples]
+        runner = OrtTaps(taps_bundle)  # taps of the measured samples only (torch's exits for them)
+        taps = [runner(torch.from_numpy(x[i:i + 1])) for i in range(len(x))]
+        cost_table(args, adaptable, data, x, taps, work, start)
+        return
 
     streams = {}
     for split, corruptions in (("val", val_c), ("test", test_c)):
@@ -236,6 +242,22 @@ def load_costs(paths: str) -> dict[int, float]:
     return dict(sorted(costs.items()))
 
 
+def load_baseline(paths: str, costs: dict[int, float]) -> float:
+    """Instructions of a sample through the no-exit plan (threshold 1: the frozen graph in one go), from the first
+    result file that measured it (``no_exit_instructions``); else the last exit's cost (older tables priced both
+    alike)."""
+    for path in paths.split(","):
+        value = json.loads(Path(path).read_text()).get("no_exit_instructions")
+        if value is not None:
+            return float(value)
+    return costs[max(costs)]
+
+
+def no_exits(p: dict) -> bool:
+    """A sweep row that ran the no-exit plan (threshold 1 without the agreement rule)."""
+    return p["threshold"] >= 1.0 and not p.get("exit_agreement")
+
+
 def bounds(args, method, stream, n: int) -> None:
     """Upper bounds of exit rules on these heads (see the module docstring)."""
     taps, labels, lengths, _ = stream
@@ -254,7 +276,7 @@ def bounds(args, method, stream, n: int) -> None:
         m.step(t)
     prefix = torch.stack(seen).numpy()  # N x K x C
     costs = load_costs(args.costs)
-    rel = np.array([costs[k] for k in sorted(costs)]) / costs[max(costs)]
+    rel = np.array([costs[k] for k in sorted(costs)]) / load_baseline(args.costs, costs)  # vs the no-exit plan
     pred = prefix.argmax(-1)
     final = pred[:, -1]
     first = (pred == final[:, None]).argmax(1)
@@ -297,28 +319,105 @@ def bounds(args, method, stream, n: int) -> None:
 
 
 def exit_costs(adaptable, data, x: np.ndarray, taps, work: Path) -> dict[int, float]:
-    """Guest instructions of a sample per exit taken, measured in one go (one compiler state): the firmware
-    at thresholds 0 (every sample exits at exit 0), 1 (none exits) and 0.5 (exits in between) on ``x``
-    (``taps``: its int8 taps, for torch's exits).
-    A sample's instructions depend only on its exit (a fixed kernel sequence per path)."""
+    """Mean guest instructions of a sample per exit taken (see ``exit_samples``)."""
+    return {k: float(np.mean(v)) for k, v in exit_samples(adaptable, data, x, taps, work)[0].items()}
+
+
+def exit_samples(adaptable, data, x: np.ndarray, taps, work: Path) -> tuple[dict[int, list[float]], dict]:
+    """Guest instructions of every sample per exit taken, measured in one go (one compiler state): the firmware
+    at thresholds 0 (every sample exits at exit 0), 1 (none exits: the no-exit plan) and 0.5 (exits in between)
+    on ``x``. A sample's exit is the one the compiled runtime took (the host build of the same bundle, whose
+    ``exit_taken`` state names it; host = firmware is checked per sample), so the table prices the plan's paths
+    even where torch on ``taps`` would exit elsewhere. Also returns the no-exit plan's instructions and how
+    often torch, host and firmware agree. Raises SystemExit when an exit was taken by no sample or host and
+    firmware disagree."""
     depth = adaptable.method.depth
     seen: dict[int, list[float]] = {k: [] for k in range(depth)}
+    info: dict = {}
     for threshold in (0.0, 0.5, 1.0):
         records = firmware_run(adaptable, data, threshold, x, work)
+        host = HostModel(work / f"bundle-{threshold:g}", workdir=work / f"host-{threshold:g}")
+        compiled = []
+        for i in range(len(x)):
+            step = host.step(x[i])
+            compiled.append(int(np.argmax(host.state()["state_exit_taken"])) if step.early_exit else depth - 1)
+            if step.prediction != int(records["prediction"][i]) or step.early_exit != bool(
+                    records["flags"][i] & EARLY_EXIT):
+                raise SystemExit(f"exits: host and firmware disagree at sample {i} (threshold {threshold:g})")
         m = copy.deepcopy(adaptable.method)
         m.config = dataclasses.replace(m.config, exit_threshold=threshold)
         m._initial = None
         m.reset()
-        exits = []
+        torch_exits = []
         for t in taps:
             m.step(t)
-            exits.append(m.last_exit)
-        for k, cost in zip(exits, instructions(records)):
+            torch_exits.append(m.last_exit)
+        info[f"{threshold:g}"] = {"torch_exit_agreement": float(np.mean(np.array(torch_exits) == compiled)),
+                                  "exit_share_compiled": np.bincount(compiled, minlength=depth).tolist(),
+                                  "exit_share_torch": np.bincount(torch_exits, minlength=depth).tolist()}
+        if threshold >= 1.0:  # the no-exit plan runs the frozen graph in one go, not stage by stage
+            info["no_exit_instructions"] = float(instructions(records).mean())
+            continue
+        for k, cost in zip(compiled, instructions(records)):
             seen[k].append(float(cost))
     missing = [k for k, v in seen.items() if not v]
     if missing:
         raise SystemExit(f"exits: no measured sample took exit(s) {missing}; raise --cost-samples")
-    return {k: float(np.mean(v)) for k, v in seen.items()}
+    return seen, info
+
+
+def cost_table(args, adaptable, data, x: np.ndarray, taps, work: Path, start: float) -> None:
+    """The per-exit cortex-m4 QEMU table alone (``--rule costs``), written to ``--out``/``--costs-out`` with the
+    spread per exit (it should be narrow: a sample's cost is fixed by its exit path)."""
+    seen, info = exit_samples(adaptable, data, x, taps, work)
+    result = {"target": "cortex-m4", "model": "mcunet-s", "method": "tinytta", "data": "fashion-mnist",
+              "stream": f"the first {len(x)} samples of the continual test stream (severity 5)",
+              "thresholds_run": [0.0, 0.5, 1.0],
+              "per_exit_instructions": {k: float(np.mean(v)) for k, v in seen.items()},
+              "no_exit_instructions": info.pop("no_exit_instructions"),
+              "per_exit_samples": {k: len(v) for k, v in seen.items()},
+              "per_exit_min": {k: float(np.min(v)) for k, v in seen.items()},
+              "per_exit_max": {k: float(np.max(v)) for k, v in seen.items()},
+              "exits_per_threshold": info,
+              "command": f"python benchmarks/exits.py --rule costs --cost-samples {len(x)} --out {args.out} "
+                         f"--costs-out {args.costs_out}", "seconds": round(time.time() - start)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / args.costs_out).write_text(json.dumps(result, indent=1) + "\n")
+    for k, v in seen.items():
+        print(f"exit {k}: {np.mean(v):,.0f} instructions ({len(v)} samples, {np.min(v):,.0f} .. {np.max(v):,.0f})")
+
+
+def reprice(path: Path, costs_from: str, out: Path) -> None:
+    """Re-price a committed threshold sweep (``exits.json``) or agreement sweep (``agreement.json``) with the
+    per-exit table of ``costs_from``: the exit decisions and accuracies stay, the instructions are recomputed."""
+    old = json.loads(path.read_text())
+    costs = load_costs(costs_from)
+    full = load_baseline(costs_from, costs)
+    if "rule" in old:  # an agreement sweep
+        measured = old.get("per_exit_instructions_this_run", old["per_exit_instructions"])
+        old["per_exit_instructions_this_run"] = {int(k): v for k, v in measured.items()}
+        write_agreement(price(old, costs, costs_from, full), out)
+        return
+    result = price_thresholds(old, costs, costs_from, full)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "exits.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_table(result, out / "exits.md")
+    plot(result, out / "exits.png")
+    print((out / "exits.md").read_text())
+
+
+def price_thresholds(result: dict, costs: dict[int, float], source: str, full: float) -> dict:
+    """A threshold sweep (``exits.json``) with every test row's instructions = exit shares x ``costs`` (the no-exit
+    row: ``full``, the no-exit plan's cost); the chosen threshold and the QEMU runs' own measurements (the old
+    pricing) stay as they were measured."""
+    rows = []
+    for p in result["test"]:
+        mean = full if no_exits(p) else sum(s * costs[k] for k, s in enumerate(p["exit_share"]))
+        rows.append(p | {"instructions_per_sample": mean, "relative_instructions": mean / full})
+    old = {k: v for k, v in result["per_exit_instructions"].items()}
+    return result | {"test": rows, "per_exit_instructions": costs, "no_exit_instructions": full, "costs_from": source,
+                     "per_exit_instructions_before": result.get("per_exit_instructions_before", old)}
 
 
 def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, work, start) -> None:
@@ -343,12 +442,13 @@ def agreement_study(args, adaptable, backbone, data, streams, val_c, test_c, n, 
     write_agreement(price(result, costs, "this run"), Path(args.out))
 
 
-def price(result: dict, costs: dict[int, float], source: str) -> dict:
-    """``result`` with every row's instructions (exit shares x ``costs``) and the target chosen on validation."""
-    full = costs[max(costs)]
+def price(result: dict, costs: dict[int, float], source: str, full: float | None = None) -> dict:
+    """``result`` with every row's instructions (exit shares x ``costs``; the no-exit row at ``full``, the no-exit
+    plan's cost, default the last exit's) and the target chosen on validation."""
+    full = costs[max(costs)] if full is None else full
 
     def priced(p: dict) -> dict:
-        mean = sum(s * costs[k] for k, s in enumerate(p["exit_share"]))
+        mean = full if no_exits(p) else sum(s * costs[k] for k, s in enumerate(p["exit_share"]))
         return p | {"target": p.get("exit_agreement", 0.0), "early_exit_share": 1.0 - p["exit_share"][-1],
                     "instructions_per_sample": mean, "relative_instructions": mean / full}
 
@@ -356,7 +456,7 @@ def price(result: dict, costs: dict[int, float], source: str) -> dict:
     ok = [p for p in rows["val"][1:] if p["accuracy"] >= rows["val"][0]["accuracy"] - ACCURACY_BUDGET]
     chosen = min(ok, key=lambda p: p["relative_instructions"])["target"] if ok else None
     return result | {"validation": rows["val"], "test": rows["test"], "chosen_target": chosen,
-                     "per_exit_instructions": costs, "costs_from": source}
+                     "per_exit_instructions": costs, "no_exit_instructions": full, "costs_from": source}
 
 
 def write_agreement(result: dict, out: Path) -> None:
@@ -378,7 +478,8 @@ def write_agreement(result: dict, out: Path) -> None:
                      f"{100 * (t['accuracy'] - base['accuracy']):+.2f} | {100 * t['early_exit_share']:.1f} | "
                      f"{t['instructions_per_sample']:,.0f} | {t['relative_instructions']:.3f} |")
     lines += ["", f"Per-exit instructions (QEMU, {result['costs_from']}): " + ", ".join(
-        f"exit {k}: {v:,.0f}" for k, v in result["per_exit_instructions"].items()),
+        f"exit {k}: {v:,.0f}" for k, v in result["per_exit_instructions"].items())
+        + f"; no-exit plan: {result.get('no_exit_instructions', result['test'][0]['instructions_per_sample']):,.0f}",
         "Measured in this run's firmware: " + ", ".join(
         f"exit {k}: {v:,.0f}" for k, v in result["per_exit_instructions_this_run"].items())]
     (out / "agreement.md").write_text("\n".join(lines) + "\n")
@@ -421,14 +522,24 @@ def write_table(r: dict, path: Path) -> None:
              f"{', '.join(r['validation_corruptions'])}: {r['chosen_threshold']:g}", "",
              "| threshold | test accuracy (%) | vs no exits (points) | early exits (%) | instructions / sample | "
              "vs full |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    repriced = "costs_from" in r  # re-priced: the QEMU runs' firmware predates the per-exit table
     for row in r["test"]:
         ins = row["instructions_per_sample"]
         mark = " (QEMU run)" if row["measured_in_qemu"] else ""
         lines.append(f"| {row['threshold']:g}{mark} | {100 * row['accuracy']:.2f} | "
                      f"{100 * (row['accuracy'] - base['accuracy']):+.2f} | {100 * row['early_exit_share']:.1f} | "
                      + (f"{ins:,.0f} | {row['relative_instructions']:.3f} |" if ins else "- | - |"))
-    lines += ["", "Per-exit instructions (QEMU): " + ", ".join(
-        f"exit {k}: {v:,.0f}" if v else f"exit {k}: not taken" for k, v in r["per_exit_instructions"].items()),
+    lines += ["", f"Per-exit instructions (QEMU{', ' + r['costs_from'] if repriced else ''}): " + ", ".join(
+        f"exit {k}: {v:,.0f}" if v else f"exit {k}: not taken" for k, v in r["per_exit_instructions"].items())
+        + (f"; no-exit plan (threshold 1): {r['no_exit_instructions']:,.0f}" if repriced else "")]
+    if repriced:
+        lines += ["Re-priced: every row's instructions are its exit shares x this table (exit decisions and accuracy "
+                  "as measured); the sweep was priced before with " + ", ".join(
+                      f"exit {k}: {v:,.0f}" if v else f"exit {k}: not taken"
+                      for k, v in r["per_exit_instructions_before"].items()) + "; its QEMU runs (that firmware): "
+                  + "; ".join(f"threshold {t}: {q['instructions_per_sample']:,.0f} instructions / sample"
+                              for t, q in r["qemu"].items())]
+    lines += [
         "QEMU runs vs torch on the int8 taps (share of samples that agree): " + "; ".join(
             f"threshold {t}: exits {100 * q['agreement_with_torch']['exits']:.1f} %, predictions "
             f"{100 * q['agreement_with_torch']['predictions']:.1f} %" for t, q in r["qemu"].items())]
@@ -442,9 +553,16 @@ def plot(r: dict, path: Path) -> None:
 
     pts = [row for row in r["test"] if row["instructions_per_sample"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["instructions_per_sample"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "o-")
+    ax.plot([p["instructions_per_sample"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "o-",
+            label="per-exit table: " + r.get("costs_from", "this run's QEMU runs"))
     for p in pts:
         ax.annotate(f"{p['threshold']:g}", (p["instructions_per_sample"] / 1e6, 100 * p["accuracy"]), fontsize=7)
+    before = {int(k): v for k, v in r.get("per_exit_instructions_before", {}).items()}
+    if before:  # the old pricing beside the new one, where it priced every exit taken
+        old = [(sum(s * before[k] for k, s in enumerate(p["exit_share"]) if s > 0), 100 * p["accuracy"])
+               for p in r["test"] if all(before[k] for k, s in enumerate(p["exit_share"]) if s > 0)]
+        ax.plot([c / 1e6 for c, _ in old], [a for _, a in old], "s--", color="grey", label="before (older kernels)")
+        ax.legend(fontsize=7)
     ax.set_xlabel("mean guest instructions per sample (millions, cortex-m4 QEMU)")
     ax.set_ylabel("online accuracy (%)")
     ax.set_title("tinytta early-exit threshold sweep, Fashion-MNIST-C sev 5")

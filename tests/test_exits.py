@@ -196,3 +196,26 @@ def test_agreement_rule_exports_and_onnxruntime_takes_the_same_exits(tiny_cnn, d
         assert float((o_logits - logits).abs().max()) <= 1e-4, f"sample {i}"
     early = sum(e < m.depth - 1 for e in exits)
     assert 0 < early <= SAMPLES - SAMPLES // 4, f"{early} of {SAMPLES} exit early"  # every 4th explores
+
+
+def test_repricing_a_threshold_sweep_keeps_its_exits_and_prices_the_no_exit_plan_apart():
+    """benchmarks/exits.py --reprice: a committed sweep's rows get exit shares x the new per-exit table, the
+    no-exit row the no-exit plan's cost; accuracy, exit shares and the chosen threshold stay as measured."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "exits.py"
+    spec = importlib.util.spec_from_file_location("exits_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sweep = {"chosen_threshold": 0.9, "per_exit_instructions": {"0": None, "1": 5.0, "2": 6.0, "3": 10.0},
+             "test": [{"threshold": 1.0, "accuracy": 0.6, "exit_share": [0.0, 0.0, 0.0, 1.0]},
+                      {"threshold": 0.9, "accuracy": 0.59, "exit_share": [0.1, 0.2, 0.3, 0.4]}]}
+    costs = {0: 1.0, 1: 3.0, 2: 4.0, 3: 8.0}
+    got = bench.price_thresholds(sweep, costs, "new table", 7.5)
+    assert got["test"][0]["instructions_per_sample"] == 7.5 and got["test"][0]["relative_instructions"] == 1.0
+    mean = 0.1 * 1 + 0.2 * 3 + 0.3 * 4 + 0.4 * 8
+    assert abs(got["test"][1]["instructions_per_sample"] - mean) < 1e-12
+    assert abs(got["test"][1]["relative_instructions"] - mean / 7.5) < 1e-12
+    assert [r["accuracy"] for r in got["test"]] == [0.6, 0.59] and got["chosen_threshold"] == 0.9
+    assert got["per_exit_instructions_before"] == sweep["per_exit_instructions"]
