@@ -36,6 +36,15 @@ run on the test stream (``bounds.json``, ``bounds.md``): an oracle that exits at
 prediction equals the final one (no accuracy lost), and the static per-exit thresholds chosen per corruption
 on the test stream itself (the best any online recalibration of thresholds could do), traded off by lambda.
 Instructions from ``--costs`` (an ``agreement.json`` with the per-exit table).
+
+``--rule costs``: the per-exit table alone (``--out``/``--costs-out``): the firmware at thresholds 0, 0.5 and 1 on
+the first ``--cost-samples`` test samples, each sample filed under the exit the compiled runtime took (host build of
+the same bundle, checked equal to the firmware), plus the no-exit plan's cost (threshold 1), which the re-priced
+tables use as full inference. ``--reprice FILE --costs TABLE``: a committed ``exits.json`` or ``agreement.json``
+re-priced with another per-exit table (exit decisions and accuracy kept; nothing measured).
+
+    python benchmarks/exits.py --rule costs --cost-samples 100 --out results/exits --costs-out costs-kernels2.json
+    python benchmarks/exits.py --reprice results/exits/exits-kernels1.json --costs results/exits/costs-kernels2.json
 """
 from __future__ import annotations
 
