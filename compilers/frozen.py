@@ -154,7 +154,8 @@ class LoweredFrozen:
     seconds: dict[str, float]
 
 
-def lower_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str, fixed_point: bool = False) -> LoweredFrozen:
+def lower_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str, fixed_point: bool = False,
+                 source: bool | None = None) -> LoweredFrozen:
     """The one chain from frozen.onnx to a static plan: read, check, import, int8 rewrite, lower
     and plan for ``tvm_target`` (a ``tvm.target.Target``), each stage's failure one ``CompileError``
     line. ``compile_frozen`` and ``compilers.model.compile_model`` both start here.
@@ -175,7 +176,7 @@ def lower_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str, fixed
 
     t0 = time.perf_counter()
     with compile_stage(f"lowering for {target_name}", src, model):
-        lowered = lower(mod, tvm_target)
+        lowered = lower(mod, tvm_target, source=source)  # source: see pipeline.lower
         plan, constants = extract_plan(lowered, "main")
     problems = plan.check()
     if problems:

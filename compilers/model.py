@@ -28,7 +28,7 @@ from edgetune.compilers.emit_model import Interface, ModelSources, Planned, Tens
 from edgetune.compilers.frozen import LoweredFrozen, check_frozen, compile_stage, lower_frozen
 from edgetune.compilers.int8_rewrite import rewrite_int8
 from edgetune.compilers.onnx_import import import_onnx, read_onnx
-from edgetune.compilers.pipeline import lower
+from edgetune.compilers.pipeline import lower, source_kernels
 from edgetune.compilers.plan import ALIGNMENT, extract_plan
 from edgetune.compilers.train_step import INFER, TRAIN_STEP, compile_train_step, lower_train_step
 from edgetune.errors import CompileError
@@ -66,13 +66,15 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     na = manifest.norm_align
-    frozen_low = (lower_frozen(bundle / manifest.frozen.file, target, "c") if na is None else
-                  lower_aligned_frozen(bundle / manifest.frozen.file, target, "c", na.convs))
+    # lowered without the C-source passes: the LLVM objects of Linux targets build these kernels as
+    # they are; the C build below gets them through source_kernels
+    frozen_low = (lower_frozen(bundle / manifest.frozen.file, target, "c", source=False) if na is None else
+                  lower_aligned_frozen(bundle / manifest.frozen.file, target, "c", na.convs, source=False))
     seconds["frozen"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     program = compile_train_step(bundle / manifest.trainable.file, manifest)
-    lowered = lower_train_step(program, "c")
+    lowered = lower_train_step(program, "c", source=False)
     seconds["train_step"] = time.perf_counter() - t0
 
     learns = not inference_only and manifest.trainable.optimizer.lr > 0
@@ -87,7 +89,7 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     t0 = time.perf_counter()
     with compile_stage("C code generation", frozen_low.source, frozen_low.model):
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-            built = tvm.tirx.build(tvm.IRModule(kernels), target=target)
+            built = tvm.tirx.build(source_kernels(tvm.IRModule(kernels)), target=target)
         kernels_c = c_kernels(built.inspect_source())
     seconds["codegen"] = time.perf_counter() - t0
 
@@ -105,7 +107,7 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
 
 
 def lower_aligned_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str,
-                         aligned: Sequence[AlignedConv]) -> LoweredFrozen:
+                         aligned: Sequence[AlignedConv], source: bool | None = None) -> LoweredFrozen:
     """``frozen.lower_frozen`` for a norm-align bundle: the same chain (read, check, import, int8
     rewrite, lower, plan) with ``aligned``'s convolutions taking their requantisation from inputs and
     returning their accumulator statistics (``int8_rewrite.rewrite_int8``).
@@ -123,7 +125,7 @@ def lower_aligned_frozen(onnx_path: str | Path, tvm_target: Any, target_name: st
     seconds["import_rewrite"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with compile_stage(f"lowering for {target_name}", src, model):
-        lowered = lower(mod, tvm_target)
+        lowered = lower(mod, tvm_target, source=source)
         plan, constants = extract_plan(lowered, "main")
     problems = plan.check()
     if problems:

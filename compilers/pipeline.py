@@ -41,21 +41,32 @@ def _vm_passes() -> list[tvm.transform.Pass]:
             relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol()]
 
 
-def _source_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+def _source_passes() -> list[tvm.transform.Pass]:
     # C source targets: pointwise convs call the DSP micro-kernels (the same loops in plain C where the
     # core has no DSP extension), the other kernels get their small loops unrolled in the source (any
     # -O level is then fast); LLVM targets vectorise and unroll by themselves
-    return [dsp_kernels(), unroll_kernels()] if str(target.kind.name) == "c" else []
+    return [dsp_kernels(), unroll_kernels()]
 
 
-def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: ScheduleConfig | None = None) -> tvm.IRModule:
+def source_kernels(mod: tvm.IRModule) -> tvm.IRModule:
+    """A copy of ``mod`` (scheduled kernels) with the C-source kernel passes applied: the form
+    ``tirx.build`` gets for a C target; the LLVM targets build ``mod`` itself."""
+    return tvm.transform.Sequential(_source_passes())(tvm.IRModule(dict(mod.functions.items())))
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: ScheduleConfig | None = None,
+          source: bool | None = None) -> tvm.IRModule:
     """Legalise, fuse, schedule and memory-plan ``mod`` for ``target``.
 
-    ``schedule`` defaults to ``ScheduleConfig.for_target(target)``. Runs before any
-    ``FoldConstant`` the caller might add, so the caller's constants keep their dtypes.
+    ``schedule`` defaults to ``ScheduleConfig.for_target(target)``. ``source``: apply the C-source
+    kernel passes (``source_kernels``); default: when ``target`` is C. A caller that builds the same
+    kernels both as C and with LLVM lowers with ``source=False`` and applies ``source_kernels`` to the
+    C build only. Runs before any ``FoldConstant`` the caller might add, so the caller's constants
+    keep their dtypes.
     """
     cfg = schedule or ScheduleConfig.for_target(target)
-    passes = _fuse_passes() + [schedule_kernels(cfg)] + _source_passes(target) + _plan_passes()
+    use_source = str(target.kind.name) == "c" if source is None else source
+    passes = _fuse_passes() + [schedule_kernels(cfg)] + (_source_passes() if use_source else []) + _plan_passes()
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(_fuse_transposes(clip_takes(mod)))
 

@@ -520,14 +520,16 @@ class LoweredTrainStep:
     constants: dict[str, dict[str, np.ndarray]]
 
 
-def lower_train_step(program: TrainProgram, target: str | EmitTarget = "host") -> LoweredTrainStep:
-    """Legalise, fuse, schedule and memory-plan the training step for ``target``.
+def lower_train_step(program: TrainProgram, target: str | EmitTarget = "host",
+                     source: bool | None = None) -> LoweredTrainStep:
+    """Legalise, fuse, schedule and memory-plan the training step for ``target`` (``source``: see
+    ``pipeline.lower``).
 
     Raises:
         CompileError: an entry cannot be planned (not straight-line) or its plan is unsound.
         ConfigError: unknown target name.
     """
-    lowered = lower(program.module, resolve_target(target).target())
+    lowered = lower(program.module, resolve_target(target).target(), source=source)
     plans, constants = {}, {}
     for entry in (TRAIN_STEP, INFER):
         plans[entry], constants[entry] = extract_plan(lowered, entry)

@@ -104,12 +104,18 @@ def _product(values) -> int:
 
 
 def unroll_kernels() -> tvm.transform.Pass:
-    """Module pass: ``unroll_small_loops`` on every scheduled PrimFunc (once; recorded in its attributes)."""
+    """Module pass: ``unroll_small_loops`` on every scheduled int8 kernel (once; recorded in its attributes).
+
+    Only the int8 kernel families (``edgetune.kernel``), whose C build is checked bit for bit against
+    onnxruntime: the float kernels of a training step, unrolled, met the codegen's expression reuse
+    described above (tinytta's compiled host step stopped matching torch)."""
 
     @tvm.transform.module_pass(opt_level=0, name="edgetune.UnrollSmallLoops")
     def apply(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, tirx.PrimFunc) or UNROLL_ATTR in (func.attrs or {}):
+                continue
+            if "edgetune.kernel" not in (func.attrs or {}):
                 continue
             try:
                 done, count = unroll_small_loops(func)

@@ -202,7 +202,9 @@ FROZEN_SYMBOL = "__tvm_ffi_f_"
 
 
 def _frozen_symbol(name: str) -> bool:
-    return name.startswith(FROZEN_SYMBOL) or (name.startswith("f_") and name.endswith("_compute_"))
+    # the backbone's kernels, and the DSP micro-kernels they call (C-source builds)
+    return (name.startswith(FROZEN_SYMBOL) or name.startswith("et_dsp_")
+            or (name.startswith("f_") and name.endswith("_compute_")))
 
 
 
