@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from edgetune.compilers.pipeline import lower
 from edgetune.compilers.plan import StaticPlan, extract_plan
 from edgetune.compilers.schedule import family_of
 from edgetune.errors import CheckpointError, CompileError, EdgetuneError
+from edgetune.export.manifest import AlignedConv
 from edgetune.export.ops import float_islands
 
 PREFIX = "frozen"
@@ -155,10 +157,12 @@ class LoweredFrozen:
 
 
 def lower_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str, fixed_point: bool = False,
-                 source: bool | None = None) -> LoweredFrozen:
+                 source: bool | None = None, aligned: Sequence[AlignedConv] = ()) -> LoweredFrozen:
     """The one chain from frozen.onnx to a static plan: read, check, import, int8 rewrite, lower
     and plan for ``tvm_target`` (a ``tvm.target.Target``), each stage's failure one ``CompileError``
-    line. ``compile_frozen`` and ``compilers.model.compile_model`` both start here.
+    line. ``compile_frozen`` and ``compilers.model.compile_model`` both start here. ``aligned``: a
+    norm-align bundle's convolutions, which take their requantisation from inputs and return their
+    accumulator statistics (``int8_rewrite.rewrite_int8``); ``source``: see ``pipeline.lower``.
 
     Raises:
         CompileError: the file is unreadable, the graph has unsupported ops, dynamic shapes or nodes
@@ -171,7 +175,7 @@ def lower_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str, fixed
     model = read_onnx(src)
     check_frozen(model, str(src))
     with compile_stage("import and int8 rewrite", src, model):
-        mod = rewrite_int8(import_onnx(model), fixed_point)
+        mod = rewrite_int8(import_onnx(model), fixed_point, aligned)
     seconds["import_rewrite"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

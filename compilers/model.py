@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,11 @@ from tvm import tirx
 from edgetune.compilers.emit import kernel_module
 from edgetune.compilers.emit_c import c_kernels
 from edgetune.compilers.emit_model import Interface, ModelSources, Planned, Tensor, emit_model
-from edgetune.compilers.frozen import LoweredFrozen, check_frozen, compile_stage, lower_frozen
-from edgetune.compilers.int8_rewrite import rewrite_int8
-from edgetune.compilers.onnx_import import import_onnx, read_onnx
-from edgetune.compilers.pipeline import lower, source_kernels
-from edgetune.compilers.plan import ALIGNMENT, extract_plan
+from edgetune.compilers.frozen import compile_stage, lower_frozen
+from edgetune.compilers.pipeline import source_kernels
+from edgetune.compilers.plan import ALIGNMENT
 from edgetune.compilers.train_step import INFER, TRAIN_STEP, compile_train_step, lower_train_step
 from edgetune.errors import CompileError
-from edgetune.export.manifest import AlignedConv
 
 C_TARGET = {"kind": "c"}
 
@@ -68,8 +65,8 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     na = manifest.norm_align
     # lowered without the C-source passes: the LLVM objects of Linux targets build these kernels as
     # they are; the C build below gets them through source_kernels
-    frozen_low = (lower_frozen(bundle / manifest.frozen.file, target, "c", source=False) if na is None else
-                  lower_aligned_frozen(bundle / manifest.frozen.file, target, "c", na.convs, source=False))
+    frozen_low = lower_frozen(bundle / manifest.frozen.file, target, "c", source=False,
+                              aligned=na.convs if na is not None else ())
     seconds["frozen"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -104,35 +101,6 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     pool = workspace_pool_bytes(kernels_c)  # exact; the plans' figure also counts kernel stack arrays
     sources = replace(sources, memory=replace(sources.memory, workspace=pool))
     return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels))
-
-
-def lower_aligned_frozen(onnx_path: str | Path, tvm_target: Any, target_name: str,
-                         aligned: Sequence[AlignedConv], source: bool | None = None) -> LoweredFrozen:
-    """``frozen.lower_frozen`` for a norm-align bundle: the same chain (read, check, import, int8
-    rewrite, lower, plan) with ``aligned``'s convolutions taking their requantisation from inputs and
-    returning their accumulator statistics (``int8_rewrite.rewrite_int8``).
-
-    Raises:
-        CompileError: as ``lower_frozen``.
-    """
-    src = Path(onnx_path)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = read_onnx(src)
-    check_frozen(model, str(src))
-    with compile_stage("import and int8 rewrite", src, model):
-        mod = rewrite_int8(import_onnx(model), False, aligned)
-    seconds["import_rewrite"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with compile_stage(f"lowering for {target_name}", src, model):
-        lowered = lower(mod, tvm_target, source=source)
-        plan, constants = extract_plan(lowered, "main")
-    problems = plan.check()
-    if problems:
-        raise CompileError(f"compile: the static plan of {src.name} is unsound ({'; '.join(problems)}); "
-                           "this is a compiler bug, please report it")
-    seconds["lower_plan"] = time.perf_counter() - t0
-    return LoweredFrozen(src, model, lowered, plan, constants, seconds)
 
 
 def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
@@ -202,5 +170,4 @@ def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
                      stages, frozen_states)
 
 
-__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "lower_aligned_frozen",
-           "workspace_pool_bytes"]
+__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "workspace_pool_bytes"]

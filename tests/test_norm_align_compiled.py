@@ -91,13 +91,13 @@ def test_aligned_kernels_equal_the_integer_reference(bundle, digits):
     import tvm
     from tvm import relax
 
-    from edgetune.compilers.model import lower_aligned_frozen
+    from edgetune.compilers.frozen import lower_frozen
     from edgetune.compilers.pipeline import build_vm
 
     na = load_manifest(bundle).norm_align
     qdq = QDQModel(bundle / "frozen.onnx")
     target = tvm.target.Target("llvm")
-    low = lower_aligned_frozen(bundle / "frozen.onnx", target, "host", na.convs)
+    low = lower_frozen(bundle / "frozen.onnx", target, "host", aligned=na.convs)
     described = [f.attrs["edgetune.schedule"] for gv, f in low.module.functions.items()
                  if isinstance(f, tvm.tirx.PrimFunc) and "qconv2d" in gv.name_hint]
     assert sum("channel moments per tile" in d for d in described) == len(na.convs)
