@@ -48,6 +48,7 @@ MODELS = {"mcunet-s": ("mcunet-s-digits", "digits"), "tiny-cnn": ("tiny-cnn-fash
 LEVELS = ("-O2", "-O3", "-Os")
 KINDS = ("stem", "pointwise", "depthwise", "conv", "add", "fc")
 CMSIS_DIRS = ("ConvolutionFunctions", "NNSupportFunctions", "BasicMathFunctions")
+MACHINE_MEMORY = {"mps2-an386": ("4M", "4M"), "mps3-an547": ("2M", "512K")}  # code, data: all QEMU has
 F32 = np.float32
 
 
@@ -174,8 +175,9 @@ def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> str:
     return done.stdout
 
 
-def _cc(src: Path, obj: Path, opt: str, includes: list[Path], defines: tuple[str, ...] = ()) -> Path:
-    tc = get_target("cortex-m4").toolchain
+def _cc(src: Path, obj: Path, opt: str, includes: list[Path], defines: tuple[str, ...] = (),
+        target: str = "cortex-m4") -> Path:
+    tc = get_target(target).toolchain
     obj.parent.mkdir(parents=True, exist_ok=True)
     flags = [f for f in tc.cflags if not f.startswith("-O")]
     _run([tc.cc, *tc.arch_flags, *flags, opt, "-std=c99", "-ffp-contract=off", *defines,
@@ -183,15 +185,16 @@ def _cc(src: Path, obj: Path, opt: str, includes: list[Path], defines: tuple[str
     return obj
 
 
-def link_and_run(objs: list[Path], work: Path) -> str:
-    """Link ``objs`` with the board support of mps2-an386 and run the program in QEMU; its stdout."""
-    t = get_target("cortex-m4")
-    board = [_cc(s, work / "board" / (s.stem + ".o"), "-O2", [BOARD_DIR / "cortex-m", RUNTIME_DIR])
+def link_and_run(objs: list[Path], work: Path, target: str = "cortex-m4") -> str:
+    """Link ``objs`` with the board support of ``target``'s QEMU machine and run the program there; its stdout."""
+    t = get_target(target)
+    board = [_cc(s, work / "board" / (s.stem + ".o"), "-O2", [BOARD_DIR / "cortex-m", RUNTIME_DIR], target=target)
              for s in t.board.sources()]
-    # the benchmark programs hold whole layers' data: the machine's 4 MB + 4 MB, not the target's budget
+    # the benchmark programs hold whole layers' data: the machine's memory, not the target's budget
     script = (BOARD_DIR / t.board.machine / "link.ld.in").read_text() + \
         (BOARD_DIR / "cortex-m" / "sections.ld.in").read_text()
-    for key, value in (("FLASH_BYTES", "4M"), ("RAM_BYTES", "4M"), ("STACK_BYTES", str(t.board.stack_bytes)),
+    flash, ram = MACHINE_MEMORY[t.board.machine]
+    for key, value in (("FLASH_BYTES", flash), ("RAM_BYTES", ram), ("STACK_BYTES", str(t.board.stack_bytes)),
                        ("HEAP_BYTES", str(t.board.heap_bytes))):
         script = script.replace(f"@{key}@", value)
     (work / "link.ld").write_text(script)
@@ -240,8 +243,9 @@ int main(void) {
 """
 
 
-def measure_edgetune(frozen: Path, image: np.ndarray, level: str, reps: int, work: Path) -> dict:
-    """Per plan call: kernel name and guest instructions per run (the hook's cost subtracted)."""
+def measure_edgetune(frozen: Path, image: np.ndarray, level: str, reps: int, work: Path,
+                     target: str = "cortex-m4") -> dict:
+    """Per plan call: kernel name and guest instructions per run on ``target`` (the hook's cost subtracted)."""
     compiled = work / "compiled"
     if not (compiled / "frozen_plan.json").is_file():
         compile_frozen(frozen, "c", compiled)
@@ -251,21 +255,22 @@ def measure_edgetune(frozen: Path, image: np.ndarray, level: str, reps: int, wor
     assert len(inputs) == 1 and inputs[0].dtype == "float32", "the backbone takes one float image"
     buffers = [f"static {CTYPES[b.dtype]} {p}[{int(np.prod(b.shape))}] __attribute__((aligned(64)));"
                for p, b in [("in0", inputs[0])] + [(f"out{i}", b) for i, b in enumerate(outputs)]]
-    main = work / level / "bench_main.c"
+    build = work / target / level
+    main = build / "bench_main.c"
     main.parent.mkdir(parents=True, exist_ok=True)
     main.write_text(EDGETUNE_MAIN % {"calls": len(plan.calls), "reps": reps, "buffers": "\n".join(buffers),
                                      "image": ", ".join(f"{float(v).hex()}f" for v in image.reshape(-1)),
                                      "args": ", ".join(["in0"] + [f"out{i}" for i in range(len(outputs))])})
     inc = [compiled, compiled / "include", BOARD_DIR / "cortex-m", RUNTIME_DIR]
-    objs = [_cc(compiled / "frozen_kernels.c", work / level / "kernels.o", level, inc),
-            _cc(compiled / "frozen_model.c", work / level / "model.o", "-O2", inc, ("-DEDGETUNE_PROFILE",)),
-            _cc(compiled / "tvm_workspace.c", work / level / "workspace.o", "-O2", inc),
-            _cc(main, work / level / "main.o", "-O2", inc)]
-    out = link_and_run(objs, work / level)
+    objs = [_cc(compiled / "frozen_kernels.c", build / "kernels.o", level, inc, target=target),
+            _cc(compiled / "frozen_model.c", build / "model.o", "-O2", inc, ("-DEDGETUNE_PROFILE",), target),
+            _cc(compiled / "tvm_workspace.c", build / "workspace.o", "-O2", inc, target=target),
+            _cc(main, build / "main.o", "-O2", inc, target=target)]
+    out = link_and_run(objs, build, target)
     ticks = {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^call (\d+) (\d+)$", out, re.M)}
     got = np.array([int(m.group(2), 16) for m in re.finditer(r"^out (\d+) ([0-9a-f]+)$", out, re.M)], np.uint32)
-    check_output(frozen, image, got.view(np.float32), level)
-    per_tick = 1e9 / get_target("cortex-m4").simulator.clock_hz
+    check_output(frozen, image, got.view(np.float32), f"{target} {level}")
+    per_tick = 1e9 / get_target(target).simulator.clock_hz
     hook = ticks[len(plan.calls)] / reps
     return {"calls": [{"kernel": c.kernel, "out_shape": list(plan.buffer(c.args[-1]).shape),
                        "instructions": max(0.0, (ticks[i] / reps - hook)) * per_tick}
@@ -289,16 +294,17 @@ def check_output(frozen: Path, image: np.ndarray, got: np.ndarray, level: str) -
                          f"({int(np.sum(got != want)) if got.shape == want.shape else got.shape} values differ)")
 
 
-def cmsis_library(cmsis: Path, level: str, work: Path) -> list[Path]:
-    """CMSIS-NN's s8 sources (convolution, support, basic maths) compiled for Cortex-M4 at ``level``."""
+def cmsis_library(cmsis: Path, level: str, work: Path, target: str = "cortex-m4") -> list[Path]:
+    """CMSIS-NN's s8 sources (convolution, support, basic maths) compiled for ``target`` at ``level`` (its
+    headers pick the Helium code where the compiler defines ``__ARM_FEATURE_MVE``, the DSP code elsewhere)."""
     objs = []
     for sub in CMSIS_DIRS:
         for src in sorted((cmsis / "Source" / sub).glob("*.c")):
             if re.search(r"_f(16|32)", src.stem):
                 continue  # float variants (they need CMSIS-DSP's float16 types): no int8 model calls them
-            obj = work / f"cmsis{level}" / (src.stem + ".o")
+            obj = work / f"cmsis-{target}{level}" / (src.stem + ".o")
             if not obj.is_file():
-                _cc(src, obj, level, [cmsis / "Include"])
+                _cc(src, obj, level, [cmsis / "Include"], target=target)
             objs.append(obj)
     return objs
 
@@ -393,16 +399,19 @@ def cmsis_layer_source(layers: list[Layer], reps: int) -> str:
     return "\n".join(out)
 
 
-def measure_cmsis(cmsis: Path, layers: list[Layer], level: str, reps: int, work: Path) -> dict:
+def measure_cmsis(cmsis: Path, layers: list[Layer], level: str, reps: int, work: Path,
+                  target: str = "cortex-m4") -> dict:
     """Per layer: CMSIS-NN's guest instructions per call and how many outputs differ from onnxruntime's."""
     src = work / "cmsis_layers.c"
     work.mkdir(parents=True, exist_ok=True)
     if not src.is_file():
         src.write_text(cmsis_layer_source(layers, reps))
     inc = [cmsis / "Include", BOARD_DIR / "cortex-m", RUNTIME_DIR]
-    objs = cmsis_library(cmsis, level, work.parent.parent) + [_cc(src, work / level / "layers.o", "-O2", inc)]
-    out = link_and_run(objs, work / level)
-    per_tick = 1e9 / get_target("cortex-m4").simulator.clock_hz
+    build = work / target / level
+    objs = cmsis_library(cmsis, level, work.parent.parent, target) + [_cc(src, build / "layers.o", "-O2", inc,
+                                                                           target=target)]
+    out = link_and_run(objs, build, target)
+    per_tick = 1e9 / get_target(target).simulator.clock_hz
     rows = {}
     for m in re.finditer(r"^layer (\d+) (\d+) (\d+) (\d+)$", out, re.M):
         rows[int(m.group(1))] = {"instructions": int(m.group(2)) / reps * per_tick, "differing": int(m.group(3)),

@@ -62,9 +62,10 @@ def test_benchmark_reference_chain_is_onnxruntime(mcunet_frozen):
 
 
 @needs_tool("arm-none-eabi-gcc", "qemu-system-arm", "gcc")
-def test_dsp_build_equals_the_portable_build_per_sample(mcunet_frozen, tmp_path):
-    """Cortex-M4 firmware (SMLAD micro-kernels) = the same C source built for this host (their plain C
-    loops) = onnxruntime, on each of three test images."""
+@pytest.mark.parametrize("target,feature", [("cortex-m4", "__ARM_FEATURE_DSP 1"), ("cortex-m55", "__ARM_FEATURE_MVE")])
+def test_dsp_build_equals_the_portable_build_per_sample(mcunet_frozen, tmp_path, target, feature):
+    """Cortex-M4 firmware (SMLAD micro-kernels) and Cortex-M55 firmware (Helium micro-kernels, QEMU mps3-an547)
+    = the same C source built for this host (their plain C loops) = onnxruntime, on each of three test images."""
     import ctypes
     import subprocess
 
@@ -74,14 +75,15 @@ def test_dsp_build_equals_the_portable_build_per_sample(mcunet_frozen, tmp_path)
 
     bench, frozen, _, work = mcunet_frozen
     images = to_tensor(load_dataset("digits").test_x[10:13]).numpy()
-    firmware = [np.array(bench.measure_edgetune(frozen, images[i:i + 1], "-O2", 1, work / "dsp")["output"],
+    firmware = [np.array(bench.measure_edgetune(frozen, images[i:i + 1], "-O2", 1, work / "dsp", target)["output"],
                          np.float32) for i in range(len(images))]
     compiled = work / "dsp" / "compiled"
     kernels = (compiled / "frozen_kernels.c").read_text()
     assert kernels.count("et_dsp_pointwise_s8(") >= 17  # mcunet-s's pointwise convs take the DSP path
-    defines = subprocess.run(["arm-none-eabi-gcc", "-mcpu=cortex-m4", "-mthumb", "-dM", "-E", "-x", "c", "/dev/null"],
-                             capture_output=True, text=True, check=True).stdout
-    assert "__ARM_FEATURE_DSP 1" in defines
+    from edgetune.targets import get_target
+    defines = subprocess.run(["arm-none-eabi-gcc", *get_target(target).toolchain.arch_flags, "-dM", "-E", "-x", "c",
+                              "/dev/null"], capture_output=True, text=True, check=True).stdout
+    assert feature in defines  # the header's SIMD path is the one this firmware ran
     library = tmp_path / "frozen_host.so"
     subprocess.run(["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{compiled / 'include'}",
                     *(str(compiled / f) for f in ("frozen_kernels.c", "frozen_model.c", "tvm_workspace.c")),

@@ -1,5 +1,7 @@
-/* int8 micro-kernels for Cortex-M cores with the DSP extension (Cortex-M4, M7, M33, M55): dual 16-bit
- * multiply-accumulates (SMLAD) on sign-extended byte pairs (SXTB16, ACLE intrinsics). Included by the generated
+/* int8 micro-kernels for Cortex-M cores with the DSP extension (Cortex-M4, M7, M33): dual 16-bit
+ * multiply-accumulates (SMLAD) on sign-extended byte pairs (SXTB16, ACLE intrinsics); and for cores with
+ * Helium (MVE, Cortex-M55, M85): 16-lane int8 dot products (VMLADAVA, arm_mve.h). The compiler picks the
+ * path (__ARM_FEATURE_MVE, then __ARM_FEATURE_DSP, else plain C); every path gives the same bytes. Included by the generated
  * kernels (et_kernels.c) after their prologue, which defines et_nearbyintf; the compiler pass that
  * calls them is compilers/dsp_kernels.py. et_kernels_dsp.c exports them for kernels compiled by
  * TVM's LLVM backend (Linux targets). Without __ARM_FEATURE_DSP the same loops run in plain C,
@@ -17,6 +19,10 @@
 #if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP
 #include <arm_acle.h>
 #define ET_DSP 1
+#endif
+#if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1)
+#include <arm_mve.h>
+#define ET_MVE 1
 #endif
 
 /* TVM's epilogue: clamp to the zero-point-shifted int8 range, round half to even, add the zero point */
@@ -102,6 +108,83 @@ static inline void et_dsp_dot_2x2(const int8_t *x0, const int8_t *x1, const int8
   acc[3] = b1;
 }
 
+#if ET_MVE
+/* Helium (MVE) kernels. Requantisation of 4 accumulators (acc + bias, one output channel, 4 pixels) in
+ * one vector: the float product rounded half to even by VCVTN (saturating, as VCVTR), the zero point
+ * added saturating and the result clamped to int8: the value et_requant_dsp and et_requant_f32 give
+ * for each lane (same float32 multiply; a product below 2^-126, flushed or not, rounds to 0). */
+static inline void et_mve_requant4(int32x4_t acc, float scale, int32_t zy, int8_t *y) {
+  int32x4_t q = vcvtnq_s32_f32(vmulq_n_f32(vcvtq_f32_s32(acc), scale));
+  q = vqaddq_n_s32(q, zy);
+  q = vmaxq_s32(vminq_s32(q, vdupq_n_s32(127)), vdupq_n_s32(-128));
+  vstrbq_s32(y, q); /* the low byte of each lane: 4 consecutive outputs */
+}
+
+/* {a, b, c, d} in two VMOVs (two general registers to two lanes each) */
+static inline int32x4_t et_mve_lanes(int32_t a, int32_t b, int32_t c, int32_t d) {
+  int32x4_t v = vdupq_n_s32(0);
+  __asm__("vmov %q0[2], %q0[0], %1, %3\n\tvmov %q0[3], %q0[1], %2, %4" : "+w"(v) : "r"(a), "r"(b), "r"(c), "r"(d));
+  return v;
+}
+
+/* Largest pixel count of et_mve_pointwise_s8: its transposing gathers take 16-bit offsets (7 * hw). */
+#define ET_MVE_MAX_HW 9362
+
+/* et_dsp_pointwise_s8 with Helium: per 4 pixels the input slice is gathered channels-last onto the stack
+ * (8 channels of one pixel per gather, VLDRB.S16 with offsets c * hw, then a narrowing store); per output
+ * channel 4 pixels accumulate 16 channels per VMLADAVA (one instruction for 16 MACs), the last group of
+ * a channel count that is not a multiple of 16 tail-predicated (zeroed weight lanes). Same contract as
+ * et_dsp_pointwise_s8. */
+static inline int32_t et_mve_pointwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
+                                          int8_t *y, int32_t cin, int32_t hw, int32_t cout, int32_t zy) {
+  /* + 16: the last pixel's final 16-byte load may read past cin (those lanes meet zeroed weights) */
+  int8_t xt[4 * ET_DSP_MAX_CIN + 16] __attribute__((aligned(16)));
+  const uint16x8_t off = vmulq_n_u16(vidupq_n_u16(0, 1), (uint16_t)hw);
+  vst1q_s8(xt + 4 * cin, vdupq_n_s8(0));
+  for (int32_t p = 0; p < hw; p += 4) {
+    for (int32_t k = 0; k < 4; ++k) {
+      for (int32_t c = 0; c < cin; c += 8) {
+        const mve_pred16_t m = vctp16q((uint32_t)(cin - c));
+        vstrbq_p_s16(xt + k * cin + c, vldrbq_gather_offset_z_s16(x + c * hw + p + k, off, m), m);
+      }
+    }
+    for (int32_t o = 0; o < cout; o += 2) {
+      const int8_t *wa = w + o * cin, *wb = wa + cin;
+      int32_t a0 = bias[o], a1 = a0, a2 = a0, a3 = a0, b0 = bias[o + 1], b1 = b0, b2 = b0, b3 = b0;
+      int32_t c = 0;
+      for (; c + 16 <= cin; c += 16) {
+        const int8x16_t x0 = vld1q_s8(xt + c), x1 = vld1q_s8(xt + cin + c), x2 = vld1q_s8(xt + 2 * cin + c),
+                        x3 = vld1q_s8(xt + 3 * cin + c), ka = vld1q_s8(wa + c), kb = vld1q_s8(wb + c);
+        a0 = vmladavaq_s8(a0, x0, ka);
+        a1 = vmladavaq_s8(a1, x1, ka);
+        a2 = vmladavaq_s8(a2, x2, ka);
+        a3 = vmladavaq_s8(a3, x3, ka);
+        b0 = vmladavaq_s8(b0, x0, kb);
+        b1 = vmladavaq_s8(b1, x1, kb);
+        b2 = vmladavaq_s8(b2, x2, kb);
+        b3 = vmladavaq_s8(b3, x3, kb);
+      }
+      if (c < cin) { /* the last cin % 16 channels: zeroed weight lanes */
+        const mve_pred16_t m = vctp8q((uint32_t)(cin - c));
+        const int8x16_t x0 = vld1q_s8(xt + c), x1 = vld1q_s8(xt + cin + c), x2 = vld1q_s8(xt + 2 * cin + c),
+                        x3 = vld1q_s8(xt + 3 * cin + c), ka = vldrbq_z_s8(wa + c, m), kb = vldrbq_z_s8(wb + c, m);
+        a0 = vmladavaq_s8(a0, x0, ka);
+        a1 = vmladavaq_s8(a1, x1, ka);
+        a2 = vmladavaq_s8(a2, x2, ka);
+        a3 = vmladavaq_s8(a3, x3, ka);
+        b0 = vmladavaq_s8(b0, x0, kb);
+        b1 = vmladavaq_s8(b1, x1, kb);
+        b2 = vmladavaq_s8(b2, x2, kb);
+        b3 = vmladavaq_s8(b3, x3, kb);
+      }
+      et_mve_requant4(et_mve_lanes(a0, a1, a2, a3), scale[o], zy, y + o * hw + p);
+      et_mve_requant4(et_mve_lanes(b0, b1, b2, b3), scale[o + 1], zy, y + (o + 1) * hw + p);
+    }
+  }
+  return 0;
+}
+#endif
+
 /* 1x1 convolution, stride 1, no padding: x [cin][hw] (NCHW, one image), w [cout][cin] (OIHW), bias,
  * scale [cout], y [cout][hw]. Per 4 pixels the input slice is copied channels-last onto the stack
  * (so a word load holds 4 channels of one pixel, the layout SMLAD pairs need), then every output
@@ -111,6 +194,9 @@ static inline int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, cons
                                           int8_t *y, int32_t cin, int32_t hw, int32_t cout, int32_t zy) {
   int8_t xt[4 * ET_DSP_MAX_CIN] __attribute__((aligned(4)));
   if (cin > ET_DSP_MAX_CIN || cin % 4 || hw % 4 || cout % 2) return -1;
+#if ET_MVE
+  if (hw <= ET_MVE_MAX_HW) return et_mve_pointwise_s8(x, w, bias, scale, y, cin, hw, cout, zy);
+#endif
   for (int32_t p = 0; p < hw; p += 4) {
     for (int32_t c = 0; c < cin; ++c) {
       const int8_t *v = x + c * hw + p;

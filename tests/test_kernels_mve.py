@@ -1,0 +1,99 @@
+"""Helium (MVE) micro-kernels of ``targets/runtime/et_kernels_dsp.h`` on a simulated Cortex-M55 (QEMU
+mps3-an547): every output byte equals onnxruntime's formula for the layer (int32 accumulation, float32
+requantisation rounded half to even), on shapes that exercise the tail-predicated channel group (channel
+counts that are not multiples of 16), exact ties (scale 0.5), saturation both ways and a tiny scale.
+
+The whole-model check (a mcunet-s firmware on the Cortex-M55 = the host build = onnxruntime, per sample)
+is ``tests/test_kernels_dsp.py``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from conftest import needs_tool
+from edgetune.targets import BOARD_DIR, RUNTIME_DIR, get_target
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
+# (cin, pixels, cout): mcunet-s's widest and narrowest pointwise layers, two tails (24, 40 % 16) and a 4-tail (20)
+SHAPES = [(16, 64, 8), (24, 16, 6), (40, 8, 4), (256, 4, 4), (20, 8, 6)]
+
+PROLOGUE = """#pragma GCC optimize("O3", "fp-contract=off")
+#include <stdint.h>
+#include <stdio.h>
+#include "et_board.h"
+#if defined(__arm__) && !defined(__ARM_FEATURE_DIRECTED_ROUNDING)
+static inline float et_nearbyintf(float x) {
+  if (x < 8388608.0f && x > -8388608.0f) {
+    float m = x >= 0.0f ? 8388608.0f : -8388608.0f;
+    return (x + m) - m;
+  }
+  return x;
+}
+#else
+#include <math.h>
+#define et_nearbyintf nearbyintf
+#endif
+#include "et_kernels_dsp.h"
+static int8_t y[4096];
+"""
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _carr(ctype: str, name: str, values: np.ndarray) -> str:
+    flat = np.asarray(values).reshape(-1)
+    items = [float(v).hex() + "f" for v in flat] if ctype == "float" else [str(int(v)) for v in flat]
+    return f"static const {ctype} {name}[] = {{{', '.join(items)}}};"
+
+
+def _layers(rng: np.random.Generator) -> tuple[str, list[np.ndarray]]:
+    """The C program's layer data and calls, and each layer's expected output (onnxruntime's formula)."""
+    decls, calls, want = [], [], []
+    for i, (cin, hw, cout) in enumerate(SHAPES):
+        x = rng.integers(-128, 128, (cin, hw), dtype=np.int8)
+        w = rng.integers(-128, 128, (cout, cin), dtype=np.int8)
+        bias = rng.integers(-5000, 5000, cout).astype(np.int32)
+        scale = (rng.random(cout) * 2e-3).astype(np.float32)
+        scale[:4] = (0.5, 1e-6, 2.0, 0.25)  # exact ties, all zeros, saturation at both ends, ties again
+        zy = int(rng.integers(-20, 20))
+        acc = w.astype(np.int64) @ x.astype(np.int64) + bias[:, None]
+        f = np.clip(acc.astype(np.float32) * scale[:, None], np.float32(-128 - zy), np.float32(127 - zy))
+        want.append((np.rint(f) + zy).astype(np.int8))
+        decls += [_carr("int8_t", f"x{i}", x), _carr("int8_t", f"w{i}", w), _carr("int32_t", f"b{i}", bias),
+                  _carr("float", f"s{i}", scale)]
+        calls.append(f"  if (et_dsp_pointwise_s8(x{i}, w{i}, b{i}, s{i}, y, {cin}, {hw}, {cout}, {zy})) return 1;\n"
+                     f"  for (int j = 0; j < {hw * cout}; ++j) printf(\"%d \", y[j]);\n  printf(\"\\n\");")
+    main = "int main(void) {\n" + "\n".join(calls) + "\n  return 0;\n}\n"
+    return PROLOGUE + "\n".join(decls) + "\n" + main, want
+
+
+@needs_tool("arm-none-eabi-gcc", "qemu-system-arm")
+def test_mve_pointwise_is_onnxruntime_bit_for_bit(tmp_path):
+    source, want = _layers(np.random.default_rng(15))
+    (tmp_path / "main.c").write_text(source)
+    bench = _bench()
+    flags = get_target("cortex-m55").toolchain.arch_flags
+    asm = subprocess.run(["arm-none-eabi-gcc", *flags, "-std=c99", "-O2", f"-I{RUNTIME_DIR}",
+                          f"-I{BOARD_DIR / 'cortex-m'}", "-S", str(tmp_path / "main.c"), "-o", "-"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "vmladava.s8" in asm and "vcvtn.s32.f32" in asm  # the Helium path, not the SMLAD one
+    obj = bench._cc(tmp_path / "main.c", tmp_path / "main.o", "-O2", [BOARD_DIR / "cortex-m", RUNTIME_DIR],
+                    target="cortex-m55")
+    rows = [r for r in bench.link_and_run([obj], tmp_path, "cortex-m55").splitlines() if r.strip()]
+    assert len(rows) == len(SHAPES)
+    for (cin, hw, cout), row, ref in zip(SHAPES, rows, want):
+        got = np.array(row.split(), dtype=np.int64).reshape(cout, hw)
+        assert np.array_equal(got, ref), (cin, hw, cout, int(np.sum(got != ref)))
+    saturated = np.concatenate([r.reshape(-1) for r in want])
+    assert {-128, 127} <= set(saturated.tolist())  # the data reached both clamps
