@@ -1,11 +1,13 @@
-"""Float ops allowed at the float boundary of the int8 graph: a spatial mean of a dequantized map.
+"""onnxruntime's float ReduceMean: at the float boundary of the int8 graph and inside float islands.
 
 The bundle's pooled taps are ``ReduceMean(DequantizeLinear(q))`` on the output side of the
 last quantised op. onnxruntime computes that mean in float32 with Eigen's vectorised sum
 (SSE: four lanes, a row's first unaligned elements added last, lanes combined pairwise),
 so a plain left-to-right sum differs from it in the last bit for about a third of the
 channels. This kernel adds the dequantized values in exactly that order, which makes the
-pooled taps identical to onnxruntime's (checked for row lengths 1..256 in the tests).
+pooled taps identical to onnxruntime's (checked for row lengths 1..256 in the tests). The same
+order serves a ReduceMean of float values inside a float island (``float_mean``: a LayerNorm's
+statistics, written out by ``edgetune.export.decompose``).
 
 The dequantized values come from a 256-entry table (``dequant_table``) rather than a
 multiplication: LLVM contracts a multiply feeding an add into one FMA on targets that have
@@ -68,17 +70,35 @@ def dequant_table(scale: float, zp: int) -> np.ndarray:
 def spatial_mean(q: te.Tensor, table: te.Tensor, keepdims: bool) -> te.Tensor:
     """TE: ``mean(dequantize(q), axes=[2, 3])`` of an int8 NCHW tensor, summed in onnxruntime's order.
 
-    ``table`` is ``dequant_table(scale, zp)``. Rows whose length is a multiple of the packet
-    are always aligned: their lanes become loops (``_packet_mean``). Other rows are written
-    out as one addition tree per alignment phase (they are short: odd spatial sizes).
+    ``table`` is ``dequant_table(scale, zp)``: the dequantized values are table entries (no multiply
+    an FMA could absorb).
     """
-    n, c, h, w = (int(d) for d in q.shape)
+    w = int(q.shape[3])
+    return _ort_mean(tuple(int(d) for d in q.shape),
+                     lambda b, ch, i: table[q[b, ch, i // w, i % w].astype("int32") + 128], keepdims)
+
+
+def float_mean(x: te.Tensor, keepdims: bool) -> te.Tensor:
+    """TE: ``mean(x, axes=[2, 3])`` of a float32 NCHW tensor in onnxruntime's order (a ReduceMean
+    inside a float island, e.g. a LayerNorm's statistics written out by ``edgetune.export.decompose``)."""
+    w = int(x.shape[3])
+    return _ort_mean(tuple(int(d) for d in x.shape), lambda b, ch, i: x[b, ch, i // w, i % w], keepdims)
+
+
+def _ort_mean(shape: tuple[int, int, int, int], leaf, keepdims: bool) -> te.Tensor:
+    """Means of the rows ``leaf(b, ch, i)``, ``i < h * w``, in Eigen's order.
+
+    Rows whose length is a multiple of the packet are always aligned: their lanes become loops
+    (``_packet_mean``). Other rows are written out as one addition tree per alignment phase (they
+    are short: odd spatial sizes).
+    """
+    n, c, h, w = shape
     hw = h * w
     if hw % (2 * PACKET) in (0, PACKET) and hw >= 2 * PACKET:
-        return _packet_mean(q, table, keepdims)
+        return _packet_mean(shape, leaf, keepdims)
 
     def compute(b, ch, *rest):
-        leaves = [table[q[b, ch, i // w, i % w].astype("int32") + 128] for i in range(hw)]
+        leaves = [leaf(b, ch, i) for i in range(hw)]
         row = b * c + ch
         # the alignment of a row repeats with period ALIGN_FLOATS rows; one tree per phase
         phases = {row_start(r, hw) for r in range(ALIGN_FLOATS)}
@@ -91,23 +111,21 @@ def spatial_mean(q: te.Tensor, table: te.Tensor, keepdims: bool) -> te.Tensor:
                 break
         return total / tirx.const(np.float32(hw), "float32")
 
-    shape = (n, c, 1, 1) if keepdims else (n, c)
-    return te.compute(shape, compute, name="out")
+    out = (n, c, 1, 1) if keepdims else (n, c)
+    return te.compute(out, compute, name="out")
 
 
-def _packet_mean(q: te.Tensor, table: te.Tensor, keepdims: bool) -> te.Tensor:
+def _packet_mean(shape: tuple[int, int, int, int], leaf, keepdims: bool) -> te.Tensor:
     """``eigen_sum`` of aligned rows (length a multiple of PACKET, at least two packets) as loops:
     two packet accumulators run over pairs of packets (sequential sums, as Eigen's loop adds),
     a last odd packet joins them, then the lanes combine pairwise."""
-    n, c, h, w = (int(d) for d in q.shape)
+    n, c, h, w = shape
     hw = h * w
     pairs = hw // (2 * PACKET)
     k = te.reduce_axis((0, pairs), "k")
 
-    def leaf(b, ch, i):
-        return table[q[b, ch, i // w, i % w].astype("int32") + 128]
-
-    # starting from +0.0 changes nothing: 0 + v == v, and a dequantized sum never yields -0.0
+    # starting from +0.0 changes nothing (0 + v == v) unless every leaf is -0.0, which dequantized
+    # values and squares never are
     packets = te.compute((n, c, 2, PACKET), lambda b, ch, half, j: te.sum(
         leaf(b, ch, k * 2 * PACKET + half * PACKET + j), axis=k), name="acc")
 
@@ -120,8 +138,8 @@ def _packet_mean(q: te.Tensor, table: te.Tensor, keepdims: bool) -> te.Tensor:
             lanes = [lanes[j] + lanes[j + half] for j in range(half)]
         return lanes[0] / tirx.const(np.float32(hw), "float32")
 
-    shape = (n, c, 1, 1) if keepdims else (n, c)
-    return te.compute(shape, compute, name="out")
+    out = (n, c, 1, 1) if keepdims else (n, c)
+    return te.compute(out, compute, name="out")
 
 
 def reference_mean(q: np.ndarray, scale: float, zp: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from tvm import relax, tirx
 from edgetune.compilers import int8_kernels as kernels
 from edgetune.compilers import int8_math as im
 from edgetune.compilers import int8_tables as tables
-from edgetune.compilers.boundary import dequant_table, spatial_mean
+from edgetune.compilers.boundary import dequant_table, float_mean, spatial_mean
 from edgetune.compilers.schedule import conv_family
 from edgetune.errors import CompileError
 from edgetune.export.manifest import AlignedConv
@@ -50,6 +50,10 @@ ELEMENTWISE_FLOAT = frozenset(f"relax.{op}" for op in (
     "add", "subtract", "multiply", "divide", "maximum", "minimum", "power", "clip", "sigmoid", "tanh", "exp",
     "sqrt", "rsqrt", "erf", "negative", "abs", "round", "floor", "ceil", "where", "nn.relu", "nn.leakyrelu",
     "nn.gelu", "nn.silu"))
+# float ops that may absorb a product into a fused multiply-add: TVM's LLVM backend contracts a multiply
+# feeding an add on targets with FMA, onnxruntime rounds the product first; a product reaching one of them
+# (directly or through a view) is computed in a kernel of its own (``contraction_barrier``)
+CONTRACTING_FLOAT = frozenset({"relax.add", "relax.subtract", *VIEW_OPS})
 # int8 rule of the op table -> the method of ``_Lowering`` that lowers it
 RULE_METHODS = {"conv": "conv_unit", "matmul": "matmul_unit", "add": "lower_add", "mul": "lower_mul",
                 "lut": "lut", "softmax": "softmax", "concat": "concat",
@@ -412,14 +416,14 @@ class _Lowering:
             raise _Unsupported("an int8 tensor is used by a float op without a DequantizeLinear")
         key = id(v)
         if key in self.floats:
-            if isinstance(v, _DQ) and user not in ELEMENTWISE_FLOAT:
+            if isinstance(v, _DQ) and (user not in ELEMENTWISE_FLOAT or user in CONTRACTING_FLOAT):
                 self.opaque(self.floats[key])
             return self.floats[key]
         if isinstance(v, _DQ):
             fn = partial(kernels.elementwise, lambda p, q: im.dequantize(q, p[0], v.zp))
             out = self.emit_kernel("dequantize", fn, self.params(v.scale), v.q)
-            if user not in ELEMENTWISE_FLOAT:
-                self.opaque(out)
+            if user not in ELEMENTWISE_FLOAT or user in CONTRACTING_FLOAT:
+                self.opaque(out)  # a dequantized value is a product: see CONTRACTING_FLOAT
         elif isinstance(v, _QConst):
             out = relax.const(_dequantized(v))
         elif isinstance(v, _Item):
@@ -427,12 +431,56 @@ class _Lowering:
             if out is None:
                 out = self.bb.emit(relax.TupleGetItem(self.floating(v.base), v.index))
         elif isinstance(v, _Float):
-            out = self.bb.emit(self.float_call(v.call))
+            out = self.island_mean(v.call)
+            if out is None:
+                out = self.contraction_barrier(v.call)
+            if out is None:
+                out = self.bb.emit(self.float_call(v.call))
             self.islands.append(v.call.op.name if isinstance(v.call.op, tvm.ir.Op) else str(v.call.op))
         else:
             raise _Unsupported(f"float value of {type(v).__name__}")
         self.floats[key] = out
         return out
+
+    def contraction_barrier(self, call: relax.Call) -> relax.Expr | None:
+        """A float32 multiply of an island as a kernel of its own (opaque to FuseOps), so its product is
+        rounded to float32 before any add or reduction uses it, as onnxruntime's separate Mul node does
+        (fused, LLVM would contract the two into one FMA on targets that have it). None for other ops."""
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.multiply"
+                and str(call.ty.dtype) == "float32"):
+            return None
+        from tvm import topi
+        a, b = (self.float_arg(arg, "relax.multiply") for arg in call.args)
+        out = self.bb.emit_te(topi.multiply, a, b, primfunc_name_hint="island_multiply")
+        self.opaque(out)
+        return out
+
+    def island_mean(self, call: relax.Call) -> relax.Expr | None:
+        """A float ReduceMean over the trailing axes (a spatial mean, or the last axis of a rank-3
+        tensor) in onnxruntime's summation order, or None for any other op (TVM's own then)."""
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.mean"
+                and any(int(i) < 0 for i in call.attrs.axis)):  # negative: an imported ReduceMean
+            return None
+        try:
+            arg = self.value(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+        except _Unsupported:
+            return None
+        if isinstance(arg, _DQ):
+            try:
+                return self.ort_mean(call, arg)
+            except _Unsupported:
+                return None
+        if arg is None or isinstance(arg, _Q):
+            return None
+        shape = _shape(call.args[0])
+        rank, axes = len(shape), sorted(int(i) % len(shape) for i in call.attrs.axis)
+        if not ((rank == 4 and axes == [2, 3]) or (rank == 3 and axes == [2])):
+            return None
+        x = self.floating(arg, "relax.mean")
+        if rank == 3:
+            x = self.bb.emit(R.reshape(x, (shape[0], shape[1], 1, shape[2])))
+        y = self.emit_kernel("ort_mean", float_mean, x, keepdims=bool(call.attrs.keepdims))
+        return self.bb.emit(R.reshape(y, _shape(call))) if rank == 3 else y
 
     def batch_norm_affine(self, v: _Item) -> relax.Expr | None:
         """An inference BatchNormalization as one per-channel affine ``x * s + b`` (``s = gamma /

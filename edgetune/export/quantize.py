@@ -56,11 +56,13 @@ EXCLUDED_ISLAND_OPS = frozenset({"MatMul", "Softmax"})  # as islands, onnxruntim
 def quantize_graph(fp32_path: Path, out_path: Path, reader: Callable[[], CalibrationDataReader]) -> list[str]:
     """onnxruntime's static QDQ quantisation of ``fp32_path`` into ``out_path`` with edgetune's
     settings, calibrated on what ``reader()`` yields, leaving MatMul and Softmax nodes the op table
-    cannot lower to int8 in float. Returns the nodes left in float.
+    cannot lower to int8 in float, and every LayerNormalization written out as float primitives
+    (``edgetune.export.decompose``) outside quantisation. Returns the nodes left in float.
 
     Raises:
         ExportError: onnxruntime fails to quantise the graph.
     """
+    from edgetune.export.decompose import decompose_layer_norms
     from edgetune.export.ops import float_islands
 
     quiet = logging.getLogger().level
@@ -70,7 +72,11 @@ def quantize_graph(fp32_path: Path, out_path: Path, reader: Callable[[], Calibra
         with tempfile.TemporaryDirectory() as tmp:
             pre = Path(tmp) / "pre.onnx"
             quant_pre_process(str(fp32_path), str(pre))
-            names = {n.output[0]: n.name for n in onnx.load(str(pre)).graph.node if n.output}
+            model, decomposed = decompose_layer_norms(onnx.load(str(pre)))
+            if decomposed:
+                onnx.save(model, str(pre))
+            excluded |= set(decomposed)
+            names = {n.output[0]: n.name for n in model.graph.node if n.output}
             for _ in range(MAX_EXCLUSION_PASSES):
                 quantize_static(str(pre), str(out_path), reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -81,6 +87,8 @@ def quantize_graph(fp32_path: Path, out_path: Path, reader: Callable[[], Calibra
                 if islands <= excluded:
                     break
                 excluded |= islands
+    except ExportError:
+        raise
     except Exception as exc:  # onnxruntime raises RuntimeError, ValueError, Fail, ...: all are fatal here
         raise ExportError(f"quantize: onnxruntime could not quantise {fp32_path.name} ({type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
