@@ -22,6 +22,8 @@ DSP_ATTR = "edgetune.dsp"
 HEADER = "et_kernels_dsp.h"
 POINTWISE = "et_dsp_pointwise_s8"
 MAX_CIN = 256  # ET_DSP_MAX_CIN of the header
+DEPTHWISE = "et_dsp_depthwise3x3_s8"
+MAX_PLANE = 4096  # ET_DSP_MAX_PLANE of the header
 
 
 def _shape(buf) -> tuple[int, ...]:
@@ -90,6 +92,62 @@ def _pointwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return out.with_attr("edgetune.schedule", how)
 
 
+def _pad_value(func: tirx.PrimFunc) -> int | None:
+    """The input zero point a conv's ``pad`` block fills with, when the block pads one row and one column at
+    the top and left (reads ``x[..., yy - 1, ... - 1]``); None for any other padding."""
+    from tvm.s_tir import Schedule
+    sch = Schedule(func)
+    try:
+        value = sch.get(sch.get_sblock("pad")).body.value
+    except (ValueError, RuntimeError, AttributeError):
+        return None
+    if not (isinstance(value, tvm.ir.expr.Call) and len(value.args) == 3 and isinstance(value.args[2], tirx.IntImm)):
+        return None
+    load = value.args[1]
+    if not isinstance(load, tvm.ir.TensorLoad) or len(load.indices) != 4:
+        return None
+    for index in load.indices[2:]:  # row, column: "... - 1"
+        if not (isinstance(index, tirx.Sub) and isinstance(index.b, tirx.IntImm) and int(index.b.value) == 1):
+            return None
+    return int(value.args[2].value)
+
+
+def _stride(size: int, out: int) -> int | None:
+    """The stride of a 3x3 conv padded by 1 at the start and 0 or 1 at the end, from its input and output size."""
+    for s in (1, 2):
+        if out in {(size + pad - 2) // s + 1 for pad in (0, 1)}:
+            return s
+    return None
+
+
+def _depthwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The 3x3 depthwise conv ``func`` as one call of the DSP micro-kernel, or None if it is not one it covers."""
+    attrs = func.attrs or {}
+    if attrs.get("edgetune.kernel") != "qconv2d_depthwise" or len(func.params) != 5:
+        return None
+    x, w, b, s, y = (p.ty for p in func.params)
+    if tuple(str(t.dtype) for t in (x, w, b, s, y)) != ("int8", "int8", "int32", "float32", "int8"):
+        return None
+    (n, ch, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
+    if n != 1 or cout != ch or cpg != 1 or (kh, kw) != (3, 3) or len(_shape(y)) != 4 or min(h, wd) < 4:
+        return None
+    _, _, oh, ow = _shape(y)
+    stride = _stride(h, oh)
+    if stride is None or stride != _stride(wd, ow):
+        return None
+    pitch = ((((ow + 3) // 4) * 4 - 1) * stride + 6) & ~3  # et_dw_row of the header
+    if ((oh - 1) * stride + 3) * pitch > MAX_PLANE:
+        return None
+    zx, zy = _pad_value(func), _output_zero_point(func)
+    if zx is None or zy is None:
+        return None
+    data = [tirx.op.buffer_data(p) for p in func.params]
+    call = tirx.call_extern("int32", DEPTHWISE, *data, ch, h, wd, oh, ow, stride, zx, zy)
+    out = tirx.PrimFunc(func.params, tirx.Evaluate(call), func.ret_type, attrs=func.attrs)
+    how = f"depthwise conv: DSP micro-kernel {DEPTHWISE} (padded plane per channel, requantised per row)"
+    return out.with_attr("edgetune.schedule", how)
+
+
 def dsp_kernels() -> tvm.transform.Pass:
     """Module pass: every kernel a DSP micro-kernel covers becomes a call of it (once; attribute ``DSP_ATTR``)."""
 
@@ -98,7 +156,7 @@ def dsp_kernels() -> tvm.transform.Pass:
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, tirx.PrimFunc) or DSP_ATTR in (func.attrs or {}):
                 continue
-            replaced = _pointwise_call(func)
+            replaced = _pointwise_call(func) or _depthwise_call(func)
             mod[gv] = (replaced or func).with_attr(DSP_ATTR, replaced is not None)
         return mod
 

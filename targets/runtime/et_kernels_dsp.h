@@ -223,4 +223,138 @@ static inline int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, cons
   return 0;
 }
 
+/* Largest padded input plane (one channel) of et_dsp_depthwise3x3_s8: it lives on the stack. */
+#define ET_DSP_MAX_PLANE 4096
+
+/* The padded plane's row length for ow outputs at stride s: the 3 taps of the last output, plus the
+ * over-read of a 4-lane group past it (at most 3 strides), rounded to words. */
+static inline int32_t et_dw_row(int32_t ow, int32_t stride) {
+  return (((ow + 3) / 4 * 4 - 1) * stride + 3 + 3) & ~3;
+}
+
+#if ET_MVE
+/* One output row of one channel, 4 outputs per vector: 9 widening loads (gathers at stride 2) and 9
+ * VMLA by the scalar taps, the accumulators never leave the vector; tail lanes predicated off. */
+static inline void et_mve_dw_row(const int8_t *r0, int32_t pw, const int8_t *k, int32_t bias, float scale,
+                                 int32_t zy, int8_t *y, int32_t ow, int32_t stride) {
+  const uint32x4_t off = vmulq_n_u32(vidupq_n_u32(0, 1), (uint32_t)stride);
+  const int32_t k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6], k7 = k[7], k8 = k[8];
+  for (int32_t j = 0; j < ow; j += 4) {
+    const int8_t *p = r0 + j * stride;
+    int32x4_t acc = vdupq_n_s32(bias);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p, off), k0);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p + 1, off), k1);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p + 2, off), k2);
+    p += pw;
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p, off), k3);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p + 1, off), k4);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p + 2, off), k5);
+    p += pw;
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p, off), k6);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p + 1, off), k7);
+    acc = vmlaq_n_s32(acc, vldrbq_gather_offset_s32(p + 2, off), k8);
+    int32x4_t q = vcvtnq_s32_f32(vmulq_n_f32(vcvtq_f32_s32(acc), scale));
+    q = vqaddq_n_s32(q, zy);
+    q = vmaxq_s32(vminq_s32(q, vdupq_n_s32(127)), vdupq_n_s32(-128));
+    vstrbq_p_s32(y + j, q, vctp32q((uint32_t)(ow - j)));
+  }
+}
+#endif
+
+/* One output row of one channel, scalar (SMLAD pairs on DSP cores): out[j] = bias + the 3x3 window at
+ * (row 0, column j * stride) of the padded plane times the taps k, requantised. */
+static inline void et_dsp_dw_row(const int8_t *r0, int32_t pw, const int8_t *k, const int32_t *kp, int32_t bias,
+                                 float scale, int32_t zy, int8_t *y, int32_t ow, int32_t stride) {
+  int32_t j = 0;
+  (void)kp;
+#if ET_DSP
+  /* per tap row: the outer taps as one halfword pair (k0, k2), the middle one alone (packed once per
+   * channel by the caller, kp[0..2] and kp[3..5]); a word of 4 inputs (x0..x3) splits into (x0, x2)
+   * and (x1, x3) */
+  const int32_t k02[3] = {kp[0], kp[1], kp[2]}, k1[3] = {kp[3], kp[4], kp[5]};
+  if (stride == 1) {
+    for (; j + 2 <= ow; j += 2) { /* outputs j, j + 1: x0 k0 + x1 k1 + x2 k2 and x1 k0 + x2 k1 + x3 k2 */
+      int32_t a = bias, b = bias;
+      const int8_t *p = r0 + j;
+      for (int32_t ry = 0; ry < 3; ++ry, p += pw) {
+        const int32_t u = et_load32(p), e = __sxtb16(u), o = et_sxtb16_odd(u);
+        a = __smlabb(o, k1[ry], __smlad(e, k02[ry], a));
+        b = __smlatb(e, k1[ry], __smlad(o, k02[ry], b));
+      }
+      y[j] = ET_REQUANT(a, scale, zy);
+      y[j + 1] = ET_REQUANT(b, scale, zy);
+    }
+  } else {
+    for (; j < ow; ++j) { /* x0 k0 + x1 k1 + x2 k2 from the word at column 2j */
+      int32_t a = bias;
+      const int8_t *p = r0 + 2 * j;
+      for (int32_t ry = 0; ry < 3; ++ry, p += pw) {
+        const int32_t u = et_load32(p);
+        a = __smlabb(et_sxtb16_odd(u), k1[ry], __smlad(__sxtb16(u), k02[ry], a));
+      }
+      y[j] = ET_REQUANT(a, scale, zy);
+    }
+  }
+#endif
+  for (; j < ow; ++j) {
+    const int8_t *p = r0 + j * stride;
+    int32_t acc = bias;
+    for (int32_t ry = 0; ry < 3; ++ry, p += pw) acc += p[0] * k[3 * ry] + p[1] * k[3 * ry + 1] + p[2] * k[3 * ry + 2];
+    y[j] = ET_REQUANT(acc, scale, zy);
+  }
+}
+
+/* n bytes from src to dst (a row of the padded plane): vectors or words, no library call per row */
+static inline void et_copy_row(int8_t *dst, const int8_t *src, int32_t n) {
+  int32_t i = 0;
+#if ET_MVE
+  for (; i < n; i += 16) {
+    const mve_pred16_t m = vctp8q((uint32_t)(n - i));
+    vstrbq_p_s8(dst + i, vldrbq_z_s8(src + i, m), m);
+  }
+#elif ET_DSP
+  for (; i + 4 <= n; i += 4) {
+    int32_t v = et_load32(src + i);
+    __asm__("" : "+r"(v)); /* GCC would make the loop a memmove call: ~30 instructions for a short row */
+    memcpy(dst + i, &v, 4);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+/* 3x3 depthwise convolution, one image: x [ch][h][wd] (NCHW), w [ch][1][3][3], bias, scale [ch],
+ * y [ch][oh][ow]; one row and one column of padding at the top and left whose value is the input zero
+ * point zx (the bias carries the zero point's correction, as in the TVM kernel this replaces), and as
+ * much at the bottom and right as the output size reads; stride 1 or 2. Per channel the padded plane is
+ * built on the stack, then each output row is computed by the core's row kernel. Returns -1 when the
+ * plane does not fit ET_DSP_MAX_PLANE (compilers/dsp_kernels.py checks). */
+static inline int32_t et_dsp_depthwise3x3_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
+                                             int8_t *y, int32_t ch, int32_t h, int32_t wd, int32_t oh, int32_t ow,
+                                             int32_t stride, int32_t zx, int32_t zy) {
+  const int32_t pw = et_dw_row(ow, stride), ph = (oh - 1) * stride + 3;
+  const int32_t rows = ph - 1 < h ? ph - 1 : h, cols = pw - 1 < wd ? pw - 1 : wd;
+  if (ph * pw > ET_DSP_MAX_PLANE || (stride != 1 && stride != 2)) return -1;
+  int8_t plane[ph * pw] __attribute__((aligned(4))); /* the layer's own size: stack use is what it needs */
+  memset(plane, zx, (size_t)(ph * pw));
+  for (int32_t c = 0; c < ch; ++c) {
+    const int8_t *xc = x + c * h * wd;
+    const int8_t *k = w + 9 * c;
+    int32_t kp[6]; /* et_dsp_dw_row's taps: (k0, k2) halfword pairs, then k1, per tap row */
+    for (int32_t ry = 0; ry < 3; ++ry) {
+      kp[ry] = (int32_t)(((uint32_t)(uint16_t)k[3 * ry]) | ((uint32_t)(uint16_t)k[3 * ry + 2] << 16));
+      kp[3 + ry] = k[3 * ry + 1];
+    }
+    (void)kp;
+    for (int32_t r = 0; r < rows; ++r) et_copy_row(plane + (r + 1) * pw + 1, xc + r * wd, cols);
+    for (int32_t i = 0; i < oh; ++i) {
+#if ET_MVE
+      et_mve_dw_row(plane + i * stride * pw, pw, k, bias[c], scale[c], zy, y + (c * oh + i) * ow, ow, stride);
+#else
+      et_dsp_dw_row(plane + i * stride * pw, pw, k, kp, bias[c], scale[c], zy, y + (c * oh + i) * ow, ow, stride);
+#endif
+    }
+  }
+  return 0;
+}
+
 #endif /* ET_KERNELS_DSP_H */
