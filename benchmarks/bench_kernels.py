@@ -1,6 +1,7 @@
 """Cortex-M4 instructions per MAC of edgetune's int8 kernels, layer by layer and per kind (stem,
 depthwise, pointwise, other convs, residual add, fully connected), at -O2, -O3 and -Os, next to Arm's
-CMSIS-NN s8 kernels run on the same layers (same shapes, weights, biases and quantisation).
+CMSIS-NN s8 kernels run on the same layers (same shapes, weights, biases and quantisation); and the same
+on a Cortex-M55 with Helium (``--targets``, QEMU mps3-an547), compared with the Cortex-M4 in the same run.
 
 Everything runs in ``qemu-system-arm -M mps2-an386 -icount shift=0`` (one guest instruction = 1 ns,
 SysTick ticks = instructions / 40 at the board's 25 MHz), the method of ``benchmarks/bench_mcu.py``:
@@ -18,7 +19,7 @@ SysTick ticks = instructions / 40 at the board's 25 MHz), the method of ``benchm
 
 The timer hook costs a constant that is measured in the same run and subtracted. Not a test.
 
-    python benchmarks/bench_kernels.py --cmsis-nn ~/src/CMSIS-NN           # mcunet-s and tiny-cnn
+    python benchmarks/bench_kernels.py --cmsis-nn ~/src/CMSIS-NN           # mcunet-s and tiny-cnn, M4 and M55
     python benchmarks/bench_kernels.py --quick                               # tiny-cnn, -O2/-O3, 1 rep
 """
 from __future__ import annotations
@@ -452,28 +453,40 @@ def match_calls(layers: list[Layer], calls: list[dict]) -> list[int]:
     return picked
 
 
-def bench_model(model: str, levels: tuple[str, ...], cmsis: Path | None, reps: int, work: Path) -> dict:
+def _measure_target(frozen: Path, image: np.ndarray, layers: list[Layer], target: str, levels: tuple[str, ...],
+                    cmsis: Path | None, reps: int, work: Path, model: str) -> dict:
+    """edgetune at each level and CMSIS-NN at its three levels, on one target."""
+    out: dict = {"edgetune": {}, "cmsis_nn": {}}
+    for level in levels:
+        start = time.perf_counter()
+        run = measure_edgetune(frozen, image, level, reps, work / "edgetune", target)
+        picked = match_calls(layers, run["calls"])
+        out["edgetune"][level] = {"per_layer": [run["calls"][i]["instructions"] for i in picked],
+                                  "total": sum(c["instructions"] for c in run["calls"]),
+                                  "kernels": [c["kernel"] for c in run["calls"]],
+                                  "hook_instructions": run["hook_instructions"]}
+        print(f"{model} {target} edgetune {level}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if cmsis is not None:
+        for level in LEVELS:
+            start = time.perf_counter()
+            rows = measure_cmsis(cmsis, layers, level, reps, work / "cmsis", target)
+            out["cmsis_nn"][level] = [rows[lr.index] for lr in layers]
+            print(f"{model} {target} CMSIS-NN {level}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return out
+
+
+def bench_model(model: str, levels: tuple[str, ...], cmsis: Path | None, reps: int, work: Path,
+                targets: tuple[str, ...] = ("cortex-m4",)) -> dict:
+    """The first target's figures at the top level (``edgetune``, ``cmsis_nn``); every target's under ``targets``."""
     work.mkdir(parents=True, exist_ok=True)
     frozen, image = frozen_model(model, work)
     layers = read_layers(frozen, image)
     result: dict = {"layers": [{"index": lr.index, "kind": lr.kind, "name": lr.name, "out_shape": list(lr.out_shape),
                                 "macs": lr.macs, "in_channels": int(lr.x.shape[0])} for lr in layers],
-                    "edgetune": {}, "cmsis_nn": {}}
-    for level in levels:
-        start = time.perf_counter()
-        run = measure_edgetune(frozen, image, level, reps, work / "edgetune")
-        picked = match_calls(layers, run["calls"])
-        result["edgetune"][level] = {"per_layer": [run["calls"][i]["instructions"] for i in picked],
-                                     "total": sum(c["instructions"] for c in run["calls"]),
-                                     "kernels": [c["kernel"] for c in run["calls"]],
-                                     "hook_instructions": run["hook_instructions"]}
-        print(f"{model} edgetune {level}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    if cmsis is not None:
-        for level in LEVELS:
-            start = time.perf_counter()
-            rows = measure_cmsis(cmsis, layers, level, reps, work / "cmsis")
-            result["cmsis_nn"][level] = [rows[lr.index] for lr in layers]
-            print(f"{model} CMSIS-NN {level}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+                    "targets": {}}
+    for target in targets:
+        result["targets"][target] = _measure_target(frozen, image, layers, target, levels, cmsis, reps, work, model)
+    result.update(result["targets"][targets[0]])
     return result
 
 
@@ -503,13 +516,56 @@ def summarise(r: dict) -> dict:
     return out
 
 
+def _per_mac(summary: dict, build: str, kind: str) -> float | None:
+    """A build's instructions per MAC of one kind, of all convs, or of the whole backbone (None: not measured)."""
+    b = summary["builds"][build]
+    if kind == "all convs":
+        return b["conv_per_mac"]
+    if kind == "whole backbone":
+        return b.get("backbone_per_mac")
+    return b["kinds"][kind]["per_mac"]
+
+
+def _other_targets(r: dict, first: dict) -> list[str]:
+    """Per kind on every further target (Cortex-M55 with Helium), next to the first target's -O3 build of the
+    same run and to CMSIS-NN built for that target."""
+    names = list(r.get("targets", {}))
+    ref = "edgetune -O3" if "edgetune -O3" in first["builds"] else next(iter(first["builds"]))
+    lines: list[str] = []
+    for name in names[1:]:
+        s = summarise({"layers": r["layers"], **r["targets"][name]})
+        builds = list(s["builds"])
+        cm = next((b for b in builds if b.startswith("CMSIS")), None)
+        own = "edgetune -O3" if "edgetune -O3" in builds else builds[0]
+        head = [f"{name} {b}" for b in builds] + [f"{names[0]} {ref}", f"{own} / {names[0]}"]
+        if cm:
+            head.append(f"{own} / CMSIS-NN ({name})")
+        lines += ["", f"### {name} (instructions per MAC; add: per element), {names[0]} in the same run", "",
+                  "| kind | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+        for kind in KINDS + ("all convs", "whole backbone"):
+            if kind not in ("all convs", "whole backbone") and kind not in s["builds"][own]["kinds"]:
+                continue
+            cells = [_per_mac(s, b, kind) for b in builds] + [_per_mac(first, ref, kind)]
+            mine, base = _per_mac(s, own, kind), _per_mac(first, ref, kind)
+            cells.append(None if mine is None or base is None else mine / base)
+            if cm:
+                c = _per_mac(s, cm, kind)
+                cells.append(None if mine is None or c is None else mine / c)
+            text = ["-" if v is None else f"{v:.2f}" for v in cells]
+            text[len(builds) + 1:] = [t if t == "-" else t + "x" for t in text[len(builds) + 1:]]
+            lines.append(f"| {kind} | " + " | ".join(text) + " |")
+    return lines
+
+
 def render(results: dict) -> str:
-    lines = ["# Cortex-M4 int8 kernels: edgetune vs CMSIS-NN, per layer and per kind", "",
+    lines = ["# Cortex-M int8 kernels: edgetune vs CMSIS-NN, per layer and per kind", "",
              "Guest instructions in `qemu-system-arm -M mps2-an386 -icount shift=0` (SysTick, 40 instructions per "
              "tick), per MAC for convs (per output element for adds). edgetune: TVM's C kernels at each -O level "
              "(arm-none-eabi-gcc, `-mcpu=cortex-m4 -mfloat-abi=hard`), one real image through the backbone, every "
              "kernel call timed. CMSIS-NN: its s8 kernels on the same layers (NHWC, same weights, biases, zero "
              "points; multipliers derived from the same float scales), at its best level of -O2/-O3/-Os. "
+             "Further targets (Cortex-M55 with Helium: `qemu-system-arm -M mps3-an547`, 31.25 instructions per "
+             "tick) run the same builds for their core, CMSIS-NN with its Helium code. "
              "\"differ\" counts CMSIS-NN outputs that are not onnxruntime's (= edgetune's, bit for bit): its "
              "fixed-point requantisation rounds differently near ties.", ""]
     for model, r in results["models"].items():
@@ -544,6 +600,7 @@ def render(results: dict) -> str:
             rel = ", ".join(f"{b.split()[1]} {s['builds'][b]['conv_instructions'] / ref:.2f}x"
                             for b in builds if b.startswith("edgetune"))
             lines.append(f"All convs relative to -O3: {rel}.")
+        lines += _other_targets(r, s)
         lines += ["", "### Per layer", "",
                   "| # | kind | out shape | in ch | MACs | " + " | ".join(builds)
                   + (" | ratio | differ / max diff |" if cm else " |"),
@@ -599,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmsis-nn", type=Path, default=None, help="CMSIS-NN source folder (its column is skipped "
                    "without it)")
     p.add_argument("--reps", type=int, default=3, help="runs per measurement (averaged)")
+    p.add_argument("--targets", default="cortex-m4,cortex-m55", help="Cortex-M targets (the first is the main "
+                   "table; the others are compared with it)")
     p.add_argument("--quick", action="store_true", help="tiny-cnn, -O2 and -O3, one run")
     p.add_argument("--work", type=Path, default=None, help="build folder (default: a fresh temporary one)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "kernels")
@@ -614,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
                "argv": " ".join(a if not a.startswith("/") else "DIR" for a in (argv or sys.argv[1:]))}
     for model in args.models.split(","):
         results["models"][model] = bench_model(model, tuple(args.levels.split(",")), args.cmsis_nn, args.reps,
-                                               work / model)
+                                               work / model, tuple(args.targets.split(",")))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(results, indent=1) + "\n")
     text = render(results)

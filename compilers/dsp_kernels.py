@@ -11,7 +11,9 @@ uses SMLAD where the target's ``-mcpu`` (its JSON's ``toolchain.arch_flags``) de
 ``__ARM_FEATURE_DSP`` (Cortex-M4, M7, M33, M55) and the same loops in plain C elsewhere (host, aarch64
 ``KERNELS=c``), with identical results.
 
-Replaced so far: pointwise (1x1, stride 1, unpadded) convolutions, 77 % of mcunet-s's instructions.
+Replaced: pointwise (1x1, stride 1, unpadded) convolutions, 3x3 depthwise and regular 3x3 convolutions
+(the stem too) padded by one at the top and left with the input zero point, stride 1 or 2. Under Helium
+(``__ARM_FEATURE_MVE``, Cortex-M55) the same header runs MVE code instead of SMLAD.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ POINTWISE = "et_dsp_pointwise_s8"
 MAX_CIN = 256  # ET_DSP_MAX_CIN of the header
 DEPTHWISE = "et_dsp_depthwise3x3_s8"
 MAX_PLANE = 4096  # ET_DSP_MAX_PLANE of the header
+CONV = "et_dsp_conv3x3_s8"
+MAX_K = 1152  # ET_DSP_MAX_K of the header
 
 
 def _shape(buf) -> tuple[int, ...]:
@@ -148,6 +152,31 @@ def _depthwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return out.with_attr("edgetune.schedule", how)
 
 
+def _conv_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """The regular 3x3 conv ``func`` (one group; the stem too) as one call of the im2col micro-kernel, or None."""
+    attrs = func.attrs or {}
+    if attrs.get("edgetune.kernel") != "qconv2d" or len(func.params) != 5:
+        return None  # (qconv2d_oc keeps TVM's kernel: its weights are IHWO, output channels innermost)
+    x, w, b, s, y = (p.ty for p in func.params)
+    if tuple(str(t.dtype) for t in (x, w, b, s, y)) != ("int8", "int8", "int32", "float32", "int8"):
+        return None
+    (n, cin, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
+    if n != 1 or cpg != cin or (kh, kw) != (3, 3) or len(_shape(y)) != 4 or min(h, wd) < 4:
+        return None
+    _, _, oh, ow = _shape(y)
+    stride = _stride(h, oh)
+    if stride is None or stride != _stride(wd, ow) or cout % 2 or (oh * ow) % 4 or 9 * cin > MAX_K:
+        return None
+    zx, zy = _pad_value(func), _output_zero_point(func)
+    if zx is None or zy is None:
+        return None
+    data = [tirx.op.buffer_data(p) for p in func.params]
+    call = tirx.call_extern("int32", CONV, *data, cin, h, wd, cout, oh, ow, stride, zx, zy)
+    out = tirx.PrimFunc(func.params, tirx.Evaluate(call), func.ret_type, attrs=func.attrs)
+    how = f"direct conv: DSP micro-kernel {CONV} (im2col of 4 pixels, 2oc x 2px SMLAD / 4px x 2oc VMLADAVA tile)"
+    return out.with_attr("edgetune.schedule", how)
+
+
 def dsp_kernels() -> tvm.transform.Pass:
     """Module pass: every kernel a DSP micro-kernel covers becomes a call of it (once; attribute ``DSP_ATTR``)."""
 
@@ -156,7 +185,7 @@ def dsp_kernels() -> tvm.transform.Pass:
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, tirx.PrimFunc) or DSP_ATTR in (func.attrs or {}):
                 continue
-            replaced = _pointwise_call(func) or _depthwise_call(func)
+            replaced = _pointwise_call(func) or _depthwise_call(func) or _conv_call(func)
             mod[gv] = (replaced or func).with_attr(DSP_ATTR, replaced is not None)
         return mod
 

@@ -1,9 +1,9 @@
 """The micro-kernels of ``targets/runtime/et_kernels_dsp.h`` one by one: Helium (MVE) on a simulated
 Cortex-M55 (QEMU mps3-an547) and SMLAD on a Cortex-M4 (mps2-an386); every output byte equals onnxruntime's
 formula for the layer (int32 accumulation, float32 requantisation rounded half to even), on shapes that
-exercise the tail-predicated channel group (pointwise channel counts that are not multiples of 16), odd
-depthwise sizes at stride 1 and 2 with any input zero point as padding, exact ties (scale 0.5),
-saturation both ways and a tiny scale.
+exercise the tail-predicated channel group (pointwise channel counts and conv window sizes K = 9 * cin
+that are not multiples of 16), odd depthwise and conv sizes at stride 1 and 2 with any input zero point
+as padding, exact ties (scale 0.5), saturation both ways and a tiny scale.
 
 The whole-model check (a mcunet-s firmware on the Cortex-M55 = the host build = onnxruntime, per sample)
 is ``tests/test_kernels_dsp.py``.
@@ -26,6 +26,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.p
 SHAPES = [(16, 64, 8), (24, 16, 6), (40, 8, 4), (256, 4, 4), (20, 8, 6)]
 # (channels, height, width, stride): mcunet-s's depthwise shapes, odd sizes (tail lanes, odd output columns)
 DEPTHWISE = [(4, 16, 16, 1), (4, 16, 16, 2), (6, 8, 8, 2), (5, 4, 4, 1), (3, 7, 9, 2), (3, 5, 6, 1), (2, 9, 7, 1)]
+# (cin, height, width, cout, stride): the stems (K = 9), tiny-cnn's convs, a K with a 4-tail (K = 27 % 16)
+CONV = [(1, 32, 32, 4, 2), (16, 8, 8, 4, 2), (32, 8, 8, 6, 1), (3, 7, 8, 2, 1), (4, 9, 7, 2, 2)]
 
 PROLOGUE = """#pragma GCC optimize("O3", "fp-contract=off")
 #include <stdint.h>
@@ -106,6 +108,21 @@ def _layers(rng: np.random.Generator) -> tuple[str, list[np.ndarray]]:
                   _carr("float", f"ds{i}", scale)]
         calls.append(f"  if (et_dsp_depthwise3x3_s8(dx{i}, dw{i}, db{i}, ds{i}, y, {ch}, {h}, {wd}, {oh}, {ow}, {s}, "
                      f"{zx}, {zy})) return 1;\n" + _print(ch * oh * ow))
+    for i, (cin, h, wd, cout, s) in enumerate(CONV):
+        x = rng.integers(-128, 128, (cin, h, wd), dtype=np.int8)
+        w = rng.integers(-128, 128, (cout, cin, 3, 3), dtype=np.int8)
+        bias = rng.integers(-5000, 5000, cout).astype(np.int32)
+        scale, zx, zy = _scales(rng, cout), int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
+        oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
+        xp = np.pad(x.astype(np.int64), ((0, 0), (1, 2), (1, 2)), constant_values=zx)
+        win = np.stack([xp[:, ry:ry + (oh - 1) * s + 1:s, rx:rx + (ow - 1) * s + 1:s]
+                        for ry in range(3) for rx in range(3)], axis=1)  # [cin][9][oh][ow]
+        acc = np.einsum("ctyx,oct->oyx", win, w.reshape(cout, cin, 9).astype(np.int64)) + bias[:, None, None]
+        want.append(_requant(acc, scale[:, None, None], zy))
+        decls += [_carr("int8_t", f"cx{i}", x), _carr("int8_t", f"cw{i}", w), _carr("int32_t", f"cb{i}", bias),
+                  _carr("float", f"cs{i}", scale)]
+        calls.append(f"  if (et_dsp_conv3x3_s8(cx{i}, cw{i}, cb{i}, cs{i}, y, {cin}, {h}, {wd}, {cout}, {oh}, {ow}, "
+                     f"{s}, {zx}, {zy})) return 1;\n" + _print(cout * oh * ow))
     main = "int main(void) {\n" + "\n".join(calls) + "\n  return 0;\n}\n"
     return PROLOGUE + "\n".join(decls) + "\n" + main, want
 
@@ -126,7 +143,7 @@ def test_micro_kernels_are_onnxruntime_bit_for_bit(tmp_path, target, simd):
                     target=target)
     rows = [r for r in bench.link_and_run([obj], tmp_path, target).splitlines() if r.strip()]
     assert len(rows) == len(want)
-    for shape, row, ref in zip(SHAPES + DEPTHWISE, rows, want):
+    for shape, row, ref in zip(SHAPES + DEPTHWISE + CONV, rows, want):
         got = np.array(row.split(), dtype=np.int64).reshape(ref.shape)
         assert np.array_equal(got, ref), (shape, int(np.sum(got != ref)))
     values = set(np.concatenate([r.reshape(-1) for r in want]).tolist())

@@ -72,13 +72,13 @@ static inline int32_t et_sxtb16_odd(int32_t v) {
 #endif
 
 /* sum over c < cin of x[c] * w[c] for two pixels (x0, x1) and two output channels (wa, wb), added to
- * the four accumulators; cin % 4 == 0. DSP: per 4 channels 4 word loads, 8 SXTB16, 8 SMLAD. */
+ * the four accumulators. DSP: per 4 channels 4 word loads, 8 SXTB16, 8 SMLAD; the last cin % 4 in C. */
 static inline void et_dsp_dot_2x2(const int8_t *x0, const int8_t *x1, const int8_t *wa, const int8_t *wb,
                                   int32_t cin, int32_t *acc) {
   int32_t a0 = acc[0], a1 = acc[1], b0 = acc[2], b1 = acc[3];
   int32_t c = 0;
 #if ET_DSP
-  for (; c < cin; c += 4) {
+  for (; c + 4 <= cin; c += 4) {
     const int32_t u0 = et_load32(x0 + c), u1 = et_load32(x1 + c);
     const int32_t x0e = __sxtb16(u0), x0o = et_sxtb16_odd(u0), x1e = __sxtb16(u1), x1o = et_sxtb16_odd(u1);
     int32_t k = et_load32(wa + c);
@@ -108,6 +108,27 @@ static inline void et_dsp_dot_2x2(const int8_t *x0, const int8_t *x1, const int8
   acc[3] = b1;
 }
 
+/* The tile loop of the DSP (and plain C) kernels: for every output channel pair (cout even), the 4 pixel
+ * rows of xt (K bytes each) times the weight rows w[o], w[o + 1] plus the bias, requantised to
+ * y[o * hw .. + 3]: tiles of 2 channels x 2 pixels. */
+static inline void et_dsp_rows4(const int8_t *xt, int32_t K, const int8_t *w, const int32_t *bias, const float *scale,
+                                int8_t *y, int32_t hw, int32_t cout, int32_t zy) {
+  for (int32_t o = 0; o < cout; o += 2) {
+    const int8_t *wa = w + o * K;
+    int8_t *ya = y + o * hw;
+    const int32_t ba = bias[o], bb = bias[o + 1];
+    const float sa = scale[o], sb = scale[o + 1];
+    for (int32_t k = 0; k < 4; k += 2) {
+      int32_t acc[4] = {0, 0, 0, 0};
+      et_dsp_dot_2x2(xt + k * K, xt + (k + 1) * K, wa, wa + K, K, acc);
+      ya[k] = ET_REQUANT(acc[0] + ba, sa, zy);
+      ya[k + 1] = ET_REQUANT(acc[1] + ba, sa, zy);
+      ya[hw + k] = ET_REQUANT(acc[2] + bb, sb, zy);
+      ya[hw + k + 1] = ET_REQUANT(acc[3] + bb, sb, zy);
+    }
+  }
+}
+
 #if ET_MVE
 /* Helium (MVE) kernels. Requantisation of 4 accumulators (acc + bias, one output channel, 4 pixels) in
  * one vector: the float product rounded half to even by VCVTN (saturating, as VCVTR), the zero point
@@ -125,6 +146,46 @@ static inline int32x4_t et_mve_lanes(int32_t a, int32_t b, int32_t c, int32_t d)
   int32x4_t v = vdupq_n_s32(0);
   __asm__("vmov %q0[2], %q0[0], %1, %3\n\tvmov %q0[3], %q0[1], %2, %4" : "+w"(v) : "r"(a), "r"(b), "r"(c), "r"(d));
   return v;
+}
+
+/* The tile loop of the Helium kernels: for every output channel o (cout even), the 4 pixel rows of
+ * xt (K bytes each, xt[4K..4K+15] readable) times the weight row w[o] (K bytes) plus bias[o],
+ * requantised to y[o * hw .. + 3]: per 16 of K, 6 loads and 8 VMLADAVA (4 pixels x 2 channels), the
+ * last K % 16 tail-predicated (zeroed weight lanes). */
+static inline void et_mve_rows4(const int8_t *xt, int32_t K, const int8_t *w, const int32_t *bias, const float *scale,
+                                int8_t *y, int32_t hw, int32_t cout, int32_t zy) {
+  for (int32_t o = 0; o < cout; o += 2) {
+    const int8_t *wa = w + o * K, *wb = wa + K;
+    int32_t a0 = bias[o], a1 = a0, a2 = a0, a3 = a0, b0 = bias[o + 1], b1 = b0, b2 = b0, b3 = b0;
+    int32_t c = 0;
+    for (; c + 16 <= K; c += 16) {
+      const int8x16_t x0 = vld1q_s8(xt + c), x1 = vld1q_s8(xt + K + c), x2 = vld1q_s8(xt + 2 * K + c),
+                      x3 = vld1q_s8(xt + 3 * K + c), ka = vld1q_s8(wa + c), kb = vld1q_s8(wb + c);
+      a0 = vmladavaq_s8(a0, x0, ka);
+      a1 = vmladavaq_s8(a1, x1, ka);
+      a2 = vmladavaq_s8(a2, x2, ka);
+      a3 = vmladavaq_s8(a3, x3, ka);
+      b0 = vmladavaq_s8(b0, x0, kb);
+      b1 = vmladavaq_s8(b1, x1, kb);
+      b2 = vmladavaq_s8(b2, x2, kb);
+      b3 = vmladavaq_s8(b3, x3, kb);
+    }
+    if (c < K) { /* the last K % 16: zeroed weight lanes */
+      const mve_pred16_t m = vctp8q((uint32_t)(K - c));
+      const int8x16_t x0 = vld1q_s8(xt + c), x1 = vld1q_s8(xt + K + c), x2 = vld1q_s8(xt + 2 * K + c),
+                      x3 = vld1q_s8(xt + 3 * K + c), ka = vldrbq_z_s8(wa + c, m), kb = vldrbq_z_s8(wb + c, m);
+      a0 = vmladavaq_s8(a0, x0, ka);
+      a1 = vmladavaq_s8(a1, x1, ka);
+      a2 = vmladavaq_s8(a2, x2, ka);
+      a3 = vmladavaq_s8(a3, x3, ka);
+      b0 = vmladavaq_s8(b0, x0, kb);
+      b1 = vmladavaq_s8(b1, x1, kb);
+      b2 = vmladavaq_s8(b2, x2, kb);
+      b3 = vmladavaq_s8(b3, x3, kb);
+    }
+    et_mve_requant4(et_mve_lanes(a0, a1, a2, a3), scale[o], zy, y + o * hw);
+    et_mve_requant4(et_mve_lanes(b0, b1, b2, b3), scale[o + 1], zy, y + (o + 1) * hw);
+  }
 }
 
 /* Largest pixel count of et_mve_pointwise_s8: its transposing gathers take 16-bit offsets (7 * hw). */
@@ -148,38 +209,7 @@ static inline int32_t et_mve_pointwise_s8(const int8_t *x, const int8_t *w, cons
         vstrbq_p_s16(xt + k * cin + c, vldrbq_gather_offset_z_s16(x + c * hw + p + k, off, m), m);
       }
     }
-    for (int32_t o = 0; o < cout; o += 2) {
-      const int8_t *wa = w + o * cin, *wb = wa + cin;
-      int32_t a0 = bias[o], a1 = a0, a2 = a0, a3 = a0, b0 = bias[o + 1], b1 = b0, b2 = b0, b3 = b0;
-      int32_t c = 0;
-      for (; c + 16 <= cin; c += 16) {
-        const int8x16_t x0 = vld1q_s8(xt + c), x1 = vld1q_s8(xt + cin + c), x2 = vld1q_s8(xt + 2 * cin + c),
-                        x3 = vld1q_s8(xt + 3 * cin + c), ka = vld1q_s8(wa + c), kb = vld1q_s8(wb + c);
-        a0 = vmladavaq_s8(a0, x0, ka);
-        a1 = vmladavaq_s8(a1, x1, ka);
-        a2 = vmladavaq_s8(a2, x2, ka);
-        a3 = vmladavaq_s8(a3, x3, ka);
-        b0 = vmladavaq_s8(b0, x0, kb);
-        b1 = vmladavaq_s8(b1, x1, kb);
-        b2 = vmladavaq_s8(b2, x2, kb);
-        b3 = vmladavaq_s8(b3, x3, kb);
-      }
-      if (c < cin) { /* the last cin % 16 channels: zeroed weight lanes */
-        const mve_pred16_t m = vctp8q((uint32_t)(cin - c));
-        const int8x16_t x0 = vld1q_s8(xt + c), x1 = vld1q_s8(xt + cin + c), x2 = vld1q_s8(xt + 2 * cin + c),
-                        x3 = vld1q_s8(xt + 3 * cin + c), ka = vldrbq_z_s8(wa + c, m), kb = vldrbq_z_s8(wb + c, m);
-        a0 = vmladavaq_s8(a0, x0, ka);
-        a1 = vmladavaq_s8(a1, x1, ka);
-        a2 = vmladavaq_s8(a2, x2, ka);
-        a3 = vmladavaq_s8(a3, x3, ka);
-        b0 = vmladavaq_s8(b0, x0, kb);
-        b1 = vmladavaq_s8(b1, x1, kb);
-        b2 = vmladavaq_s8(b2, x2, kb);
-        b3 = vmladavaq_s8(b3, x3, kb);
-      }
-      et_mve_requant4(et_mve_lanes(a0, a1, a2, a3), scale[o], zy, y + o * hw + p);
-      et_mve_requant4(et_mve_lanes(b0, b1, b2, b3), scale[o + 1], zy, y + (o + 1) * hw + p);
-    }
+    et_mve_rows4(xt, cin, w, bias, scale, y + p, hw, cout, zy);
   }
   return 0;
 }
@@ -205,20 +235,7 @@ static inline int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, cons
       xt[2 * cin + c] = v[2];
       xt[3 * cin + c] = v[3];
     }
-    for (int32_t o = 0; o < cout; o += 2) {
-      const int8_t *wa = w + o * cin;
-      int8_t *ya = y + o * hw + p;
-      const int32_t ba = bias[o], bb = bias[o + 1];
-      const float sa = scale[o], sb = scale[o + 1];
-      for (int32_t k = 0; k < 4; k += 2) {
-        int32_t acc[4] = {0, 0, 0, 0};
-        et_dsp_dot_2x2(xt + k * cin, xt + (k + 1) * cin, wa, wa + cin, cin, acc);
-        ya[k] = ET_REQUANT(acc[0] + ba, sa, zy);
-        ya[k + 1] = ET_REQUANT(acc[1] + ba, sa, zy);
-        ya[hw + k] = ET_REQUANT(acc[2] + bb, sb, zy);
-        ya[hw + k + 1] = ET_REQUANT(acc[3] + bb, sb, zy);
-      }
-    }
+    et_dsp_rows4(xt, cin, w, bias, scale, y + p, hw, cout, zy);
   }
   return 0;
 }
@@ -353,6 +370,50 @@ static inline int32_t et_dsp_depthwise3x3_s8(const int8_t *x, const int8_t *w, c
       et_dsp_dw_row(plane + i * stride * pw, pw, k, kp, bias[c], scale[c], zy, y + (c * oh + i) * ow, ow, stride);
 #endif
     }
+  }
+  return 0;
+}
+
+/* Largest K = 9 * cin of et_dsp_conv3x3_s8: its 4 pixel rows live on the stack. */
+#define ET_DSP_MAX_K 1152
+
+/* 3x3 convolution (one group), one image: x [cin][h][wd] (NCHW), w [cout][cin][3][3] (OIHW: a weight row
+ * is K = 9 * cin bytes in (c, ry, rx) order), bias, scale [cout], y [cout][oh][ow]; padding 1 at the top
+ * and left with the input zero point zx (as et_dsp_depthwise3x3_s8), stride 1 or 2. As CMSIS-NN does:
+ * per 4 output pixels their input windows are copied into 4 rows of K bytes on the stack (im2col), then
+ * the pointwise kernels' tile loop (SMLAD pairs, or VMLADAVA under Helium) runs with K for cin. Needs
+ * cout % 2 == 0, oh * ow % 4 == 0, K <= ET_DSP_MAX_K (compilers/dsp_kernels.py checks). */
+static inline int32_t et_dsp_conv3x3_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
+                                        int8_t *y, int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh,
+                                        int32_t ow, int32_t stride, int32_t zx, int32_t zy) {
+  const int32_t K = 9 * cin, hw = oh * ow;
+  if (K > ET_DSP_MAX_K || hw % 4 || cout % 2 || (stride != 1 && stride != 2)) return -1;
+  int8_t xt[4 * K + 16] __attribute__((aligned(16))); /* + 16: the Helium loop's last over-read */
+  memset(xt + 4 * K, 0, 16);
+  for (int32_t p = 0; p < hw; p += 4) {
+    for (int32_t k = 0; k < 4; ++k) {
+      const int32_t i = (p + k) / ow, j = (p + k) % ow, r0 = i * stride - 1, c0 = j * stride - 1;
+      int8_t *d = xt + k * K;
+      if (r0 >= 0 && r0 + 3 <= h && c0 >= 0 && c0 + 3 <= wd) { /* inside: 3 rows of 3 bytes per channel */
+        const int8_t *s = x + r0 * wd + c0;
+        for (int32_t c = 0; c < cin; ++c, s += h * wd, d += 9) {
+          d[0] = s[0], d[1] = s[1], d[2] = s[2];
+          d[3] = s[wd], d[4] = s[wd + 1], d[5] = s[wd + 2];
+          d[6] = s[2 * wd], d[7] = s[2 * wd + 1], d[8] = s[2 * wd + 2];
+        }
+      } else {
+        for (int32_t c = 0; c < cin; ++c)
+          for (int32_t t = 0; t < 9; ++t, ++d) {
+            const int32_t r = r0 + t / 3, q = c0 + t % 3;
+            *d = (r >= 0 && r < h && q >= 0 && q < wd) ? x[(c * h + r) * wd + q] : (int8_t)zx;
+          }
+      }
+    }
+#if ET_MVE
+    et_mve_rows4(xt, K, w, bias, scale, y + p, hw, cout, zy);
+#else
+    et_dsp_rows4(xt, K, w, bias, scale, y + p, hw, cout, zy);
+#endif
   }
   return 0;
 }
