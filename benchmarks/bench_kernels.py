@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"mcunet-s": ("mcunet-s-digits", "digits"), "tiny-cnn": ("tiny-cnn-fashion-mnist", "fashion-mnist")}
 LEVELS = ("-O2", "-O3", "-Os")
 KINDS = ("stem", "pointwise", "depthwise", "conv", "add", "fc")
-CMSIS_DIRS = ("ConvolutionFunctions", "NNSupportFunctions", "BasicMathFunctions")
+CMSIS_DIRS = ("ConvolutionFunctions", "NNSupportFunctions", "BasicMathFunctions", "TransposeFunctions")
 MACHINE_MEMORY = {"mps2-an386": ("4M", "4M"), "mps3-an547": ("2M", "512K")}  # code, data: all QEMU has
 F32 = np.float32
 
