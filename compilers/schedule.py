@@ -15,6 +15,13 @@ The templates here (direct convolution, register-blocked) fix both:
   convs with short output rows swap roles (``conv_family``: output channels in the
   vector, weights stored [I, H, W, O]).
 
+On LLVM targets with an int8 dot-product instruction (AArch64 ``sdot``: android-arm64), regular convs
+with at least ``DOT_MIN_CHANNELS`` input channels get ``_conv_dot`` instead: input channels innermost and
+contiguous (the input, or its padded band, stored channels-last per output row; weights repacked
+[O, H, W, I] once per call where they are not already), one int32 accumulator per output, so LLVM's loop
+vectoriser turns the channel reduction into ``sdot`` (TVM 0.27's own ``tensorize`` with its AArch64 dot
+intrinsics crashes, see ``_conv_dot``). Integer sums in any order: outputs unchanged.
+
 ``ScheduleConfig`` carries the per-target knobs; the applied schedule of every kernel is
 recorded in its PrimFunc attribute ``edgetune.schedule`` (the static plan copies it).
 Float reductions that must keep onnxruntime's summation order (pools, boundary means) are
@@ -33,6 +40,7 @@ SCHEDULE_ATTR = "edgetune.schedule"
 FAMILIES = ("qconv2d_depthwise", "qconv2d_oc", "qconv2d", "qmatmul", "qglobal_pool", "qavg_pool", "qmax_pool",
             "ort_mean")
 VECTOR_PIXELS = 16  # below this many output pixels per row, vectorise over output channels instead
+DOT_MIN_CHANNELS = 16  # fewer input channels than one 16-byte dot-product vector: the direct templates
 
 
 def conv_family(out_channels: int, groups: int, in_per_group: int, row_pixels: int) -> str:
@@ -50,17 +58,28 @@ def conv_family(out_channels: int, groups: int, in_per_group: int, row_pixels: i
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Target knobs: ``lanes`` pixels per vector (1: no vectorisation, e.g. the C target),
-    ``oc_tile`` output channels per register tile."""
+    ``oc_tile`` output channels per register tile, ``dot``: channel-innermost convs for an int8
+    dot-product instruction (``_conv_dot``)."""
 
     lanes: int = 16
     oc_tile: int = 4
     vectorize: bool = True
+    dot: bool = False
 
     @staticmethod
     def for_target(target: tvm.target.Target) -> "ScheduleConfig":
         if str(target.kind.name) == "c":
             return ScheduleConfig(lanes=4, oc_tile=2, vectorize=False)
-        return ScheduleConfig()
+        return ScheduleConfig(dot=has_dot_product(target))
+
+
+def has_dot_product(target: tvm.target.Target) -> bool:
+    """An LLVM target whose CPU has an int8 dot-product instruction LLVM vectorises reductions into
+    (AArch64 with ``+dotprod``: ``sdot``)."""
+    if str(target.kind.name) != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return triple.startswith("aarch64") and "+dotprod" in [str(a) for a in target.attrs.get("mattr", []) or []]
 
 
 def _extent(sch: Schedule, loop) -> int:
@@ -202,6 +221,52 @@ def _conv_oc(sch: Schedule, cfg: ScheduleConfig) -> str:
         (", vectorised" if vectorised else "")
 
 
+def _channels_last(ndim: int):
+    # NCHW -> NHWC; the phase-split padded input of strided convs [N, C, H, PH, W/PH] -> [N, H, PH, W/PH, C]
+    if ndim == 4:
+        return lambda n, c, y, x: (n, y, x, c)
+    return lambda n, c, y, p, x: (n, y, p, x, c)
+
+
+def dot_eligible(sch: Schedule) -> bool:
+    """A regular (groups = 1) conv with enough input channels for a 16-byte dot-product vector."""
+    acc = sch.get_sblock("acc")
+    loops = sch.get_loops(acc)
+    return len(loops) == 7 and _extent(sch, loops[4]) >= DOT_MIN_CHANNELS
+
+
+def _conv_dot(sch: Schedule, channels_last_weight: bool) -> str:
+    """Regular conv, input channels innermost: every output is one scalar int32 reduction over
+    contiguous int8 channels (input band channels-last, weights [O, H, W, I]), which LLVM's loop
+    vectoriser turns into ``sdot`` on AArch64 with the dot-product extension. The accumulator is
+    stored [N, H, W, O] and the epilogue runs per output pixel (all its channels).
+
+    TVM 0.27's ``Schedule.tensorize`` (with ``ARM_DOT_4x4_i8_SDOT_INTRIN`` or any intrinsic) crashes
+    the process (segfault in ``ffi::ToJSONGraph``), so the instruction comes from LLVM instead."""
+    acc = sch.get_sblock("acc")
+    epilogue = _inline_tail(sch, "acc")
+    names = [_name(sch, b) for b in _blocks(sch)]
+    sch.transform_layout(acc, ("write", 0), lambda n, o, y, x: (n, y, x, o))
+    weights = sch.cache_read(acc, 1, "global")
+    if channels_last_weight:  # [I, H, W, O]
+        sch.transform_layout(weights, ("write", 0), lambda c, y, x, o: (o, y, x, c))
+    else:  # [O, I, H, W]
+        sch.transform_layout(weights, ("write", 0), lambda o, c, y, x: (o, y, x, c))
+    padded = "pad" in names
+    source = sch.get_sblock("pad") if padded else sch.cache_read(acc, 0, "global")
+    ndim = len(sch.get(source).writes[0].region)
+    sch.transform_layout(source, ("write", 0), _channels_last(ndim))
+    nn, oo, i, j, rc, ry, rx = sch.get_loops(acc)
+    sch.reorder(nn, i, j, oo, ry, rx, rc)
+    # the input band of one output row, channels-last: every output channel and pixel of the row reads it
+    sch.compute_at(source, i)
+    sch.reverse_compute_at(epilogue, j)
+    moments = _moments_per_tile(sch, j, nn)
+    sch.decompose_reduction(acc, ry)
+    return (f"dot conv: input channels innermost ({'padded band' if padded else 'input row'} channels-last per "
+            f"output row, weights repacked OHWI), one int32 reduction per output, epilogue per pixel{moments}")
+
+
 def _matmul(sch: Schedule, cfg: ScheduleConfig) -> str:
     acc = sch.get_sblock("acc")
     epilogue = _inline_tail(sch, "acc")
@@ -315,8 +380,16 @@ def schedule_func(func: tirx.PrimFunc, name: str, cfg: ScheduleConfig) -> tuple[
     A kernel the templates cannot schedule (opaque TIR, or an int8 kernel that FuseOps fused with
     a float island's broadcast or slice) runs as TVM lowered it, and the record says so.
     """
-    sch = Schedule(func)
     family = family_of(name)
+    if cfg.dot and family in ("qconv2d", "qconv2d_oc"):
+        sch = Schedule(func)
+        try:
+            if dot_eligible(sch):
+                how = _conv_dot(sch, family == "qconv2d_oc")
+                return sch.mod["main"], how
+        except (ScheduleError, ValueError, RuntimeError):  # e.g. a fused float island: the direct templates
+            pass
+    sch = Schedule(func)
     try:
         if family in ("qconv2d", "qconv2d_depthwise"):
             how = _conv(sch, cfg, family == "qconv2d_depthwise")
