@@ -27,6 +27,7 @@ MAX_CIN = 256  # ET_DSP_MAX_CIN of the header
 DEPTHWISE = "et_dsp_depthwise3x3_s8"
 MAX_PLANE = 4096  # ET_DSP_MAX_PLANE of the header
 CONV = "et_dsp_conv3x3_s8"
+CONV_IHWO = "et_dsp_conv3x3_ihwo_s8"
 MAX_K = 1152  # ET_DSP_MAX_K of the header
 
 
@@ -153,14 +154,21 @@ def _depthwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 
 
 def _conv_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The regular 3x3 conv ``func`` (one group; the stem too) as one call of the im2col micro-kernel, or None."""
+    """The regular 3x3 conv ``func`` (one group; the stem too) as one call of the im2col micro-kernel, or None.
+
+    TVM's channel-vector convs (``qconv2d_oc``) have IHWO weights: their micro-kernel exists for Helium only,
+    so their function calls it and keeps TVM's loops (unrolled here, as ``unroll.py`` would) for a nonzero
+    return: ``if (et_dsp_conv3x3_ihwo_s8(...) != 0) { TVM's kernel }``, a constant the C compiler folds."""
     attrs = func.attrs or {}
-    if attrs.get("edgetune.kernel") != "qconv2d" or len(func.params) != 5:
-        return None  # (qconv2d_oc keeps TVM's kernel: its weights are IHWO, output channels innermost)
+    kernel = attrs.get("edgetune.kernel")
+    if kernel not in ("qconv2d", "qconv2d_oc") or len(func.params) != 5:
+        return None
     x, w, b, s, y = (p.ty for p in func.params)
     if tuple(str(t.dtype) for t in (x, w, b, s, y)) != ("int8", "int8", "int32", "float32", "int8"):
         return None
-    (n, cin, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
+    ihwo = kernel == "qconv2d_oc"
+    (n, cin, h, wd), wshape = _shape(x), _shape(w)
+    cpg, kh, kw, cout = wshape if ihwo else (wshape[1], wshape[2], wshape[3], wshape[0])
     if n != 1 or cpg != cin or (kh, kw) != (3, 3) or len(_shape(y)) != 4 or min(h, wd) < 4:
         return None
     _, _, oh, ow = _shape(y)
@@ -171,10 +179,35 @@ def _conv_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if zx is None or zy is None:
         return None
     data = [tirx.op.buffer_data(p) for p in func.params]
+    if ihwo:
+        return _with_fallback(func, tirx.call_extern("int32", CONV_IHWO, *data, cin, h, wd, cout, oh, ow, stride, zx,
+                                                     zy))
     call = tirx.call_extern("int32", CONV, *data, cin, h, wd, cout, oh, ow, stride, zx, zy)
     out = tirx.PrimFunc(func.params, tirx.Evaluate(call), func.ret_type, attrs=func.attrs)
     how = f"direct conv: DSP micro-kernel {CONV} (im2col of 4 pixels, 2oc x 2px SMLAD / 4px x 2oc VMLADAVA tile)"
     return out.with_attr("edgetune.schedule", how)
+
+
+def _with_fallback(func: tirx.PrimFunc, call) -> tirx.PrimFunc | None:
+    """``func`` whose root block runs its own body only when ``call`` returns nonzero (its loops unrolled first)."""
+    import tvm.s_tir as st
+
+    from edgetune.compilers.unroll import UNROLL_ATTR, unroll_small_loops
+    try:
+        func, count = unroll_small_loops(func)
+    except (ValueError, RuntimeError):
+        return None
+    realize = func.body
+    if not isinstance(realize, st.SBlockRealize):
+        return None
+    root = realize.block
+    guarded = tirx.IfThenElse(tirx.NE(call, tirx.IntImm("int32", 0)), root.body, None)
+    block = st.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, guarded, root.init,
+                      root.alloc_buffers, root.match_buffers, root.annotations)
+    out = tirx.PrimFunc(func.params, st.SBlockRealize(realize.iter_values, realize.predicate, block), func.ret_type,
+                        attrs=func.attrs)
+    how = f"{func.attrs['edgetune.schedule']}; Helium: micro-kernel {CONV_IHWO} (gathered weight rows)"
+    return out.with_attr("edgetune.schedule", how).with_attr(UNROLL_ATTR, count)
 
 
 def dsp_kernels() -> tvm.transform.Pass:

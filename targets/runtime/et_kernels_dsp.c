@@ -7,10 +7,12 @@
 #define et_dsp_pointwise_s8 et_dsp_pointwise_s8_inline
 #define et_dsp_depthwise3x3_s8 et_dsp_depthwise3x3_s8_inline
 #define et_dsp_conv3x3_s8 et_dsp_conv3x3_s8_inline
+#define et_dsp_conv3x3_ihwo_s8 et_dsp_conv3x3_ihwo_s8_inline
 #include "et_kernels_dsp.h"
 #undef et_dsp_pointwise_s8
 #undef et_dsp_depthwise3x3_s8
 #undef et_dsp_conv3x3_s8
+#undef et_dsp_conv3x3_ihwo_s8
 
 int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, int8_t *y,
                             int32_t cin, int32_t hw, int32_t cout, int32_t zy);
@@ -20,6 +22,9 @@ int32_t et_dsp_depthwise3x3_s8(const int8_t *x, const int8_t *w, const int32_t *
 int32_t et_dsp_conv3x3_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, int8_t *y,
                           int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh, int32_t ow, int32_t stride,
                           int32_t zx, int32_t zy);
+int32_t et_dsp_conv3x3_ihwo_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, int8_t *y,
+                               int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh, int32_t ow,
+                               int32_t stride, int32_t zx, int32_t zy);
 
 int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, int8_t *y,
                             int32_t cin, int32_t hw, int32_t cout, int32_t zy) {
@@ -36,4 +41,10 @@ int32_t et_dsp_conv3x3_s8(const int8_t *x, const int8_t *w, const int32_t *bias,
                           int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh, int32_t ow, int32_t stride,
                           int32_t zx, int32_t zy) {
   return et_dsp_conv3x3_s8_inline(x, w, bias, scale, y, cin, h, wd, cout, oh, ow, stride, zx, zy);
+}
+
+int32_t et_dsp_conv3x3_ihwo_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale, int8_t *y,
+                               int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh, int32_t ow,
+                               int32_t stride, int32_t zx, int32_t zy) {
+  return et_dsp_conv3x3_ihwo_s8_inline(x, w, bias, scale, y, cin, h, wd, cout, oh, ow, stride, zx, zy);
 }

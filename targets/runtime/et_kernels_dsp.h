@@ -377,6 +377,31 @@ static inline int32_t et_dsp_depthwise3x3_s8(const int8_t *x, const int8_t *w, c
 /* Largest K = 9 * cin of et_dsp_conv3x3_s8: its 4 pixel rows live on the stack. */
 #define ET_DSP_MAX_K 1152
 
+/* The input windows of output pixels p .. p + 3 (3x3, padding 1 at the top and left filled with zx) as 4
+ * rows of K = 9 * cin bytes in (c, ry, rx) order: the im2col rows of et_dsp_conv3x3_s8. */
+static inline void et_im2col4(const int8_t *x, int8_t *xt, int32_t p, int32_t cin, int32_t h, int32_t wd,
+                              int32_t ow, int32_t stride, int32_t zx) {
+  const int32_t K = 9 * cin;
+  for (int32_t k = 0; k < 4; ++k) {
+    const int32_t i = (p + k) / ow, j = (p + k) % ow, r0 = i * stride - 1, c0 = j * stride - 1;
+    int8_t *d = xt + k * K;
+    if (r0 >= 0 && r0 + 3 <= h && c0 >= 0 && c0 + 3 <= wd) { /* inside: 3 rows of 3 bytes per channel */
+      const int8_t *s = x + r0 * wd + c0;
+      for (int32_t c = 0; c < cin; ++c, s += h * wd, d += 9) {
+        d[0] = s[0], d[1] = s[1], d[2] = s[2];
+        d[3] = s[wd], d[4] = s[wd + 1], d[5] = s[wd + 2];
+        d[6] = s[2 * wd], d[7] = s[2 * wd + 1], d[8] = s[2 * wd + 2];
+      }
+    } else {
+      for (int32_t c = 0; c < cin; ++c)
+        for (int32_t t = 0; t < 9; ++t, ++d) {
+          const int32_t r = r0 + t / 3, q = c0 + t % 3;
+          *d = (r >= 0 && r < h && q >= 0 && q < wd) ? x[(c * h + r) * wd + q] : (int8_t)zx;
+        }
+    }
+  }
+}
+
 /* 3x3 convolution (one group), one image: x [cin][h][wd] (NCHW), w [cout][cin][3][3] (OIHW: a weight row
  * is K = 9 * cin bytes in (c, ry, rx) order), bias, scale [cout], y [cout][oh][ow]; padding 1 at the top
  * and left with the input zero point zx (as et_dsp_depthwise3x3_s8), stride 1 or 2. As CMSIS-NN does:
@@ -391,24 +416,7 @@ static inline int32_t et_dsp_conv3x3_s8(const int8_t *x, const int8_t *w, const 
   int8_t xt[4 * K + 16] __attribute__((aligned(16))); /* + 16: the Helium loop's last over-read */
   memset(xt + 4 * K, 0, 16);
   for (int32_t p = 0; p < hw; p += 4) {
-    for (int32_t k = 0; k < 4; ++k) {
-      const int32_t i = (p + k) / ow, j = (p + k) % ow, r0 = i * stride - 1, c0 = j * stride - 1;
-      int8_t *d = xt + k * K;
-      if (r0 >= 0 && r0 + 3 <= h && c0 >= 0 && c0 + 3 <= wd) { /* inside: 3 rows of 3 bytes per channel */
-        const int8_t *s = x + r0 * wd + c0;
-        for (int32_t c = 0; c < cin; ++c, s += h * wd, d += 9) {
-          d[0] = s[0], d[1] = s[1], d[2] = s[2];
-          d[3] = s[wd], d[4] = s[wd + 1], d[5] = s[wd + 2];
-          d[6] = s[2 * wd], d[7] = s[2 * wd + 1], d[8] = s[2 * wd + 2];
-        }
-      } else {
-        for (int32_t c = 0; c < cin; ++c)
-          for (int32_t t = 0; t < 9; ++t, ++d) {
-            const int32_t r = r0 + t / 3, q = c0 + t % 3;
-            *d = (r >= 0 && r < h && q >= 0 && q < wd) ? x[(c * h + r) * wd + q] : (int8_t)zx;
-          }
-      }
-    }
+    et_im2col4(x, xt, p, cin, h, wd, ow, stride, zx);
 #if ET_MVE
     et_mve_rows4(xt, K, w, bias, scale, y + p, hw, cout, zy);
 #else
@@ -416,6 +424,42 @@ static inline int32_t et_dsp_conv3x3_s8(const int8_t *x, const int8_t *w, const 
 #endif
   }
   return 0;
+}
+
+/* et_dsp_conv3x3_s8 for weights laid out w [cin][3][3][cout] (IHWO: output channels innermost, TVM's
+ * channel-vector conv). Helium only: per 4 pixels and output channel pair, the two weight rows are
+ * gathered (VLDRB.S16 with offsets k * cout) into K-byte rows on the stack, then the same tile loop
+ * runs. Elsewhere it returns -1 at once and the caller runs TVM's own kernel (compilers/dsp_kernels.py
+ * keeps it behind the call): a scalar gather would cost the DSP loop a third more. */
+static inline int32_t et_dsp_conv3x3_ihwo_s8(const int8_t *x, const int8_t *w, const int32_t *bias,
+                                             const float *scale, int8_t *y, int32_t cin, int32_t h, int32_t wd,
+                                             int32_t cout, int32_t oh, int32_t ow, int32_t stride, int32_t zx,
+                                             int32_t zy) {
+#if ET_MVE
+  const int32_t K = 9 * cin, hw = oh * ow;
+  if (K > ET_DSP_MAX_K || hw % 4 || cout % 2 || (stride != 1 && stride != 2) || 7 * cout > 65535) return -1;
+  int8_t xt[4 * K + 16] __attribute__((aligned(16)));
+  int8_t wr[2 * K + 16] __attribute__((aligned(16)));
+  const uint16x8_t off = vmulq_n_u16(vidupq_n_u16(0, 1), (uint16_t)cout);
+  memset(xt + 4 * K, 0, 16);
+  for (int32_t p = 0; p < hw; p += 4) {
+    et_im2col4(x, xt, p, cin, h, wd, ow, stride, zx);
+    for (int32_t o = 0; o < cout; o += 2) {
+      for (int32_t r = 0; r < 2; ++r) {
+        for (int32_t k = 0; k < K; k += 8) {
+          const mve_pred16_t m = vctp16q((uint32_t)(K - k));
+          vstrbq_p_s16(wr + r * K + k, vldrbq_gather_offset_z_s16(w + k * cout + o + r, off, m), m);
+        }
+      }
+      et_mve_rows4(xt, K, wr, bias + o, scale + o, y + o * hw + p, hw, 2, zy);
+    }
+  }
+  return 0;
+#else
+  (void)x, (void)w, (void)bias, (void)scale, (void)y, (void)cin, (void)h, (void)wd, (void)cout, (void)oh, (void)ow;
+  (void)stride, (void)zx, (void)zy;
+  return -1;
+#endif
 }
 
 #endif /* ET_KERNELS_DSP_H */
