@@ -71,6 +71,12 @@ def unroll_small_loops(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, int]:
                 out.append([index(n) for n in nodes[pos + 1:]])
         return out
 
+    reusing = [_reads_own_store_in_ssa(sch.get(block)) for block in _blocks(sch)]
+
+    def blocks_below(i: int) -> list[int]:
+        node = loops[i][1]
+        return [k for k, chain in enumerate(chains) if any(n.same_as(node) for _, n in chain)]
+
     # innermost first: a loop's decision depends on those inside it
     depth_of = {i: max(len(b) for b in below(i)) for i in range(len(loops))}
     count = 0
@@ -79,6 +85,8 @@ def unroll_small_loops(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, int]:
         n = extent(node)
         if node.kind != tirx.ForKind.SERIAL or n <= 1:
             continue
+        if any(reusing[k] for k in blocks_below(i)):
+            continue  # a max/min update of its own buffer: see _reads_own_store_in_ssa
         inner = below(i)
         if any(j not in unrolled and extent(loops[j][1]) != 1 for b in inner for j in b):
             continue  # a rolled loop inside
@@ -94,6 +102,31 @@ def unroll_small_loops(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, int]:
         unrolled.add(i)
         count += 1
     return sch.mod["main"], count
+
+
+def _reads_own_store_in_ssa(block) -> bool:
+    """Whether ``block`` stores a value that reads the buffer it writes through a max or min (a max
+    reduction such as a softmax's row maximum or a max pool's window). TVM's C codegen prints a max's
+    operands as SSA temporaries and reuses a temporary wherever the same expression recurs in the
+    scope, stores in between notwithstanding: unrolled, ``m = max(m, x0); m = max(m, x1)`` became
+    ``v = m; m = max(v, x0); m = max(v, x1)`` (the last element, not the maximum; measured on the
+    transformer's Softmax, whose C build then read its exp table out of bounds)."""
+    from tvm.s_tir import SBlock
+    body = block.body if isinstance(block, SBlock) else block
+    if not isinstance(body, tirx.BufferStore):
+        return False
+
+    def walk(e, under_minmax: bool) -> bool:
+        if isinstance(e, tvm.ir.expr.TensorLoad) and under_minmax and e.source.same_as(body.buffer):
+            return True
+        inside = under_minmax or isinstance(e, (tirx.Max, tirx.Min))
+        children = [getattr(e, f) for f in ("a", "b", "value", "condition", "true_value", "false_value")
+                    if isinstance(getattr(e, f, None), tvm.ir.expr.Expr)]
+        children += [c for f in ("args", "indices") for c in (getattr(e, f, None) or ())
+                     if isinstance(c, tvm.ir.expr.Expr)]
+        return any(walk(c, inside) for c in children)
+
+    return walk(body.value, False)
 
 
 def _product(values) -> int:

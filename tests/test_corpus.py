@@ -252,7 +252,7 @@ def test_an_unsupported_op_is_one_line_naming_the_node(name, outcomes, directori
 
 # --- Cortex-M7 in QEMU: the firmware predicts what the host build predicts -------------------------------------
 
-MCU_MODELS = ("keras-mnist", "grouped-shuffle", "imu-conv1d")
+MCU_MODELS = ("keras-mnist", "grouped-shuffle", "imu-conv1d", "transformer")
 MCU_TARGET = "cortex-m7"
 MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
 
@@ -262,7 +262,8 @@ MCU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
 @pytest.mark.parametrize("name", MCU_MODELS)
 def test_cortex_m_firmware_predicts_as_the_host_build(name, digits, tmp_path, capsys):
     """keras-mnist (unpadded convs, max-pooling) and grouped-shuffle on digits; imu-conv1d (1-D convs, a
-    1-D mean) on labelled structured samples of its 6x100 shape."""
+    1-D mean) and the transformer (Softmax, LayerNorm written out as float ops) on labelled structured
+    samples of their shapes."""
     _firmware_equals_host(name, MCU_TARGET, digits, tmp_path, capsys)
 
 
@@ -297,7 +298,8 @@ def test_lookup_tables_and_mul_on_cortex_m4(digits, tmp_path, capsys):
 
 def _firmware_equals_host(name: str, target: str, digits, tmp_path: Path, capsys, backbone=None) -> bool:
     """Export ``name`` (method source), write and build its ``target`` firmware and assert its predictions
-    on SAMPLES samples equal the host build of the same C (True); or a budget / one-line refusal (False)."""
+    on SAMPLES samples equal the host build of the same C, and those onnxruntime's (True); or a budget /
+    one-line refusal (False)."""
     from edgetune.adapt import fit, prepare
     from edgetune.data import to_tensor
     from edgetune.deploy import build_project, save_initial_state, write_stream, write_target_project
@@ -330,14 +332,36 @@ def _firmware_equals_host(name: str, target: str, digits, tmp_path: Path, capsys
     stream = write_stream(tmp_path / "stream.bin", x)
     host = HostModel(bundle, tmp_path / "host", adapt=False)
     expected = [host.step(x[i]).prediction for i in range(len(x))]
+    # the C build itself against onnxruntime: firmware = host build alone would pass two equally wrong C builds
+    assert expected == _onnxruntime_predictions(bundle, x), f"{name}: the host C build differs from onnxruntime"
     built = build_project(project)
     run = run_program(built, stream, tmp_path / "sim", adapt=False)
     assert run.records["prediction"].tolist() == expected
     assert len(set(expected)) > 1  # a constant prediction would hide a broken backbone
     with capsys.disabled():
-        print(f"\ncorpus {name} on {target}: {len(expected)} firmware predictions = host build "
+        print(f"\ncorpus {name} on {target}: {len(expected)} firmware predictions = host build = onnxruntime "
               f"(flash {built.flash_bytes:,} B, static RAM {built.static_ram_bytes:,} B)")
     return True
+
+
+def _onnxruntime_predictions(bundle: Path, x: np.ndarray) -> list[int]:
+    """Predictions of a ``source`` bundle with onnxruntime: frozen.onnx's int8 session, then trainable.onnx
+    (the classifier) on its taps. ``source`` has no state: its other inputs (momentum, target) do not
+    reach the logits."""
+    from edgetune.ort_runtime import OrtTaps, OrtTrainable
+
+    taps, step = OrtTaps(bundle), OrtTrainable(bundle)
+    specs = step.manifest.trainable.inputs
+    others = [s.name for s in specs if s.name not in taps.names]
+    assert set(others) <= {"momentum", "target"}, others
+    out = []
+    for i in range(len(x)):
+        tap = dict(zip(taps.names, taps(torch.from_numpy(x[i:i + 1]))))
+        feeds = {s.name: (tap[s.name].numpy() if s.name in tap else np.zeros([int(d) for d in s.shape], np.float32))
+                 for s in specs}
+        logits = step.session.run([step.outputs[0]], feeds)[0]
+        out.append(int(np.argmax(logits)))
+    return out
 
 
 # --- the reference models of the zoo: shapes, folding, pooling, methods -----------------------------------------
