@@ -34,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +318,86 @@ def bench_aarch64(model: str, frozen: Path, qop: Path, x: np.ndarray, ort_dir: P
     return {"macs": macs, "targets": rows, "samples": [few, many]}
 
 
+# --- schedule attempts ---------------------------------------------------------------------------
+# the schedule variants tried against each goal: ScheduleConfig overrides for LLVM targets (the C path is
+# never touched); "shipped" is what ScheduleConfig.for_target picks
+VARIANTS = {"shipped": None, "no-dot": {"dot": False}, "dot": {"dot": True}, "oc_tile 8": {"oc_tile": 8},
+            "lanes 32": {"lanes": 32}}
+
+
+@contextmanager
+def schedule_variant(name: str):
+    """``ScheduleConfig.for_target`` overridden for LLVM targets while compiling a variant."""
+    from edgetune.compilers import schedule as sched
+
+    shipped = sched.ScheduleConfig.for_target
+    knobs = VARIANTS[name]
+
+    def chosen(target):
+        cfg = shipped(target)
+        return cfg if knobs is None or str(target.kind.name) != "llvm" else replace(cfg, **knobs)
+
+    sched.ScheduleConfig.for_target = staticmethod(chosen)
+    try:
+        yield
+    finally:
+        sched.ScheduleConfig.for_target = staticmethod(shipped)
+
+
+def bench_attempts(model: str, frozen: Path, x: np.ndarray, rounds: int, per_round: int, work: Path) -> dict:
+    """Host wall time of each variant next to onnxruntime's default QDQ session (the fastest one on x86), and
+    aarch64 instructions per sample of the dot / no-dot variants; each variant's outputs checked."""
+    ref = session(frozen, True)
+    expected = [ref.run(None, {"x": x[i:i + 1]}) for i in range(len(x))]
+    runners, exact = {}, {}
+    for name in ("shipped", "dot", "oc_tile 8", "lanes 32"):
+        with schedule_variant(name):
+            runners[name] = FrozenRunner(compile_frozen(frozen, "host", work / f"host-{name.replace(' ', '')}"))
+        exact[name] = all(np.array_equal(a, b) for i in range(len(x))
+                          for a, b in zip(runners[name](x[i:i + 1]), expected[i]))
+    default = session(frozen, False)
+    one = x[:1]
+    calls = {k: (lambda r=r: r(one)) for k, r in runners.items()}
+    calls["ort_qdq_default"] = lambda: default.run(None, {"x": one})
+    times = time_engines(calls, rounds, per_round)
+    host = {k: {"median_us": v["median_us"], "ratio_to_ort_default": v["median_us"] / times["ort_qdq_default"]
+                ["median_us"], "bit_exact": exact.get(k)} for k, v in times.items()}
+    macs = backbone_macs(frozen)
+    flat = np.concatenate([np.concatenate([o.ravel() for o in e]) for e in expected])
+    (work / "in.bin").write_bytes(np.ascontiguousarray(x).tobytes())
+    arm: dict[str, dict] = {}
+    for target in LINUX_TARGETS:
+        qemu = ["qemu-aarch64-static", "-L", str(guest_root(target, work)), "-cpu", QEMU_CPU[target][0]]
+        for name in ("no-dot", "dot"):
+            w = work / f"{target}-{name}"
+            w.mkdir(parents=True, exist_ok=True)
+            with schedule_variant(name):
+                program, _ = frozen_program(frozen, target, w)
+            insns, out = per_sample(lambda k, p=program, q=qemu, w=w: traced_instructions(
+                [*q, str(p), "in.bin", "out.bin", str(k)], w), x, 1, len(x), w)
+            arm[f"{target} {name}"] = {"instructions": insns, "per_mac": insns / macs,
+                                       "bit_exact": bool(np.array_equal(out, flat[:out.size]))}
+    return {"host": host, "aarch64": arm, "macs": macs}
+
+
+def render_attempts(results: dict) -> str:
+    lines = ["# Schedule attempts (Linux targets and host)", "",
+             f"`python benchmarks/bench_linux.py {results['argv']}` ({results['when']}).", "",
+             "Host: median wall time per sample, batch 1, one thread, next to onnxruntime's default QDQ session "
+             "in the same interleaved rounds. aarch64: guest instructions per sample under qemu-aarch64.", "",
+             "| model | variant | host us | / onnxruntime default | bit-exact |", "|---|---|---|---|---|"]
+    for model, r in results["models"].items():
+        for k, v in r["attempts"]["host"].items():
+            lines.append(f"| {model} | {k} | {v['median_us']:.1f} | {v['ratio_to_ort_default']:.2f}x | "
+                         f"{'-' if v['bit_exact'] is None else v['bit_exact']} |")
+    lines += ["", "| model | target, variant | instructions per sample | per MAC | bit-exact |",
+              "|---|---|---|---|---|"]
+    for model, r in results["models"].items():
+        for k, v in r["attempts"]["aarch64"].items():
+            lines.append(f"| {model} | {k} | {v['instructions']:,.0f} | {v['per_mac']:.3f} | {v['bit_exact']} |")
+    return "\n".join(lines) + "\n"
+
+
 # --- report ---------------------------------------------------------------------------------------
 def render(results: dict) -> str:
     lines = ["# Linux targets and host against onnxruntime", "",
@@ -390,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--few", type=int, default=1, help="samples of the shorter traced run (aarch64)")
     p.add_argument("--many", type=int, default=4, help="samples of the longer traced run (aarch64)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: host, aarch64")
+    p.add_argument("--attempts", action="store_true", help="measure the schedule variants instead (attempts.*)")
     p.add_argument("--quick", action="store_true", help="tiny-cnn, few calls, 1 vs 2 traced samples")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "linux_kernels")
@@ -409,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
         mw = work / model
         mw.mkdir(parents=True, exist_ok=True)
         frozen, _ = frozen_model(model, mw)
+        if args.attempts:
+            results["models"][model] = {"attempts": bench_attempts(model, frozen, test_images(model, args.many),
+                                                                   args.rounds, args.per_round, mw / "attempts")}
+            print(render_attempts(results), flush=True)
+            continue
         qop = qoperator_model(mw, model)
         x = test_images(model, max(args.samples, args.many))
         r: dict = {}
@@ -420,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
             r["aarch64"] = bench_aarch64(model, frozen, qop, x, args.onnxruntime_aarch64, args.few, args.many, mw)
         results["models"][model] = r
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.attempts:
+        (args.out / "attempts.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "attempts.md").write_text(render_attempts(results))
+        return 0
     (args.out / "linux.json").write_text(json.dumps(results, indent=1) + "\n")
     text = render(results)
     (args.out / "linux.md").write_text(text)
