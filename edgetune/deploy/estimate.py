@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from edgetune.deploy.budget import STATIC_DATA_BYTES, MemoryBudget, MemoryRow
+from edgetune.export.decompose import decompose_layer_norms
 from edgetune.export.ops import FLOAT_ONLY, ISLAND, OP_TABLE, QDQ, float_islands
 from edgetune.targets import Target
 
@@ -195,8 +196,9 @@ def plan_arena(tensors: list[tuple[int, str, int, int]]) -> tuple[int, int]:
 class _Walk:
     """One pass over a graph in node order: which tensors are materialised, and how long they live."""
 
-    def __init__(self, model: onnx.ModelProto, quantize: bool) -> None:
+    def __init__(self, model: onnx.ModelProto, quantize: bool, islands: frozenset[str] = frozenset()) -> None:
         self.graph = model.graph
+        self.islands = islands  # nodes the quantiser leaves in float (a LayerNorm written out)
         self.types = _value_types(model)
         self.inits = {i.name: i for i in self.graph.initializer}
         for node in self.graph.node:  # Constant nodes are initialisers too
@@ -246,6 +248,8 @@ def _island_chain(walk: _Walk, name: str) -> bool:
     """In a float graph the quantiser will turn to int8: ``name`` is made by a float island (no int8
     rule; not a BatchNormalization, computed inline) and read by one too."""
     def island(node: onnx.NodeProto | None) -> bool:
+        if node is not None and (node.name or node.output[0]) in walk.islands:
+            return True
         rule = OP_TABLE.get(node.op_type) if node is not None else None
         return rule is not None and rule.int8 == ISLAND and rule.op != "BatchNormalization"
     return island(walk.producers.get(name)) and any(island(u) for u in walk.consumers.get(name, []))
@@ -289,11 +293,19 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
     """The memory one graph takes once compiled.
 
     ``quantize``: a float graph (no QDQ nodes) is estimated as the int8 graph the quantiser will
-    make of it (int8 weights and activations); a QDQ graph is read as it is. The graph's inputs
-    and outputs are the caller's buffers (not in the arena) when ``external_inputs``.
-    ``trainable``: initialiser names of the parameters a training step updates.
+    make of it (int8 weights and activations, its LayerNorms written out as float ops); a QDQ graph
+    is read as it is. The graph's inputs and outputs are the caller's buffers (not in the arena) when
+    ``external_inputs``. ``trainable``: initialiser names of the parameters a training step updates.
+
+    Raises:
+        ExportError: a LayerNormalization the quantiser could not write out either (see
+            ``edgetune.export.decompose``).
     """
-    walk = _Walk(model, quantize)
+    written_out: frozenset[str] = frozenset()
+    if quantize and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        model, names = decompose_layer_norms(model)  # as the quantiser will (edgetune.export.quantize)
+        written_out = frozenset(names)
+    walk = _Walk(model, quantize, written_out)
     learned = set(trainable)  # values that depend on a trainable parameter
     kept = adjoints = transposed = 0
     nodes = list(walk.graph.node)
@@ -306,7 +318,7 @@ def estimate_graph(model: onnx.ModelProto, quantize: bool = True, external_input
     workspace = 0
     int8_input = walk.quantize and not walk.qdq
     int8 = walk.qdq or walk.quantize
-    islands = {i.node for i in float_islands(model)} if walk.qdq else set()
+    islands = {i.node for i in float_islands(model)} if walk.qdq else set(written_out)
     fused_into: set[str] = set()  # outputs of kernels that finish a fused producer
     for inp in walk.graph.input:
         if inp.name in walk.inits:
