@@ -85,7 +85,18 @@ ATTEMPTS += [
     dataclasses.replace(_NA, name="expand+depthwise+prior+floor 0.002", kinds=("expand", "depthwise"),
                         prior_rate=0.02, momentum=(0.1, 0.94, 0.002)),
 ]
+# Round 3, the clean cost (<= 0.5 points): the chosen configuration with a shift detector on the fold
+# (edgetune/int8ref/shift_gate.py), or a slower momentum floor; chosen on validation + clean validation
+_R3 = dataclasses.replace(_NA, name="prior", prior_rate=0.02)
+ATTEMPTS += [
+    dataclasses.replace(_R3, name="prior+global gate 1.5", gate="global", gate_level=1.5),
+    dataclasses.replace(_R3, name="prior+global gate 3", gate="global", gate_level=3.0),
+    dataclasses.replace(_R3, name="prior+channel gate 1", gate="channel", gate_level=1.0),
+    dataclasses.replace(_R3, name="prior+channel gate 3", gate="channel", gate_level=3.0),
+    dataclasses.replace(_R3, name="prior+floor 0.002", momentum=(0.1, 0.94, 0.002)),
+]
 BY_NAME = {v.name: v for v in ATTEMPTS + list(BASELINES.values())}
+CLEAN_TOLERANCE = 0.002  # a candidate within this of the best validation mean may win on clean validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +114,10 @@ def clip(v: Variant, stages: int) -> Variant:
     return dataclasses.replace(v, first_stage=min(v.first_stage, stages))
 
 
-def int8_rows(ctx: Context, variants: list[Variant], segments, continual: bool) -> dict[str, dict[str, float]]:
-    """Per-corruption online accuracy of each variant (name -> corruption -> accuracy), all in one batch."""
+def int8_rows(ctx: Context, variants: list[Variant], segments, continual: bool,
+              progress=None) -> dict[str, dict[str, float]]:
+    """Per-corruption online accuracy of each variant (name -> corruption -> accuracy), all in one batch;
+    ``progress(per)`` after each continual segment (a long stream's finished corruptions survive an interruption)."""
     stages = max(ctx.stages) + 1
     variants = [clip(v, stages) for v in variants]
     single = continual or len(segments) == 1
@@ -125,6 +138,8 @@ def int8_rows(ctx: Context, variants: list[Variant], segments, continual: bool) 
             labels = segs[g].labels[:n]
             scored = labels >= 0
             per[v.name][segs[g].name] = float((preds[:, r].numpy()[scored] == labels[scored]).mean())
+        if progress is not None:
+            progress(per)
     return per
 
 
@@ -170,25 +185,32 @@ def run(args: argparse.Namespace) -> None:
     ctx = Context(qdq, conv_stages(main), main.for_export().classifier,
                   to_tensor(calibration_images(data.train_x, SOURCE_STATS_IMAGES)), tinytta)
     corruptions = (VALIDATION_CORRUPTIONS if args.split == "val" else TEST_CORRUPTIONS)[:args.corruptions]
-    rows = []
+    rows = previous_rows(args) if args.resume else []
+    done = {(r["method"], r["protocol"]) for r in rows}
+
+    def todo(name: str, protocol: str) -> bool:
+        return (name, protocol) not in done
 
     def record(method, protocol, backbone, per, config, start):
         row = {"method": method, "protocol": protocol, "backbone": backbone, "config": config,
                "per_corruption": per, "mean": float(np.mean(list(per.values()))), "seconds": round(time.time() - start)}
         rows.append(row)
         print(f"{protocol:<10} {method:<34} {100 * row['mean']:6.2f} ({row['seconds']} s)", flush=True)
+        save(rows, args)  # every finished row is on disk: --resume skips it after an interruption
 
-    for protocol in args.protocols.split(","):
+    for protocol in filter(None, args.protocols.split(",")):  # --protocols '' --rows clean: the clean rows only
         segments = build_stream(data, corruptions, args.severity, protocol, 0, args.samples,
                                 split="test" if args.split == "test" else "val")
-        if variants:
+        left = [v for v in variants if todo(v.name, protocol)]
+        if left:
             t = time.time()
-            per = int8_rows(ctx, variants, segments, protocol == "continual")
-            for v in variants:
+            per = int8_rows(ctx, left, segments, protocol == "continual", partial(args, protocol))
+            for v in left:
                 record(v.name, protocol, "mcunet-s int8", per[v.name], dataclasses.asdict(v), t)
         if args.tune:
             continue
-        if "norm-align-torch" in args.rows:  # the float reference of the torch method (its own config)
+        # the float reference of the torch method (its own config)
+        if "norm-align-torch" in args.rows and todo("norm-align (torch float)", protocol):
             t = time.time()
             adaptable = prepare(copy.deepcopy(main), "norm-align", json.loads(args.torch_config),
                                 model_name=main_cfg["model"])
@@ -197,43 +219,82 @@ def run(args: argparse.Namespace) -> None:
                    run_stream(adaptable, segments, progress=False).per_corruption, json.loads(args.torch_config), t)
         if {"bn-adapt-64", "bn-adapt-1"} & args.rows:
             bn, bn_cfg = load_checkpoint(args.bn_checkpoint)
-        if "bn-adapt-64" in args.rows:
+        if "bn-adapt-64" in args.rows and todo("bn-adapt batch 64 (reference)", protocol):
             t = time.time()
             record("bn-adapt batch 64 (reference)", protocol, "mcunet-s-bn float",
                    batch_row(bn, bn_cfg, data, segments, 64, protocol == "continual"), {"batch": "64"}, t)
-        if "bn-adapt-1" in args.rows:
+        if "bn-adapt-1" in args.rows and todo("bn-adapt batch 1", protocol):
             t = time.time()
             adaptable = prepare(copy.deepcopy(bn), "bn-adapt", args.bn_batch1_overrides, model_name=bn_cfg["model"])
             fit(adaptable, data, seed=0, progress=False)
             record("bn-adapt batch 1", protocol, "mcunet-s-bn float",
                    run_stream(adaptable, segments, progress=False).per_corruption, args.bn_batch1_overrides, t)
     if "clean" in args.rows and not args.tune:
-        clean = build_stream(data, ("none",), args.severity, "episodic", 0, args.samples)
+        clean = build_stream(data, ("none",), args.severity, "episodic", 0, args.samples,
+                             split="test" if args.split == "test" else "val")
         t = time.time()
         named = [v for v in variants if not v.tinytta] or [BASELINES["source"]]
-        per = int8_rows(ctx, named, clean, True)
+        named = [v for v in named if todo(v.name, "clean")]
+        per = int8_rows(ctx, named, clean, True) if named else {}
         for v in named:
             record(v.name, "clean", "mcunet-s int8", per[v.name], dataclasses.asdict(v), t)
     write(rows, args)
 
 
+def result_path(args: argparse.Namespace) -> Path:
+    """The run's JSON: <out>/<split>-sev<severity>[-<tag>].json (quick.json for --quick)."""
+    tag = "quick" if args.quick else f"{args.split}-sev{args.severity}" + (f"-{args.tag}" if args.tag else "")
+    return Path(args.out) / f"{tag}.json"
+
+
+def save(rows: list[dict], args: argparse.Namespace) -> None:
+    path = result_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"samples_per_corruption": args.samples, "rows": rows}, indent=1) + "\n")
+
+
+def partial(args: argparse.Namespace, protocol: str):
+    """Writes the corruptions a stream has finished so far to <out>/partial/<tag>-<protocol>.json (not merged)."""
+    path = result_path(args).parent / "partial" / f"{result_path(args).stem}-{protocol}.json"
+
+    def save_partial(per: dict[str, dict[str, float]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"samples_per_corruption": args.samples, "protocol": protocol, "per_corruption": per,
+                                    "means": {m: float(np.mean(list(v.values()))) for m, v in per.items() if v}},
+                                   indent=1) + "\n")
+    return save_partial
+
+
+def previous_rows(args: argparse.Namespace) -> list[dict]:
+    """The rows an interrupted run of the same tag already saved (--resume), when it ran the same sample count."""
+    path = result_path(args)
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    return saved["rows"] if saved["samples_per_corruption"] == args.samples else []
+
+
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "quick" if args.quick else f"{args.split}-sev{args.severity}" + (f"-{args.tag}" if args.tag else "")
-    summary = {"samples_per_corruption": args.samples, "rows": rows}
-    (out / f"{tag}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tag = result_path(args).stem
+    save(rows, args)
     if args.tune:  # the norm-align attempt (tinytta composed or not) with the best mean over the protocols run
-        names = dict.fromkeys(r["method"] for r in rows)
-        means = {m: float(np.mean([r["mean"] for r in rows if r["method"] == m])) for m in names}
+        per = {(r["method"], r["protocol"]): r["mean"] for r in rows if r["protocol"] != "clean"}  # last run wins
+        names = dict.fromkeys(m for m, _ in per)
+        means = {m: float(np.mean([v for (n, _), v in per.items() if n == m])) for m in names}
+        clean = {r["method"]: r["mean"] for r in rows if r["protocol"] == "clean"}
         tried = {v.name: v for v in ATTEMPTS}  # baseline rows of a merged validation run are not candidates
         alone = [m for m in means if m in tried and not tried[m].tinytta]
         best = max(alone, key=lambda m: means[m])
+        # the clean cost: among the candidates within CLEAN_TOLERANCE of the best validation mean, the best on
+        # clean validation images (only candidates measured there)
+        close = [m for m in alone if m in clean and means[m] >= means[best] - CLEAN_TOLERANCE]
+        best = max(close, key=lambda m: (clean[m], means[m]), default=best)
         composed = max((m for m in means if m in tried and tried[m].tinytta), key=lambda m: means[m], default=None)
         protocols_run = sorted({r["protocol"] for r in rows})
         (out / "chosen_variant.json").write_text(json.dumps(
-            {"variant": best, "validation_mean": means[best], "best_with_tinytta": composed,
-             "protocols": protocols_run}, indent=1) + "\n")
+            {"variant": best, "validation_mean": means[best], "clean_validation": clean.get(best),
+             "best_with_tinytta": composed, "protocols": protocols_run}, indent=1) + "\n")
         print(f"chosen on validation -> {out / 'chosen_variant.json'}: {best} ({100 * means[best]:.2f})")
     protocols = [p for p in dict.fromkeys(r["protocol"] for r in rows) if p != "clean"] or ["clean"]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["protocol"] in protocols))
@@ -310,6 +371,8 @@ def main() -> None:
     p.add_argument("--out", default="results/norm_align")
     p.add_argument("--merge", action="store_true", help="tables and plot from every tagged run's JSON in --out")
     p.add_argument("--tag", default="", help="suffix of the output files (runs split over processes)")
+    p.add_argument("--resume", action="store_true", help="keep the rows this tag's JSON already holds (same "
+                                                         "--samples) and run only the others")
     args = p.parse_args()
     if args.tune and args.split != "val":
         p.error("--tune chooses hyperparameters and is allowed on --split val only")

@@ -20,7 +20,10 @@ What a variant may change (the attempts at the accuracy goal; README "norm-align
   normalisation / alpha-BN's mixing, at batch 1: the layer's accumulators must all exist before it
   requantises, an int32 buffer of one layer on a microcontroller);
 * the momentum schedule of the convolutions and of the pooled alignment (DUA's start, decay, floor);
-* ``prior_rate``: online class-prior correction of the prediction (Saerens et al. 2002, ``prior.py``).
+* ``prior_rate``: online class-prior correction of the prediction (Saerens et al. 2002, ``prior.py``);
+* ``gate`` / ``gate_level``: a shift detector scales the fold (convs and pooled) towards the identity when
+  the running statistics sit within their own noise of the source's (``shift_gate.py``: one strength
+  per stream, ``global``, or per channel, ``channel``), so an unshifted stream is left nearly as is.
 
 Statistics come only from accumulators and pooled features the forward already produces; no label
 is read anywhere in this file.
@@ -36,6 +39,7 @@ from torch import nn
 from edgetune.errors import ConfigError
 from edgetune.int8ref.norm_align_int8 import fold_affine
 from edgetune.int8ref.qdq_model import ConvOp, QDQModel
+from edgetune.int8ref.shift_gate import GATES, channel_gate, global_gate, noise_weight, z2
 from edgetune.methods import prior
 from edgetune.methods.norm_align import standardising_affine
 
@@ -61,6 +65,8 @@ class Variant:
     prior_rate: float = 0.0
     prior_strength: float = 1.0
     tinytta: bool = False  # the row's prediction is a tinytta method's, fed the aligned backbone's pooled stages
+    gate: str = ""  # shift detector on the fold's strength: "" (none), "global" or "channel" (shift_gate.py)
+    gate_level: float = 4.0  # global: mean z^2 where the fold starts (full at twice it); channel: the shrinkage
 
     def check(self, stages: int) -> None:
         """Raises ConfigError on a value outside its range."""
@@ -68,9 +74,12 @@ class Variant:
         bad += [f"mode {self.mode!r}"] if self.mode not in MODES else []
         bad += [f"first_stage {self.first_stage}"] if not 0 <= self.first_stage <= stages else []
         bad += [f"instance {self.instance}"] if not 0.0 <= self.instance <= 1.0 else []
+        bad += [f"gate {self.gate!r}"] if self.gate not in GATES else []
+        bad += [f"gate_level {self.gate_level}"] if not self.gate_level > 0.0 else []
         if bad:
             raise ConfigError(f"int8ref: variant {self.name!r} has {', '.join(bad)}; kinds from {', '.join(KINDS)}, "
-                              f"modes {', '.join(MODES)}, first_stage 0..{stages}, instance 0..1")
+                              f"modes {', '.join(MODES)}, gates {GATES}, first_stage 0..{stages}, instance 0..1, "
+                              "gate_level > 0")
 
 
 def momentum_at(step: int, schedule: tuple[float, float, float]) -> float:
@@ -123,6 +132,10 @@ class AlignedStreams:
         self.tinytta = [copy.deepcopy(tinytta) if v.tinytta else None for v in variants]
         self.source: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pooled_source = (torch.zeros(0), torch.zeros(0))
+        # between-sample variance of each sample's (mean, E[y^2]) on source: the shift gate's noise unit
+        self.spread: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pooled_spread = (torch.zeros(0), torch.zeros(0))
+        self.gated = torch.tensor([[v.gate != ""] for v in variants])
         self.steps = 0
 
     def _stage_ends(self, conv_stage: list[int]) -> list[str]:
@@ -140,6 +153,7 @@ class AlignedStreams:
     def calibrate(self, x: torch.Tensor, batch: int = 250) -> None:
         """Source statistics (identity affine) of every conv's pre-activation and of the pooled features."""
         sums: list[list] = [[0.0, 0.0, 0] for _ in self.qdq.convs]
+        per_sample: list[list] = [[0.0, 0.0, 0.0, 0.0] for _ in self.qdq.convs]
 
         def record(k: int, acc: torch.Tensor):
             y = acc * self.qdq.convs[k].accum_scale.double().reshape((1, -1) + (1,) * (acc.dim() - 2))
@@ -147,6 +161,9 @@ class AlignedStreams:
             sums[k][0] = sums[k][0] + y.sum(dims)
             sums[k][1] = sums[k][1] + (y * y).sum(dims)
             sums[k][2] += y.numel() // y.shape[1]
+            mean, sq = y.mean(dims[1:]), (y * y).mean(dims[1:])
+            for j, t in enumerate((mean, mean * mean, sq, sq * sq)):
+                per_sample[k][j] = per_sample[k][j] + t.sum(0)
             return None
 
         pooled, taps = [], []
@@ -155,8 +172,11 @@ class AlignedStreams:
             pooled.append(out.double())
             taps.append(self._stage_taps(vals, slice(None)))
         self.source = [(s / n, sq / n) for s, sq, n in sums]
+        n = len(x)
+        self.spread = [(m2 / n - (m / n) ** 2, q2 / n - (q / n) ** 2) for m, m2, q, q2 in per_sample]
         p = torch.cat(pooled)
         self.pooled_source = (p.mean(0).float(), (p * p).mean(0).float())
+        self.pooled_spread = (p.var(0, unbiased=False), (p * p).var(0, unbiased=False))
         for method in self.tinytta:  # its pooled-tap alignment targets what the int8 graph gives on source
             if method is not None:
                 method.calibrate([[torch.cat([t[k] for t in taps]) for k in range(len(self.stage_ends))]])
@@ -170,6 +190,8 @@ class AlignedStreams:
         self.pooled_state = tuple(t.expand(n, -1).clone() for t in self.pooled_source)
         classes = self.classifier.out_features
         self.prior = prior.uniform_prior(classes).expand(n, -1).clone()
+        self.w2 = torch.zeros(n, 1, dtype=torch.float64)  # the running estimates' noise weight (shift_gate.py)
+        self.pooled_w2 = torch.zeros(n, 1, dtype=torch.float64)
         for method in self.tinytta:
             if method is not None:
                 method.reset()
@@ -198,6 +220,7 @@ class AlignedStreams:
         lam = torch.tensor([[v.strength] for v in self.variants], dtype=torch.float64)
         if bool((lam != 1.0).any()):
             a, b = 1.0 + lam * (a - 1.0), lam * b
+        a, b = self._gate_affine(a, b, tuple(used), self.source[k], self.spread[k], self.w2_used)
         keep = self.aligned[:, k:k + 1]
         return torch.where(keep, a, torch.ones_like(a)), torch.where(keep, b, torch.zeros_like(b))
 
@@ -206,6 +229,13 @@ class AlignedStreams:
         """Predicted class per row (N) for ``x`` (N x C x H x W: row r is stream r's next sample); then
         every row's statistics hold that sample."""
         momentum = self._momenta("momentum", torch.float64)
+        pooled_momentum = self._momenta("pooled_momentum", torch.float64)
+        include = torch.tensor([[v.include_sample] for v in self.variants])
+        w2 = noise_weight(self.w2, momentum), noise_weight(self.pooled_w2, pooled_momentum)
+        self.w2_used = torch.where(include, w2[0], self.w2)
+        self.pooled_w2_used = torch.where(include, w2[1], self.pooled_w2)
+        if bool(self.gated.any()):
+            self.global_strength = self._global_strength()
         any_aligned = self.aligned.any(0)
 
         def align(k: int, acc: torch.Tensor):
@@ -227,8 +257,37 @@ class AlignedStreams:
         for r, method in enumerate(self.tinytta):
             if method is not None:
                 pred[r] = int(method.step(self._stage_taps(vals, slice(r, r + 1))).argmax())
+        self.w2, self.pooled_w2 = w2
         self.steps += 1
         return pred
+
+    def _global_strength(self) -> torch.Tensor:
+        """The ``global`` gate per row (N x 1), from the statistics up to the previous sample: the mean z^2 over
+        the row's aligned conv channels (its pooled features when it aligns no conv)."""
+        n = len(self.variants)
+        total, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for k, (src, spread) in enumerate(zip(self.source, self.spread)):
+            on = self.aligned[:, k]
+            if bool(on.any()):
+                z = z2(self.state[k], src, spread, self.w2).sum(1)
+                total, count = total + torch.where(on, z, 0.0), count + on.double() * len(src[0])
+        pooled = z2(self.pooled_state, self.pooled_source, self.pooled_spread, self.pooled_w2).sum(1)
+        none = count == 0
+        total = torch.where(none, pooled, total)
+        count = torch.where(none, float(len(self.pooled_source[0])), count)
+        levels = torch.tensor([v.gate_level for v in self.variants], dtype=torch.float64)
+        return global_gate(total / count, levels)[:, None]
+
+    def _gate_affine(self, a: torch.Tensor, b: torch.Tensor, used: tuple, source: tuple, spread: tuple,
+                     w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gated rows' affine moved towards the identity by their gate's strength (the others as they are)."""
+        if not bool(self.gated.any()):
+            return a, b
+        levels = torch.tensor([[v.gate_level] for v in self.variants], dtype=torch.float64)
+        per_channel = torch.tensor([[v.gate == "channel"] for v in self.variants])
+        lam = torch.where(per_channel, channel_gate(z2(used, source, spread, w2), levels),
+                          self.global_strength).to(a.dtype)
+        return torch.where(self.gated, 1.0 + lam * (a - 1.0), a), torch.where(self.gated, lam * b, b)
 
     def _classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled alignment (float, as feature-align) for the rows that ask for it, then the classifier."""
@@ -239,6 +298,7 @@ class AlignedStreams:
         include = torch.tensor([[v.include_sample] for v in self.variants])
         used = [torch.where(include, n, o) for n, o in zip(new, old)]
         a, b = standardising_affine(used[0], used[1], *self.pooled_source)
+        a, b = self._gate_affine(a, b, tuple(used), self.pooled_source, self.pooled_spread, self.pooled_w2_used)
         on = torch.tensor([[v.pooled and not v.tinytta] for v in self.variants])
         return self.classifier(torch.where(on, pooled * a + b, pooled))
 
