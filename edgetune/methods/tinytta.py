@@ -37,7 +37,9 @@ open, made here (DESIGN §3 has the prototype measurements behind them):
   recalibrated online from the samples that ran to the end (``exit_agreement.py``, after CALM); it
   replaces ``exit_threshold``. Measured (``benchmarks/exits.py --rule agreement``, ``results/exits``):
   no better than the static threshold (test: target 0.9 0.94x instructions at -0.2 points, 0.8 0.88x
-  at -1.2; threshold 0.85 0.90x at -0.5), so neither is on by default.
+  at -1.2; threshold 0.85 0.90x at -0.5), so neither is on by default. ``gate`` is the static rule's hook:
+  ``benchmarks/exit_variants.py`` swaps in per-exit thresholds there (results/exits-variants: heads on a 4x4
+  pooled stage map, fit on shifted source copies, reach 0.69x at +0.2 points but do not fit a Cortex-M4's SRAM).
 * Test-time loss (self-training): soft cross-entropy of every head that ran towards the
   ensemble's (stopped, prior-corrected) prediction — self-distillation from the aligned ensemble
   into the heads. Supervised mode: each head towards the label. Chosen on the 4 validation
@@ -177,10 +179,14 @@ class TinyTTA(Method):
         chosen = confident * ((self.prefix_sum @ confident) == 1.0).float()  # the first confident prefix
         return (chosen[:, None] * prefix).sum(0, keepdim=True), chosen
 
+    def gate(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The static rule: 1 for every prefix (K x C) confident enough to exit at, else 0."""
+        return (prefix.amax(-1) > self.config.exit_threshold).float()
+
     def ensemble(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction 1 x C, one-hot exit over K) by the static threshold (no gradient)."""
         prefix = self.prefixes(log_probs)
-        return self.select(prefix, (prefix.amax(-1) > self.config.exit_threshold).float())
+        return self.select(prefix, self.gate(prefix))
 
     def forward_graph(self, taps, state, momentum, target):
         feats, updated = list(taps), []
@@ -203,7 +209,7 @@ class TinyTTA(Method):
             prediction, chosen = self.select(corrected, torch.cat([gate, torch.zeros(1)]))
             tracked = [*exit_agreement.update(hits, seen, onehot, corrected, chosen[-1:], c.exit_rate), clock]
         else:
-            prediction, chosen = self.select(corrected, (prefix.amax(-1) > c.exit_threshold).float())
+            prediction, chosen = self.select(corrected, self.gate(prefix))
             tracked = []
         ran = 1.0 - self.prefix_sum @ chosen + chosen  # exit k ran iff the sample exited at k or later
         # A stage after the exit never ran: its statistics stay as they were (masked, not branched), so
