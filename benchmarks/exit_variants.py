@@ -1,6 +1,12 @@
 """Early-exit attempts at the 0.7x goal: exit heads fit for shift, rules recalibrated online, priced on cortex-m4.
 
-    python benchmarks/exit_variants.py --out results/exits-variants                 # 300 samples per corruption
+    python benchmarks/exit_variants.py --variants base-per-exit,shift-mix --out /tmp/parts/B      # 300 per corruption
+    python benchmarks/exit_variants.py --variants 4x4-shift-mix-per-exit,2x2-shift-mix-per-exit --out /tmp/parts/A
+    python benchmarks/exit_variants.py --variants 4x4-first-shift-mix-per-exit --out /tmp/parts/C
+    python benchmarks/exit_variants.py --merge /tmp/parts/B/variants.json,/tmp/parts/A/variants.json,\
+        /tmp/parts/C/variants.json --committed results/exits/exits.json,results/exits/agreement.json \
+        --out results/exits-variants                                 # one report; the committed sweeps as base
+    python benchmarks/exit_variants.py --screen --variants base,shift-ce,2x2-ce,4x4-ce   # heads only (no sweeps)
     python benchmarks/exit_variants.py --quick --out /tmp/exit-variants             # 40 samples, 3 corruptions
 
 Every variant is tinytta (mcunet-s int8, Fashion-MNIST-C severity 5, continual) with one change, and its knob
@@ -24,6 +30,16 @@ Variants (``VARIANTS``):
 * ``shift-mix``: half labels, half the final classifier's prediction as the target.
 * ``*-agreement``: the fitted heads under the agreement trackers (``exit_agreement.py``, after CALM): exits
   recalibrated online from the samples that ran to the end; knob: the consistency target.
+* ``*-per-exit``: one threshold per early exit (BranchyNet), chosen on the validation no-exit run's prefix
+  ensembles (the cheapest grid combination within a validation budget, the knob), then run for real.
+* ``2x2-*``, ``4x4-*``, ``4x4-first-*``: heads on richer features (``TinyTTAGrid``): each early stage's map
+  average-pooled to a 2x2 / 4x4 grid (4x4-first: exit 0 only, the others keep the global pool), every cell's
+  channels aligned on their own statistics; the int8 maps come from lst's frozen graph (every stage's whole map).
+  Heads larger than tinytta's pay an analytic overhead on top of the per-exit table (``head_overhead``).
+
+The base variants can be the committed ``exits.py`` sweeps (``--committed``: same fit, streams and seed). Stream
+taps and fitted heads are cached in ``--workdir``. ``benchmarks/exit_device_check.py`` runs a grid variant through
+export, the host C build and QEMU.
 
 Writes ``variants.json``, ``variants.md`` and ``variants.png`` (accuracy vs mean instructions, every variant).
 """
