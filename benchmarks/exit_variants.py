@@ -120,6 +120,7 @@ VARIANTS = {v.name: v for v in (
     Variant("4x4-shift-mix-agreement", 0.5, "agreement", "4x4"),
     Variant("4x4-first-shift-mix-per-exit", 0.5, "per-exit", "4x4-first"),
     Variant("4x4-first-shift-mix", 0.5, "threshold", "4x4-first"),
+    Variant("4x4-early-shift-mix-per-exit", 0.5, "per-exit", "4x4-early"),
     Variant("4x4-ce-per-exit", 1.0, "per-exit", "4x4", shifts=False),
     Variant("4x4-shift-mix-per-exit", 0.5, "per-exit", "4x4"), Variant("4x4-shift-ce-per-exit", 1.0, "per-exit", "4x4"),
     Variant("4x4-shift-distill-per-exit", 0.0, "per-exit", "4x4"))}
@@ -170,7 +171,14 @@ class TinyTTA4x4First(TinyTTAGrid):
     grids = (4, 1, 1)
 
 
-GRIDS = {"2x2": TinyTTAGrid, "4x4": TinyTTA4x4, "4x4-first": TinyTTA4x4First}
+class TinyTTA4x4Early(TinyTTAGrid):
+    """4x4 for exits 0 and 1, the global pool at exit 2 (whose 4x4 head alone holds half of the 4x4 variant's
+    parameters): the 4x4 variant cut to fit a Cortex-M4."""
+
+    grids = (4, 4, 1)
+
+
+GRIDS = {"2x2": TinyTTAGrid, "4x4": TinyTTA4x4, "4x4-first": TinyTTA4x4First, "4x4-early": TinyTTA4x4Early}
 
 
 def features_of(method, taps):
