@@ -291,7 +291,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         close = [m for m in alone if m in clean and means[m] >= means[best] - CLEAN_TOLERANCE]
         best = max(close, key=lambda m: (clean[m], means[m]), default=best)
         composed = max((m for m in means if m in tried and tried[m].tinytta), key=lambda m: means[m], default=None)
-        protocols_run = sorted({r["protocol"] for r in rows})
+        protocols_run = sorted({r["protocol"] for r in rows} - {"clean"})
         (out / "chosen_variant.json").write_text(json.dumps(
             {"variant": best, "validation_mean": means[best], "clean_validation": clean.get(best),
              "best_with_tinytta": composed, "protocols": protocols_run}, indent=1) + "\n")
