@@ -20,6 +20,7 @@ import torch
 from edgetune.data import to_tensor
 from edgetune.errors import ConfigError
 from edgetune.int8ref.qdq_model import QDQModel
+from edgetune.methods.base import CollapseGuard
 from edgetune.methods.norm_align import NormAlign, standardising_affine, update_statistics
 
 
@@ -49,7 +50,8 @@ def int8_graph(backbone, source_images: np.ndarray, data_name: str, path: Path) 
 
 class Int8NormAlign:
     """A fitted torch ``NormAlign`` (its config, momentum schedule, pooled alignment and classifier)
-    run on the int8 graph ``qdq``. ``step(x)`` predicts one sample, then its statistics stay in.
+    run on the int8 graph ``qdq``. ``step(x)`` predicts one sample, then its statistics stay in; with
+    the method's collapse guard (``config.guard``) a collapse sends every statistic back to source.
 
     Raises (on construction):
         ConfigError: ``layers='stages'`` (a stage's last requantisation may be an add: only
@@ -73,6 +75,7 @@ class Int8NormAlign:
         self.state: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.steps = 0
         self.restores = 0
+        self.guard: CollapseGuard | None = None
 
     def pre_activation(self, k: int, acc: torch.Tensor) -> torch.Tensor:
         return acc * self.convs[k].accum_scale.double().reshape((1, -1) + (1,) * (acc.dim() - 2))
@@ -109,6 +112,8 @@ class Int8NormAlign:
         self.state = [(m.clone(), sq.clone()) for m, sq in self.source]
         self.method.reset()  # the float side's pooled statistics back to source
         self.steps = 0
+        g = self.method.guard()
+        self.guard = CollapseGuard(self.method.num_classes, g.rate, g.max_share, g.every, g.warmup) if g else None
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, convs: bool = True) -> torch.Tensor:
@@ -133,4 +138,9 @@ class Int8NormAlign:
         logits = self.method.classify(pooled, momentum.float())
         self.method.steps += 1
         self.steps += 1
+        if convs and self.guard is not None and self.guard.observe(int(logits.argmax())) == "restore":
+            # a collapse: every statistic and fold back to source, as the compiled runtime's guard does
+            self.state = [(m.clone(), sq.clone()) for m, sq in self.source]
+            self.method.restore_source()
+            self.restores += 1
         return logits

@@ -32,6 +32,9 @@ feature-align 73.2):
   on a microcontroller), or the affine uses the statistics up to the previous sample (``False``:
   the kernel requantises as it accumulates). 70.5 vs 70.7 on every conv: default ``False``.
 * mean and variance are both re-standardised (the mean alone: 64.8).
+* ``prior_rate``: the prediction goes through the online class-prior correction (``prior.py``, strength 1,
+  Bayes' rule), the configuration the int8 study chose on validation (74.6 vs 74.1 on the 4 validation
+  corruptions; 65.0 vs 64.9 on the 15 test corruptions); the prior is state like the statistics.
 * the sample's statistics are its spatial mean and E[y^2] (batch 1 has nothing else); the
   source statistics are the population mean and E[y^2] over the source images' positions, so
   the running estimate converges to the same quantity on the target domain.
@@ -46,11 +49,14 @@ import torch
 from torch import nn
 
 from edgetune.errors import ConfigError
-from edgetune.methods.base import (Method, MethodConfig, Range, TapSpec, declare, ema_momentum, entropy, setting,
-                                   supervised_or)
+from edgetune.methods import prior
+from edgetune.methods.base import (CollapseGuard, Method, MethodConfig, Range, TapSpec, declare, ema_momentum,
+                                   entropy, setting, supervised_or)
 
 EPS = 1e-5
+FLOAT32_LOWEST = -3.4028234663852886e38  # max(x, this) is x for every finite float32
 LAYERS = ("convs", "stages")
+KINDS = ("stem", "expand", "depthwise", "project", "head")  # a conv's role (conv_kinds), as int8ref.variants names it
 
 
 @dataclass(frozen=True)
@@ -66,23 +72,53 @@ class NormAlignConfig(MethodConfig):
                                                           "(feature-align's statistics, on the float side)"})
     first_stage: int = setting(2, Range(0, 64), "align only layers in this stage and later (early layers left as "
                                                 "they are)")
+    kinds: str = field(default=",".join(KINDS), metadata={"help": "with layers=convs, which convolutions are "
+                                                                  "aligned, by role: comma-separated from "
+                                                                  f"{', '.join(KINDS)}"})
+    prior_rate: float = setting(0.02, Range(0.0, 1.0), "class-prior correction of the prediction (Saerens et al. "
+                                                      "2002, methods/prior.py): EMA rate of the stream's class prior; "
+                                                      "0 turns it off")
+
+
+def unfused(product: torch.Tensor) -> torch.Tensor:
+    """``product`` as it is (for every finite value), kept a product in a compiled graph: TVM's LLVM backend
+    (aarch64) contracts a multiply feeding an add into one fused multiply-add, rounding once where the C
+    build (``-ffp-contract=off``) and torch round twice, and a fold next to a rounding tie of its integer
+    offset then moves by one unit. A ``max`` in between is an op LLVM does not fuse across."""
+    return torch.maximum(product, torch.tensor(FLOAT32_LOWEST, dtype=product.dtype))
+
+
+def ema(old: torch.Tensor, new: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
+    """``(1 - momentum) * old + momentum * new``, each product rounded on its own (``unfused``)."""
+    return unfused((1.0 - momentum) * old) + unfused(momentum * new)
+
+
+def prior_corrected(logits: torch.Tensor, class_prior: torch.Tensor, rate: float,
+                    momentum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log of the prior-corrected prediction, the next class prior) for 1 x classes ``logits``
+    (``prior.correct`` at strength 1, then ``prior.update``'s EMA of the corrected prediction). The prior
+    moves only when the statistics do (``momentum`` > 0): a runtime with adaptation off passes momentum 0
+    and must predict as the source does."""
+    corrected = prior.correct(torch.softmax(logits, -1), class_prior, 1.0)
+    moving = torch.clamp(momentum.to(class_prior.dtype) * 1e30, max=1.0)  # 1 for any momentum > 0, else 0
+    return torch.log(corrected.clamp_min(1e-12)), ema(class_prior, corrected, rate * moving)
 
 
 def update_statistics(mean: torch.Tensor, sqmean: torch.Tensor, y: torch.Tensor,
                       momentum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Running (mean, E[y^2]) per channel after sample ``y`` (1 x C x ...) entered with ``momentum``."""
     dims = (0,) + tuple(range(2, y.dim()))
-    return ((1.0 - momentum) * mean + momentum * y.mean(dims).to(mean.dtype),
-            (1.0 - momentum) * sqmean + momentum * (y * y).mean(dims).to(mean.dtype))
+    return (ema(mean, y.mean(dims).to(mean.dtype), momentum),
+            ema(sqmean, (y * y).mean(dims).to(mean.dtype), momentum))
 
 
 def standardising_affine(mean: torch.Tensor, sqmean: torch.Tensor, source_mean: torch.Tensor,
                          source_sqmean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (a, b) with ``a * y + b`` mapping running statistics (mean, E[y^2]) onto the source's."""
-    var = torch.clamp(sqmean - mean * mean, min=0.0)
-    src_var = torch.clamp(source_sqmean - source_mean ** 2, min=0.0)
+    var = torch.clamp(sqmean - unfused(mean * mean), min=0.0)
+    src_var = torch.clamp(source_sqmean - unfused(source_mean * source_mean), min=0.0)
     a = torch.sqrt(src_var + EPS) / torch.sqrt(var + EPS)
-    return a, source_mean - a * mean
+    return a, source_mean - unfused(a * mean)
 
 
 class AlignedLayer(nn.Module):
@@ -118,21 +154,43 @@ class AlignedLayer(nn.Module):
         a, b = standardising_affine(*(self.updated if self.include_sample else (run_mean, run_sqmean)),
                                     self.source_mean, self.source_sqmean)
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        return y * a.reshape(shape) + b.reshape(shape)
+        return unfused(y * a.reshape(shape)) + b.reshape(shape)
 
 
-def aligned_network(backbone, layers: str, pooled: bool = False,
-                    first_stage: int = 0) -> tuple[nn.Module, list[AlignedLayer]]:
-    """An eval-mode fused copy of ``backbone`` with an ``AlignedLayer`` around every conv or stage of
-    stage ``first_stage`` and later (and the pooled features when ``pooled``), in forward order.
+def conv_kinds(convs: list[nn.Module]) -> list[str]:
+    """Each conv's role in an MBConv backbone (forward order), from groups and neighbours alone: a depthwise
+    conv, the 1x1 expansion before one, the 1x1 projection after one, else the stem (first) or a head."""
+    depthwise = [getattr(c, "groups", 1) > 1 for c in convs]
+    kinds = []
+    for k, dw in enumerate(depthwise):
+        if dw:
+            kinds.append("depthwise")
+        elif k + 1 < len(convs) and depthwise[k + 1]:
+            kinds.append("expand")
+        elif k > 0 and depthwise[k - 1]:
+            kinds.append("project")
+        else:
+            kinds.append("stem" if k == 0 else "head")
+    return kinds
+
+
+def aligned_network(backbone, layers: str, pooled: bool = False, first_stage: int = 0,
+                    kinds: tuple[str, ...] = KINDS) -> tuple[nn.Module, list[AlignedLayer]]:
+    """An eval-mode fused copy of ``backbone`` with an ``AlignedLayer`` around every conv (of a role in
+    ``kinds``) or stage of stage ``first_stage`` and later (and the pooled features when ``pooled``), in
+    forward order.
     Each layer's ``conv_index`` is its convolution's position among all of the backbone's
     convolutions in forward order (the int8 graph's numbering; -1 for stages and the pooled layer).
 
     Raises:
-        ConfigError: unknown ``layers`` or a backbone without convolutions.
+        ConfigError: unknown ``layers`` or ``kinds``, or a backbone without convolutions.
     """
     if layers not in LAYERS:
         raise ConfigError(f"norm-align: layers={layers!r} is unknown; use one of {', '.join(LAYERS)}")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ConfigError(f"norm-align: kinds={','.join(kinds)!r} names no or unknown roles ({', '.join(unknown)}); "
+                          f"give some of {', '.join(KINDS)}")
     net = backbone.for_export().requires_grad_(False)
     wrapped: list[AlignedLayer] = []
     if layers == "stages":
@@ -160,9 +218,12 @@ def aligned_network(backbone, layers: str, pooled: bool = False,
     for h in hooks:
         h.remove()
     convs = [m for m in order if not isinstance(m.inner, nn.Identity)]
-    for k, m in enumerate(convs):
+    role = {}
+    for k, (m, kind) in enumerate(zip(convs, conv_kinds([m.inner for m in convs]))):
         m.conv_index = k if layers == "convs" else -1
-    return net, [m for m in order if stage_of.get(id(m), len(net.stages)) >= first_stage]
+        role[id(m)] = kind if layers == "convs" else kinds[0]
+    return net, [m for m in order if stage_of.get(id(m), len(net.stages)) >= first_stage
+                 and role.get(id(m), kinds[0]) in kinds]
 
 
 def _wrap_convs(net: nn.Module, wrapped: list[AlignedLayer]) -> None:
@@ -173,8 +234,32 @@ def _wrap_convs(net: nn.Module, wrapped: list[AlignedLayer]) -> None:
                 setattr(parent, name, wrapped[-1])
 
 
+class RestoresSource(Method):
+    """The collapse guard of a method whose adapted state is statistics (no weights to snapshot): a trip sends
+    every state buffer back to its value after fit (the source statistics, the identity fold), the schedule
+    goes on. The compiled runtime does the same (``et_runtime_set_restore`` with the generated model reset)."""
+
+    def reset(self) -> None:
+        super().reset()
+        g = self.guard()
+        self._guard = CollapseGuard(self.num_classes, g.rate, g.max_share, g.every, g.warmup) if g else None
+
+    def _guard_step(self, prediction: int) -> None:
+        if self._guard is not None and self._guard.observe(prediction) == "restore":
+            self.restore_source()
+            self.restores += 1
+
+    @torch.no_grad()
+    def restore_source(self) -> None:
+        """Every state buffer back to its value at the last ``reset`` point (the step count is kept)."""
+        if self._initial is None:
+            self._initial = self._snapshot()
+        for name in self.state_names():
+            self.get_buffer(name).copy_(self._initial[name])
+
+
 @declare
-class NormAlign(Method):
+class NormAlign(RestoresSource):
     name = "norm-align"
     paper = "Mirza et al., The Norm Must Go On (DUA), CVPR 2022 (per-layer, through the requantisation)"
     Config = NormAlignConfig
@@ -186,18 +271,21 @@ class NormAlign(Method):
         super().__init__(backbone, config)
         del self.classifier  # not partitioned: the classifier stays inside the network copy
         self.net, layers = aligned_network(copy.deepcopy(backbone), config.layers, config.pooled,
-                                              config.first_stage)
+                                           config.first_stage, tuple(k.strip() for k in config.kinds.split(",")))
         self.aligned: list[AlignedLayer] = layers  # plain list: the modules already live in self.net
         for k, layer in enumerate(layers):
             layer.include_sample = config.include_sample
             self.register_buffer(f"mean{k}", torch.zeros_like(layer.source_mean))
             self.register_buffer(f"sqmean{k}", torch.ones_like(layer.source_mean))
+        if config.prior_rate > 0:
+            self.register_buffer("class_prior", prior.uniform_prior(self.num_classes))
 
     def taps(self) -> tuple[TapSpec, ...]:
         return (TapSpec(-1, pooled=False),)
 
     def state_names(self) -> list[str]:
-        return [f"{s}{k}" for k in range(len(self.aligned)) for s in ("mean", "sqmean")]
+        names = [f"{s}{k}" for k in range(len(self.aligned)) for s in ("mean", "sqmean")]
+        return names + (["class_prior"] if self.config.prior_rate > 0 else [])
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:
@@ -224,17 +312,22 @@ class NormAlign(Method):
 
     @torch.no_grad()
     def classify(self, pooled: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
-        """The float side of an int8 run (``edgetune.int8ref``): pooled alignment, when configured, then the
-        classifier; the pooled statistics are updated in place."""
+        """The float side of an int8 run (``edgetune.int8ref``): pooled alignment, when configured, the
+        classifier, then the class-prior correction; the pooled statistics and the prior are updated in place."""
         if not self.config.pooled:
-            return self.net.classifier(pooled)
-        k = len(self.aligned) - 1
-        head = self.aligned[k]
-        head.feed = (self.get_buffer(f"mean{k}"), self.get_buffer(f"sqmean{k}"), momentum)
-        logits = self.net.classifier(pooled)
-        for name, value in zip((f"mean{k}", f"sqmean{k}"), head.updated or ()):
-            self.get_buffer(name).copy_(value)
-        head.feed = None
+            logits = self.net.classifier(pooled)
+        else:
+            k = len(self.aligned) - 1
+            head = self.aligned[k]
+            head.feed = (self.get_buffer(f"mean{k}"), self.get_buffer(f"sqmean{k}"), momentum)
+            logits = self.net.classifier(pooled)
+            for name, value in zip((f"mean{k}", f"sqmean{k}"), head.updated or ()):
+                self.get_buffer(name).copy_(value)
+            head.feed = None
+        if self.config.prior_rate > 0:
+            logits, next_prior = prior_corrected(logits, self.get_buffer("class_prior"), self.config.prior_rate,
+                                                 momentum)
+            self.get_buffer("class_prior").copy_(next_prior)
         return logits
 
     def forward_graph(self, taps, state, momentum, target):
@@ -244,4 +337,7 @@ class NormAlign(Method):
         new_state = [t for layer in self.aligned for t in (layer.updated or (None, None))]
         for layer in self.aligned:
             layer.feed = None
+        if self.config.prior_rate > 0:
+            logits, next_prior = prior_corrected(logits, state[-1], self.config.prior_rate, momentum)
+            new_state.append(next_prior)
         return logits, supervised_or(entropy(logits).sum(), logits, target), new_state

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from edgetune.methods.base import Method, Schedule, TapSpec, entropy, supervised_or
-from edgetune.methods.norm_align import NormAlign, standardising_affine
+from edgetune.methods.base import Schedule, TapSpec, entropy, supervised_or
+from edgetune.methods import prior
+from edgetune.methods.norm_align import NormAlign, RestoresSource, ema, prior_corrected, standardising_affine
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def fold(mean: torch.Tensor, sqmean: torch.Tensor, source_mean: torch.Tensor, so
     return requant * a, torch.round(b / (a * accum_scale))
 
 
-class NormAlignStep(Method):
+class NormAlignStep(RestoresSource):
     """The update step of a fitted ``NormAlign`` whose aligned convs are ``convs`` (in state order)."""
 
     name = "norm-align"
@@ -79,6 +80,9 @@ class NormAlignStep(Method):
             head = self.classifier[0]
             self.register_buffer("head_mean", head.source_mean.detach().clone())
             self.register_buffer("head_sqmean", head.source_sqmean.detach().clone())
+        self.prior_rate = float(method.config.prior_rate)
+        if self.prior_rate > 0:
+            self.register_buffer("class_prior", prior.uniform_prior(self.num_classes))
 
     def taps(self) -> tuple[TapSpec, ...]:
         return (TapSpec(self.last, pooled=True),)
@@ -88,7 +92,8 @@ class NormAlignStep(Method):
 
     def state_names(self) -> list[str]:
         names = [f"{s}{k}" for k in range(len(self.positions)) for s in ("mean", "sqmean", "scale", "offset")]
-        return names + (["head_mean", "head_sqmean"] if self.pooled else [])
+        return names + (["head_mean", "head_sqmean"] if self.pooled else []) + (["class_prior"] if self.prior_rate > 0
+                                                                                  else [])
 
     def schedule(self) -> Schedule:
         c = self.config
@@ -100,17 +105,21 @@ class NormAlignStep(Method):
             total, squares = taps[1 + 2 * k][0], taps[2 + 2 * k][0]
             mean, sqmean = state[4 * k], state[4 * k + 1]
             unit = self.get_buffer(f"accum_scale{k}")
-            mean = (1.0 - momentum) * mean + momentum * (unit * total / n)
-            sqmean = (1.0 - momentum) * sqmean + momentum * (unit * unit * squares / n)
+            mean = ema(mean, unit * total / n, momentum)
+            sqmean = ema(sqmean, unit * unit * squares / n, momentum)
             scale, offset = fold(mean, sqmean, self.get_buffer(f"source_mean{k}"),
                                  self.get_buffer(f"source_sqmean{k}"), unit, self.get_buffer(f"requant{k}"))
             new_state += [mean, sqmean, scale, offset]
         if self.pooled:
             head = self.classifier[0]
-            head.feed = (state[-2], state[-1], momentum)
+            at = 4 * len(self.positions)
+            head.feed = (state[at], state[at + 1], momentum)
             logits = self.classifier(taps[0])
             new_state += list(head.updated or ())
             head.feed = None
         else:
             logits = self.classifier(taps[0])
+        if self.prior_rate > 0:
+            logits, next_prior = prior_corrected(logits, state[-1], self.prior_rate, momentum)
+            new_state.append(next_prior)
         return logits, supervised_or(entropy(logits).sum(), logits, target), new_state

@@ -124,6 +124,15 @@ et_status et_runtime_init(et_runtime *rt, const et_model *model, const et_runtim
   return ET_OK;
 }
 
+et_status et_runtime_set_restore(et_runtime *rt, et_status (*restore)(void)) {
+  const et_runtime_config *c;
+  if (rt == NULL || rt->model == NULL) return ET_E_ARG;
+  c = &rt->cfg;
+  rt->restore = restore;
+  rt->guard_active = (c->use_guard && c->adapt && (rt->model->train_step != NULL || restore != NULL)) ? 1u : 0u;
+  return ET_OK;
+}
+
 static et_status et_now(const et_runtime *rt, uint64_t *t) {
   if (rt->cfg.clock == NULL) {
     *t = 0;
@@ -214,7 +223,10 @@ static et_status et_run(et_runtime *rt, const float *input, int32_t label, et_st
       et_guard_verdict verdict;
       if ((st = et_guard_observe(&rt->guard, (uint32_t)r->prediction, &verdict)) != ET_OK) return st;
       if (verdict == ET_GUARD_RESTORE) {
-        et_snapshot_restore(rt);
+        if (rt->restore == NULL)
+          et_snapshot_restore(rt);
+        else if (rt->restore() != ET_OK)
+          return ET_E_MODEL;
         r->restored = 1u;
         rt->meta.counters.restores += 1u;
       } else if (verdict == ET_GUARD_SNAPSHOT) {

@@ -70,6 +70,7 @@ typedef struct et_runtime {
   uint32_t guard_active;
   uint32_t floor_from; /* the schedule is at its floor from this step on (pow() is skipped there) */
   float floor_value;
+  et_status (*restore)(void); /* et_runtime_set_restore: the guard's restore of a statistics-only model */
 } et_runtime;
 
 /* Bytes of workspace (4-byte aligned) et_runtime_init needs: the guard histogram and the snapshot. */
@@ -79,6 +80,12 @@ et_status et_runtime_work_bytes(const et_model *model, uint32_t *bytes);
 /* Checks the model and config, carves the workspace, snapshots the initial weights. */
 et_status et_runtime_init(et_runtime *rt, const et_model *model, const et_runtime_config *cfg, void *work,
                           uint32_t work_bytes);
+/* For a model whose adapted state is its statistics, not weights (norm-align: running statistics and the
+ * requantisation folded from them), a collapse sends the whole state back to the bundle's values: on a trip
+ * the guard calls `restore` (the generated edgetune_model_reset) instead of restoring the weights' snapshot,
+ * and it runs without a train_step too (cfg.use_guard and cfg.adapt still decide). Call after
+ * et_runtime_init; NULL goes back to the weights' restore. ET_E_ARG: rt NULL or not initialised. */
+et_status et_runtime_set_restore(et_runtime *rt, et_status (*restore)(void));
 /* One unsupervised sample: predict, then adapt. ET_E_INPUT when the sample was rejected. */
 et_status et_runtime_step(et_runtime *rt, const float *input, et_step_result *result);
 /* Supervised feedback on a sample whose prediction was already scored: one update towards
