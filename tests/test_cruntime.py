@@ -467,7 +467,9 @@ def test_runtime_compiles_warning_free_for_every_target(target, tmp_path):
     assert proc.stderr == ""
     size = shutil.which(target.toolchain.size)
     if target.kind == "mcu" and size:
-        objs = sorted(str(p) for p in tmp_path.glob("*.o"))
+        # the conv micro-kernels (et_kernels_dsp.c) are the model's kernels, not the runtime: their size
+        # depends on the core's SIMD path (Helium's are the largest) and is the model's flash
+        objs = sorted(str(p) for p in tmp_path.glob("*.o") if p.name != "et_kernels_dsp.o")
         lines = subprocess.run([size, "-t", *objs], capture_output=True, text=True, check=True).stdout.splitlines()
         text, data, bss = (int(v) for v in lines[-1].split()[:3])
         assert data == 0 and bss == 0  # no global state: everything lives in the caller's structs
