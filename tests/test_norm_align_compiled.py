@@ -275,14 +275,29 @@ def _one_image(digits, n: int) -> torch.Tensor:
     return to_tensor(digits.test_x[:1]).repeat(n, 1, 1, 1)
 
 
-def test_guard_trip_restores_source_in_torch_and_compiled(fitted, reference, digits, host):
+@pytest.fixture(scope="module")
+def no_prior(mcunet, digits, tmp_path_factory):
+    """A bundle, its integer reference and its host runtime without the class-prior correction: the prior
+    pulls a collapsing stream's predictions apart, so a trip of the guard is certain only without it."""
+    from edgetune.deploy.host import HostModel
+
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "norm-align", {"prior_rate": "0"}, model_name="mcunet-s")
+    fit(adaptable, digits, progress=False, use_cache=False)
+    out = tmp_path_factory.mktemp("na-no-prior") / "bundle"
+    export(adaptable, digits, out, progress=False)
+    ref = Int8NormAlign(copy.deepcopy(adaptable.method), QDQModel(out / "frozen.onnx"))
+    ref.calibrate(digits.train_x[:CALIBRATION_IMAGES])
+    return adaptable, ref, HostModel(out, workdir=tmp_path_factory.mktemp("na-no-prior-host"))
+
+
+def test_guard_trip_restores_source_in_torch_and_compiled(no_prior, digits):
     """The collapse guard trips on a collapsed stream (after its 100-sample warm-up) and every trip sends every
     statistic and fold back to source, bit for bit: in the compiled host runtime, in the integer reference
     and in the torch method; before the first trip the state had moved. (Each side runs free: on a repeated
     image the float32 and float64 folds sit at the same ties sample after sample, so their trips need not
     fall on the same sample.)"""
-    x = _one_image(digits, 200)
-    ref = reference
+    fitted, ref, host = no_prior
+    x = _one_image(digits, 300)
     ref.reset()
     host.reset()
     restore_source_on_collapse(host)
