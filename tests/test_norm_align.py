@@ -139,10 +139,11 @@ def _streams(mcunet, digits, graph, variants, tinytta=None):
 
 
 def test_variant_rows_equal_the_single_stream_reference(mcunet, digits, graph):
-    """The default variant as one row of a batch next to other variants predicts exactly what the
-    one-sample-at-a-time ``Int8NormAlign`` predicts (and the rows do not leak into each other)."""
+    """The default configuration (class prior on) as one row of a batch next to other variants predicts
+    exactly what the one-sample-at-a-time ``Int8NormAlign`` predicts (and the rows do not leak into each
+    other)."""
     model = _int8_method(mcunet, digits, graph, first_stage="2", include_sample="false", pooled="true")
-    variants = [Variant(), Variant("mixed", mode="var", instance=0.3, strength=0.5, include_sample=True,
+    variants = [Variant(prior_rate=0.02), Variant("mixed", mode="var", instance=0.3, strength=0.5, include_sample=True,
                                    kinds=("expand", "project"), prior_rate=0.02), Variant("source", first_stage=4,
                                                                                          pooled=False)]
     bank = _streams(mcunet, digits, graph, variants)
