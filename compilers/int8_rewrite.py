@@ -30,7 +30,7 @@ from functools import partial
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax, tirx, topi
 
 from edgetune.compilers import int8_kernels as kernels
 from edgetune.compilers import int8_math as im
@@ -449,7 +449,6 @@ class _Lowering:
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.multiply"
                 and str(call.ty.dtype) == "float32"):
             return None
-        from tvm import topi
         a, b = (self.float_arg(arg, "relax.multiply") for arg in call.args)
         out = self.bb.emit_te(topi.multiply, a, b, primfunc_name_hint="island_multiply")
         self.opaque(out)
