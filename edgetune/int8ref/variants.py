@@ -41,7 +41,7 @@ from edgetune.int8ref.norm_align_int8 import fold_affine
 from edgetune.int8ref.qdq_model import ConvOp, QDQModel
 from edgetune.int8ref.shift_gate import GATES, channel_gate, global_gate, noise_weight, z2
 from edgetune.methods import prior
-from edgetune.methods.norm_align import standardising_affine
+from edgetune.methods.norm_align import kinds_from_groups, standardising_affine
 
 KINDS = ("stem", "expand", "depthwise", "project", "head")
 MODES = ("both", "var", "mean")
@@ -89,18 +89,7 @@ def momentum_at(step: int, schedule: tuple[float, float, float]) -> float:
 
 def conv_kinds(convs: list[ConvOp]) -> list[str]:
     """Each conv's role in an MBConv backbone, from the graph alone (groups and neighbours)."""
-    depthwise = [op.groups > 1 for op in convs]
-    kinds = []
-    for k, dw in enumerate(depthwise):
-        if dw:
-            kinds.append("depthwise")
-        elif k + 1 < len(convs) and depthwise[k + 1]:
-            kinds.append("expand")
-        elif k > 0 and depthwise[k - 1]:
-            kinds.append("project")
-        else:
-            kinds.append("stem" if k == 0 else "head")
-    return kinds
+    return kinds_from_groups([op.groups for op in convs])
 
 
 class AlignedStreams:

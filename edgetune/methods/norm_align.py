@@ -158,14 +158,19 @@ class AlignedLayer(nn.Module):
 
 
 def conv_kinds(convs: list[nn.Module]) -> list[str]:
-    """Each conv's role in an MBConv backbone (forward order), from groups and neighbours alone: a depthwise
-    conv, the 1x1 expansion before one, the 1x1 projection after one, else the stem (first) or a head."""
-    depthwise = [getattr(c, "groups", 1) > 1 for c in convs]
+    """Each conv's role in an MBConv backbone (forward order): ``kinds_from_groups`` of their groups."""
+    return kinds_from_groups([getattr(c, "groups", 1) for c in convs])
+
+
+def kinds_from_groups(groups: list[int]) -> list[str]:
+    """The roles of convs in forward order from their groups and neighbours alone: a depthwise conv, the
+    1x1 expansion before one, the 1x1 projection after one, else the stem (first) or a head."""
+    depthwise = [g > 1 for g in groups]
     kinds = []
     for k, dw in enumerate(depthwise):
         if dw:
             kinds.append("depthwise")
-        elif k + 1 < len(convs) and depthwise[k + 1]:
+        elif k + 1 < len(depthwise) and depthwise[k + 1]:
             kinds.append("expand")
         elif k > 0 and depthwise[k - 1]:
             kinds.append("project")
