@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from edgetune.checkpoint import load_checkpoint
@@ -26,6 +25,7 @@ from edgetune.data import load_dataset, to_tensor
 from edgetune.export.onnx_graphs import export_frozen
 from edgetune.export.quantize import quantize_frozen
 from edgetune.methods.base import TapSpec
+from edgetune.ort_runtime import session
 from edgetune.train import train_source
 
 
@@ -40,16 +40,6 @@ def frozen_onnx(model: str, epochs: int, work: Path) -> Path:
     out = work / f"{model}_frozen.onnx"
     quantize_frozen(fp32, out, data.train_x, data.name)
     return out
-
-
-def session(path: Path, int8: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if int8:
-        options.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def per_call_us(fn, iters: int) -> float:
@@ -93,7 +83,7 @@ def main() -> None:
                 compile_s[target] = time.perf_counter() - start
             graph = compile_frozen(path, "host", work / f"{model}_host")
             runner = FrozenRunner(graph)
-            int8, default = session(path, True), session(path, False)
+            int8, default = session(path, int8_kernels=True), session(path, int8_kernels=False)
             same = all(np.array_equal(a, b) for i in range(len(x))
                        for a, b in zip(runner(x[i:i + 1]), int8.run(None, {"x": x[i:i + 1]})))
             best = time_side_by_side({"tvm": runner, "ort_int8": int8, "ort_default": default}, x[:1], args.iters,

@@ -48,6 +48,8 @@ from bench_kernels import MODELS, frozen_model  # noqa: E402  (the same models a
 from edgetune.compilers import FrozenRunner, compile_frozen  # noqa: E402
 from edgetune.compilers.emit import EmitTarget  # noqa: E402
 from edgetune.deploy.project import backbone_macs  # noqa: E402
+from edgetune.ort_runtime import session  # noqa: E402
+from edgetune.simulate import count_trace  # noqa: E402
 from edgetune.targets import get_target  # noqa: E402
 
 LINUX_TARGETS = ("rpi4", "android-arm64")
@@ -82,16 +84,6 @@ def test_images(model: str, n: int) -> np.ndarray:
     return to_tensor(load_dataset(MODELS[model][1]).test_x[:n]).numpy().astype(np.float32)
 
 
-def session(path: Path, int8: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if int8:
-        options.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 # --- host: wall time ------------------------------------------------------------------------------
 def time_engines(calls: dict, rounds: int, per_round: int) -> dict[str, dict]:
     """Per-call microseconds of each engine: every call timed on its own, engines interleaved round by
@@ -115,8 +107,8 @@ def time_engines(calls: dict, rounds: int, per_round: int) -> dict[str, dict]:
 def bench_host(model: str, frozen: Path, qop: Path, x: np.ndarray, rounds: int, per_round: int, work: Path) -> dict:
     graph = compile_frozen(frozen, "host", work / "host")
     runner = FrozenRunner(graph)
-    sessions = {"ort_qdq_default": session(frozen, False), "ort_qdq_int8": session(frozen, True),
-                "ort_qoperator": session(qop, False)}
+    sessions = {"ort_qdq_default": session(frozen, int8_kernels=False),
+                "ort_qdq_int8": session(frozen, int8_kernels=True), "ort_qoperator": session(qop, int8_kernels=False)}
     equal = sum(all(np.array_equal(a, b) for a, b in zip(runner(x[i:i + 1]),
                                                           sessions["ort_qdq_int8"].run(None, {"x": x[i:i + 1]})))
                 for i in range(len(x)))
@@ -131,24 +123,6 @@ def bench_host(model: str, frozen: Path, qop: Path, x: np.ndarray, rounds: int, 
 
 
 # --- aarch64: instructions under qemu-aarch64 -----------------------------------------------------
-def _count_trace(stream) -> int:
-    """Guest instructions of a ``-d in_asm,exec,nochain`` log read line by line: every executed
-    translation block counted with the instructions it was translated from (``simulate``'s method)."""
-    sizes: dict[int, int] = {}
-    total, start, n = 0, -1, 0
-    for line in stream:
-        if line.startswith("Trace "):
-            total += sizes.get(int(line.split("[", 1)[1].split("/", 2)[1], 16), 0)
-        elif line.startswith("IN:"):
-            start, n = -1, 0
-        elif line.startswith("0x"):
-            if start < 0:
-                start = int(line.split(":", 1)[0], 16)
-            n += 1
-            sizes[start] = n
-    return total
-
-
 def traced_instructions(cmd: list[str], work: Path, env: dict | None = None) -> int:
     """All guest instructions of one QEMU user-mode run of ``cmd`` (its log streamed through a FIFO,
     never written to disk: onnxruntime's start-up alone logs gigabytes)."""
@@ -160,7 +134,7 @@ def traced_instructions(cmd: list[str], work: Path, env: dict | None = None) -> 
 
     def read() -> None:
         with fifo.open(errors="replace") as f:
-            result["n"] = _count_trace(f)
+            result["n"] = count_trace(f)[0]
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -281,7 +255,7 @@ def compare(out: np.ndarray, expected: np.ndarray) -> dict:
 def bench_aarch64(model: str, frozen: Path, qop: Path, x: np.ndarray, ort_dir: Path | None, few: int, many: int,
                   work: Path) -> dict:
     shape = x.shape[1:]
-    ref = session(frozen, True)
+    ref = session(frozen, int8_kernels=True)
     expected = np.concatenate([np.concatenate([o.ravel() for o in ref.run(None, {"x": x[i:i + 1]})])
                                for i in range(many)])
     macs = backbone_macs(frozen)
@@ -347,7 +321,7 @@ def schedule_variant(name: str):
 def bench_attempts(model: str, frozen: Path, x: np.ndarray, rounds: int, per_round: int, work: Path) -> dict:
     """Host wall time of each variant next to onnxruntime's default QDQ session (the fastest one on x86), and
     aarch64 instructions per sample of the dot / no-dot variants; each variant's outputs checked."""
-    ref = session(frozen, True)
+    ref = session(frozen, int8_kernels=True)
     expected = [ref.run(None, {"x": x[i:i + 1]}) for i in range(len(x))]
     runners, exact = {}, {}
     for name in ("shipped", "dot", "oc_tile 8", "lanes 32"):
@@ -355,7 +329,7 @@ def bench_attempts(model: str, frozen: Path, x: np.ndarray, rounds: int, per_rou
             runners[name] = FrozenRunner(compile_frozen(frozen, "host", work / f"host-{name.replace(' ', '')}"))
         exact[name] = all(np.array_equal(a, b) for i in range(len(x))
                           for a, b in zip(runners[name](x[i:i + 1]), expected[i]))
-    default = session(frozen, False)
+    default = session(frozen, int8_kernels=False)
     one = x[:1]
     calls = {k: (lambda r=r: r(one)) for k, r in runners.items()}
     calls["ort_qdq_default"] = lambda: default.run(None, {"x": one})

@@ -27,6 +27,7 @@ def session(path: str | Path, threads: int = 1, int8_kernels: bool = False) -> o
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its per-session warnings are noise to a user
     if int8_kernels:
         options.add_session_config_entry("session.qdqisint8allowed", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

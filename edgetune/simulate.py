@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -209,27 +210,33 @@ def _frozen_symbol(name: str) -> bool:
 
 
 def _trace_instructions(path: Path) -> tuple[int, int]:
-    """(all, frozen kernels') guest instructions of a QEMU ``-d in_asm,exec,nochain`` log: every
-    executed translation block counted with the instructions it was translated from."""
-    sizes: dict[int, int] = {}
-    total = frozen = 0
-    start, n = -1, 0
+    """(all, frozen kernels') guest instructions of a QEMU ``-d in_asm,exec,nochain`` log file."""
     with path.open(errors="replace") as f:
-        for line in f:
-            if line.startswith("Trace "):
-                pc = int(line.split("[", 1)[1].split("/", 2)[1], 16)
-                c = sizes.get(pc, 0)
-                total += c
-                if _frozen_symbol(line.rsplit("]", 1)[-1].strip()):
-                    frozen += c
-            elif line.startswith("IN:"):
-                start, n = -1, 0
-            elif line.startswith("0x"):
-                if start < 0:
-                    start = int(line.split(":", 1)[0], 16)
-                n += 1
-                sizes[start] = n
-    return total, frozen
+        return count_trace(f, _frozen_symbol)
+
+
+def count_trace(lines: Iterable[str], symbol: Callable[[str], bool] | None = None) -> tuple[int, int]:
+    """(all, in ``symbol``'s functions) guest instructions of a QEMU ``-d in_asm,exec,nochain`` log read
+    line by line: every executed translation block counted with the instructions it was translated from.
+    Without ``symbol`` the second count is 0 (no per-block name lookup: logs can be gigabytes)."""
+    sizes: dict[int, int] = {}
+    total = matched = 0
+    start, n = -1, 0
+    for line in lines:
+        if line.startswith("Trace "):
+            pc = int(line.split("[", 1)[1].split("/", 2)[1], 16)
+            c = sizes.get(pc, 0)
+            total += c
+            if symbol is not None and symbol(line.rsplit("]", 1)[-1].strip()):
+                matched += c
+        elif line.startswith("IN:"):
+            start, n = -1, 0
+        elif line.startswith("0x"):
+            if start < 0:
+                start = int(line.split(":", 1)[0], 16)
+            n += 1
+            sizes[start] = n
+    return total, matched
 
 
 def count_instructions(built: Built, x: np.ndarray, workdir: Path, adapt: bool, first: int = 1,

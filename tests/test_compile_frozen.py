@@ -39,6 +39,7 @@ from edgetune.errors import CheckpointError, CompileError, DataError
 from edgetune.export.onnx_graphs import export_frozen
 from edgetune.export.ops import float_islands
 from edgetune.export.quantize import quantize_frozen
+from edgetune.ort_runtime import session
 from edgetune.methods.base import TapSpec
 from edgetune.train import train_source
 
@@ -46,11 +47,8 @@ QDQ_OPTIONS = {"WeightSymmetric": True, "ActivationSymmetric": False}
 
 
 def ort_int8(path: Path | str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """onnxruntime's integer-kernel session: the reference every compiled int8 tensor must equal."""
+    return session(path, int8_kernels=True)
 
 
 def toolchain(*tools: str):

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,16 +29,9 @@ from edgetune.compilers.emit import aligned_empty
 from edgetune.errors import CompileError
 from edgetune.export.ops import OP_TABLE, SUPPORTED_OPS, float_islands, int8_ops, relax_rules
 from edgetune.export.quantize import quantize_frozen
+from test_compile_frozen import ort_int8
 
 SAMPLES = 30
-
-
-def ort_int8(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.qdqisint8allowed", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class Head(nn.Module):
