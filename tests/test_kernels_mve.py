@@ -79,6 +79,21 @@ def _print(n: int) -> str:
     return f"  for (int j = 0; j < {n}; ++j) printf(\"%d \", y[j]);\n  printf(\"\\n\");"
 
 
+def _conv_case(rng: np.random.Generator, cin: int, h: int, wd: int, cout: int, s: int) -> tuple:
+    """A random 3x3 conv (stride ``s``, the input zero point as padding) and its requantised int8 output:
+    (x, w OIHW, bias, scale, zx, zy, oh, ow, expected)."""
+    x = rng.integers(-128, 128, (cin, h, wd), dtype=np.int8)
+    w = rng.integers(-128, 128, (cout, cin, 3, 3), dtype=np.int8)
+    bias = rng.integers(-5000, 5000, cout).astype(np.int32)
+    scale, zx, zy = _scales(rng, cout), int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
+    oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
+    xp = np.pad(x.astype(np.int64), ((0, 0), (1, 2), (1, 2)), constant_values=zx)
+    win = np.stack([xp[:, ry:ry + (oh - 1) * s + 1:s, rx:rx + (ow - 1) * s + 1:s]
+                    for ry in range(3) for rx in range(3)], axis=1)  # [cin][9][oh][ow]
+    acc = np.einsum("ctyx,oct->oyx", win, w.reshape(cout, cin, 9).astype(np.int64)) + bias[:, None, None]
+    return x, w, bias, scale, zx, zy, oh, ow, _requant(acc, scale[:, None, None], zy)
+
+
 def _layers(rng: np.random.Generator) -> tuple[str, list[np.ndarray]]:
     """The C program's layer data and calls, and each layer's expected output (onnxruntime's formula)."""
     decls, calls, want = [], [], []
@@ -109,31 +124,15 @@ def _layers(rng: np.random.Generator) -> tuple[str, list[np.ndarray]]:
         calls.append(f"  if (et_dsp_depthwise3x3_s8(dx{i}, dw{i}, db{i}, ds{i}, y, {ch}, {h}, {wd}, {oh}, {ow}, {s}, "
                      f"{zx}, {zy})) return 1;\n" + _print(ch * oh * ow))
     for i, (cin, h, wd, cout, s) in enumerate(CONV):
-        x = rng.integers(-128, 128, (cin, h, wd), dtype=np.int8)
-        w = rng.integers(-128, 128, (cout, cin, 3, 3), dtype=np.int8)
-        bias = rng.integers(-5000, 5000, cout).astype(np.int32)
-        scale, zx, zy = _scales(rng, cout), int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
-        oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
-        xp = np.pad(x.astype(np.int64), ((0, 0), (1, 2), (1, 2)), constant_values=zx)
-        win = np.stack([xp[:, ry:ry + (oh - 1) * s + 1:s, rx:rx + (ow - 1) * s + 1:s]
-                        for ry in range(3) for rx in range(3)], axis=1)  # [cin][9][oh][ow]
-        acc = np.einsum("ctyx,oct->oyx", win, w.reshape(cout, cin, 9).astype(np.int64)) + bias[:, None, None]
-        want.append(_requant(acc, scale[:, None, None], zy))
+        x, w, bias, scale, zx, zy, oh, ow, out = _conv_case(rng, cin, h, wd, cout, s)
+        want.append(out)
         decls += [_carr("int8_t", f"cx{i}", x), _carr("int8_t", f"cw{i}", w), _carr("int32_t", f"cb{i}", bias),
                   _carr("float", f"cs{i}", scale)]
         calls.append(f"  if (et_dsp_conv3x3_s8(cx{i}, cw{i}, cb{i}, cs{i}, y, {cin}, {h}, {wd}, {cout}, {oh}, {ow}, "
                      f"{s}, {zx}, {zy})) return 1;\n" + _print(cout * oh * ow))
     for i, (cin, h, wd, cout, s) in enumerate(CONV[1:3]):  # the same convs with IHWO weights: Helium only
-        x = rng.integers(-128, 128, (cin, h, wd), dtype=np.int8)
-        w = rng.integers(-128, 128, (cout, cin, 3, 3), dtype=np.int8)
-        bias = rng.integers(-5000, 5000, cout).astype(np.int32)
-        scale, zx, zy = _scales(rng, cout), int(rng.integers(-128, 128)), int(rng.integers(-128, 128))
-        oh, ow = (h - 1) // s + 1, (wd - 1) // s + 1
-        xp = np.pad(x.astype(np.int64), ((0, 0), (1, 2), (1, 2)), constant_values=zx)
-        win = np.stack([xp[:, ry:ry + (oh - 1) * s + 1:s, rx:rx + (ow - 1) * s + 1:s]
-                        for ry in range(3) for rx in range(3)], axis=1)
-        acc = np.einsum("ctyx,oct->oyx", win, w.reshape(cout, cin, 9).astype(np.int64)) + bias[:, None, None]
-        want.append(_requant(acc, scale[:, None, None], zy))
+        x, w, bias, scale, zx, zy, oh, ow, out = _conv_case(rng, cin, h, wd, cout, s)
+        want.append(out)
         decls += [_carr("int8_t", f"ix{i}", x), _carr("int8_t", f"iw{i}", w.transpose(1, 2, 3, 0)),
                   _carr("int32_t", f"ib{i}", bias), _carr("float", f"is{i}", scale)]
         calls.append(f"  if (et_dsp_conv3x3_ihwo_s8(ix{i}, iw{i}, ib{i}, is{i}, y, {cin}, {h}, {wd}, {cout}, {oh}, "
