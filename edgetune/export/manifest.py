@@ -158,12 +158,19 @@ class ExitSpec:
 
 @dataclass(frozen=True)
 class GuardSpec:
-    """The collapse guard: histogram rate, collapse share, snapshot period, warm-up (samples)."""
+    """The collapse guard: histogram rate, collapse share, snapshot period, warm-up (samples), and what a trip
+    restores (``GUARD_RESTORES``): ``"weights"``, the last good snapshot of the trainable parameters, or
+    ``"source"``, every state buffer back to the bundle's values (the generated model's reset). Bundles written
+    before the field read as ``"weights"``, what their runtimes did."""
 
     rate: float
     max_share: float
     every: int
     warmup: int
+    restore: str = "weights"
+
+
+GUARD_RESTORES = ("weights", "source")  # what a collapse-guard trip restores
 
 
 LABEL_USES = ("none", "target")  # "target": one update towards the one-hot "target"; "none": no effect
@@ -316,7 +323,7 @@ class Manifest:
             "early exits: " + (f"{exits.count}, after stages {list(exits.stages)} (state {exits.state})" if exits
                                else "none"),
             "collapse guard: " + (f"rate {guard.rate:g}, max share {guard.max_share:g}, snapshot every {guard.every}, "
-                                  f"warm-up {guard.warmup}" if guard else "off"),
+                                  f"warm-up {guard.warmup}, a trip restores {guard.restore}" if guard else "off"),
             f"labels: {r.labels}",
             *([f"norm-align: {len(self.norm_align.convs)} aligned convs (graph positions "
                f"{[a.conv for a in self.norm_align.convs]}, {sum(a.channels for a in self.norm_align.convs)} channels)"
@@ -353,6 +360,9 @@ class Manifest:
         if r.labels not in LABEL_USES:
             raise CheckpointError(f"manifest: runtime.labels is {r.labels!r}, not one of {', '.join(LABEL_USES)}; "
                                   "re-export the bundle")
+        if r.guard is not None and r.guard.restore not in GUARD_RESTORES:
+            raise CheckpointError(f"manifest: runtime.guard.restore is {r.guard.restore!r}, not one of "
+                                  f"{', '.join(GUARD_RESTORES)}; re-export the bundle")
         if r.exits is not None and (r.exits.state not in states or r.exits.count < 2):
             raise CheckpointError(f"manifest: runtime.exits names state {r.exits.state!r} with {r.exits.count} "
                                   "exits (needs a state input and >= 2 exits); re-export the bundle")
@@ -439,10 +449,14 @@ def file_sha256(path: Path) -> str:
 
 def manifest_digest(manifest: Manifest) -> str:
     """The sha256 of ``manifest`` with an empty digest field (canonical JSON, sorted keys; an absent
-    ``norm_align`` is left out, so bundles sealed before that field existed keep their digest)."""
+    ``norm_align`` and a guard's default ``restore`` are left out, so bundles sealed before those fields existed
+    keep their digest)."""
     fields_ = asdict(replace(manifest, digest=""))
     if fields_["norm_align"] is None:
         del fields_["norm_align"]
+    guard = fields_["runtime"]["guard"]
+    if guard is not None and guard["restore"] == "weights":
+        del guard["restore"]
     text = json.dumps(fields_, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
