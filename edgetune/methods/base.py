@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.errors import ConfigError
+from edgetune.export.manifest import GUARD_RESTORES  # what a guard trip may restore: the bundle format's
 from edgetune.export.manifest import LABEL_USES  # what a revealed label may do: one list, the bundle format's
 from edgetune.models import Backbone
 from edgetune.registry import Registry
@@ -196,12 +197,19 @@ class Exits:
 
 @dataclass(frozen=True)
 class Guard:
-    """The collapse guard (``CollapseGuard``): histogram rate, collapse share, snapshot period, warm-up."""
+    """The collapse guard (``CollapseGuard``): histogram rate, collapse share, snapshot period, warm-up, and what
+    a trip restores: ``"weights"`` (the last good snapshot of the trainable parameters) or ``"source"`` (every
+    state buffer back to its value after fit: a method whose adapted state is statistics, with no weights)."""
 
     rate: float = 0.02
     max_share: float = 0.8
     every: int = 50
     warmup: int = 100
+    restore: str = "weights"
+
+    def __post_init__(self) -> None:
+        if self.restore not in GUARD_RESTORES:
+            raise ConfigError(f"Guard: restore={self.restore!r} is unknown; use one of {', '.join(GUARD_RESTORES)}")
 
 
 
