@@ -177,6 +177,19 @@ LABEL_USES = ("none", "target")  # "target": one update towards the one-hot "tar
 
 
 @dataclass(frozen=True)
+class LearnerSpec:
+    """How a revealed label is learnt from beyond its one optimizer step (``Method.learner()``): a replay
+    buffer of the last ``replay`` labelled samples' taps (int8, one scale per tap) and labels, ``replay_steps``
+    steps on samples drawn from it (xorshift32 seeded with ``seed``) after each label, and a linear lr warm-up
+    over the first ``warmup`` labels (targets/runtime/et_replay.h). Bundles without the field have none."""
+
+    replay: int
+    replay_steps: int
+    warmup: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class RuntimeContract:
     """What the method declared for the runtime (``Method.contract()``); None: the method has none."""
 
@@ -184,6 +197,7 @@ class RuntimeContract:
     exits: ExitSpec | None
     guard: GuardSpec | None
     labels: str
+    learner: LearnerSpec | None = None  # None: one step per label, constant lr (bundles before replay)
 
 
 @dataclass(frozen=True)
@@ -324,7 +338,9 @@ class Manifest:
                                else "none"),
             "collapse guard: " + (f"rate {guard.rate:g}, max share {guard.max_share:g}, snapshot every {guard.every}, "
                                   f"warm-up {guard.warmup}, a trip restores {guard.restore}" if guard else "off"),
-            f"labels: {r.labels}",
+            f"labels: {r.labels}" + (f"; replay {r.learner.replay} samples x {r.learner.replay_steps} steps "
+                                     f"(seed {r.learner.seed}), lr warm-up over {r.learner.warmup} labels"
+                                     if r.learner else ""),
             *([f"norm-align: {len(self.norm_align.convs)} aligned convs (graph positions "
                f"{[a.conv for a in self.norm_align.convs]}, {sum(a.channels for a in self.norm_align.convs)} channels)"
                "; their requantisation scale and offset are frozen inputs from the state"]
@@ -363,6 +379,11 @@ class Manifest:
         if r.guard is not None and r.guard.restore not in GUARD_RESTORES:
             raise CheckpointError(f"manifest: runtime.guard.restore is {r.guard.restore!r}, not one of "
                                   f"{', '.join(GUARD_RESTORES)}; re-export the bundle")
+        learner = r.learner
+        if learner is not None and (min(learner.replay, learner.replay_steps, learner.warmup, learner.seed) < 0
+                                    or learner.seed >= 2 ** 32 or (learner.replay > 0 and learner.replay_steps == 0)):
+            raise CheckpointError(f"manifest: runtime.learner {learner} is invalid (counts >= 0, replay needs steps, "
+                                  "seed < 2^32); re-export the bundle")
         if r.exits is not None and (r.exits.state not in states or r.exits.count < 2):
             raise CheckpointError(f"manifest: runtime.exits names state {r.exits.state!r} with {r.exits.count} "
                                   "exits (needs a state input and >= 2 exits); re-export the bundle")
@@ -454,6 +475,8 @@ def manifest_digest(manifest: Manifest) -> str:
     fields_ = asdict(replace(manifest, digest=""))
     if fields_["norm_align"] is None:
         del fields_["norm_align"]
+    if fields_["runtime"]["learner"] is None:  # bundles sealed before learners keep their digest
+        del fields_["runtime"]["learner"]
     guard = fields_["runtime"]["guard"]
     if guard is not None and guard["restore"] == "weights":
         del guard["restore"]
