@@ -27,12 +27,15 @@ buffer names (``contract()`` collects it; export writes it into the manifest as 
 * ``exits()``: the early exits (``Exits``): how many, after which backbone stage each one is
   decided, and the state buffer holding the one-hot of the exit the last sample took;
 * ``guard()``: the collapse guard's settings (``Guard``), or None for no guard;
-* ``labels()``: what a revealed label does (``Labels``).
+* ``labels()``: what a revealed label does (``Labels``);
+* ``learner()``: how a revealed label is learnt from (``Learner``: the optimizer, an lr warm-up and a
+  replay buffer), set per instance with ``use_learner``.
 Defaults fit a method with no running statistics, no exits, the standard guard (when
 ``config.guard``) and cross-entropy updates from labels when it has trainable parameters.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import math
 from dataclasses import dataclass, field, fields
@@ -223,6 +226,61 @@ class Labels:
     use: str = "target"
 
 
+OPTIMIZERS = ("sgd", "adam")  # the test-time optimizers a method can learn with (compilers/optimizers.py)
+
+
+@dataclass(frozen=True)
+class Learner:
+    """How revealed labels are learnt from (the same on every runtime: targets/runtime/et_replay.h).
+
+    * ``optimizer``: ``"sgd"`` (SGD with the config's momentum) or ``"adam"`` (torch.optim.Adam at the
+      config's lr; on a device two float32 moments and a step per trainable parameter instead of one).
+    * ``warmup``: the update of every supervised step is scaled by ``min(1, labels / warmup)`` during the
+      first ``warmup`` labels (a linear lr warm-up, Goyal et al. 2017), applied as a blend of the weights
+      ``p_before + w * (p_after - p_before)`` -- the optimizer's step at lr * w, for SGD and Adam alike.
+    * ``replay``: a buffer of the last ``replay`` labelled samples' taps, int8 with one scale per tap
+      (``quantise_tap``), and labels; after each label's own step, ``replay_steps`` steps on samples drawn
+      from the buffer (index ``xorshift32 % count``, oldest first, seeded with ``seed``), then the label's
+      sample joins the buffer (experience replay of features, e.g. Pellegrini et al. 2020 "Latent replay").
+      Only samples already scored are replayed: the stream stays single-pass.
+    """
+
+    optimizer: str = "sgd"
+    warmup: int = 0
+    replay: int = 0
+    replay_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = ([f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"]
+                    if self.optimizer not in OPTIMIZERS else [])
+        problems += [f"{n}={getattr(self, n)!r} is not an integer >= {lo}" for n, lo in
+                     (("warmup", 0), ("replay", 0), ("replay_steps", 1), ("seed", 0))
+                     if isinstance(getattr(self, n), bool) or not isinstance(getattr(self, n), int)
+                     or getattr(self, n) < lo]
+        if self.seed >= 2 ** 32:
+            problems.append(f"seed={self.seed} does not fit 32 bits")
+        if problems:
+            raise ConfigError(f"learner: {'; '.join(problems)}; give valid learner settings")
+
+
+def xorshift32(state: int) -> int:
+    """The next xorshift32 value (Marsaglia 2003) of a non-zero 32-bit state: the replay's draws, as in C."""
+    state ^= (state << 13) & 0xFFFFFFFF
+    state ^= state >> 17
+    state ^= (state << 5) & 0xFFFFFFFF
+    return state
+
+
+def quantise_tap(tap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scale) of one tap as the replay buffer stores it: symmetric, scale = max|x| / 127,
+    round half to even -- the float32 operations of et_replay.c."""
+    scale = tap.detach().abs().max() / 127.0
+    if float(scale) == 0.0:
+        return torch.zeros_like(tap, dtype=torch.int8), scale
+    return torch.round(tap.detach() / scale).clamp(-127, 127).to(torch.int8), scale
+
+
 @dataclass(frozen=True)
 class Contract:
     """Everything a runtime needs of a method beyond its graph (``Method.contract()``)."""
@@ -231,6 +289,7 @@ class Contract:
     exits: Exits | None
     guard: Guard | None
     labels: Labels
+    learner: Learner = Learner()
 
 
 class CollapseGuard:
@@ -285,6 +344,10 @@ class Method(nn.Module):
         self._optimizer: torch.optim.Optimizer | None = None
         self._guard: CollapseGuard | None = None
         self.restores = 0  # collapse-guard restores since construction (reported by evaluation)
+        self._learner = Learner()
+        self._replay: collections.deque = collections.deque(maxlen=1)
+        self._draws = 0  # xorshift32 state of the replay's draws
+        self._labels = 0  # revealed labels since reset (the warm-up's clock)
 
     # --- what the method declares -------------------------------------------------------
     def taps(self) -> tuple[TapSpec, ...]:
@@ -337,6 +400,15 @@ class Method(nn.Module):
         """What a revealed label does (default: an update when there is something to train)."""
         return Labels("target" if self.trainable_names() else "none")
 
+    def learner(self) -> Learner:
+        """How revealed labels are learnt from (default: one SGD step each; ``use_learner`` changes it)."""
+        return self._learner
+
+    def use_learner(self, learner: Learner) -> None:
+        """Learn from labels with ``learner`` from now on (the optimizer is rebuilt: a ``reset``)."""
+        self._learner = learner
+        self.reset()
+
     def contract(self) -> Contract:
         """The declarations above, checked against each other.
 
@@ -357,7 +429,7 @@ class Method(nn.Module):
             problems.append(f"labels use {labels.use!r} is not one of {', '.join(LABEL_USES)}")
         if problems:
             raise ConfigError(f"method {self.name}: {'; '.join(problems)}; fix the method's declarations")
-        return Contract(self.schedule(), exits, self.guard(), labels)
+        return Contract(self.schedule(), exits, self.guard(), labels, self.learner())
 
     # --- test time ----------------------------------------------------------------------
     def momentum_now(self) -> float:
@@ -373,8 +445,14 @@ class Method(nn.Module):
         self._good = self._snapshot()
         self.steps = 0
         params = self._trainable()
-        self._optimizer = (torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
-                           if params and self.config.lr > 0 else None)
+        learner = self.learner()
+        self._optimizer = None
+        if params and self.config.lr > 0:
+            self._optimizer = (torch.optim.Adam(params, lr=self.config.lr) if learner.optimizer == "adam" else
+                               torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum))
+        self._replay = collections.deque(maxlen=max(1, learner.replay))
+        self._draws = learner.seed or 0x9E3779B9  # as et_replay.c: seed 0 stands for this constant
+        self._labels = 0
         g = self.guard()
         self._guard = (CollapseGuard(self.num_classes, g.rate, g.max_share, g.every, g.warmup)
                        if g is not None and self._optimizer else None)
@@ -390,21 +468,54 @@ class Method(nn.Module):
         supervised = target is not None
         if target is None:
             target = torch.zeros(1, self.num_classes)
+        if supervised and self._optimizer is not None:
+            self._labels += 1
         state = [self.get_buffer(n) for n in self.state_names()]
         # Feedback on an already-scored sample reads the statistics as they are (the C runtime does the same).
         momentum = torch.tensor([0.0 if supervised else self.momentum_now()])
         with torch.enable_grad() if self._optimizer else torch.no_grad():
             logits, loss, new_state = self.forward_graph(taps, state, momentum, target)
             if self._optimizer is not None:
-                self._optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self._optimizer.step()
+                self._update(loss, supervised)
+        if supervised and self._optimizer is not None and self.learner().replay:
+            self._replay_after(taps, target, state)
         if not supervised:
             for n, v in zip(self.state_names(), new_state):
                 self.get_buffer(n).copy_(v.detach())
             self.steps += 1
             self._guard_step(int(logits.argmax()))
         return logits.detach()
+
+    def _update(self, loss: torch.Tensor, supervised: bool) -> None:
+        """One optimizer step on ``loss``; during the warm-up a supervised step is scaled by the blend of
+        ``Learner`` (float32, as et_runtime.c)."""
+        if self._optimizer is None:
+            return
+        warmup = self.learner().warmup
+        w = (torch.tensor(self._labels, dtype=torch.float32) / torch.tensor(warmup, dtype=torch.float32)
+             if supervised and warmup and self._labels < warmup else None)
+        before = [p.detach().clone() for p in self._trainable()] if w is not None else []
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._optimizer.step()
+        if w is not None:
+            with torch.no_grad():
+                for p, old in zip(self._trainable(), before):
+                    p.copy_(old + w * (p - old))
+
+    def _replay_after(self, taps: list[torch.Tensor], target: torch.Tensor, state: list[torch.Tensor]) -> None:
+        """The replay of ``Learner``: ``replay_steps`` supervised steps on stored samples, then this one joins."""
+        staged = ([quantise_tap(t) for t in taps], int(target.argmax()))
+        for _ in range(self.learner().replay_steps if self._replay else 0):
+            self._draws = xorshift32(self._draws)
+            stored, label = self._replay[self._draws % len(self._replay)]
+            old_target = torch.zeros(1, self.num_classes)
+            old_target[0, label] = 1.0
+            with torch.enable_grad():
+                _, loss, _ = self.forward_graph([q.to(torch.float32) * s for q, s in stored], state,
+                                                torch.zeros(1), old_target)
+                self._update(loss, True)
+        self._replay.append(staged)
 
     def _guard_step(self, prediction: int) -> None:
         if self._guard is None:
@@ -442,5 +553,6 @@ def declare(cls: type[Method]) -> type[Method]:
     return METHODS.register(cls.name)(cls)
 
 
-__all__ = ["LABEL_USES", "METHODS", "CollapseGuard", "Contract", "Exits", "Guard", "Labels", "Method", "MethodConfig",
-           "Schedule", "TapSpec", "declare", "entropy", "ema_momentum", "stop_gradient", "supervised_or"]
+__all__ = ["LABEL_USES", "METHODS", "OPTIMIZERS", "CollapseGuard", "Contract", "Exits", "Guard", "Labels", "Learner",
+           "Method", "MethodConfig", "Schedule", "TapSpec", "declare", "entropy", "ema_momentum", "quantise_tap",
+           "stop_gradient", "supervised_or", "xorshift32"]
