@@ -15,10 +15,14 @@ Categories:
   with only the trainable parameters requiring grad (measured with ``saved_tensors_hooks``).
   Only storages that depend on the sample count: parameters, buffers and tensors computed from
   them alone (a weight-standardised kernel) are weights. For tent this is the whole float backbone.
-* ``trainable_params``, ``gradients``, ``optimizer_state`` (SGD momentum buffers) — float32.
+* ``trainable_params``, ``gradients``, ``optimizer_state`` (SGD momentum buffers; Adam's two moments and
+  a step per parameter tensor) — float32.
 * ``state`` — forward-only running tensors (feature statistics).
 * ``float_constants`` — the float side's other tensors: frozen parameters (e.g. a copied classifier)
   and constant buffers (source statistics).
+* ``replay_buffer`` — what the method's ``Learner`` keeps to learn from labels (``replay_bytes``): the replay
+  buffer's N + 1 slots of int8 taps (a float32 scale per tap and the label each; one slot stages the revealed
+  sample), and with a warm-up a float32 copy of the trainable parameters; 0 without either.
 
 Gradients, optimizer state and saved tensors are counted whenever the method declares trainable
 parameters (the bundle's training step exists then), whatever its ``lr``.
@@ -36,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from edgetune.adapt import Adaptable, FrozenTaps
 
 CATEGORIES = ("frozen_weights", "peak_forward_activations", "saved_for_backward", "trainable_params", "gradients",
-              "optimizer_state", "state", "float_constants")
+              "optimizer_state", "state", "float_constants", "replay_buffer")
 F32 = 4
 # Elementwise ops a memory planner runs in place: the output takes over an input that dies there.
 _IN_PLACE = {"hardtanh", "relu", "clamp", "add", "sub", "mul", "div", "sigmoid", "tanh", "gelu", "silu", "hardswish"}
@@ -169,6 +173,21 @@ def saved_for_backward(adaptable: Adaptable, x: torch.Tensor | None = None) -> i
     return sum(saved.values())
 
 
+def replay_bytes(learner, tap_floats: list[int], trainable_bytes: int) -> int:
+    """Bytes ``learner`` (``edgetune.methods.base.Learner``) keeps beside the step: ``ET_LEARNER_WORK_BYTES`` of
+    targets/runtime/et_replay.h for taps of ``tap_floats`` floats each."""
+    slot = 4 * len(tap_floats) + 4 + (sum(tap_floats) + 3) // 4 * 4
+    replay = (learner.replay + 1) * slot if learner.replay else 0
+    return replay + ((trainable_bytes + 3) // 4 * 4 if learner.warmup else 0)
+
+
+def optimizer_bytes(optimizer: str, momentum: float, shapes: list[int]) -> int:
+    """float32 optimizer state for parameter tensors of ``shapes`` elements (compilers/optimizers.py's states)."""
+    if optimizer == "adam":
+        return sum(2 * F32 * n + F32 for n in shapes)
+    return sum(F32 * n for n in shapes) if momentum > 0 else 0
+
+
 def memory_table(adaptable: Adaptable) -> dict[str, int]:
     """Bytes per category (``CATEGORIES``) for one adaptation step of ``adaptable`` at batch 1."""
     method, backbone = adaptable.method, adaptable.backbone
@@ -200,21 +219,27 @@ def memory_table(adaptable: Adaptable) -> dict[str, int]:
     others: list[torch.Tensor] = [t for n, t in method.named_parameters() if n not in trainable]
     others += [t for n, t in method.named_buffers() if n not in state_names]
     skip = counted | {_key(t) for t in [*backbone.parameters(), *backbone.buffers()]}
+    learner = method.learner()
     return {
         "frozen_weights": frozen_weights,
         "peak_forward_activations": _peak_live(rec, x, outputs, set(weights), act_bytes),
         "saved_for_backward": saved_for_backward(adaptable, x),
         "trainable_params": trainable_bytes,
         "gradients": trainable_bytes,
-        "optimizer_state": trainable_bytes if method.config.momentum > 0 else 0,
+        "optimizer_state": optimizer_bytes(learner.optimizer, method.config.momentum,
+                                           [p.numel() for p in trainable.values()]),
         "state": sum(F32 * method.get_buffer(n).numel() for n in state_names),
         "float_constants": sum(F32 * t.numel() for t in {_key(t): t for t in others if _key(t) not in skip}.values()),
+        "replay_buffer": replay_bytes(learner, [t[:1].numel() for t in outputs], trainable_bytes)
+        if method.partitioned and trainable else 0,
     }
 
 
 def backward_bytes(table: Mapping[str, int]) -> int:
-    """What adapting costs beyond inference: saved-for-backward + gradients + optimizer state."""
-    return table["saved_for_backward"] + table["gradients"] + table["optimizer_state"]
+    """What adapting costs beyond inference: saved-for-backward + gradients + optimizer state (+ the learner's
+    replay buffer and warm-up copy)."""
+    return (table["saved_for_backward"] + table["gradients"] + table["optimizer_state"]
+            + table.get("replay_buffer", 0))
 
 
 def training_bytes(table: Mapping[str, int]) -> int:

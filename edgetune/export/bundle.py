@@ -20,7 +20,7 @@ from edgetune.adapt import Adaptable, check_sample
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import ExportError
 from edgetune.export.manifest import (FROZEN_FILE, GIVEN, MANIFEST_FILE, TRAINABLE_FILE, ExitSpec, FrozenPart,
-                                      GuardSpec, Manifest, MomentumSchedule, OptimizerSpec, OptimizerState,
+                                      GuardSpec, LearnerSpec, Manifest, MomentumSchedule, OptimizerSpec, OptimizerState,
                                       QuantizationSpec, RuntimeContract, TapOutput, TensorSpec, TrainablePart,
                                       onnx_name, seal, sha256_of)
 from edgetune.export.onnx_graphs import export_frozen, export_trainable
@@ -153,15 +153,21 @@ def build_bundle(adaptable: Adaptable, data: Dataset, directory: Path, quantize:
     bar.set_postfix_str("manifest + checks")
     config = method.config
     trainable = [p for p in parameters if p.trainable]
-    states = tuple(OptimizerState(f"sgd_momentum_{p.name}", p.shape, "float32", p.name) for p in trainable)
+    optimizer = method.learner().optimizer
+    if optimizer == "adam":  # compilers/optimizers.py's Adam: two moments and a step counter per parameter
+        states = tuple(OptimizerState(f"adam_{kind}_{p.name}", shape, "float32", p.name) for p in trainable
+                       for kind, shape in (("exp_avg", p.shape), ("exp_avg_sq", p.shape), ("step", ())))
+    else:
+        states = tuple(OptimizerState(f"sgd_momentum_{p.name}", p.shape, "float32", p.name) for p in trainable
+                       if config.momentum > 0)
     manifest = Manifest(
         model=adaptable.model_name, method=method.name,
         config=json.loads(json.dumps(asdict(config), default=str)), num_classes=method.num_classes, target=target,
         input=TensorSpec("x", (1, *backbone.input_shape), "float32"),
         frozen=FrozenPart(FROZEN_FILE, sha256_of(frozen_path), quantize, taps),
         trainable=TrainablePart(TRAINABLE_FILE, sha256_of(trainable_path), inputs, outputs, parameters,
-                                OptimizerSpec("sgd", config.lr, config.momentum,
-                                              states if config.momentum > 0 else ())),
+                                OptimizerSpec(optimizer, config.lr, config.momentum if optimizer == "sgd" else 0.0,
+                                              states)),
         runtime=contract, quantization=quantization, memory=memory_table(adaptable),
         edgetune_version=__version__)
     # Sealed (digest; side files written later are added by ``seal_bundle``), so an edit is refused.
@@ -185,7 +191,9 @@ def runtime_contract(method: Method) -> RuntimeContract:
         momentum_schedule=MomentumSchedule(float(s.start), float(s.decay), float(s.floor)) if s else None,
         exits=ExitSpec(tuple(e.stages), f"state_{onnx_name(e.state)}") if e else None,
         guard=GuardSpec(float(g.rate), float(g.max_share), int(g.every), int(g.warmup)) if g else None,
-        labels=c.labels.use)
+        labels=c.labels.use,
+        learner=(LearnerSpec(c.learner.replay, c.learner.replay_steps, c.learner.warmup, c.learner.seed)
+                 if c.learner.replay or c.learner.warmup else None))
 
 
 # A QDQ graph run in onnxruntime and as fake quantisation in torch may round a tie differently

@@ -13,3 +13,9 @@ et_status et_momentum_at(const et_momentum_schedule *s, uint32_t step, float *ou
   *out = (float)(m > s->floor ? m : s->floor);
   return ET_OK;
 }
+
+et_status et_warmup_at(uint32_t warmup, uint32_t labels, float *out) {
+  if (out == NULL) return ET_E_ARG;
+  *out = (warmup == 0u || labels >= warmup) ? 1.0f : (float)labels / (float)warmup;
+  return ET_OK;
+}

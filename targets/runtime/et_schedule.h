@@ -16,4 +16,8 @@ typedef struct et_momentum_schedule {
 /* *out = (float)max(floor, start * decay^step). ET_E_ARG unless start, decay, floor lie in [0, 1]. */
 et_status et_momentum_at(const et_momentum_schedule *s, uint32_t step, float *out);
 
+/* The linear lr warm-up of supervised steps (et_replay.h): *out = min(1, labels / warmup) in float32, the
+ * reference's torch.tensor(labels) / torch.tensor(warmup); 1 when warmup is 0. ET_E_ARG: out NULL. */
+et_status et_warmup_at(uint32_t warmup, uint32_t labels, float *out);
+
 #endif /* ET_SCHEDULE_H */
