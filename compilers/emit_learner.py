@@ -8,6 +8,8 @@ the runtime's weak reference stays NULL (one step per label).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from compilers.plan import ALIGNMENT
 
 
@@ -55,4 +57,21 @@ def learner_source(manifest) -> str:
         "  *work = et_learner_work;", "  *work_bytes = (uint32_t)sizeof et_learner_work;", "  return ET_OK;", "}", ""])
 
 
-__all__ = ["learner_source", "tap_layout"]
+
+MARK = "edgetune_model_learner("
+
+
+def append_learner(model_dir: str | Path, manifest) -> bool:
+    """Add ``learner_source`` to a generated model's ``et_model_gen.c`` in ``model_dir`` unless it is there
+    already (the model's emitter may write it itself); returns whether the model now declares a learner."""
+    gen = Path(model_dir) / "et_model_gen.c"
+    text = gen.read_text()
+    if MARK in text:
+        return True
+    source = learner_source(manifest)
+    if source:
+        gen.write_text(text + "\n" + source)
+    return bool(source)
+
+
+__all__ = ["append_learner", "learner_source", "tap_layout"]
