@@ -4,13 +4,22 @@
     trainable.onnx -> ``train_step.compile_train_step`` / ``lower_train_step`` (infer, train_step)
     both plans     -> TVM's C kernels (one file) + ``emit_model.emit_model`` (the plans as C)
 
-The kernels are TVM's C codegen, the same source on every target, so a host build of the
-generated model is an exact oracle of a device build; ``emit_kernels_object`` compiles the same
-kernels with LLVM for Linux targets. ``compile_frozen`` (``OUT/host/``'s native library of the
-frozen graph alone) starts from the same ``lower_frozen``.
+Microcontrollers and the host build get the C target's lowering: TVM's C codegen, the same source
+on every such target, so a host build of the generated model is an exact oracle of a device build.
+A Linux target (``tvm_target``: its LLVM target) gets its own lowering of the frozen graph, scheduled
+for its CPU (e.g. android-arm64's dot-product convs): the driver is emitted from that plan, and
+``emit_kernels_object`` builds that plan's kernels with LLVM; ``kernels_c`` is then the same kernels
+as plain C (vectorised loops made serial), for builds without the LLVM object. The two lowerings'
+plans differ (arena, weight layouts, kernel arguments), so a Linux plan's frozen kernels are named
+``f_<plan id>_<kernel>``: a driver links only with kernels of its own lowering, any other pairing is an
+undefined symbol at link time. The training step is lowered for C in both (its float kernels are the
+same, so the host build stays the oracle of its results). ``compile_frozen`` (``OUT/host/``'s native
+library of the frozen graph alone) starts from the same ``lower_frozen``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -44,15 +53,26 @@ class GeneratedModel:
     kernels: int  # distinct kernels
     seconds: dict[str, float]
     kernels_ir: Any = field(repr=False, compare=False)  # the kernels' TIR (tvm.IRModule), for LLVM objects
+    tvm_target: Mapping[str, Any] | None = None  # the Linux target the frozen graph was lowered for; None: C
+    frozen_prefix: str = "f_"  # the frozen kernels' symbol prefix: "f_<plan id>_" for a Linux target's plan
+
+
+def plan_id(plan_json: str, tvm_target: Mapping[str, Any]) -> str:
+    """Eight hex digits naming one Linux lowering of a frozen graph (its plan and the target): part of
+    its kernels' symbols, so a driver and kernels of different lowerings cannot be linked together."""
+    text = plan_json + json.dumps(dict(tvm_target), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, np.ndarray],
-                  inference_only: bool = False) -> GeneratedModel:
-    """Compile a bundle's two graphs to C kernels and emit the model code around their plans.
+                  inference_only: bool = False, tvm_target: Mapping[str, Any] | None = None) -> GeneratedModel:
+    """Compile a bundle's two graphs to kernels and emit the model code around their plans.
 
     ``manifest`` is the bundle's (``edgetune.export.load_manifest``), ``initial_state`` the
     running statistics' initial values by state name. ``inference_only``: no training step; the
-    parameters become constants.
+    parameters become constants. ``tvm_target``: None for the C target (microcontrollers, the host
+    build); a Linux target's LLVM target (``Target.tvm_target``) lowers the frozen graph for that CPU
+    (see the module docstring), for ``emit_kernels_object``.
 
     Raises:
         CompileError: a graph cannot be compiled or planned (one line; a TVM failure in the frozen
@@ -63,10 +83,17 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     na = manifest.norm_align
-    # lowered without the C-source passes: the LLVM objects of Linux targets build these kernels as
-    # they are; the C build below gets them through source_kernels
-    frozen_low = lower_frozen(bundle / manifest.frozen.file, target, "c", source=False,
-                              aligned=na.convs if na is not None else ())
+    aligned = na.convs if na is not None else ()
+    if tvm_target is None:
+        # lowered without the C-source passes (the lowering LLVM objects used to build too); the C build
+        # below gets them through source_kernels
+        frozen_low = lower_frozen(bundle / manifest.frozen.file, target, "c", source=False, aligned=aligned)
+        frozen_prefix = "f_"
+    else:
+        llvm = _llvm_target(tvm_target)
+        frozen_low = lower_frozen(bundle / manifest.frozen.file, llvm, str(llvm.attrs.get("mcpu", "llvm")),
+                                  source=False, aligned=aligned)
+        frozen_prefix = f"f_{plan_id(frozen_low.plan.to_json(), tvm_target)}_"
     seconds["frozen"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -77,7 +104,7 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     learns = not inference_only and manifest.trainable.optimizer.lr > 0
     iface = interface_from_manifest(manifest, initial_state, program.initial_params, learns)
     kernels: dict[str, tirx.PrimFunc] = {}
-    entries = [(frozen_low.module, frozen_low.plan, "f"), (lowered.module, lowered.plans[INFER], "t")]
+    entries = [(frozen_low.module, frozen_low.plan, frozen_prefix[:-1]), (lowered.module, lowered.plans[INFER], "t")]
     if iface.learns:
         entries.append((lowered.module, lowered.plans[TRAIN_STEP], "t"))
     for module, plan, prefix in entries:  # infer and train_step share kernels: one copy each
@@ -85,34 +112,58 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
 
     t0 = time.perf_counter()
     with compile_stage("C code generation", frozen_low.source, frozen_low.model):
+        # C targets: the C-source kernel passes (DSP micro-kernels, explicit unrolling); a Linux plan's C is
+        # the LLVM object's kernels with their vectorised loops serial (C has no vector types)
+        c_module = (source_kernels(tvm.IRModule(kernels)) if tvm_target is None
+                    else tvm.tirx.transform.VectorizeLoop(False)(tvm.IRModule(kernels)))
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-            built = tvm.tirx.build(source_kernels(tvm.IRModule(kernels)), target=target)
+            built = tvm.tirx.build(c_module, target=target)
         kernels_c = c_kernels(built.inspect_source())
     seconds["codegen"] = time.perf_counter() - t0
 
     def planned(low, plan, consts, prefix) -> Planned:
         return Planned(plan, consts, {k.name: low[k.name] for k in plan.kernels}, prefix)
 
-    frozen = planned(frozen_low.module, frozen_low.plan, frozen_low.constants, "f_")
+    frozen = planned(frozen_low.module, frozen_low.plan, frozen_low.constants, frozen_prefix)
     infer = planned(lowered.module, lowered.plans[INFER], lowered.constants[INFER], "t_")
     train = (planned(lowered.module, lowered.plans[TRAIN_STEP], lowered.constants[TRAIN_STEP], "t_")
              if iface.learns else None)
     sources = emit_model(iface, frozen, infer, train)
     pool = workspace_pool_bytes(kernels_c)  # exact; the plans' figure also counts kernel stack arrays
     sources = replace(sources, memory=replace(sources.memory, workspace=pool))
-    return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels))
+    return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels),
+                          None if tvm_target is None else dict(tvm_target), frozen_prefix)
 
 
-def emit_kernels_object(generated: GeneratedModel, tvm_target: dict, path: Path) -> Path:
-    """The same kernels as ``generated.kernels_c``, compiled by TVM's LLVM backend for ``tvm_target``
-    (e.g. aarch64 with the CPU's features) into an object file with the same symbols.
+def _llvm_target(tvm_target: Mapping[str, Any]) -> tvm.target.Target:
+    try:
+        target = tvm.target.Target(dict(tvm_target))
+    except (ValueError, RuntimeError) as exc:  # what tvm-ffi raises for a bad target
+        raise CompileError(f"compile: TVM does not accept the target {dict(tvm_target)} "
+                           f"({str(exc).splitlines()[0][:120]}); check the target's tvm_target") from None
+    if str(target.kind.name) != "llvm":
+        raise CompileError(f"compile: a Linux target's lowering needs an LLVM target (got kind "
+                           f"{target.kind.name}); give the target's tvm_target, or None for the C target")
+    return target
+
+
+def emit_kernels_object(generated: GeneratedModel, tvm_target: Mapping[str, Any], path: Path) -> Path:
+    """The same kernels as ``generated.kernels_c`` (same plan, same symbols), compiled by TVM's LLVM
+    backend for ``tvm_target`` (e.g. aarch64 with the CPU's features) into an object file.
+    ``generated`` must come from ``compile_model(..., tvm_target=tvm_target)``: its frozen kernels were
+    scheduled for that CPU and its driver expects them.
 
     Raises:
-        CompileError: LLVM fails.
+        CompileError: ``generated`` was lowered for another target, or LLVM fails.
     """
+    if generated.tvm_target is None or dict(generated.tvm_target) != dict(tvm_target):
+        lowered = "the C target" if generated.tvm_target is None else str(dict(generated.tvm_target))
+        raise CompileError(f"emit: the kernels were lowered for {lowered}, not {dict(tvm_target)} (their driver "
+                           "expects that plan); compile the model with compile_model(..., tvm_target=...) of "
+                           "this target")
     try:
         with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_assert": True}):
-            built = tvm.tirx.build(generated.kernels_ir, target=tvm.target.Target(tvm_target))
+            built = tvm.tirx.build(generated.kernels_ir, target=tvm.target.Target(dict(tvm_target)))
         path.parent.mkdir(parents=True, exist_ok=True)
         built.write_to_file(str(path))
     except (ValueError, RuntimeError) as exc:  # what tvm-ffi raises for a failed build
@@ -170,4 +221,5 @@ def interface_from_manifest(manifest, initial_state: Mapping[str, np.ndarray],
                      stages, frozen_states)
 
 
-__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "workspace_pool_bytes"]
+__all__ = ["GeneratedModel", "compile_model", "emit_kernels_object", "interface_from_manifest", "plan_id",
+           "workspace_pool_bytes"]

@@ -13,8 +13,10 @@
 Microcontroller bundles are checked against the target's budget twice before anything is written
 (``BudgetError`` with the table): estimated from the ONNX graphs before any TVM work
 (``edgetune.deploy.estimate``), then with the generated model's exact figures. The model C is
-the same on every target (TVM's C kernels), so the host build of it is an exact oracle of the
-device build.
+the same on every microcontroller (TVM's C kernels), so the host build of it is an exact oracle of
+the device build. A Linux target's model is lowered for its CPU (``compile_model(..., tvm_target)``):
+its driver, its LLVM kernels object and its C kernels (``make KERNELS=c``) all come from that one
+plan, whose kernel symbols carry the plan's id, so no driver links with kernels of another plan.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ APP_DIR = HERE / "app"
 STATE_FILE = "initial_state.npz"
 PROJECT_FILE = "project.json"
 FORMAT = "edgetune-target-project/1"
-# the last bundle's GeneratedModel (compilers/model.py), kept while its targets are written
+# the last bundle's GeneratedModels (compilers/model.py), one per lowering (the C target, each Linux
+# target's CPU), kept while its targets are written
 _GENERATED: dict[tuple, Any] = {}
 
 
@@ -173,7 +176,7 @@ def write_target_project(bundle_dir: str | Path, target: str | Target, inference
     bundle = Path(bundle_dir)
     if t.kind == "mcu":  # from the graphs alone: an oversized model is refused in seconds, not after TVM's minutes
         _check_estimate(bundle, t, inference_only)
-    manifest, generated = _generate(bundle, inference_only)
+    manifest, generated = _generate(bundle, inference_only, t.tvm_target if t.kind == "linux" else None)
     memory = asdict(generated.sources.memory)
     budget = firmware_budget(t, memory, generated.kernels)
     if t.kind == "mcu":
@@ -221,8 +224,9 @@ def _check_estimate(bundle: Path, t: Target, inference_only: bool) -> None:
                  manifest.model, estimated=True)
 
 
-def _generate(bundle: Path, inference_only: bool = False):
-    """(manifest, GeneratedModel) of a bundle: both graphs compiled to C once per bundle content."""
+def _generate(bundle: Path, inference_only: bool = False, tvm_target: dict | None = None):
+    """(manifest, GeneratedModel) of a bundle: both graphs compiled once per bundle content and
+    lowering (``tvm_target``: None, the C target; a Linux target's LLVM target)."""
     from edgetune.compilers.model import compile_model  # compilers import tvm: only here
     from edgetune.export import load_manifest
 
@@ -232,12 +236,14 @@ def _generate(bundle: Path, inference_only: bool = False):
     if states and not set(states) <= set(initial):
         raise ExportError(f"project: {bundle} has running statistics ({', '.join(states)}) but no {STATE_FILE} "
                           "with their initial values; re-export the bundle with this edgetune version")
-    key = (str(bundle.resolve()), manifest.frozen.sha256, manifest.trainable.sha256,
-           tuple(sorted((k, v.tobytes()) for k, v in initial.items())), inference_only)
-    if key not in _GENERATED:  # one compile per bundle serves every target (the C is the same)
+    content = (str(bundle.resolve()), manifest.frozen.sha256, manifest.trainable.sha256,
+               tuple(sorted((k, v.tobytes()) for k, v in initial.items())), inference_only)
+    lowering = json.dumps(tvm_target, sort_keys=True) if tvm_target is not None else "c"
+    if any(k[0] != content for k in _GENERATED):  # another bundle: its compiles are not needed any more
         _GENERATED.clear()
-        _GENERATED[key] = compile_model(bundle, manifest, initial, inference_only)
-    return manifest, _GENERATED[key]
+    if (content, lowering) not in _GENERATED:  # one compile per lowering serves every target of that kind
+        _GENERATED[(content, lowering)] = compile_model(bundle, manifest, initial, inference_only, tvm_target)
+    return manifest, _GENERATED[(content, lowering)]
 
 
 def _write_model(generated, model_dir: Path) -> None:
