@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compilers.plan import ALIGNMENT
+from edgetune.compilers.plan import ALIGNMENT
 
 
 def _numel(shape) -> int:
