@@ -43,9 +43,10 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 from bench_kernels import MODELS, frozen_model  # noqa: E402  (the same models and frozen.onnx)
 
-from edgetune.compilers import FrozenRunner, compile_frozen  # noqa: E402
+from edgetune.compilers import FrozenRunner, compile_frozen, host_kernels  # noqa: E402
 from edgetune.compilers.emit import EmitTarget  # noqa: E402
 from edgetune.deploy.project import backbone_macs  # noqa: E402
 from edgetune.ort_runtime import session  # noqa: E402
@@ -53,25 +54,45 @@ from edgetune.simulate import count_trace  # noqa: E402
 from edgetune.targets import get_target  # noqa: E402
 
 LINUX_TARGETS = ("rpi4", "android-arm64")
+# the zoo's reference models (tests/corpus_models.py: seeded weights, exported as the corpus exports them);
+# host rows only (``--models reference`` adds them)
+REFERENCE = ("resnet8", "ds-cnn", "mobilenet-v1-025", "mobilenet-v3-s", "imu-conv1d")
 ORT_DRIVER = ROOT / "benchmarks" / "ort_driver.c"
 
 
 # --- models ---------------------------------------------------------------------------------------
+def model_frozen(model: str, work: Path) -> Path:
+    """frozen.onnx of a zoo model (``bench_kernels.frozen_model``) or of a reference model (the corpus's export)."""
+    if model in REFERENCE:
+        from corpus_models import build, export_int8
+
+        out = work / "frozen.onnx"
+        return out if out.is_file() else export_int8(build(model), work)
+    return frozen_model(model, work)[0]
+
+
 def qoperator_model(work: Path, model: str) -> Path:
-    """The float model of ``frozen_model`` quantised by onnxruntime in its QOperator form (QLinearConv,
+    """The float model of ``model_frozen`` quantised by onnxruntime in its QOperator form (QLinearConv,
     QLinearAdd, ...), with the settings and calibration images of edgetune's QDQ export."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from edgetune.data import load_dataset
-    from edgetune.export.quantize import SourceImages, calibration_images
-
     out = work / "qoperator.onnx"
     if not out.is_file():
-        data = load_dataset(MODELS[model][1])
+        if model in REFERENCE:
+            from corpus_models import CALIBRATION, _Samples, build, calibration_inputs
+
+            source = work / "frozen_float.onnx"
+            reader = _Samples(calibration_inputs(build(model).input_shape, CALIBRATION))
+        else:
+            from edgetune.data import load_dataset
+            from edgetune.export.quantize import SourceImages, calibration_images
+
+            source = work / "float.onnx"
+            reader = SourceImages(calibration_images(load_dataset(MODELS[model][1]).train_x))
         pre = work / "qoperator_pre.onnx"
-        quant_pre_process(str(work / "float.onnx"), str(pre))
-        quantize_static(str(pre), str(out), SourceImages(calibration_images(data.train_x)),
+        quant_pre_process(str(source), str(pre))
+        quantize_static(str(pre), str(out), reader,
                         quant_format=QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
@@ -79,6 +100,10 @@ def qoperator_model(work: Path, model: str) -> Path:
 
 
 def test_images(model: str, n: int) -> np.ndarray:
+    if model in REFERENCE:
+        from corpus_models import build, sample_inputs
+
+        return sample_inputs(build(model).input_shape, n)
     from edgetune.data import load_dataset, to_tensor
 
     return to_tensor(load_dataset(MODELS[model][1]).test_x[:n]).numpy().astype(np.float32)
@@ -112,6 +137,7 @@ def bench_host(model: str, frozen: Path, qop: Path, x: np.ndarray, rounds: int, 
     equal = sum(all(np.array_equal(a, b) for a, b in zip(runner(x[i:i + 1]),
                                                           sessions["ort_qdq_int8"].run(None, {"x": x[i:i + 1]})))
                 for i in range(len(x)))
+    kernels = graph.plan.kernels
     one = x[:1]
     calls = {"edgetune": lambda: runner(one)}
     calls.update({k: (lambda s=s: s.run(None, {"x": one})) for k, s in sessions.items()})
@@ -119,7 +145,8 @@ def bench_host(model: str, frozen: Path, qop: Path, x: np.ndarray, rounds: int, 
     best = min((k for k in times if k.startswith("ort")), key=lambda k: times[k]["median_us"])
     return {"times": times, "equal_to_ort_int8": equal, "samples_checked": len(x), "best_ort": best,
             "ratio_to_best_ort": times["edgetune"]["median_us"] / times[best]["median_us"],
-            "schedules": sorted({k.schedule for k in graph.plan.kernels if getattr(k, "schedule", None)})}
+            "micro_kernels": sum("x86 micro-kernel" in k.schedule for k in kernels), "kernels": len(kernels),
+            "schedules": sorted({k.schedule for k in kernels if getattr(k, "schedule", None)})}
 
 
 # --- aarch64: instructions under qemu-aarch64 -----------------------------------------------------
@@ -318,14 +345,39 @@ def schedule_variant(name: str):
         sched.ScheduleConfig.for_target = staticmethod(shipped)
 
 
+# the host variants: (schedule variant, x86 micro-kernels routed, their C flags; None: host_kernels.CFLAGS).
+# "tvm ..." are TVM's own kernels only (the host library before the micro-kernels); "plain C" routes the
+# micro-kernels built without -march (the header's fallback, what a CPU without AVX-512 VNNI would run)
+HOST_VARIANTS = {"shipped": ("shipped", True, None), "micro-kernels plain C": ("shipped", True, ("-O2",)),
+                 "tvm only": ("shipped", False, None), "tvm dot": ("dot", False, None),
+                 "tvm oc_tile 8": ("oc_tile 8", False, None), "tvm lanes 32": ("lanes 32", False, None)}
+
+
+@contextmanager
+def host_variant(name: str):
+    """A ``HOST_VARIANTS`` entry in force while compiling for the host."""
+    variant, routed, cflags = HOST_VARIANTS[name]
+    available, flags = host_kernels.vnni_available, host_kernels.CFLAGS
+    if not routed:
+        host_kernels.vnni_available = lambda cc="gcc": False
+    elif cflags is not None:
+        host_kernels.vnni_available = lambda cc="gcc": True
+        host_kernels.CFLAGS = cflags
+    try:
+        with schedule_variant(variant):
+            yield
+    finally:
+        host_kernels.vnni_available, host_kernels.CFLAGS = available, flags
+
+
 def bench_attempts(model: str, frozen: Path, x: np.ndarray, rounds: int, per_round: int, work: Path) -> dict:
     """Host wall time of each variant next to onnxruntime's default QDQ session (the fastest one on x86), and
     aarch64 instructions per sample of the dot / no-dot variants; each variant's outputs checked."""
     ref = session(frozen, int8_kernels=True)
     expected = [ref.run(None, {"x": x[i:i + 1]}) for i in range(len(x))]
     runners, exact = {}, {}
-    for name in ("shipped", "dot", "oc_tile 8", "lanes 32"):
-        with schedule_variant(name):
+    for name in HOST_VARIANTS:
+        with host_variant(name):
             runners[name] = FrozenRunner(compile_frozen(frozen, "host", work / f"host-{name.replace(' ', '')}"))
         exact[name] = all(np.array_equal(a, b) for i in range(len(x))
                           for a, b in zip(runners[name](x[i:i + 1]), expected[i]))
@@ -378,7 +430,8 @@ def render(results: dict) -> str:
              f"`python benchmarks/bench_linux.py {results['argv']}` ({results['when']}).", "",
              "## Host: wall time per sample (batch 1, one thread, median of interleaved calls)", "",
              "| model | edgetune | onnxruntime QDQ default | QDQ int8 kernels | QOperator | best onnxruntime | "
-             "edgetune / best | bit-exact (edgetune = ORT int8) |", "|---|---|---|---|---|---|---|---|"]
+             "edgetune / best | bit-exact (edgetune = ORT int8) | kernels on x86 micro-kernels |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model, r in results["models"].items():
         h = r.get("host")
         if not h:
@@ -387,7 +440,8 @@ def render(results: dict) -> str:
         lines.append(f"| {model} | {t['edgetune']['median_us']:.1f} us | {t['ort_qdq_default']['median_us']:.1f} us | "
                      f"{t['ort_qdq_int8']['median_us']:.1f} us | {t['ort_qoperator']['median_us']:.1f} us | "
                      f"{h['best_ort']} | **{h['ratio_to_best_ort']:.2f}x** | "
-                     f"{h['equal_to_ort_int8']}/{h['samples_checked']} |")
+                     f"{h['equal_to_ort_int8']}/{h['samples_checked']} | "
+                     f"{h.get('micro_kernels', 0)} of {h.get('kernels', '-')} |")
     lines += ["", "## aarch64 under qemu-aarch64: guest instructions per sample (per backbone MAC)", "",
               "| model | target (QEMU CPU) | MACs | edgetune | onnxruntime QDQ (integer kernels) | "
               "onnxruntime QOperator | edgetune / best onnxruntime |", "|---|---|---|---|---|---|---|"]
@@ -437,7 +491,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="tiny-cnn,mcunet-s")
+    p.add_argument("--models", default="tiny-cnn,mcunet-s",
+                   help=f"comma list; 'reference' stands for {', '.join(REFERENCE)} (host rows only)")
     p.add_argument("--onnxruntime-aarch64", type=Path, default=None,
                    help="folder holding libonnxruntime.so* of onnxruntime's aarch64 wheel (column skipped without)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (host)")
@@ -462,10 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-linux-"))
     results = {"models": {}, "when": time.strftime("%Y-%m-%d"), "onnxruntime_host": ort.__version__,
                "argv": " ".join("DIR" if a.startswith("/") else a for a in (argv or sys.argv[1:]))}
-    for model in args.models.split(","):
+    models = [m for name in args.models.split(",") for m in (REFERENCE if name == "reference" else (name,))]
+    for model in models:
         mw = work / model
         mw.mkdir(parents=True, exist_ok=True)
-        frozen, _ = frozen_model(model, mw)
+        frozen = model_frozen(model, mw)
         if args.attempts:
             results["models"][model] = {"attempts": bench_attempts(model, frozen, test_images(model, args.many),
                                                                    args.rounds, args.per_round, mw / "attempts")}
@@ -478,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             r["host"] = bench_host(model, frozen, qop, x[:args.samples], args.rounds, args.per_round, mw)
             print(f"{model} host: " + ", ".join(f"{k} {v['median_us']:.1f} us" for k, v in r["host"]["times"].items())
                   + f"; edgetune / best onnxruntime {r['host']['ratio_to_best_ort']:.2f}x", flush=True)
-        if "aarch64" not in skip:
+        if "aarch64" not in skip and model not in REFERENCE:
             r["aarch64"] = bench_aarch64(model, frozen, qop, x, args.onnxruntime_aarch64, args.few, args.many, mw)
         results["models"][model] = r
     args.out.mkdir(parents=True, exist_ok=True)

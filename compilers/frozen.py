@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgetune.compilers import host_kernels
 from edgetune.compilers.emit import EmitTarget, emit_object, link_shared, resolve_target
 from edgetune.compilers.emit_c import copy_headers, emit_c_source, write_driver, write_workspace
 from edgetune.compilers.int8_check import int8_problems
@@ -32,9 +34,10 @@ from edgetune.compilers.onnx_import import import_onnx, onnx_problems, read_onnx
 from edgetune.compilers.pipeline import lower
 from edgetune.compilers.plan import StaticPlan, extract_plan
 from edgetune.compilers.schedule import family_of
-from edgetune.errors import CheckpointError, CompileError, EdgetuneError
+from edgetune.errors import CheckpointError, CompileError, EdgetuneError, ToolchainError
 from edgetune.export.manifest import AlignedConv
 from edgetune.export.ops import float_islands
+from edgetune.targets import RUNTIME_DIR
 
 PREFIX = "frozen"
 
@@ -210,9 +213,13 @@ def compile_frozen(onnx_path: str | Path, target: str | EmitTarget = "host", out
                                                      dict(low.seconds))
 
     t0 = time.perf_counter()
+    micro = emit_target.name == "host" and host_kernels.vnni_available(emit_target.cc or "gcc")
+    if micro:  # the host's convolutions and adds as AVX-512 VNNI micro-kernels (host_kernels)
+        routed = host_kernels.route(lowered, plan, constants)
+        lowered, plan, constants, micro = routed.module, routed.plan, routed.constants, bool(routed.replaced)
     out.mkdir(parents=True, exist_ok=True)
     with compile_stage(f"code generation for {emit_target.name}", src, model):
-        artifacts = _emit(lowered, plan, constants, emit_target, out, src.name)
+        artifacts = _emit(lowered, plan, constants, emit_target, out, src.name, micro)
     seconds["emit"] = time.perf_counter() - t0
     seconds["total"] = sum(seconds.values())
 
@@ -265,7 +272,7 @@ def _stage_message(what: str, src: Path, model: onnx.ModelProto, reason: str, ki
 
 
 def _emit(lowered, plan: StaticPlan, constants: dict[str, np.ndarray], target: EmitTarget, out: Path,
-          source: str) -> dict[str, Path]:
+          source: str, micro: bool = False) -> dict[str, Path]:
     if target.kind == "c":
         c = emit_c_source(lowered, plan, constants, out, PREFIX, source)
         return {"kernels_c": c.kernels, "model_c": c.model, "model_h": c.header, "workspace_c": c.workspace,
@@ -274,9 +281,31 @@ def _emit(lowered, plan: StaticPlan, constants: dict[str, np.ndarray], target: E
     model, header = write_driver(plan, constants, out, PREFIX, source)
     workspace = write_workspace(out / "tvm_workspace.c", plan.workspace_bytes)
     include = copy_headers(out / "include")
-    library = link_shared(target, [model, workspace, kernels], include, out / f"{PREFIX}_{target.name}.so")
+    extra = {"micro_kernels_o": micro_kernels_object(target, out / f"{PREFIX}_micro_kernels.o")} if micro else {}
+    library = link_shared(target, [model, workspace, kernels, *extra.values()], include,
+                          out / f"{PREFIX}_{target.name}.so")
     return {"library": library, "kernels_o": kernels, "model_c": model, "model_h": header, "workspace_c": workspace,
-            "include": include}
+            "include": include, **extra}
+
+
+def micro_kernels_object(target: EmitTarget, path: Path, cflags: Sequence[str] | None = None) -> Path:
+    """The host micro-kernels (``targets/runtime/et_kernels_x86.c``) compiled by ``target.cc`` with ``cflags``
+    (default ``host_kernels.CFLAGS``: ``-O3 -march=native``, the header's AVX-512 VNNI path where the CPU has it).
+
+    Raises:
+        ToolchainError: the compiler is missing or fails (its first error line is shown).
+    """
+    cc = target.cc or "gcc"
+    cmd = [cc, *(host_kernels.CFLAGS if cflags is None else cflags), "-fPIC", "-c", f"-I{RUNTIME_DIR}",
+           str(RUNTIME_DIR / host_kernels.SOURCE), "-o", str(path)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise ToolchainError(f"compile: {cc} cannot run ({exc}); install gcc") from None
+    if done.returncode != 0:
+        first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:200])
+        raise ToolchainError(f"compile: {cc} failed to build the host micro-kernels ({first}); check the toolchain")
+    return path
 
 
 def compile_bundle(bundle_dir: str | Path, target: str | EmitTarget = "host", out_dir: str | Path | None = None,
