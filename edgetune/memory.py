@@ -188,6 +188,12 @@ def optimizer_bytes(optimizer: str, momentum: float, shapes: list[int]) -> int:
     return sum(F32 * n for n in shapes) if momentum > 0 else 0
 
 
+def _tap_floats(adaptable: Adaptable, x: torch.Tensor) -> list[int]:
+    """Floats of each tap the method's step reads for one sample (the image, for a method that runs the backbone)."""
+    with torch.no_grad():
+        return [t[:1].numel() for t in adaptable.frozen(x)]
+
+
 def memory_table(adaptable: Adaptable) -> dict[str, int]:
     """Bytes per category (``CATEGORIES``) for one adaptation step of ``adaptable`` at batch 1."""
     method, backbone = adaptable.method, adaptable.backbone
@@ -230,8 +236,7 @@ def memory_table(adaptable: Adaptable) -> dict[str, int]:
                                            [p.numel() for p in trainable.values()]),
         "state": sum(F32 * method.get_buffer(n).numel() for n in state_names),
         "float_constants": sum(F32 * t.numel() for t in {_key(t): t for t in others if _key(t) not in skip}.values()),
-        "replay_buffer": replay_bytes(learner, [t[:1].numel() for t in outputs], trainable_bytes)
-        if method.partitioned and trainable else 0,
+        "replay_buffer": replay_bytes(learner, _tap_floats(adaptable, x), trainable_bytes) if trainable else 0,
     }
 
 
