@@ -20,31 +20,21 @@ static et_status et_tap_floats(const et_learner_config *cfg, uint32_t *floats) {
   return ET_OK;
 }
 
-et_status et_learner_work_bytes(const et_learner_config *cfg, uint32_t param_bytes, uint32_t *bytes) {
-  uint32_t floats;
-  et_status st;
-  if (cfg == NULL || bytes == NULL) return ET_E_ARG;
-  if ((st = et_tap_floats(cfg, &floats)) != ET_OK) return st;
-  *bytes = ET_LEARNER_WORK_BYTES(cfg->replay, floats, cfg->tap_count, cfg->warmup, param_bytes);
-  return ET_OK;
-}
-
 et_status et_learner_init(et_learner *l, const et_learner_config *cfg, void *work, uint32_t work_bytes,
                           uint32_t param_bytes) {
-  uint32_t need, floats;
+  uint32_t floats;
   et_status st;
-  if (l == NULL || cfg == NULL || (work == NULL && work_bytes != 0u)) return ET_E_ARG;
-  if (((uintptr_t)work & 3u) != 0u) return ET_E_ARG;
-  if ((st = et_learner_work_bytes(cfg, param_bytes, &need)) != ET_OK) return st;
-  if (work_bytes < need) return ET_E_CAPACITY;
+  if (l == NULL || cfg == NULL || ((uintptr_t)work & 3u) != 0u) return ET_E_ARG;
   if ((st = et_tap_floats(cfg, &floats)) != ET_OK) return st;
+  if (work_bytes < ET_LEARNER_WORK_BYTES(cfg->replay, floats, cfg->tap_count, cfg->warmup, param_bytes) ||
+      (work == NULL && work_bytes != 0u))
+    return ET_E_CAPACITY;
   memset(l, 0, sizeof *l);
   l->cfg = *cfg;
   l->tap_floats = floats;
   l->slot_bytes = cfg->replay ? ET_REPLAY_SLOT_BYTES(floats, cfg->tap_count) : 0u;
-  l->slots = cfg->replay ? (uint8_t *)work : NULL;
-  l->before = cfg->warmup ? (float *)((uint8_t *)work + (cfg->replay + (cfg->replay ? 1u : 0u)) * l->slot_bytes)
-                          : NULL;
+  l->slots = (uint8_t *)work;
+  l->before = (float *)((uint8_t *)work + (cfg->replay ? cfg->replay + 1u : 0u) * l->slot_bytes);
   l->rng = cfg->seed ? cfg->seed : ET_XORSHIFT_DEFAULT;
   return ET_OK;
 }

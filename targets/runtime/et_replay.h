@@ -48,11 +48,9 @@ typedef struct et_learner {
   uint32_t labels;     /* revealed labels so far (the warm-up's clock) */
 } et_learner;
 
-/* Bytes of workspace et_learner_init needs for `cfg` and a model with `param_bytes` of weights.
- * ET_E_ARG: cfg NULL, replay without taps or steps, or a tap of 0 floats. */
-et_status et_learner_work_bytes(const et_learner_config *cfg, uint32_t param_bytes, uint32_t *bytes);
-/* Carves `work` (4-byte aligned, et_learner_work_bytes long) and starts with an empty buffer.
- * ET_E_ARG: as et_learner_work_bytes or misaligned work; ET_E_CAPACITY: work too small. */
+/* Carves `work` (4-byte aligned, ET_LEARNER_WORK_BYTES long for the taps' total floats and a model with
+ * `param_bytes` of weights) and starts with an empty buffer. ET_E_ARG: cfg NULL, misaligned work, replay
+ * without taps or steps, or a tap of 0 floats; ET_E_CAPACITY: work too small. */
 et_status et_learner_init(et_learner *l, const et_learner_config *cfg, void *work, uint32_t work_bytes,
                           uint32_t param_bytes);
 /* The next xorshift32 value of *state (never 0 from a non-zero state). */

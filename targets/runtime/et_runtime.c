@@ -121,6 +121,73 @@ et_status et_runtime_init(et_runtime *rt, const et_model *model, const et_runtim
   st = et_layout_id(model, &rt->layout_id);
   if (st != ET_OK) return st;
   et_snapshot_take(rt); /* like the reference's reset(): the weights after fit are the first good ones */
+  if (edgetune_model_learner != NULL) { /* weak: only bundles that declare a learner define it */
+    et_learner_config lc;
+    void *lw = NULL;
+    uint32_t lb = 0;
+    if ((st = edgetune_model_learner(&lc, &lw, &lb)) != ET_OK) return st;
+    if ((st = et_runtime_set_learner(rt, &lc, lw, lb)) != ET_OK) return st;
+  }
+  return ET_OK;
+}
+
+et_status et_runtime_set_learner(et_runtime *rt, const et_learner_config *cfg, void *work, uint32_t work_bytes) {
+  et_status st;
+  if (rt == NULL || rt->model == NULL || cfg == NULL) return ET_E_ARG;
+  rt->learning = 0u;
+  if ((st = et_learner_init(&rt->learner, cfg, work, work_bytes, rt->snapshot_bytes)) != ET_OK) return st;
+  rt->learning = 1u;
+  return ET_OK;
+}
+
+/* One train_step; during the warm-up a supervised step's update is scaled by w, as a blend of the weights
+ * (p = before + w * (after - before), the reference's float32 operations). */
+static et_status et_train(et_runtime *rt, const et_step_args *args, et_step_info *info) {
+  const et_model *m = rt->model;
+  float w = 1.0f;
+  uint32_t i, j, off = 0;
+  et_status st;
+  if (args->labelled && rt->learning && (st = et_warmup_at(rt->learner.cfg.warmup, rt->learner.labels, &w)) != ET_OK)
+    return st;
+  for (i = 0; w < 1.0f && i < m->state_count; ++i) {
+    if (m->state[i].kind != ET_STATE_PARAM) continue;
+    memcpy((uint8_t *)rt->learner.before + off, m->state[i].data, m->state[i].bytes);
+    off += m->state[i].bytes;
+  }
+  if (m->train_step(m->ctx, args, m->logits, info) != ET_OK) return ET_E_MODEL;
+  for (i = 0, off = 0; w < 1.0f && i < m->state_count; ++i) {
+    float *p = (float *)m->state[i].data;
+    const float *old = rt->learner.before + off / 4u;
+    if (m->state[i].kind != ET_STATE_PARAM) continue;
+    for (j = 0; j < m->state[i].bytes / 4u; ++j) p[j] = old[j] + w * (p[j] - old[j]);
+    off += m->state[i].bytes;
+  }
+  return ET_OK;
+}
+
+/* After a label's own step: S steps on samples drawn from the buffer, then the label's sample joins it. */
+static et_status et_replay_after(et_runtime *rt, uint32_t label) {
+  const et_model *m = rt->model;
+  et_learner *l = &rt->learner;
+  et_step_args args;
+  et_step_info info;
+  uint32_t s, i, drawn;
+  et_status st;
+  if (!rt->learning || l->cfg.replay == 0u || !rt->cfg.adapt || m->train_step == NULL) return ET_OK;
+  et_replay_stage(l, m->taps, label);
+  args.taps = m->taps;
+  args.target = m->target;
+  args.labelled = 1u;
+  args.momentum = 0.0f;
+  for (s = 0; l->count > 0u && s < l->cfg.replay_steps; ++s) {
+    et_replay_draw(l, m->taps, &drawn); /* a stored label was checked when it was revealed */
+    for (i = 0; i < m->classes; ++i) m->target[i] = 0.0f;
+    m->target[drawn] = 1.0f;
+    info.loss = 0.0f;
+    info.early_exit = 0;
+    if ((st = et_train(rt, &args, &info)) != ET_OK) return st;
+  }
+  et_replay_commit(l);
   return ET_OK;
 }
 
@@ -202,7 +269,8 @@ static et_status et_run(et_runtime *rt, const float *input, int32_t label, et_st
   if (m->frozen_forward(m->ctx, input, m->taps) != ET_OK) return ET_E_MODEL;
   if ((st = et_now(rt, &t1)) != ET_OK) return st;
   if (rt->cfg.adapt && m->train_step != NULL) {
-    if (m->train_step(m->ctx, &args, m->logits, &info) != ET_OK) return ET_E_MODEL;
+    if (label >= 0 && rt->learning) rt->learner.labels += 1u; /* the warm-up counts this label */
+    if ((st = et_train(rt, &args, &info)) != ET_OK) return st;
     r->updated = 1u;
     rt->meta.counters.updates += 1u;
   } else if (m->infer(m->ctx, &args, m->logits, &info) != ET_OK) {
@@ -217,6 +285,7 @@ static et_status et_run(et_runtime *rt, const float *input, int32_t label, et_st
 
   if (label >= 0) {
     rt->meta.counters.labelled += 1u;
+    if ((st = et_replay_after(rt, (uint32_t)label)) != ET_OK) return st; /* after the prediction was taken */
   } else {
     rt->meta.step += 1u;
     if (rt->guard_active) {

@@ -15,6 +15,7 @@
 #include "et_ckpt.h"
 #include "et_guard.h"
 #include "et_model.h"
+#include "et_replay.h"
 #include "et_schedule.h"
 
 typedef struct et_runtime_config {
@@ -71,6 +72,8 @@ typedef struct et_runtime {
   uint32_t floor_from; /* the schedule is at its floor from this step on (pow() is skipped there) */
   float floor_value;
   et_status (*restore)(void); /* et_runtime_set_restore: the guard's restore of a statistics-only model */
+  et_learner learner; /* et_runtime_set_learner: replay buffer and lr warm-up of supervised steps */
+  uint32_t learning;  /* 1: `learner` is set (its buffer is not persisted: a reboot starts it empty) */
 } et_runtime;
 
 /* Bytes of workspace (4-byte aligned) et_runtime_init needs: the guard histogram and the snapshot. */
@@ -101,5 +104,16 @@ et_status et_runtime_save(et_runtime *rt, et_ckpt *ck, uint32_t *seq);
 et_status et_runtime_boot(et_runtime *rt, et_ckpt *ck, uint32_t *seq);
 /* The payload length of this runtime's checkpoints (size the slots with ET_CKPT_SLOT_BYTES). */
 et_status et_runtime_payload_bytes(const et_runtime *rt, uint32_t *bytes);
+
+/* Learn from labels with a replay buffer and / or an lr warm-up (et_replay.h) in `work` (4-byte aligned,
+ * et_learner_work_bytes long; its taps must describe the model's taps buffer). A supervised feedback then
+ * runs its own step, S replayed steps on stored samples and stores its sample; during the warm-up each of
+ * these steps is scaled. Only where the model has a train_step and cfg.adapt is on. Call after
+ * et_runtime_init (which calls it itself with edgetune_model_learner's answer when the model defines it).
+ * ET_E_ARG: rt not initialised or cfg invalid; ET_E_CAPACITY: work too small. */
+et_status et_runtime_set_learner(et_runtime *rt, const et_learner_config *cfg, void *work, uint32_t work_bytes);
+/* Defined by the generated model code only when the bundle declares a learner (manifest runtime.learner):
+ * its settings and a static workspace for it. Weak: other models learn one step per label. */
+et_status edgetune_model_learner(et_learner_config *cfg, void **work, uint32_t *work_bytes) __attribute__((weak));
 
 #endif /* ET_RUNTIME_H */
