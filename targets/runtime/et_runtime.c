@@ -110,7 +110,8 @@ et_status et_runtime_init(et_runtime *rt, const et_model *model, const et_runtim
   if (st != ET_OK) return st;
   rt->snapshot = (uint8_t *)work + 4u * model->classes;
   rt->snapshot_bytes = et_param_bytes(model);
-  rt->guard_active = (cfg->use_guard && cfg->adapt && model->train_step != NULL) ? 1u : 0u;
+  rt->restore = edgetune_model_restore_source; /* weak: NULL unless the model declares a source restore */
+  rt->guard_active = (cfg->use_guard && cfg->adapt && (model->train_step != NULL || rt->restore != NULL)) ? 1u : 0u;
   rt->own[0].data = &rt->meta;
   rt->own[0].bytes = (uint32_t)sizeof rt->meta;
   rt->own[0].kind = ET_STATE_STAT;

@@ -89,6 +89,11 @@ et_status et_runtime_init(et_runtime *rt, const et_model *model, const et_runtim
  * and it runs without a train_step too (cfg.use_guard and cfg.adapt still decide). Call after
  * et_runtime_init; NULL goes back to the weights' restore. ET_E_ARG: rt NULL or not initialised. */
 et_status et_runtime_set_restore(et_runtime *rt, et_status (*restore)(void));
+/* Defined by the generated model code only when the bundle's guard declares that a trip restores the source
+ * state (manifest runtime.guard.restore "source": a statistics-only model): et_runtime_init then uses it as
+ * the restore above, so every app gets it without app code. Weak: any other model leaves it NULL (the weights'
+ * snapshot restore). */
+et_status edgetune_model_restore_source(void) __attribute__((weak));
 /* One unsupervised sample: predict, then adapt. ET_E_INPUT when the sample was rejected. */
 et_status et_runtime_step(et_runtime *rt, const float *input, et_step_result *result);
 /* Supervised feedback on a sample whose prediction was already scored: one update towards
