@@ -345,29 +345,32 @@ def schedule_variant(name: str):
         sched.ScheduleConfig.for_target = staticmethod(shipped)
 
 
-# the host variants: (schedule variant, x86 micro-kernels routed, their C flags; None: host_kernels.CFLAGS).
-# "tvm ..." are TVM's own kernels only (the host library before the micro-kernels); "plain C" routes the
-# micro-kernels built without -march (the header's fallback, what a CPU without AVX-512 VNNI would run)
-HOST_VARIANTS = {"shipped": ("shipped", True, None), "micro-kernels plain C": ("shipped", True, ("-O2",)),
-                 "tvm only": ("shipped", False, None), "tvm dot": ("dot", False, None),
-                 "tvm oc_tile 8": ("oc_tile 8", False, None), "tvm lanes 32": ("lanes 32", False, None)}
+# the host variants: (schedule variant, x86 micro-kernels routed, their C flags (None: host_kernels.CFLAGS),
+# depthwise micro-kernel routed). "tvm ..." are TVM's own kernels only (the host library before the
+# micro-kernels); "plain C" routes the micro-kernels built without -march (the header's fallback, what a CPU
+# without AVX-512 VNNI would run); "+ depthwise" routes the depthwise convs to their micro-kernel too
+HOST_VARIANTS = {"shipped": ("shipped", True, None, False), "micro-kernels + depthwise": ("shipped", True, None, True),
+                 "micro-kernels plain C": ("shipped", True, ("-O2",), False),
+                 "tvm only": ("shipped", False, None, False), "tvm dot": ("dot", False, None, False),
+                 "tvm oc_tile 8": ("oc_tile 8", False, None, False), "tvm lanes 32": ("lanes 32", False, None, False)}
 
 
 @contextmanager
 def host_variant(name: str):
     """A ``HOST_VARIANTS`` entry in force while compiling for the host."""
-    variant, routed, cflags = HOST_VARIANTS[name]
-    available, flags = host_kernels.vnni_available, host_kernels.CFLAGS
+    variant, routed, cflags, depthwise = HOST_VARIANTS[name]
+    saved = host_kernels.vnni_available, host_kernels.CFLAGS, host_kernels.ROUTE_DEPTHWISE
     if not routed:
         host_kernels.vnni_available = lambda cc="gcc": False
     elif cflags is not None:
         host_kernels.vnni_available = lambda cc="gcc": True
         host_kernels.CFLAGS = cflags
+    host_kernels.ROUTE_DEPTHWISE = depthwise
     try:
         with schedule_variant(variant):
             yield
     finally:
-        host_kernels.vnni_available, host_kernels.CFLAGS = available, flags
+        host_kernels.vnni_available, host_kernels.CFLAGS, host_kernels.ROUTE_DEPTHWISE = saved
 
 
 def bench_attempts(model: str, frozen: Path, x: np.ndarray, rounds: int, per_round: int, work: Path) -> dict:

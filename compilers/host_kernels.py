@@ -7,15 +7,17 @@ not form it from TIR either. After lowering, every kernel a micro-kernel covers 
 ``call_extern`` of it with the kernel's own buffers (the static plan and its arena do not change), and
 the host C compiler builds the header at ``-O3 -march=native`` into the library (``frozen.compile_frozen``).
 
-The convolutions read their weights in the order the inner loop does, [O, H, W, I], and their bias with
-``- 128 * sum(w)`` folded in (the kernels feed activations as ``x + 128``: VPDPBUSD multiplies unsigned by
-signed bytes): ``route`` rewrites those constants offline, same shapes and sizes. Only kernels whose TIR
-has exactly the form the micro-kernels compute are replaced (float requantisation, one image, one
-group, 3x3 or 1x1, stride 1 or 2, padding one at the top and left), and only when the host compiler
-targets a CPU with AVX-512 VNNI (``vnni_available``): elsewhere the header's plain C path gives the same
-bytes but is slower than TVM's vectorised code, so the kernels stay TVM's. The residual add
-(``int8_math.add``) is replaced on every such host too: TVM's LLVM backend emits its two ``fmaf`` per
-element as library calls (36 us of mcunet-s's first 16x16x16 add), the micro-kernel as vector FMAs.
+The convolutions read their weights in the order the inner loop does ([O, H, W, I], output channels
+blocked by register tile: ``blocked``) and their bias with ``- 128 * sum(w)`` folded in (the kernels feed
+activations as ``x + 128``: VPDPBUSD multiplies unsigned by signed bytes): ``route`` rewrites those
+constants offline, same shapes and sizes. Only kernels whose TIR has exactly the form the micro-kernels
+compute are replaced (float requantisation, one image, one group, any kernel size, stride and top / left
+padding read off the TIR, no dilation: ``_geometry``), and only when the host compiler targets a CPU with
+AVX-512 VNNI (``vnni_available``): elsewhere the header's plain C path gives the same bytes but is slower
+than TVM's vectorised code, so the kernels stay TVM's. The residual add (``int8_math.add``) is replaced on
+every such host too: TVM's LLVM backend emits its two ``fmaf`` per element as library calls (36 us of
+mcunet-s's first 16x16x16 add), the micro-kernel as vector FMAs. Depthwise convs have a micro-kernel as
+well, exact but slower than TVM's own (``ROUTE_DEPTHWISE``).
 """
 from __future__ import annotations
 
@@ -27,20 +29,25 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
+import tvm.sym
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from edgetune.compilers.dsp_kernels import _output_zero_point, _pad_value, _shape, _stride
+from edgetune.compilers.dsp_kernels import _output_zero_point, _shape
 from edgetune.compilers.plan import StaticPlan
 
 HEADER = "et_kernels_x86.h"
 SOURCE = "et_kernels_x86.c"
 POINTWISE = "et_x86_pointwise_s8"
-CONV = "et_x86_conv3x3_s8"
+CONV = "et_x86_conv_s8"
+DEPTHWISE = "et_x86_depthwise_s8"
 ADD = "et_x86_add_s8"
 MAX_PACKED = 1 << 20  # ET_X86_MAX_PACKED of the header
 CFLAGS = ("-O3", "-march=native")  # the host library only runs on the machine that built it
 VNNI_MACROS = ("__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512VNNI__")
+# the depthwise micro-kernel is exact but slower than TVM's own vectorised depthwise kernels on mcunet-s
+# (80 vs 65 us per sample, bench_linux --attempts): not routed unless switched on (an attempt, kept tested)
+ROUTE_DEPTHWISE = False
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,70 @@ def _pointwise(func: tirx.PrimFunc) -> Replaced | None:
                                           "tile, input repacked 4 channels per pixel)", (0, 2, 3, 1), True)
 
 
-def _conv3x3(func: tirx.PrimFunc) -> Replaced | None:
+def _value_at(e, binds: dict) -> int | None:
+    """An integer index expression evaluated with its variables bound to constants (None if it is not one)."""
+    analyzer = tvm.sym.Analyzer()
+    for var, value in binds.items():
+        analyzer.bind(var, tirx.const(value, str(getattr(var.ty, "dtype", "int64"))))
+    out = analyzer.simplify(e)
+    return int(out.value) if isinstance(out, tirx.IntImm) else None
+
+
+def _geometry(func: tirx.PrimFunc) -> tuple[int, int, int, int, int] | None:
+    """(row stride, column stride, top padding, left padding, input zero point) of a conv kernel, read off
+    its TIR: the accumulator's input index evaluated at unit steps of the output pixel and the tap (which
+    also proves there is no dilation), and the padding block's source index and fill value. None when
+    the kernel does not have the ``int8_kernels.qconv2d`` form."""
+    sch = Schedule(func)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    try:
+        acc = sch.get(sch.get_sblock("acc_update" if "acc_update" in names or "acc_init" in names else "acc"))
+    except (ValueError, RuntimeError):
+        return None
+    value = acc.body.value
+    if not (isinstance(value, tirx.Add) and isinstance(value.b, tirx.Mul) and isinstance(value.b.a, tirx.Cast)):
+        return None
+    load = value.b.a.value
+    iv = [v.var for v in acc.iter_vars]
+    if not isinstance(load, tvm.ir.TensorLoad) or len(iv) != 7 or len(load.indices) not in (4, 5):
+        return None
+    _, _, i, j, _, ry, rx = iv
+    idx = load.indices
+    phases = int(load.source.ty.shape[3]) if len(idx) == 5 else 1
+
+    def at(var=None, step: int = 0) -> tuple[int | None, int | None]:
+        binds = {v: 0 for v in iv} | ({var: step} if var is not None else {})
+        row = _value_at(idx[2], binds)
+        col = _value_at(idx[3], binds) if len(idx) == 4 else None
+        if len(idx) == 5:
+            q, phase = _value_at(idx[4], binds), _value_at(idx[3], binds)
+            col = None if q is None or phase is None else q * phases + phase
+        return row, col
+
+    origin, down, right, tap_down, tap_right = at(), at(i, 1), at(j, 1), at(ry, 1), at(rx, 1)
+    if origin != (0, 0) or None in (*down, *right, *tap_down, *tap_right):
+        return None
+    sh, sw = down[0], right[1]
+    if (down[1], right[0], tap_down, tap_right) != (0, 0, (1, 0), (0, 1)) or sh < 1 or sw < 1:
+        return None  # dilated, transposed or otherwise unusual indexing: TVM's code
+    if load.source.same_as(func.params[0]):
+        return sh, sw, 0, 0, 0  # unpadded (and unit column stride): the input read in place
+    try:
+        pad = sch.get(sch.get_sblock("pad"))
+    except (ValueError, RuntimeError):
+        return None
+    fill = pad.body.value
+    if not (_is_call(fill, "prim.if_then_else") and isinstance(fill.args[2], tirx.IntImm)
+            and isinstance(fill.args[1], tvm.ir.TensorLoad) and fill.args[1].source.same_as(func.params[0])):
+        return None
+    zeros = {v.var: 0 for v in pad.iter_vars}
+    top, left = (_value_at(e, zeros) for e in fill.args[1].indices[2:4])
+    if top is None or left is None or top > 0 or left > 0:
+        return None
+    return sh, sw, -top, -left, int(fill.args[2].value)
+
+
+def _conv(func: tirx.PrimFunc) -> Replaced | None:
     kernel = (func.attrs or {}).get("edgetune.kernel")
     if kernel not in ("qconv2d", "qconv2d_oc"):
         return None
@@ -103,21 +173,40 @@ def _conv3x3(func: tirx.PrimFunc) -> Replaced | None:
     ihwo = kernel == "qconv2d_oc"
     (n, cin, h, wd), wshape, out = shapes
     cpg, kh, kw, cout = wshape if ihwo else (wshape[1], wshape[2], wshape[3], wshape[0])
-    if n != 1 or cpg != cin or (kh, kw) != (3, 3) or len(out) != 4 or out[1] != cout or min(h, wd) < 2:
+    if n != 1 or cpg != cin or len(out) != 4 or out[1] != cout:
         return None
     _, _, oh, ow = out
-    stride = _stride(h, oh)
-    if stride is None or stride != _stride(wd, ow):
+    geometry, zy = _geometry(func), _output_zero_point(func)
+    if geometry is None or zy is None:
         return None
-    if 4 * ((cin + 3) // 4) * ((oh - 1) * stride + 3) * ((ow - 1) * stride + 3) > MAX_PACKED:
+    sh, sw, top, left, zx = geometry
+    if 4 * ((cin + 3) // 4) * ((oh - 1) * sh + kh) * ((ow - 1) * sw + kw) > MAX_PACKED:
         return None
-    zx, zy = _pad_value(func), _output_zero_point(func)
-    if zx is None or zy is None:
-        return None
-    call = tirx.call_extern("int32", CONV, *_data(func), cin, h, wd, cout, oh, ow, stride, zx, zy)
+    call = tirx.call_extern("int32", CONV, *_data(func), cin, h, wd, cout, oh, ow, kh, kw, sh, sw, top, left, zx, zy)
     return Replaced(_calling(func, call), f"direct conv: x86 micro-kernel {CONV} (VPDPBUSD, im2col of 16px in "
                                           "groups of 4 channels, 16oc tile)", (3, 1, 2, 0) if ihwo else (0, 2, 3, 1),
                     cin % 4 == 0)
+
+
+def _depthwise(func: tirx.PrimFunc) -> Replaced | None:
+    if (func.attrs or {}).get("edgetune.kernel") != "qconv2d_depthwise":
+        return None
+    shapes = _float_conv(func)
+    if shapes is None:
+        return None
+    (n, ch, h, wd), (cout, cpg, kh, kw), out = shapes
+    if n != 1 or cout != ch or cpg != 1 or len(out) != 4 or out[1] != ch:
+        return None
+    _, _, oh, ow = out
+    geometry, zy = _geometry(func), _output_zero_point(func)
+    if geometry is None or zy is None:
+        return None
+    sh, sw, top, left, zx = geometry
+    if ((oh - 1) * sh + kh) * sw * (((ow - 1) * sw + kw + sw - 1) // sw) > MAX_PACKED:
+        return None
+    call = tirx.call_extern("int32", DEPTHWISE, *_data(func), ch, h, wd, oh, ow, kh, kw, sh, sw, top, left, zx, zy)
+    return Replaced(_calling(func, call), f"depthwise conv: x86 micro-kernel {DEPTHWISE} (phase-split padded plane "
+                                          "per channel, 16 outputs per vector)")
 
 
 def _is_call(e, name: str) -> bool:
@@ -196,7 +285,7 @@ def _calling(func: tirx.PrimFunc, call) -> tirx.PrimFunc:
 
 def replacement(func: tirx.PrimFunc) -> Replaced | None:
     """The micro-kernel call that replaces ``func``, or None when none covers it exactly."""
-    return _pointwise(func) or _conv3x3(func) or _add(func)
+    return _pointwise(func) or _conv(func) or (_depthwise(func) if ROUTE_DEPTHWISE else None) or _add(func)
 
 
 @dataclass(frozen=True)

@@ -173,33 +173,36 @@ ET_X86_API int32_t et_x86_pointwise_s8(const int8_t *x, const int8_t *w, const i
   return 0;
 }
 
-/* 3x3 convolution (one group), one image: x [cin][h][wd] (NCHW), w [cout][3][3][cin] (OHWI: a weight row
- * is K = 9 * cin bytes in (ry, rx, c) order; blocked as et_x86_widx when cin % 4 == 0), bias (with - 128 * sum(w) folded in), scale [cout],
- * y [cout][oh][ow]; one row and one column of padding at the top and left filled with the input zero
- * point zx (the bias carries its correction, as in the TVM kernel this replaces), as much at the bottom
- * and right as the output size reads; stride 1 or 2. The padded input is repacked once into groups of 4
- * channels per pixel (x + 128; a channel count that is not a multiple of 4 padded with channels whose
- * weights are zero), then per 16 output pixels their windows are gathered into K / 4 groups (im2col in
- * the VPDPBUSD layout: plain loads when the 16 pixels lie in one row) and every output channel tile
- * reads them. Returns -1 for another stride or a packed input above ET_X86_MAX_PACKED. */
-ET_X86_API int32_t et_x86_conv3x3_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
-                                     int8_t *y, int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh,
-                                     int32_t ow, int32_t stride, int32_t zx, int32_t zy) {
-  const int32_t ph = (oh - 1) * stride + 3, pw = (ow - 1) * stride + 3;
-  const int32_t c4 = (cin + 3) / 4;
-  if ((stride != 1 && stride != 2) || (int64_t)c4 * 4 * ph * pw > ET_X86_MAX_PACKED) return -1;
+/* Convolution (one group, no dilation), one image: x [cin][h][wd] (NCHW), w [cout][kh][kw][cin] (OHWI: a
+ * weight row is K = kh * kw * cin bytes in (ry, rx, c) order; blocked as et_x86_widx when cin % 4 == 0),
+ * bias (with - 128 * sum(w) folded in), scale [cout], y [cout][oh][ow]; stride sh x sw; pt rows and pl
+ * columns of padding at the top and left filled with the input zero point zx (the bias carries its
+ * correction, as in the TVM kernel this replaces), as much at the bottom and right as the output size
+ * reads. The padded input is repacked once into groups of 4 channels per pixel (x + 128; a channel count
+ * that is not a multiple of 4 padded with channels whose weights are zero), then per 16 output pixels
+ * their windows are gathered into K / 4 groups (im2col in the VPDPBUSD layout: plain loads when the 16
+ * pixels lie in one row at stride 1, two loads and a permute at stride 2, a gather otherwise) and every
+ * output channel tile reads them. Returns -1 for a packed input above ET_X86_MAX_PACKED. */
+ET_X86_API int32_t et_x86_conv_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
+                                  int8_t *y, int32_t cin, int32_t h, int32_t wd, int32_t cout, int32_t oh,
+                                  int32_t ow, int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pt, int32_t pl,
+                                  int32_t zx, int32_t zy) {
+  const int32_t ph = (oh - 1) * sh + kh, pw = (ow - 1) * sw + kw;
+  const int32_t c4 = (cin + 3) / 4, taps = kh * kw;
+  if (sh < 1 || sw < 1 || pt < 0 || pl < 0 || (int64_t)c4 * 4 * ph * pw > ET_X86_MAX_PACKED) return -1;
 #if ET_X86_VNNI
-  const int32_t hw = oh * ow, k4 = 9 * c4, K = 4 * k4, rows = ph - 1 < h ? ph - 1 : h, cols = pw - 1 < wd ? pw - 1 : wd;
+  const int32_t hw = oh * ow, k4 = taps * c4, K = 4 * k4;
+  const int32_t rows = ph - pt < h ? ph - pt : h, cols = pw - pl < wd ? pw - pl : wd;
   uint8_t packed[c4 * 4 * ph * pw + 128] __attribute__((aligned(64))); /* + 128: stride-2 pairs of loads */
   memset(packed, (int)et_x86_u8((int8_t)zx), sizeof(packed));
   int8_t zero[wd];
   memset(zero, 0, sizeof(zero));
-  for (int32_t g = 0; g < c4; ++g) {
+  for (int32_t g = 0; g < c4 && cols > 0; ++g) {
     const int8_t *r[4];
     for (int32_t k = 0; k < 4; ++k) r[k] = 4 * g + k < cin ? x + (4 * g + k) * h * wd : zero;
     for (int32_t i = 0; i < rows; ++i)
       et_x86_interleave4(r[0] + i * wd, r[1] + i * wd, r[2] + i * wd, r[3] + i * wd,
-                         packed + 4 * ((g * ph + i + 1) * pw + 1), cols);
+                         packed + 4 * ((g * ph + i + pt) * pw + pl), cols);
   }
   /* blocked weights: as they come when cin % 4 == 0, else OHWI, zero-padded per tap and blocked here */
   const int8_t *wk = w;
@@ -207,8 +210,9 @@ ET_X86_API int32_t et_x86_conv3x3_s8(const int8_t *x, const int8_t *w, const int
   if (cin % 4) {
     memset(padded_w, 0, sizeof(padded_w));
     for (int32_t o = 0; o < cout; ++o)
-      for (int32_t t = 0; t < 9; ++t)
-        for (int32_t c = 0; c < cin; ++c) padded_w[et_x86_widx(o, 4 * c4 * t + c, K, cout)] = w[(o * 9 + t) * cin + c];
+      for (int32_t t = 0; t < taps; ++t)
+        for (int32_t c = 0; c < cin; ++c)
+          padded_w[et_x86_widx(o, 4 * c4 * t + c, K, cout)] = w[(o * taps + t) * cin + c];
     wk = padded_w;
   }
   const int32_t *p32 = (const int32_t *)(const void *)packed;
@@ -217,21 +221,21 @@ ET_X86_API int32_t et_x86_conv3x3_s8(const int8_t *x, const int8_t *w, const int
   for (int32_t p = 0; p < hw; p += 16) {
     const __mmask16 m = et_x86_mask(hw - p);
     /* each lane's window origin (dword index into the packed plane); lanes past hw repeat pixel p */
-    const int32_t i0 = p / ow, j0 = p % ow, in_row = j0 + 16 <= ow;
+    const int32_t i0 = p / ow, j0 = p % ow, in_row = j0 + 16 <= ow && sw <= 2;
     int32_t origin[16] __attribute__((aligned(64)));
-    origin[0] = i0 * stride * pw + j0 * stride;
+    origin[0] = i0 * sh * pw + j0 * sw;
     if (!in_row) {
       for (int32_t l = 1, i = i0, j = j0; l < 16; ++l) {
         if (++j == ow) j = 0, ++i;
-        origin[l] = p + l < hw ? i * stride * pw + j * stride : origin[0];
+        origin[l] = p + l < hw ? i * sh * pw + j * sw : origin[0];
       }
     }
-    for (int32_t ry = 0; ry < 3; ++ry) {
-      for (int32_t rx = 0; rx < 3; ++rx) {
+    for (int32_t ry = 0; ry < kh; ++ry) {
+      for (int32_t rx = 0; rx < kw; ++rx) {
         for (int32_t g = 0; g < c4; ++g) {
           const int32_t off = (g * ph + ry) * pw + rx;
           __m512i v;
-          if (in_row && stride == 1) {
+          if (in_row && sw == 1) {
             v = _mm512_loadu_si512((const void *)(p32 + origin[0] + off));
           } else if (in_row) {
             v = _mm512_permutex2var_epi32(_mm512_loadu_si512((const void *)(p32 + origin[0] + off)), even,
@@ -240,26 +244,25 @@ ET_X86_API int32_t et_x86_conv3x3_s8(const int8_t *x, const int8_t *w, const int
             v = _mm512_i32gather_epi32(_mm512_add_epi32(_mm512_load_si512((const void *)origin), _mm512_set1_epi32(off)),
                                        (const void *)p32, 4);
           }
-          _mm512_store_si512((void *)(B + 64 * ((ry * 3 + rx) * c4 + g)), v);
+          _mm512_store_si512((void *)(B + 64 * ((ry * kw + rx) * c4 + g)), v);
         }
       }
     }
     et_x86_gemm16(B, 64, k4, wk, bias, scale, y + p, hw, cout, zy, m);
   }
 #else
-  (void)c4;
   for (int32_t o = 0; o < cout; ++o) {
     for (int32_t i = 0; i < oh; ++i) {
       for (int32_t j = 0; j < ow; ++j) {
         int32_t acc = bias[o];
-        for (int32_t ry = 0; ry < 3; ++ry) {
-          for (int32_t rx = 0; rx < 3; ++rx) {
-            const int32_t r = i * stride + ry - 1, q = j * stride + rx - 1;
+        for (int32_t ry = 0; ry < kh; ++ry) {
+          for (int32_t rx = 0; rx < kw; ++rx) {
+            const int32_t r = i * sh + ry - pt, q = j * sw + rx - pl;
             const int inside = r >= 0 && r < h && q >= 0 && q < wd;
             for (int32_t c = 0; c < cin; ++c) {
               const int8_t v = inside ? x[(c * h + r) * wd + q] : (int8_t)zx;
-              const int32_t k = (ry * 3 + rx) * cin + c;
-              acc += (int32_t)et_x86_u8(v) * w[cin % 4 ? o * 9 * cin + k : et_x86_widx(o, k, 9 * cin, cout)];
+              const int32_t k = (ry * kw + rx) * cin + c;
+              acc += (int32_t)et_x86_u8(v) * w[cin % 4 ? o * taps * cin + k : et_x86_widx(o, k, taps * cin, cout)];
             }
           }
         }
@@ -268,6 +271,116 @@ ET_X86_API int32_t et_x86_conv3x3_s8(const int8_t *x, const int8_t *w, const int
     }
   }
 #endif
+  return 0;
+}
+
+/* One output pixel (i, j) of a depthwise channel from its phase-split padded plane; off[t]: tap t's offset */
+static inline int8_t et_x86_dw_pixel(const int8_t *plane, int32_t pitch, const int32_t *off, const int8_t *k,
+                                     int32_t taps, int32_t sh, int32_t i, int32_t j, int32_t bias, float scale,
+                                     int32_t zy) {
+  const int8_t *s0 = plane + i * sh * pitch + j;
+  int32_t a = bias;
+  for (int32_t t = 0; t < taps; ++t) a += s0[off[t]] * k[t];
+  return et_x86_requant(a, scale, zy);
+}
+
+#if ET_X86_VNNI
+/* 16 outputs of a depthwise channel: row i0 from column j0 (span 16), or 16 / span whole rows of span outputs */
+static inline void et_x86_dw_block(const int8_t *plane, int32_t pitch, const int32_t *off, const int8_t *k,
+                                   int32_t taps, int32_t sh, int32_t i0, int32_t j0, int32_t span, int32_t bias,
+                                   float scale, int32_t zy, int8_t *y) {
+  const int8_t *base = plane + i0 * sh * pitch + j0;
+  __m512i acc = _mm512_set1_epi32(bias);
+  for (int32_t t = 0; t < taps; ++t) {
+    const int8_t *s0 = base + off[t];
+    __m128i v;
+    const int32_t step = sh * pitch; /* one output row down */
+    if (span == 16) {
+      v = _mm_loadu_si128((const __m128i *)(const void *)s0);
+    } else if (span == 8) {
+      v = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(const void *)s0),
+                             _mm_loadl_epi64((const __m128i *)(const void *)(s0 + step)));
+    } else if (span == 4) {
+      int32_t q[4];
+      for (int32_t r = 0; r < 4; ++r) memcpy(q + r, s0 + r * step, 4); /* fixed size: one load each */
+      v = _mm_setr_epi32(q[0], q[1], q[2], q[3]);
+    } else {
+      int8_t seg[16] __attribute__((aligned(16)));
+      for (int32_t r = 0; r < 16; ++r) seg[r] = s0[(r / span) * step + r % span];
+      v = _mm_load_si128((const __m128i *)(const void *)seg);
+    }
+    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_cvtepi8_epi32(v), _mm512_set1_epi32(k[t])));
+  }
+  et_x86_requant16(acc, scale, zy, y, (__mmask16)0xFFFF);
+}
+#endif
+
+/* Depthwise convolution (one input channel per output channel, no dilation), one image: x [ch][h][wd]
+ * (NCHW), w [ch][kh][kw], bias, scale [ch], y [ch][oh][ow]; stride sh x sw, pt / pl rows / columns of
+ * padding at the top / left filled with the input zero point zx (the bias carries its correction, as in
+ * the TVM kernel this replaces; no + 128 here: the products are formed in int32). Per channel the padded
+ * plane is built on the stack with its columns split by phase (column c at (c % sw) * pq + c / sw), so
+ * every tap reads the inputs of consecutive outputs contiguously; then 16 outputs at a time (one row
+ * segment, or 16 / ow whole rows of a narrow plane) accumulate a widening load times the tap per tap.
+ * Pixels no such vector covers are computed one by one. Returns -1 for a plane above ET_X86_MAX_PACKED. */
+ET_X86_API int32_t et_x86_depthwise_s8(const int8_t *x, const int8_t *w, const int32_t *bias, const float *scale,
+                                       int8_t *y, int32_t ch, int32_t h, int32_t wd, int32_t oh, int32_t ow,
+                                       int32_t kh, int32_t kw, int32_t sh, int32_t sw, int32_t pt, int32_t pl,
+                                       int32_t zx, int32_t zy) {
+  const int32_t ph = (oh - 1) * sh + kh, pq = ((ow - 1) * sw + kw + sw - 1) / sw, pitch = sw * pq;
+  const int32_t rows = ph - pt < h ? ph - pt : h, cols = pitch - pl < wd ? pitch - pl : wd, hw = oh * ow;
+  const int32_t taps = kh * kw;
+  if (sh < 1 || sw < 1 || pt < 0 || pl < 0 || (int64_t)ph * pitch > ET_X86_MAX_PACKED) return -1;
+  int8_t plane[ph * pitch + 16] __attribute__((aligned(64))); /* + 16: a row segment's full-width load */
+  int32_t off[taps];
+  for (int32_t t = 0; t < taps; ++t) off[t] = (t / kw) * pitch + (t % kw) % sw * pq + (t % kw) / sw;
+  for (int32_t c = 0; c < ch; ++c) {
+    const int8_t *xc = x + c * h * wd, *k = w + c * taps;
+    int8_t *yc = y + c * hw;
+    memset(plane, zx, sizeof(plane));
+    for (int32_t r = 0; r < rows; ++r) {
+      int8_t *d = plane + (r + pt) * pitch;
+      const int8_t *src = xc + r * wd;
+      int32_t q = 0;
+      if (sw == 1) {
+        memcpy(d + pl, src, (size_t)(cols > 0 ? cols : 0));
+        continue;
+      }
+#if ET_X86_VNNI
+      if (sw == 2) { /* 16 inputs -> 8 of each column phase */
+        int8_t *even = d + (pl & 1) * pq, *odd = d + ((pl + 1) & 1) * pq;
+        for (; q + 16 <= cols; q += 16) {
+          const __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(src + q));
+          _mm_storel_epi64((__m128i *)(void *)(even + ((q + pl) >> 1)), _mm_cvtepi16_epi8(v));
+          _mm_storel_epi64((__m128i *)(void *)(odd + ((q + pl + 1) >> 1)), _mm_cvtepi16_epi8(_mm_srai_epi16(v, 8)));
+        }
+      }
+#endif
+      for (int32_t phase = (q + pl) % sw, at = (q + pl) / sw; q < cols; ++q) {
+        d[phase * pq + at] = src[q];
+        if (++phase == sw) phase = 0, ++at;
+      }
+    }
+    int32_t p = 0;
+#if ET_X86_VNNI
+    if (ow >= 16) { /* row segments of 16, the rest of each row one by one */
+      for (int32_t i = 0; i < oh; ++i) {
+        int32_t j = 0;
+        for (; j + 16 <= ow; j += 16)
+          et_x86_dw_block(plane, pitch, off, k, taps, sh, i, j, 16, bias[c], scale[c], zy, yc + i * ow + j);
+        for (; j < ow; ++j) yc[i * ow + j] = et_x86_dw_pixel(plane, pitch, off, k, taps, sh, i, j, bias[c], scale[c], zy);
+      }
+      p = hw;
+    } else if (16 % ow == 0) { /* 16 / ow whole rows per vector */
+      for (; p + 16 <= hw; p += 16)
+        et_x86_dw_block(plane, pitch, off, k, taps, sh, p / ow, 0, ow, bias[c], scale[c], zy, yc + p);
+    }
+#endif
+    for (int32_t i = p / ow, j = p % ow; p < hw; ++p) {
+      yc[p] = et_x86_dw_pixel(plane, pitch, off, k, taps, sh, i, j, bias[c], scale[c], zy);
+      if (++j == ow) j = 0, ++i;
+    }
+  }
   return 0;
 }
 
