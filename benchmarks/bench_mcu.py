@@ -57,9 +57,10 @@ def bundle_for(backbone, model: str, method: str, data, out: Path) -> Path:
 
 def native_peak_rss(project: TargetProject, n: int, work: Path) -> int:
     """Peak resident set (bytes) of ``edgetune-run`` over an ``n``-sample stream, for a Linux
-    project built natively for this machine from the same sources (TVM's C kernels, the host's
-    gcc and libc). qemu-aarch64-static cannot report the guest's memory: its own RSS includes the
-    translator, so the native build is the measurable stand-in for the device program."""
+    project built natively for this machine from the same sources (``KERNELS=c``: the C of the
+    target plan's kernels, the host's gcc and libc). qemu-aarch64-static cannot report the guest's
+    memory: its own RSS includes the translator, so the native build is the measurable stand-in for
+    the device program."""
     native = work / "native"
     if native.exists():
         shutil.rmtree(native)
@@ -113,7 +114,8 @@ def render(results: dict) -> str:
              "ARM Linux under `qemu-aarch64-static` (guest instructions counted per translated block on a 4-sample "
              "run). SRAM = .data + .bss + the stack's painted high-water mark (the newlib stdio heap used by the "
              "semihosting harness is not counted); flash = code + constants. Linux: flash = size of `edgetune-run` "
-             "(kernels from TVM's LLVM backend for the target CPU), bundle = `edgetune-run` + `libedgetune.so` + "
+             "(the frozen graph lowered and scheduled for the target CPU, e.g. dot-product convs on android-arm64, "
+             "kernels from TVM's LLVM backend), bundle = `edgetune-run` + `libedgetune.so` + "
              "`libedgetune.a`, peak RSS = `edgetune-run` built natively from the same sources (QEMU user mode "
              "cannot report the guest's memory).",
              "", "| method | target | online acc. | source acc. | instr./sample | inference | adaptation | "

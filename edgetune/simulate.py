@@ -197,8 +197,9 @@ def run_program(built: Built, stream: Path, workdir: Path, adapt: bool = True, t
                      read_state(workdir / files["state"], built.project.state_layout), seconds)
 
 
-# The frozen forward's kernels (compilers/emit_model.py prefixes them "f_"): TVM's C kernels are the
-# exported "__tvm_ffi_f_<kernel>" functions; its LLVM backend wraps each around "f_<kernel>_compute_".
+# The frozen forward's kernels (compilers/emit_model.py prefixes them "f_", a Linux target's plan
+# "f_<plan id>_", compilers/model.py): TVM's C kernels are the exported "__tvm_ffi_f_<kernel>" functions;
+# its LLVM backend wraps each around "f_<kernel>_compute_".
 FROZEN_SYMBOL = "__tvm_ffi_f_"
 
 
