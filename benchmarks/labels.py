@@ -32,7 +32,6 @@ torch = onnxruntime = compiled = QEMU per sample is what ``tests/test_labels.py`
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import dataclasses
 import json
@@ -47,6 +46,8 @@ from edgetune.checkpoint import load_checkpoint
 from edgetune.data import VALIDATION_CORRUPTIONS, build_stream, load_dataset
 from edgetune.evaluate import run_stream
 from edgetune.memory import memory_table, training_bytes
+from edgetune.methods.base import Learner, declare, supervised_or
+from edgetune.methods.norm_align import NormAlign
 
 TRANSFER_METHODS = ("full-finetune", "bias-only", "last-layer", "lst", "vqt", "tinytta")
 PERSONAL_METHODS = ("source", "feature-align", "tinytta", "lst", "vqt", "last-layer", "bias-only", "full-finetune")
@@ -55,16 +56,45 @@ FRACTIONS = (0.05, 0.2, 1.0)
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)  # the --tune grid of every learner's test-time lr
 
 
-# Learner settings of this study (not method settings): how the revealed labels are learnt from.
+# Learner settings (not method settings): how the revealed labels are learnt from, the method's ``Learner``
+# (edgetune.methods.base), which every runtime runs the same way (targets/runtime/et_replay.h).
 #   optim=adam   Adam with bias correction (Kingma & Ba 2015) in place of the method's SGD with momentum;
 #                on a device it keeps two float32 moments per trainable parameter (SGD keeps one).
 #   warmup=N     the lr ramps linearly over the first N labelled samples (Goyal et al. 2017).
-#   replay=N     a buffer of the last N labelled samples' int8 taps and labels; each revealed label is
-#                followed by one step on a sample drawn from the buffer (experience replay, as in
+#   replay=N     a buffer of the last N labelled samples' int8 taps (a scale per tap) and labels; each revealed
+#                label is followed by steps on samples drawn from the buffer (experience replay, as in
 #                on-device continual learning, e.g. Pellegrini et al. 2020 "Latent replay"). The stream
 #                stays single-pass: only samples already seen and scored are replayed.
 #   rsteps=S     replayed samples per revealed label (default 1).
+# Runs before the learner moved into the method (results up to the "device" part) drew replay indices with
+# numpy and replayed float taps; since then the draws are xorshift32 and the stored taps int8, as on a device.
 LEARNER_KEYS = ("optim", "warmup", "replay", "rsteps")
+
+
+@declare
+class NormAlignClassifier(NormAlign):
+    """norm-align as the unsupervised base under label learning: every aligned layer's statistics follow the
+    stream as in norm-align (no label read, the collapse guard restores them), and the network's classifier
+    learns from revealed labels only (cross-entropy; the unsupervised loss is 0) -- last-layer learning on
+    norm-aligned features. Composed here for the study (registered while it runs), not a product method."""
+
+    name = "norm-align-cls"
+
+    def __init__(self, backbone, config) -> None:
+        super().__init__(backbone, config)
+        named = dict(self.named_parameters())
+        for n in self.trainable_names():
+            named[n].requires_grad_(True)  # the copied network is frozen; its classifier learns
+
+    def trainable_names(self) -> list[str]:
+        return [f"net.{n}" for n, _ in self.net.named_parameters() if n.startswith("classifier")]
+
+    def fit_parameters(self) -> list:
+        return []  # the fit measures source statistics only; the classifier starts as the source's
+
+    def forward_graph(self, taps, state, momentum, target):
+        logits, _, new_state = super().forward_graph(taps, state, momentum, target)
+        return logits, supervised_or(logits.new_zeros(()), logits, target), new_state
 
 
 def method_spec(spec: str) -> tuple[str, str, dict[str, str]]:
@@ -82,52 +112,11 @@ def learner(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def install_learner(method, settings: dict[str, str], seed: int) -> None:
-    """Put the study's optimiser, warm-up and replay on ``method`` (this instance only, reset-proof)."""
-    if not settings:
-        return
-    optim, warmup, replay = settings.get("optim", "sgd"), int(settings.get("warmup", 0)), int(settings.get("replay", 0))
-    replay_steps = int(settings.get("rsteps", 1))
-    base_reset, base_step = method.reset, method.step
-    buffer: collections.deque = collections.deque(maxlen=max(1, replay))
-    rng = np.random.RandomState(seed)
-    seen = [0]
-
-    def swap_optimizer() -> None:
-        if optim == "adam" and method._optimizer is not None:
-            method._optimizer = torch.optim.Adam(method._trainable(), lr=method.config.lr)
-
-    def reset() -> None:
-        base_reset()
-        swap_optimizer()
-        buffer.clear()
-        seen[0] = 0
-
-    def step(taps, target=None):
-        if target is None or method._optimizer is None:
-            return base_step(taps, target)
-        seen[0] += 1
-        if warmup:
-            for group in method._optimizer.param_groups:
-                group["lr"] = method.config.lr * min(1.0, seen[0] / warmup)
-        out = base_step(taps, target)
-        if replay:
-            for _ in range(replay_steps if buffer else 0):
-                old_taps, old_target = buffer[rng.randint(len(buffer))]
-                base_step(old_taps, old_target)
-            buffer.append(([t.detach().clone() for t in taps], target.clone()))
-        return out
-
-    method.reset, method.step = reset, step
-    swap_optimizer()
-
-
-def learner_bytes(method, settings: dict[str, str], taps: list[torch.Tensor]) -> int:
-    """RAM the learner settings add on a device: Adam's second moment (float32 per trainable parameter)
-    and the replay buffer (int8 taps + a label byte per sample)."""
-    params = sum(p.numel() for p in method._trainable())
-    adam = 4 * params if settings.get("optim") == "adam" and method.config.lr > 0 else 0
-    replay = int(settings.get("replay", 0)) * (sum(t[:1].numel() for t in taps) + 1)
-    return adam + replay
+    """Give ``method`` the ``Learner`` of a spec's learner settings (none: its default, one SGD step per label).
+    Its memory (Adam's moments, the replay buffer) is then in ``memory_table``."""
+    if settings:
+        method.use_learner(Learner(settings.get("optim", "sgd"), int(settings.get("warmup", 0)),
+                                   int(settings.get("replay", 0)), int(settings.get("rsteps", 1)), seed))
 
 
 def predict(method, taps: list[torch.Tensor]) -> int:
@@ -196,13 +185,119 @@ def transfer(args, ckpt: str, target_name: str, tune: bool = False) -> list[dict
                "split": "val" if tune else "test", "reinitialised": reinitialised,
                "stream": len(y), "held_out": len(hy), "prequential": float(np.mean(correct)),
                "curve": np.cumsum(correct).tolist(), "held_out_accuracy": held_acc, "memory_bytes": mem,
-               "training_bytes": training_bytes(mem) + learner_bytes(m, settings, taps),
+               "training_bytes": training_bytes(mem),
                "seconds": round(time.time() - start, 1)}
         rows.append(row)
         print(f"transfer {row['direction']:<28} {label:<24} lr {m.config.lr:<7g} "
               f"prequential {100 * row['prequential']:5.1f}  held-out "
               + "  ".join(f"N={n}: {100 * a:5.1f}" for n, a in held_acc.items())
               + f"  train mem {row['training_bytes'] / 1024:8.1f} KB  ({row['seconds']} s)", flush=True)
+    return rows
+
+
+def _slug(label: str) -> str:
+    return label.replace(":", "_").replace("=", "-").replace("+", "_")
+
+
+def distinct_zeros(method, names: list[str]) -> list[str]:
+    """Re-initialised class layers of the same shape are all zero, and torch's ONNX exporter merges initialisers of
+    equal value (e.g. lst's ``head.bias`` and ``classifier.bias``), leaving one of them out of trainable.onnx. The
+    k-th duplicate is filled with k * 1e-30 instead (its logits move by 1e-30: only exact ties change). Returns the
+    parameters so changed."""
+    named, seen, changed = dict(method.named_parameters()), {}, []
+    with torch.no_grad():
+        for n in names:
+            k = seen.get(tuple(named[n].shape), 0)
+            seen[tuple(named[n].shape)] = k + 1
+            if k:
+                named[n].fill_(k * 1e-30)
+                changed.append(n)
+    method._initial = None  # reset() returns here
+    method.reset()
+    return changed
+
+
+def held_out_compiled(model, images: np.ndarray, labels: np.ndarray) -> float:
+    """Held-out accuracy of a compiled host model's current weights: a second runtime on the same model with
+    adaptation off (infer at momentum 0: nothing changes, as ``predict``)."""
+    from edgetune import cruntime as cr
+    from edgetune.deploy.host import MODEL_GETTER
+
+    s = model.manifest.runtime.momentum_schedule
+    probe = cr.Runtime(model.lib, MODEL_GETTER, adapt=False, guard=False,
+                       momentum=(s.start, s.decay, s.floor) if s else (0.0, 0.0, 0.0))
+    return float(np.mean([probe.step(images[i]).prediction == int(y) for i, y in enumerate(labels)]))
+
+
+def device(args) -> list[dict]:
+    """The transfer study's configurations (``--device-methods``) on a device's code: each exported int8
+    after ``start_new_task`` and its learner, then the same digits stream in the same order as the torch rows
+    through the compiled host runtime (TVM's int8 kernels + the C runtime with the bundle's replay buffer and
+    warm-up), the torch method beside it on the same stream; with ``--device-target``, the firmware in QEMU
+    (SRAM measured, ``--mcu-n`` samples, every label revealed)."""
+    from edgetune.compilers.emit_learner import append_learner
+    from edgetune.data import to_tensor
+    from edgetune.deploy import save_initial_state, write_target_project
+    from edgetune.deploy.learner import LearnerHostModel
+    from edgetune.errors import BudgetError, ToolchainError
+    from edgetune.export import export
+    from edgetune.simulate import simulate
+
+    backbone, cfg = load_checkpoint(args.checkpoint)
+    source, target = load_dataset(cfg["data"]), load_dataset("digits")
+    rng = np.random.RandomState(args.seed)  # the draws of ``transfer``: the same stream, order and held-out set
+    order = rng.permutation(len(target.train_y))[:args.transfer_stream]
+    x, y = target.train_x[order], target.train_y[order]
+    held = rng.permutation(len(target.test_y))[:args.held_out]
+    hx, hy = target.test_x[held], target.test_y[held]
+    xs, hxs = to_tensor(x).numpy(), to_tensor(hx).numpy()
+    checkpoints = sorted({n for n in (200, 1000) if n < len(y)} | {len(y)})
+    rows = []
+    for label, method, overrides in map(method_spec, args.device_methods.split(",")):
+        start = time.time()
+        adaptable = prepared(backbone, cfg["model"], method, overrides, source, args,
+                             chosen_lr(args, "transfer", label))
+        reinitialised = start_new_task(adaptable)
+        nudged = distinct_zeros(adaptable.method, reinitialised)
+        install_learner(adaptable.method, learner(overrides)[1], args.seed)
+        bundle = Path(args.work) / f"device-{cfg['model']}-{_slug(label)}"
+        export(adaptable, source, bundle, progress=False)
+        save_initial_state(bundle, adaptable.method)
+        mem = memory_table(adaptable)
+        base = {"study": "device", "direction": f"{cfg['data']} -> digits", "model": cfg["model"], "method": label,
+                "lr": adaptable.method.config.lr, "reinitialised": reinitialised, "nudged": nudged, "stream": len(y),
+                "held_out": len(hy), "memory_bytes": mem, "training_bytes": training_bytes(mem)}
+        model = LearnerHostModel(bundle, workdir=bundle / "host")
+        correct, held_acc = [], {}
+        for i in range(len(y)):
+            correct.append(model.step(xs[i]).prediction == int(y[i]))
+            model.feedback(xs[i], int(y[i]))  # revealed only after the prediction was scored
+            if i + 1 in checkpoints:
+                held_acc[i + 1] = held_out_compiled(model, hxs, hy)
+        row = {**base, "runtime": "compiled host", "learner_built": model.learns_with_replay,
+               "prequential": float(np.mean(correct)), "curve": np.cumsum(correct).tolist(),
+               "held_out_accuracy": held_acc, "seconds": round(time.time() - start, 1)}
+        rows.append(row)
+        print(f"device compiled-host {label:<40} prequential {100 * row['prequential']:5.1f}  held-out "
+              + "  ".join(f"N={n}: {100 * a:5.1f}" for n, a in held_acc.items()) + f"  ({row['seconds']} s)",
+              flush=True)
+        if args.device_target:
+            start = time.time()
+            out = {**base, "runtime": f"{args.device_target} (QEMU)", "simulated_samples": args.mcu_n}
+            try:
+                project = write_target_project(bundle, args.device_target, out_dir=bundle / args.device_target)
+                out["learner_built"] = append_learner(project.directory / "model", model.manifest)
+                report = simulate(project.directory, data="digits", corruption="none", n=args.mcu_n,
+                                  labelled_fraction=1.0, workdir=project.directory / "sim").to_json()
+                out.update(sram_bytes=report["sram_bytes"], flash_bytes=report.get("flash_bytes"),
+                           online_accuracy=report.get("online_accuracy"),
+                           instructions_per_sample=report.get("instructions_per_sample"))
+            except (BudgetError, ToolchainError) as exc:
+                out["refused"] = str(exc).splitlines()[0]
+            out["seconds"] = round(time.time() - start, 1)
+            rows.append(out)
+            print(f"device {args.device_target} {label:<40} " + json.dumps(
+                {k: v for k, v in out.items() if k not in ("memory_bytes", "study", "reinitialised")}), flush=True)
     return rows
 
 
@@ -250,8 +345,7 @@ def personalisation(args, tune: bool = False) -> list[dict]:
                              "lr": adaptable.method.config.lr, "split": "val" if tune else "test",
                              "labelled_fraction": fraction, "mean": result.mean,
                              "per_corruption": result.per_corruption, "restores": result.restores,
-                             "memory_bytes": mem, "training_bytes": training_bytes(mem) + learner_bytes(
-                                 adaptable.method, settings, taps(adaptable, segments[0].images[:1])),
+                             "memory_bytes": mem, "training_bytes": training_bytes(mem),
                              "seconds": round(time.time() - start, 1)})
                 print(f"personal {protocol:<10} {label:<24} lr {adaptable.method.config.lr:<7g} labels "
                       f"{fraction:4.0%}  {100 * result.mean:5.1f}  "
@@ -353,6 +447,28 @@ def write_tables(rows: list[dict], path: Path, args) -> None:
             flash = _kb(r["flash_bytes"]) if r.get("flash_bytes") else "-"
             lines.append(f"| {r['method']} | {_kb(r['training_bytes'])} | {sram} | {flash} |")
         lines.append("")
+    device_rows = [r for r in rows if r["study"] == "device"]
+    if device_rows:
+        r0 = device_rows[0]
+        lines += [f"## On a device's code: transfer {r0['direction']} ({r0['model']}, int8 frozen backbone, stream of "
+                  f"{r0['stream']} labelled samples, held-out {r0['held_out']} test samples)", "",
+                  "| method | runtime | prequential | held-out after "
+                  + " | after ".join(map(str, r0.get("held_out_accuracy", {}) or ["-"]))
+                  + " | training memory (KB, analytic) | measured SRAM (KB) | flash (KB) |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in (r0.get("held_out_accuracy") or [0]))
+                  + " | ---: | ---: | ---: |"]
+        for r in device_rows:
+            held = r.get("held_out_accuracy") or {}
+            cells = " | ".join(f"{100 * v:.1f}" for v in held.values()) if held else " | ".join(
+                "-" for _ in (r0.get("held_out_accuracy") or [0]))
+            pre = f"{100 * r['prequential']:.1f}" if "prequential" in r else (
+                f"{100 * r['online_accuracy']:.1f} (first {r['simulated_samples']})" if r.get("online_accuracy")
+                is not None else "-")
+            sram = _kb(r["sram_bytes"]) if r.get("sram_bytes") else r.get("refused", "-")
+            flash = _kb(r["flash_bytes"]) if r.get("flash_bytes") else "-"
+            lines.append(f"| {r['method']} | {r['runtime']} | {pre} | {cells} | {_kb(r['training_bytes'])} | {sram} | "
+                         f"{flash} |")
+        lines.append("")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -433,7 +549,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny-cnn, few samples, 2 fit epochs: a smoke run")
     p.add_argument("--tune", action="store_true", help="choose every learner's lr on validation data (chosen.json)")
-    p.add_argument("--part", default="all", choices=["all", "transfer", "personal", "mcu"])
+    p.add_argument("--part", default="all", choices=["all", "transfer", "personal", "mcu", "device"])
+    p.add_argument("--device-methods", default="lst:optim=adam+replay=24+rsteps=3+reduction=4",
+                   help="device part: transfer specs run through the compiled host runtime")
+    p.add_argument("--device-target", default="", help="device part: also simulate this MCU target in QEMU")
     p.add_argument("--mcu-methods", default="feature-align,tinytta,last-layer,lst,vqt,bias-only,full-finetune")
     p.add_argument("--mcu-target", default="cortex-m7")
     p.add_argument("--mcu-n", type=int, default=30, help="samples streamed in QEMU per method")
@@ -480,7 +599,7 @@ def main() -> None:
             rows += run["rows"]
             if any(r["study"] == "personalisation" for r in run["rows"]):  # the table names the run's stream
                 args.samples, args.corruptions = run["settings"]["samples"], run["settings"]["corruptions"]
-        write_tables(rows, out / "labels.md", args)
+        write_tables(rows, out / f"{args.tag or 'labels'}.md", args)
         plot(rows, out)
         return
     if args.part in ("all", "transfer") and "forward" in args.directions:
@@ -491,6 +610,8 @@ def main() -> None:
         rows += personalisation(args)
     if args.part in ("all", "mcu"):
         rows += mcu(args)
+    if args.part == "device":
+        rows += device(args)
     tag = args.tag or ("labels" if args.part == "all" else f"labels-{args.part}")
     settings = {k: v for k, v in vars(args).items() if k not in ("fit_overrides", "chosen")}
     settings["chosen_lr"] = args.chosen
