@@ -162,10 +162,13 @@ ET_X86_API int32_t et_x86_pointwise_s8(const int8_t *x, const int8_t *w, const i
   for (int32_t p = 0; p < hw; p += 16)
     et_x86_gemm16(packed + 4 * p, 4 * (int64_t)hw, cin / 4, w, bias, scale, y + p, hw, cout, zy, et_x86_mask(hw - p));
 #else
+  int8_t rows[cout * cin]; /* the weights unblocked once: [cout][cin] */
+  for (int32_t o = 0; o < cout; ++o)
+    for (int32_t c = 0; c < cin; ++c) rows[o * cin + c] = w[et_x86_widx(o, c, cin, cout)];
   for (int32_t o = 0; o < cout; ++o) {
     for (int32_t p = 0; p < hw; ++p) {
       int32_t acc = bias[o];
-      for (int32_t c = 0; c < cin; ++c) acc += (int32_t)et_x86_u8(x[c * hw + p]) * w[et_x86_widx(o, c, cin, cout)];
+      for (int32_t c = 0; c < cin; ++c) acc += (int32_t)et_x86_u8(x[c * hw + p]) * rows[o * cin + c];
       y[o * hw + p] = et_x86_requant(acc, scale[o], zy);
     }
   }
@@ -251,6 +254,10 @@ ET_X86_API int32_t et_x86_conv_s8(const int8_t *x, const int8_t *w, const int32_
     et_x86_gemm16(B, 64, k4, wk, bias, scale, y + p, hw, cout, zy, m);
   }
 #else
+  const int32_t K = taps * cin;
+  int8_t rows[cout * K]; /* the weights unblocked once: [cout][kh][kw][cin] */
+  for (int32_t o = 0; o < cout; ++o)
+    for (int32_t k = 0; k < K; ++k) rows[o * K + k] = w[cin % 4 ? o * K + k : et_x86_widx(o, k, K, cout)];
   for (int32_t o = 0; o < cout; ++o) {
     for (int32_t i = 0; i < oh; ++i) {
       for (int32_t j = 0; j < ow; ++j) {
@@ -259,11 +266,9 @@ ET_X86_API int32_t et_x86_conv_s8(const int8_t *x, const int8_t *w, const int32_
           for (int32_t rx = 0; rx < kw; ++rx) {
             const int32_t r = i * sh + ry - pt, q = j * sw + rx - pl;
             const int inside = r >= 0 && r < h && q >= 0 && q < wd;
-            for (int32_t c = 0; c < cin; ++c) {
-              const int8_t v = inside ? x[(c * h + r) * wd + q] : (int8_t)zx;
-              const int32_t k = (ry * kw + rx) * cin + c;
-              acc += (int32_t)et_x86_u8(v) * w[cin % 4 ? o * taps * cin + k : et_x86_widx(o, k, taps * cin, cout)];
-            }
+            const int8_t *wk = rows + o * K + (ry * kw + rx) * cin;
+            for (int32_t c = 0; c < cin; ++c)
+              acc += (int32_t)et_x86_u8(inside ? x[(c * h + r) * wd + q] : (int8_t)zx) * wk[c];
           }
         }
         y[(o * oh + i) * ow + j] = et_x86_requant(acc, scale[o], zy);
