@@ -258,6 +258,11 @@ def fit(adaptable: Adaptable, data: Dataset, seed: int = 0, progress: bool = Tru
     params = method.fit_parameters()
     if not labelled:
         _init_from_classifier(method)
+    # A method may fit on views of the source besides the clean taps (tinytta's grid exit heads: shifted
+    # copies); ``fit_views`` returns (taps, targets) to train on, or None for the plain fit.
+    views = getattr(method, "fit_views", None)
+    if params and method.config.fit_epochs > 0 and views is not None:
+        taps, targets = views(adaptable.frozen, data.train_x[idx], targets, seed) or (taps, targets)
     if params and method.config.fit_epochs > 0:
         val_x = data.val_x if len(data.val_x) else data.train_x[idx]
         val_y = (torch.from_numpy(data.val_y if len(data.val_x) else data.train_y[idx]) if labelled
