@@ -12,7 +12,9 @@ uses SMLAD where the target's ``-mcpu`` (its JSON's ``toolchain.arch_flags``) de
 ``KERNELS=c``), with identical results.
 
 Replaced: pointwise (1x1, stride 1, unpadded) convolutions, 3x3 depthwise and regular 3x3 convolutions
-(the stem too) padded by one at the top and left with the input zero point, stride 1 or 2. Under Helium
+(the stem too) padded by one at the top and left with the input zero point, stride 1 or 2; and norm-align's
+aligned pointwise and 3x3 depthwise convolutions (``int8_kernels.qconv2d(moments=True)``: run-time scale and
+accumulator offset in, the unaligned accumulator's per-channel int64 sum and sum of squares out). Under Helium
 (``__ARM_FEATURE_MVE``, Cortex-M55) the same header runs MVE code instead of SMLAD.
 """
 from __future__ import annotations
@@ -23,8 +25,10 @@ from tvm import tirx
 DSP_ATTR = "edgetune.dsp"
 HEADER = "et_kernels_dsp.h"
 POINTWISE = "et_dsp_pointwise_s8"
+POINTWISE_MOMENTS = "et_dsp_pointwise_moments_s8"  # norm-align's aligned 1x1 convs: offset in, statistics out
 MAX_CIN = 256  # ET_DSP_MAX_CIN of the header
 DEPTHWISE = "et_dsp_depthwise3x3_s8"
+DEPTHWISE_MOMENTS = "et_dsp_depthwise3x3_moments_s8"  # norm-align's aligned depthwise convs
 MAX_PLANE = 4096  # ET_DSP_MAX_PLANE of the header
 CONV = "et_dsp_conv3x3_s8"
 CONV_IHWO = "et_dsp_conv3x3_ihwo_s8"
@@ -97,6 +101,34 @@ def _pointwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     return out.with_attr("edgetune.schedule", how)
 
 
+def _pointwise_moments_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """norm-align's aligned pointwise conv ``func`` (x, w, bias, scale, offset -> out, sum, sumsq) as one call of
+    the DSP micro-kernel that also returns the statistics, or None if it is not one it covers."""
+    attrs = func.attrs or {}
+    if attrs.get("edgetune.kernel") != "qconv2d" or len(func.params) != 8 or not str(
+            attrs.get("edgetune.schedule", "")).startswith("pointwise conv"):
+        return None
+    x, w, b, s, off, y, total, squares = (p.ty for p in func.params)
+    dtypes = tuple(str(t.dtype) for t in (x, w, b, s, off, y, total, squares))
+    if dtypes != ("int8", "int8", "int32", "float32", "float32", "int8", "int64", "int64"):
+        return None
+    (n, cin, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
+    if n != 1 or cpg != cin or (kh, kw) != (1, 1) or _shape(y) != (1, cout, h, wd):
+        return None
+    if _shape(total) != (1, cout) or _shape(squares) != (1, cout) or _shape(off) != (cout,):
+        return None
+    if cout % 2 or (h * wd) % 4 or cin % 4 or cin > MAX_CIN:
+        return None
+    zy = _output_zero_point(func)
+    if zy is None:
+        return None
+    data = [tirx.op.buffer_data(p) for p in func.params]
+    call = tirx.call_extern("int32", POINTWISE_MOMENTS, *data, cin, h * wd, cout, zy)
+    out = tirx.PrimFunc(func.params, tirx.Evaluate(call), func.ret_type, attrs=func.attrs)
+    how = f"pointwise conv: DSP micro-kernel {POINTWISE_MOMENTS} (2oc x 4px SMLAD tile, int64 moments per tile)"
+    return out.with_attr("edgetune.schedule", how)
+
+
 def _pad_value(func: tirx.PrimFunc) -> int | None:
     """The input zero point a conv's ``pad`` block fills with, when the block pads one row and one column at
     the top and left (reads ``x[..., yy - 1, ... - 1]``); None for any other padding."""
@@ -126,12 +158,18 @@ def _stride(size: int, out: int) -> int | None:
 
 
 def _depthwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """The 3x3 depthwise conv ``func`` as one call of the DSP micro-kernel, or None if it is not one it covers."""
+    """The 3x3 depthwise conv ``func`` as one call of the DSP micro-kernel, or None if it is not one it covers;
+    norm-align's aligned one (x, w, bias, scale, offset -> out, sum, sumsq) as a call of the kernel that also
+    returns the statistics."""
     attrs = func.attrs or {}
-    if attrs.get("edgetune.kernel") != "qconv2d_depthwise" or len(func.params) != 5:
+    if attrs.get("edgetune.kernel") != "qconv2d_depthwise" or len(func.params) not in (5, 8):
         return None
-    x, w, b, s, y = (p.ty for p in func.params)
-    if tuple(str(t.dtype) for t in (x, w, b, s, y)) != ("int8", "int8", "int32", "float32", "int8"):
+    moments = len(func.params) == 8
+    x, w, b, s, *rest = (p.ty for p in func.params)
+    y = rest[1] if moments else rest[0]
+    want = ("int8", "int8", "int32", "float32", "float32", "int8", "int64", "int64") if moments else \
+        ("int8", "int8", "int32", "float32", "int8")
+    if tuple(str(p.ty.dtype) for p in func.params) != want:
         return None
     (n, ch, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
     if n != 1 or cout != ch or cpg != 1 or (kh, kw) != (3, 3) or len(_shape(y)) != 4 or min(h, wd) < 4:
@@ -146,10 +184,13 @@ def _depthwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     zx, zy = _pad_value(func), _output_zero_point(func)
     if zx is None or zy is None:
         return None
+    if moments and any(_shape(rest[k]) != shape for k, shape in ((0, (ch,)), (2, (1, ch)), (3, (1, ch)))):
+        return None
     data = [tirx.op.buffer_data(p) for p in func.params]
-    call = tirx.call_extern("int32", DEPTHWISE, *data, ch, h, wd, oh, ow, stride, zx, zy)
+    name = DEPTHWISE_MOMENTS if moments else DEPTHWISE
+    call = tirx.call_extern("int32", name, *data, ch, h, wd, oh, ow, stride, zx, zy)
     out = tirx.PrimFunc(func.params, tirx.Evaluate(call), func.ret_type, attrs=func.attrs)
-    how = f"depthwise conv: DSP micro-kernel {DEPTHWISE} (padded plane per channel, requantised per row)"
+    how = f"depthwise conv: DSP micro-kernel {name} (padded plane per channel, requantised per row)"
     return out.with_attr("edgetune.schedule", how)
 
 
@@ -218,7 +259,8 @@ def dsp_kernels() -> tvm.transform.Pass:
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, tirx.PrimFunc) or DSP_ATTR in (func.attrs or {}):
                 continue
-            replaced = _pointwise_call(func) or _depthwise_call(func) or _conv_call(func)
+            replaced = _pointwise_call(func) or _pointwise_moments_call(func) or _depthwise_call(func) or \
+                _conv_call(func)
             mod[gv] = (replaced or func).with_attr(DSP_ATTR, replaced is not None)
         return mod
 

@@ -126,3 +126,79 @@ def test_o2_and_os_builds_are_within_1_15x_of_o3(mcunet_frozen):
         assert ratio <= 1.15, (level, ratio)
     totals = {level: sum(c["instructions"] for c in r["calls"]) for level, r in runs.items()}
     assert max(totals.values()) <= 1.15 * totals["-O3"], totals
+
+
+@needs_tool("gcc")
+def test_pointwise_moments_kernel_equals_integer_arithmetic(tmp_path):
+    """norm-align's aligned 1x1 conv micro-kernel (plain C path, as the host build runs it): int8 outputs of
+    ``acc + bias + offset`` requantised as TVM's epilogue does, and the exact int64 sum and sum of squares of
+    the unaligned ``acc + bias`` per channel."""
+    import ctypes
+    import subprocess
+
+    runtime = Path(__file__).resolve().parent.parent / "targets" / "runtime"
+    library = tmp_path / "dsp.so"
+    subprocess.run(["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{runtime}",
+                    str(runtime / "et_kernels_dsp.c"), "-o", str(library), "-lm"], check=True)
+    fn = ctypes.CDLL(str(library)).et_dsp_pointwise_moments_s8
+    fn.restype = ctypes.c_int32
+    rng = np.random.default_rng(0)
+    cin, hw, cout, zy = 40, 16, 24, -128
+    x = rng.integers(-128, 128, (cin, hw), dtype=np.int8)
+    w = rng.integers(-128, 128, (cout, cin), dtype=np.int8)
+    bias = rng.integers(-5000, 5000, cout, dtype=np.int32)
+    scale = rng.uniform(1e-4, 2e-3, cout).astype(np.float32)
+    offset = rng.integers(-300, 300, cout).astype(np.float32)
+    y = np.zeros((cout, hw), np.int8)
+    total, squares = np.zeros(cout, np.int64), np.zeros(cout, np.int64)
+    arrays = (x, w, bias, scale, offset, y, total, squares)
+    assert fn(*(ctypes.c_void_p(a.ctypes.data) for a in arrays), cin, hw, cout, zy) == 0
+    acc = w.astype(np.int64) @ x.astype(np.int64) + bias[:, None]
+    np.testing.assert_array_equal(total, acc.sum(1))
+    np.testing.assert_array_equal(squares, (acc * acc).sum(1))
+    v = (acc + offset.astype(np.int64)[:, None]).astype(np.float32) * scale[:, None]
+    want = np.rint(np.clip(v, np.float32(-128 - zy), np.float32(127 - zy))) + zy
+    np.testing.assert_array_equal(y, want.astype(np.int8))
+    assert len(np.unique(y)) > 20  # the scales put the outputs across the int8 range, not all clamped
+    bad = fn(*(ctypes.c_void_p(a.ctypes.data) for a in arrays), cin + 2, hw, cout, zy)  # cin % 4 != 0
+    assert bad == -1
+
+
+@needs_tool("gcc")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_moments_kernel_equals_integer_arithmetic(tmp_path, stride):
+    """norm-align's aligned 3x3 depthwise micro-kernel (plain C path): padding with the input zero point, the
+    offset added before requantisation, exact int64 sum and sum of squares of ``acc + bias`` per channel."""
+    import ctypes
+    import subprocess
+
+    runtime = Path(__file__).resolve().parent.parent / "targets" / "runtime"
+    library = tmp_path / "dsp.so"
+    subprocess.run(["gcc", "-std=c99", "-O2", "-ffp-contract=off", "-fPIC", "-shared", f"-I{runtime}",
+                    str(runtime / "et_kernels_dsp.c"), "-o", str(library), "-lm"], check=True)
+    fn = ctypes.CDLL(str(library)).et_dsp_depthwise3x3_moments_s8
+    fn.restype = ctypes.c_int32
+    rng = np.random.default_rng(stride)
+    ch, h, zx, zy = 12, 8, -5, -128
+    o = (h + 1 - 3) // stride + 1 + (1 if stride == 1 else 0)  # padded by one at the top/left, as the model's
+    x = rng.integers(-128, 128, (ch, h, h), dtype=np.int8)
+    w = rng.integers(-128, 128, (ch, 3, 3), dtype=np.int8)
+    bias = rng.integers(-3000, 3000, ch, dtype=np.int32)
+    scale = rng.uniform(2e-4, 2e-3, ch).astype(np.float32)
+    offset = rng.integers(-200, 200, ch).astype(np.float32)
+    y = np.zeros((ch, o, o), np.int8)
+    total, squares = np.zeros(ch, np.int64), np.zeros(ch, np.int64)
+    arrays = (x, w, bias, scale, offset, y, total, squares)
+    assert fn(*(ctypes.c_void_p(a.ctypes.data) for a in arrays), ch, h, h, o, o, stride, zx, zy) == 0
+    plane = np.full((ch, h + 3, h + 3), zx, np.int64)
+    plane[:, 1:h + 1, 1:h + 1] = x
+    acc = np.zeros((ch, o, o), np.int64) + bias[:, None, None]
+    for ry in range(3):
+        for rx in range(3):
+            acc += plane[:, ry:ry + stride * o:stride, rx:rx + stride * o:stride] * w[:, ry, rx][:, None, None]
+    np.testing.assert_array_equal(total, acc.sum((1, 2)))
+    np.testing.assert_array_equal(squares, (acc * acc).sum((1, 2)))
+    v = (acc + offset.astype(np.int64)[:, None, None]).astype(np.float32) * scale[:, None, None]
+    want = np.rint(np.clip(v, np.float32(-128 - zy), np.float32(127 - zy))) + zy
+    np.testing.assert_array_equal(y, want.astype(np.int8))
+    assert len(np.unique(y)) > 20

@@ -227,6 +227,81 @@ static inline int32_t et_dsp_pointwise_s8(const int8_t *x, const int8_t *w, cons
   return 0;
 }
 
+/* The tile loop of et_dsp_pointwise_moments_s8 (norm-align's aligned 1x1 convs): et_dsp_rows4's 2 channels
+ * x 4 pixels, then per channel the accumulator tile (acc + bias, the unaligned pre-activation) enters the
+ * int64 sum and sum of squares (SMLAL), and the tile is requantised with the accumulator offset added
+ * (acc + bias + offset: the fold of the state's affine; offset holds integers in float32). */
+static inline void et_dsp_rows4_moments(const int8_t *xt, int32_t K, const int8_t *w, const int32_t *bias,
+                                        const float *scale, const float *offset, int8_t *y, int64_t *sum,
+                                        int64_t *sumsq, int32_t hw, int32_t cout, int32_t zy) {
+  for (int32_t o = 0; o < cout; o += 2) {
+    const int8_t *wa = w + o * K, *wb = wa + K;
+    int8_t *ya = y + o * hw;
+    const int32_t ba = bias[o], bb = bias[o + 1];
+    int32_t a0 = ba, a1 = ba, a2 = ba, a3 = ba, b0 = bb, b1 = bb, b2 = bb, b3 = bb;
+    int32_t c = 0;
+#if ET_DSP
+    for (; c + 4 <= K; c += 4) {
+      int32_t k = et_load32(wa + c);
+      const int32_t ae = __sxtb16(k), ao = et_sxtb16_odd(k);
+      k = et_load32(wb + c);
+      const int32_t be = __sxtb16(k), bo = et_sxtb16_odd(k);
+      int32_t u = et_load32(xt + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
+      a0 = __smlad(d, ao, __smlad(e, ae, a0));
+      b0 = __smlad(d, bo, __smlad(e, be, b0));
+      u = et_load32(xt + K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
+      a1 = __smlad(d, ao, __smlad(e, ae, a1));
+      b1 = __smlad(d, bo, __smlad(e, be, b1));
+      u = et_load32(xt + 2 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
+      a2 = __smlad(d, ao, __smlad(e, ae, a2));
+      b2 = __smlad(d, bo, __smlad(e, be, b2));
+      u = et_load32(xt + 3 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
+      a3 = __smlad(d, ao, __smlad(e, ae, a3));
+      b3 = __smlad(d, bo, __smlad(e, be, b3));
+    }
+#endif
+    for (; c < K; ++c) {
+      a0 += xt[c] * wa[c], a1 += xt[K + c] * wa[c], a2 += xt[2 * K + c] * wa[c], a3 += xt[3 * K + c] * wa[c];
+      b0 += xt[c] * wb[c], b1 += xt[K + c] * wb[c], b2 += xt[2 * K + c] * wb[c], b3 += xt[3 * K + c] * wb[c];
+    }
+    sum[o] += (int64_t)a0 + a1 + a2 + a3;
+    sum[o + 1] += (int64_t)b0 + b1 + b2 + b3;
+    sumsq[o] += (int64_t)a0 * a0 + (int64_t)a1 * a1 + (int64_t)a2 * a2 + (int64_t)a3 * a3;
+    sumsq[o + 1] += (int64_t)b0 * b0 + (int64_t)b1 * b1 + (int64_t)b2 * b2 + (int64_t)b3 * b3;
+    const float sa = scale[o], sb = scale[o + 1];
+    const int32_t oa = (int32_t)offset[o], ob = (int32_t)offset[o + 1];
+    ya[0] = ET_REQUANT(a0 + oa, sa, zy), ya[1] = ET_REQUANT(a1 + oa, sa, zy);
+    ya[2] = ET_REQUANT(a2 + oa, sa, zy), ya[3] = ET_REQUANT(a3 + oa, sa, zy);
+    ya[hw] = ET_REQUANT(b0 + ob, sb, zy), ya[hw + 1] = ET_REQUANT(b1 + ob, sb, zy);
+    ya[hw + 2] = ET_REQUANT(b2 + ob, sb, zy), ya[hw + 3] = ET_REQUANT(b3 + ob, sb, zy);
+  }
+}
+
+/* norm-align's aligned 1x1 convolution: et_dsp_pointwise_s8 whose requantisation adds the accumulator
+ * offset (offset [cout], float32 holding integers) and which also returns the per-channel sum and sum of
+ * squares of the unaligned accumulator acc + bias over the hw pixels (sum, sumsq [cout] int64: the
+ * statistics norm-align's step reads; no second pass). Same constraints as et_dsp_pointwise_s8 (the DSP
+ * path on Helium cores too). The kernel TVM generates for it (compilers/int8_kernels.py, moments=True)
+ * gives the same bytes. */
+static inline int32_t et_dsp_pointwise_moments_s8(const int8_t *x, const int8_t *w, const int32_t *bias,
+                                                  const float *scale, const float *offset, int8_t *y, int64_t *sum,
+                                                  int64_t *sumsq, int32_t cin, int32_t hw, int32_t cout, int32_t zy) {
+  int8_t xt[4 * ET_DSP_MAX_CIN] __attribute__((aligned(4)));
+  if (cin > ET_DSP_MAX_CIN || cin % 4 || hw % 4 || cout % 2) return -1;
+  for (int32_t o = 0; o < cout; ++o) sum[o] = 0, sumsq[o] = 0;
+  for (int32_t p = 0; p < hw; p += 4) {
+    for (int32_t c = 0; c < cin; ++c) {
+      const int8_t *v = x + c * hw + p;
+      xt[c] = v[0];
+      xt[cin + c] = v[1];
+      xt[2 * cin + c] = v[2];
+      xt[3 * cin + c] = v[3];
+    }
+    et_dsp_rows4_moments(xt, cin, w, bias, scale, offset, y + p, sum, sumsq, hw, cout, zy);
+  }
+  return 0;
+}
+
 /* Largest padded input plane (one channel) of et_dsp_depthwise3x3_s8: it lives on the stack. */
 #define ET_DSP_MAX_PLANE 4096
 
@@ -357,6 +432,86 @@ static inline int32_t et_dsp_depthwise3x3_s8(const int8_t *x, const int8_t *w, c
       et_dsp_dw_row(plane + i * stride * pw, pw, k, kp, bias[c], scale[c], zy, y + (c * oh + i) * ow, ow, stride);
 #endif
     }
+  }
+  return 0;
+}
+
+/* One output row of one channel of norm-align's aligned depthwise conv: et_dsp_dw_row's accumulators (its SMLAD
+ * paths on DSP cores, plain C elsewhere; Helium cores take the DSP path), requantised with the accumulator
+ * offset added (acc + bias + off), and the row's sum and sum of squares of acc + bias added to *sum, *sumsq. */
+static inline void et_dsp_dw_row_moments(const int8_t *r0, int32_t pw, const int8_t *k, const int32_t *kp,
+                                         int32_t bias, float scale, int32_t off, int32_t zy, int8_t *y, int32_t ow,
+                                         int32_t stride, int64_t *sum, int64_t *sumsq) {
+  int32_t j = 0;
+  int64_t total = 0, squares = 0;
+  (void)kp;
+#if ET_DSP
+  const int32_t k02[3] = {kp[0], kp[1], kp[2]}, k1[3] = {kp[3], kp[4], kp[5]};
+  if (stride == 1) {
+    for (; j + 2 <= ow; j += 2) {
+      int32_t a = bias, b = bias;
+      const int8_t *p = r0 + j;
+      for (int32_t ry = 0; ry < 3; ++ry, p += pw) {
+        const int32_t u = et_load32(p), e = __sxtb16(u), o = et_sxtb16_odd(u);
+        a = __smlabb(o, k1[ry], __smlad(e, k02[ry], a));
+        b = __smlatb(e, k1[ry], __smlad(o, k02[ry], b));
+      }
+      total += (int64_t)a + b;
+      squares += (int64_t)a * a + (int64_t)b * b;
+      y[j] = ET_REQUANT(a + off, scale, zy);
+      y[j + 1] = ET_REQUANT(b + off, scale, zy);
+    }
+  } else {
+    for (; j < ow; ++j) {
+      int32_t a = bias;
+      const int8_t *p = r0 + 2 * j;
+      for (int32_t ry = 0; ry < 3; ++ry, p += pw) {
+        const int32_t u = et_load32(p);
+        a = __smlabb(et_sxtb16_odd(u), k1[ry], __smlad(__sxtb16(u), k02[ry], a));
+      }
+      total += a;
+      squares += (int64_t)a * a;
+      y[j] = ET_REQUANT(a + off, scale, zy);
+    }
+  }
+#endif
+  for (; j < ow; ++j) {
+    const int8_t *p = r0 + j * stride;
+    int32_t acc = bias;
+    for (int32_t ry = 0; ry < 3; ++ry, p += pw) acc += p[0] * k[3 * ry] + p[1] * k[3 * ry + 1] + p[2] * k[3 * ry + 2];
+    total += acc;
+    squares += (int64_t)acc * acc;
+    y[j] = ET_REQUANT(acc + off, scale, zy);
+  }
+  *sum += total;
+  *sumsq += squares;
+}
+
+/* norm-align's aligned 3x3 depthwise convolution: et_dsp_depthwise3x3_s8 whose requantisation adds the
+ * accumulator offset (offset [ch], float32 holding integers) and which also returns the per-channel int64 sum
+ * and sum of squares of the unaligned accumulator acc + bias over the oh x ow outputs. Same constraints. */
+static inline int32_t et_dsp_depthwise3x3_moments_s8(const int8_t *x, const int8_t *w, const int32_t *bias,
+                                                     const float *scale, const float *offset, int8_t *y,
+                                                     int64_t *sum, int64_t *sumsq, int32_t ch, int32_t h, int32_t wd,
+                                                     int32_t oh, int32_t ow, int32_t stride, int32_t zx, int32_t zy) {
+  const int32_t pw = et_dw_row(ow, stride), ph = (oh - 1) * stride + 3;
+  const int32_t rows = ph - 1 < h ? ph - 1 : h, cols = pw - 1 < wd ? pw - 1 : wd;
+  if (ph * pw > ET_DSP_MAX_PLANE || (stride != 1 && stride != 2)) return -1;
+  int8_t plane[ph * pw] __attribute__((aligned(4)));
+  memset(plane, zx, (size_t)(ph * pw));
+  for (int32_t c = 0; c < ch; ++c) {
+    const int8_t *xc = x + c * h * wd;
+    const int8_t *k = w + 9 * c;
+    int32_t kp[6];
+    for (int32_t ry = 0; ry < 3; ++ry) {
+      kp[ry] = (int32_t)(((uint32_t)(uint16_t)k[3 * ry]) | ((uint32_t)(uint16_t)k[3 * ry + 2] << 16));
+      kp[3 + ry] = k[3 * ry + 1];
+    }
+    for (int32_t r = 0; r < rows; ++r) et_copy_row(plane + (r + 1) * pw + 1, xc + r * wd, cols);
+    sum[c] = 0, sumsq[c] = 0;
+    for (int32_t i = 0; i < oh; ++i)
+      et_dsp_dw_row_moments(plane + i * stride * pw, pw, k, kp, bias[c], scale[c], (int32_t)offset[c], zy,
+                            y + (c * oh + i) * ow, ow, stride, sum + c, sumsq + c);
   }
   return 0;
 }
