@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import subprocess
 
@@ -20,7 +21,7 @@ from edgetune.deploy.build import build_project
 from edgetune.deploy.learner import LearnerHostModel
 from edgetune.errors import CheckpointError, ConfigError
 from edgetune.export import export
-from edgetune.export.manifest import Manifest, load_manifest
+from edgetune.export.manifest import Manifest, load_manifest, manifest_digest
 from edgetune.memory import memory_table, replay_bytes
 from edgetune.methods.base import Learner, quantise_tap, xorshift32
 from edgetune.simulate import run_program, stream_samples, write_stream
@@ -89,6 +90,13 @@ def test_bundle_declares_the_learner_and_counts_its_bytes(learned):
     assert "replay 5 samples x 2 steps" in manifest.describe()
     plain = dataclasses.replace(adaptable.method.contract(), learner=Learner())
     assert plain.learner.replay == 0 and memory_table(adaptable)["replay_buffer"] > 0
+    # bundles written before the field read as "no learner", and their digest does not depend on it
+    plain_manifest = dataclasses.replace(manifest, runtime=dataclasses.replace(manifest.runtime, learner=None))
+    raw = json.loads(plain_manifest.to_json())
+    del raw["runtime"]["learner"]
+    old = Manifest.from_json(json.dumps(raw))
+    assert old.runtime.learner is None and manifest_digest(old) == manifest_digest(plain_manifest)
+    assert "replay" not in old.describe()
     # a learner that cannot be run is refused when the bundle is read
     bad = dataclasses.replace(manifest, runtime=dataclasses.replace(
         manifest.runtime, learner=dataclasses.replace(learner, replay_steps=0)))
