@@ -372,6 +372,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.02, help="agreement: EMA rate of the trackers")
     parser.add_argument("--screen", action="store_true", help="only the prefix report of every head fit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--open-study", action="store_true", help="the grid heads cached in --workdir under one "
+                        "threshold at only some exits, learning or frozen (OPEN_STUDY); writes study.json / study.md")
     parser.add_argument("--committed", default=None, help="comma-separated committed exits.py sweeps (exits.json, "
                         "agreement.json) to report as the base variants instead of running them again")
     parser.add_argument("--merge", default=None, help="comma-separated variants.json of separate runs: one report")
@@ -379,6 +381,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         merge([Path(p) for p in args.merge.split(",")], Path(args.out), args.committed, args.costs)
+        return
+    if args.open_study:
+        open_study(args)
         return
     torch.set_num_threads(1)  # batch-1 steps of small tensors: threads only add overhead
     start = time.time()
@@ -443,6 +448,71 @@ def main() -> None:
         results.append(run_variant(variant, fits[variant.fit_key][0], backbone, runs, costs, full,
                                    args.explore, args.rate, val_prefix))
         write(results, screens, args, n, val_c, test_c, costs, full, start, out)
+
+
+# (grid class, its cached shifted-copies fit, exits that may be taken, grid heads frozen at test time)
+OPEN_STUDY = (("4x4-first", (0,), False), ("4x4-first", (0,), True), ("4x4-first", (0, 2), False),
+              ("4x4-early", (0, 2), False), ("4x4-early", (0, 2), True), ("4x4", (0,), False), ("4x4", (0,), True))
+OPEN_THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def frozen_grid(method):
+    """``method`` whose heads on a grid (> 1) are not updated at test time (fit, then frozen)."""
+    m = copy.deepcopy(method)
+    names = [n for n in m.trainable_names() if not (n.startswith("heads.") and m.grids[int(n.split(".")[1])] > 1)]
+    m.trainable_names = lambda: names
+    m._initial = None
+    m.reset()
+    return m
+
+
+def open_study(args) -> None:
+    """One threshold at only some exits (the others shut), with the grid heads learning or frozen: every point a real
+    sequential run (torch on the int8 map taps) on validation and test; the heads are the shifted-copies fits
+    (label weight 0.5) cached by earlier runs of this script in ``--workdir``."""
+    torch.set_num_threads(1)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir()) / "edgetune-exit-variants"
+    data = load_dataset("fashion-mnist")
+    backbone, _ = load_checkpoint(ROOT / "checkpoints" / "mcunet-s-fashion-mnist")
+    rows = []
+    for features, opened, frozen in OPEN_STUDY:
+        adaptable, streams = rich_setup(GRIDS[features], backbone, data, work, args.samples, VALIDATION_CORRUPTIONS,
+                                        TEST_CORRUPTIONS, args.seed)
+        method = adaptable.method
+        method.load_state_dict(torch.load(work / f"heads-0.5-{features}-True-{args.fit_samples}-{args.fit_epochs}-"
+                                                 f"{args.seed}.pt", weights_only=True))
+        method._initial = None
+        method.reset()
+        method = frozen_grid(method) if frozen else method
+        for t in OPEN_THRESHOLDS:
+            gate = tuple(t if k in opened else 1.01 for k in range(len(method.heads)))
+            point = {"features": features, "open": list(opened), "grid_frozen": frozen, "threshold": t}
+            for split in ("val", "test"):
+                taps, labels, lengths, _ = streams[split]
+                p = bench.sweep_point(with_gate(method, gate) if t < 1 else method, 1.0, taps, labels, lengths)
+                point[split] = {"accuracy": p["accuracy"], "exit_share": p["exit_share"]}
+            rows.append(point)
+            print(f"{features:<10} open {opened} frozen {frozen!s:<5} t {t:<5g} "
+                  f"val {100 * point['val']['accuracy']:.2f} test {100 * point['test']['accuracy']:.2f} test exits "
+                  + " ".join(f"{100 * x:.1f}" for x in point["test"]["exit_share"]), flush=True)
+    write_study(rows, args.samples, Path(args.out))
+
+
+def write_study(rows: list[dict], samples: int, out: Path) -> None:
+    """``study.json`` and ``study.md`` of the open-exits study."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({"samples_per_corruption": samples, "rows": rows}, indent=1) + "\n")
+    lines = ["Grid exit heads (shifted-copies fit, label weight 0.5) under one threshold at only some exits, learning "
+             f"at test time or frozen; Fashion-MNIST-C severity 5, continual, mcunet-s int8, {samples} samples "
+             "per corruption; torch on the int8 map taps (exit decisions and accuracy, no instructions)", "",
+             "| heads | open exits | grid heads | threshold | val accuracy (%) | test accuracy (%) | "
+             "test exits 0/1/2/3 (%) |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['features']} | {', '.join(map(str, r['open']))} | "
+                     f"{'frozen' if r['grid_frozen'] else 'learn'} | {r['threshold']:g} | "
+                     f"{100 * r['val']['accuracy']:.2f} | {100 * r['test']['accuracy']:.2f} | "
+                     + " / ".join(f"{100 * x:.1f}" for x in r["test"]["exit_share"]) + " |")
+    (out / "study.md").write_text("\n".join(lines) + "\n")
 
 
 def committed(path: Path, costs: dict[int, float], full: float) -> dict:

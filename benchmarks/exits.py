@@ -72,7 +72,7 @@ from edgetune.simulate import run_program
 from edgetune.targets import get_target
 
 ROOT = Path(__file__).resolve().parent.parent
-THRESHOLDS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+THRESHOLDS = (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.4)
 ACCURACY_BUDGET = 0.005  # the goal: at most 0.5 points below tinytta without exits
 TARGETS = (0.7, 0.8, 0.9, 0.95, 0.98, 0.99)  # the agreement rule's consistency targets
 
@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--reprice", default=None, help="re-price this exits.json (threshold sweep) or "
                                                          "agreement.json with --costs (nothing measured)")
     parser.add_argument("--costs-out", default="costs.json", help="costs: file name of the per-exit table in --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tinytta setting (repeatable), e.g. --set exit_grid=4 --set exit_stages=0")
     args = parser.parse_args()
     if args.reprice:
         reprice(Path(args.reprice), args.costs, Path(args.out))
@@ -167,8 +169,10 @@ def main() -> None:
 
     data = load_dataset("fashion-mnist")
     backbone, _ = load_checkpoint(ROOT / "checkpoints" / "mcunet-s-fashion-mnist")
-    adaptable = prepare(copy.deepcopy(backbone), "tinytta", model_name="mcunet-s", seed=args.seed)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    adaptable = prepare(copy.deepcopy(backbone), "tinytta", overrides, model_name="mcunet-s", seed=args.seed)
     fit(adaptable, data, seed=args.seed, progress=False)
+    print(f"fit ready ({time.time() - start:.0f} s)", flush=True)
     taps_bundle = work / "bundle-taps"
     export(adaptable, data, taps_bundle, quantize=True, progress=False)  # the int8 frozen graph for the taps
     if args.rule == "costs":
@@ -211,14 +215,16 @@ def main() -> None:
         flagged = (records["flags"] & EARLY_EXIT) != 0
         agree[t] = {"exits": float(np.mean(flagged == (exits < depth - 1))),
                     "predictions": float(np.mean(records["prediction"] == np.array(by_t[t]["predictions"])))}
-        for k in range(depth):
-            cost[k] += instructions(records)[exits == k].tolist()
+        if t < 1.0 or len(runs) == 1:  # the per-exit table from the plan with probes (the no-exit plan has none)
+            for k in range(depth):
+                cost[k] += instructions(records)[exits == k].tolist()
     per_exit = {k: float(np.mean(v)) if v else None for k, v in cost.items()}
-    full = per_exit[depth - 1]
+    full = float(instructions(runs[1.0]).mean())  # full inference: the no-exit plan, measured on the same stream
     rows = []
     for p in sweep["test"]:
         known = all(per_exit[k] is not None for k, s in enumerate(p["exit_share"]) if s > 0)
         mean = sum(s * per_exit[k] for k, s in enumerate(p["exit_share"]) if s > 0) if known else None
+        mean = full if no_exits(p) else mean
         rows.append({"threshold": p["threshold"], "accuracy": p["accuracy"], "exit_share": p["exit_share"],
                      "early_exit_share": 1.0 - p["exit_share"][-1],
                      "instructions_per_sample": mean, "relative_instructions": mean / full if mean and full else None,
@@ -229,7 +235,8 @@ def main() -> None:
                            "agreement_with_torch": agree[t]} for t, r in runs.items()}
     result = {"data": "fashion-mnist", "model": "mcunet-s", "severity": 5, "protocol": "continual",
               "samples_per_corruption": n, "validation_corruptions": list(val_c), "test_corruptions": list(test_c),
-              "chosen_threshold": chosen, "per_exit_instructions": per_exit, "qemu": measured,
+              "settings": overrides, "chosen_threshold": chosen, "per_exit_instructions": per_exit,
+              "no_exit_instructions": full, "qemu": measured,
               "validation": [{k: v for k, v in p.items() if k not in ("predictions", "exits")} for p in sweep["val"]],
               "test": rows, "seconds": round(time.time() - start)}
     out = Path(args.out)
@@ -349,7 +356,8 @@ def exit_samples(adaptable, data, x: np.ndarray, taps, work: Path) -> tuple[dict
         compiled = []
         for i in range(len(x)):
             step = host.step(x[i])
-            compiled.append(int(np.argmax(host.state()["state_exit_taken"])) if step.early_exit else depth - 1)
+            taken = int(np.argmax(host.state()["state_exit_taken"]))  # one-hot over the declared exits
+            compiled.append(adaptable.method.exit_stages[taken] if step.early_exit else depth - 1)
             if step.prediction != int(records["prediction"][i]) or step.early_exit != bool(
                     records["flags"][i] & EARLY_EXIT):
                 raise SystemExit(f"exits: host and firmware disagree at sample {i} (threshold {threshold:g})")
@@ -369,10 +377,10 @@ def exit_samples(adaptable, data, x: np.ndarray, taps, work: Path) -> tuple[dict
             continue
         for k, cost in zip(compiled, instructions(records)):
             seen[k].append(float(cost))
-    missing = [k for k, v in seen.items() if not v]
+    missing = [k for k in adaptable.method.exit_stages if not seen[k]]  # closed exits are never taken
     if missing:
         raise SystemExit(f"exits: no measured sample took exit(s) {missing}; raise --cost-samples")
-    return seen, info
+    return {k: v for k, v in seen.items() if v}, info
 
 
 def cost_table(args, adaptable, data, x: np.ndarray, taps, work: Path, start: float) -> None:
@@ -389,7 +397,8 @@ def cost_table(args, adaptable, data, x: np.ndarray, taps, work: Path, start: fl
               "per_exit_max": {k: float(np.max(v)) for k, v in seen.items()},
               "exits_per_threshold": info,
               "command": f"python benchmarks/exits.py --rule costs --cost-samples {len(x)} --out {args.out} "
-                         f"--costs-out {args.costs_out}", "seconds": round(time.time() - start)}
+                         f"--costs-out {args.costs_out}" + "".join(f" --set {kv}" for kv in args.set),
+              "settings": dict(kv.split("=", 1) for kv in args.set), "seconds": round(time.time() - start)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / args.costs_out).write_text(json.dumps(result, indent=1) + "\n")
