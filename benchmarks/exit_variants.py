@@ -513,6 +513,31 @@ def write_study(rows: list[dict], samples: int, out: Path) -> None:
                      f"{100 * r['val']['accuracy']:.2f} | {100 * r['test']['accuracy']:.2f} | "
                      + " / ".join(f"{100 * x:.1f}" for x in r["test"]["exit_share"]) + " |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
+    plot_study(rows, out / "study.png")
+
+
+def plot_study(rows: list[dict], path: Path, tinytta: float = 0.6224) -> None:
+    """Test accuracy against the share of samples that exit early, one line per (heads, open exits, learning)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((r["features"], tuple(r["open"]), r["grid_frozen"]) for r in rows):
+        pts = sorted((r for r in rows if (r["features"], tuple(r["open"]), r["grid_frozen"]) == key),
+                     key=lambda r: r["threshold"])
+        ax.plot([100 * (1 - r["test"]["exit_share"][-1]) for r in pts], [100 * r["test"]["accuracy"] for r in pts],
+                "o-" if key[2] else "x--", ms=4, label=f"{key[0]}, open {'+'.join(map(str, key[1]))}, "
+                                                      f"{'frozen' if key[2] else 'learning'}")
+    ax.axhline(100 * tinytta, color="grey", lw=0.8, ls=":")
+    ax.axhline(100 * (tinytta - bench.ACCURACY_BUDGET), color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("test samples that exit early (%)")
+    ax.set_ylabel("test online accuracy (%)")
+    ax.set_title("grid exit heads: learning vs frozen at test time (dotted: tinytta without exits; dashed: -0.5)",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def committed(path: Path, costs: dict[int, float], full: float) -> dict:
