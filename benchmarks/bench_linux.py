@@ -474,8 +474,10 @@ def plot(results: dict, path: Path) -> None:
     width = 0.8 / len(engines)
     for j, e in enumerate(engines):
         axes[0].bar([i + j * width for i in range(len(host))], [t[e]["median_us"] for _, t in host], width, label=e)
-    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(host))], [m for m, _ in host])
-    axes[0].set_ylabel("host us per sample (median, 1 thread)")
+    axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(host))], [m for m, _ in host], rotation=30,
+                       ha="right", fontsize=8)
+    axes[0].set_yscale("log")  # the reference models span 14 us to 1.4 ms
+    axes[0].set_ylabel("host us per sample (median, 1 thread, log)")
     axes[0].legend(fontsize=8)
     bars = [(f"{m}\n{t}", row) for m, r in results["models"].items()
             for t, row in r.get("aarch64", {}).get("targets", {}).items()]
