@@ -17,9 +17,14 @@ For each model (the committed checkpoint's frozen.onnx, int8 QDQ, as ``bench_ker
   aarch64 wheel; ``benchmarks/ort_driver.c`` runs it; the column is skipped without the flag).
   Every compiled output is compared with onnxruntime's integer session's.
 
+The host library calls the x86 micro-kernels where the host has AVX-512 VNNI (``compilers/host_kernels.py``;
+the table counts the kernels that do); ``--attempts`` compares them with TVM's own templates and their
+plain C path. ``--models ...,reference`` adds the zoo's five reference models (host rows only).
+
 No network at run time. Not a test.
 
-    python benchmarks/bench_linux.py --onnxruntime-aarch64 DIR     # tiny-cnn and mcunet-s
+    python benchmarks/bench_linux.py --models tiny-cnn,mcunet-s,reference --onnxruntime-aarch64 DIR
+    python benchmarks/bench_linux.py --attempts                      # the host and aarch64 variants
     python benchmarks/bench_linux.py --quick                         # tiny-cnn, few calls
 """
 from __future__ import annotations
