@@ -31,8 +31,9 @@
 #define ET_X86_VNNI 1
 #endif
 
-/* Largest packed input (bytes, on the stack) of one convolution. */
-#define ET_X86_MAX_PACKED (1 << 20)
+/* Largest packed input (bytes, on the stack) of one convolution: 256 KB, well inside a thread's default
+ * stack (8 MB with glibc). compilers/host_kernels.py routes nothing larger. */
+#define ET_X86_MAX_PACKED (1 << 18)
 
 /* TVM's epilogue, one value */
 static inline int8_t et_x86_requant(int32_t acc, float scale, int32_t zy) {
