@@ -33,7 +33,6 @@ from edgetune.data import load_dataset, to_tensor
 from edgetune.data.corruptions import cache_dir
 from edgetune.deploy import save_initial_state, write_target_project
 from edgetune.deploy.host import HostModel
-from edgetune.deploy.restore_hook import restore_source_on_collapse
 from edgetune.errors import EdgetuneError
 from edgetune.export import export
 from edgetune.export.norm_align import CALIBRATION_IMAGES
@@ -54,10 +53,10 @@ def bundle_for(backbone, data, method: str, overrides: dict[str, str], out: Path
 
 
 def host_run(bundle: Path, x: np.ndarray, work: Path) -> tuple[list[int], dict[str, np.ndarray], int]:
-    """Predictions, final state and collapse-guard restores of the host C runtime (guard restoring source)."""
+    """Predictions, final state and collapse-guard restores of the host C runtime (the bundle's guard restores
+    source: its runtime links the generated restore, no hand wiring)."""
     host = HostModel(bundle, workdir=work)
     host.reset()
-    restore_source_on_collapse(host)
     predictions = [host.step(x[i]).prediction for i in range(len(x))]
     return predictions, host.state(), host.counters()["restores"]
 

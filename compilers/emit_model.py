@@ -19,6 +19,10 @@ What the generated code does:
   read of the old value happens in a loop nest that runs before the write, or at the same index
   in the same store (checked on the kernel's TIR). Otherwise scratch + copy.
 * Running statistics are copied back only for unsupervised steps (``et_step_args.labelled == 0``).
+  Except a statistics-only model whose frozen forward reads its state (norm-align: no train step, its folds
+  are state): its step at momentum 0 (labelled feedback, adaptation off) leaves every state buffer as it is
+  (EMAs, folds recomputed from unchanged statistics), so its states are written in place where
+  ``inplace_safe`` allows, without the scratch copy that would hold the whole state a second time.
 * Early exits come from the manifest's declared exits (``Interface.exits``): their state holds the
   one-hot of the exit the sample took, so it exited early when an entry other than the last one is
   set; the runtime counts exits in uint32.
@@ -505,9 +509,14 @@ def emit_model(iface: Interface, frozen: Planned, infer: Planned, train: Planned
                                f"interface gives {len(where)}; recompile the training step from this bundle")
         return where
 
+    # norm-align: momentum 0 is an identity on its state, so writing it in place keeps a labelled step's contract
+    statistics_in_place = bool(iface.frozen_states) and not learning
+
     def method_outputs(planned: Planned, with_updates: bool) -> list[tuple[str, bool, str | None]]:
         outs: list[tuple[str, bool, str | None]] = [("et_logits", False, None), ("et_loss", False, None)]
-        outs += [(ram[s.name], True, None) for s in iface.states]
+        first_state = len(iface.taps)
+        outs += [(ram[s.name], True, planned.plan.inputs[first_state + k] if statistics_in_place else None)
+                 for k, s in enumerate(iface.states)]
         if with_updates:  # an updated tensor may overwrite the plan input it replaces
             first = len(iface.taps) + len(iface.states) + 2
             updated = [*iface.params, *iface.opt_states]
@@ -719,8 +728,12 @@ def _source(iface: Interface, w: _Writer, lay: _Layout) -> str:
             L.append(f"  memset({ram[t.name]}, 0, sizeof {ram[t.name]});")
         else:
             L.append(f"  memcpy({ram[t.name]}, {lay.init_names[t.name]}, sizeof {ram[t.name]});")
-    L += ["  memset(et_target, 0, sizeof et_target);", "  return ET_OK;", "}", "",
-          "et_status edgetune_model_config(et_runtime_config *cfg) {", "  if (cfg == NULL) return ET_E_ARG;",
+    L += ["  memset(et_target, 0, sizeof et_target);", "  return ET_OK;", "}", ""]
+    if iface.guard is not None and iface.guard.restore == "source":
+        # the runtime links this (a weak symbol there): a trip sends the whole state back, no weights to snapshot
+        L += ["/* The collapse guard's restore (runtime.guard.restore \"source\"): et_runtime_init links it. */",
+              "et_status edgetune_model_restore_source(void) {", "  return edgetune_model_reset();", "}", ""]
+    L += ["et_status edgetune_model_config(et_runtime_config *cfg) {", "  if (cfg == NULL) return ET_E_ARG;",
           "  memset(cfg, 0, sizeof *cfg);"]
     start, decay, floor = iface.momentum_schedule
     g = iface.guard if iface.guard is not None else GuardSpec(0.02, 0.8, 50, 100)  # unused when off

@@ -139,17 +139,24 @@ def _streams(mcunet, digits, graph, variants, tinytta=None):
 
 
 def test_variant_rows_equal_the_single_stream_reference(mcunet, digits, graph):
-    """The default configuration (class prior on) as one row of a batch next to other variants predicts
-    exactly what the one-sample-at-a-time ``Int8NormAlign`` predicts (and the rows do not leak into each
-    other)."""
+    """The default configuration (class prior and shift gate on) as one row of a batch next to other variants
+    predicts exactly what the one-sample-at-a-time ``Int8NormAlign`` predicts, with the same gate strength (and
+    the rows do not leak into each other)."""
     model = _int8_method(mcunet, digits, graph, first_stage="2", include_sample="false", pooled="true")
-    variants = [Variant(prior_rate=0.02), Variant("mixed", mode="var", instance=0.3, strength=0.5, include_sample=True,
-                                   kinds=("expand", "project"), prior_rate=0.02), Variant("source", first_stage=4,
-                                                                                         pooled=False)]
+    variants = [Variant(prior_rate=0.02, gate="global", gate_level=3.0),
+                Variant("mixed", mode="var", instance=0.3, strength=0.5, include_sample=True,
+                        kinds=("expand", "project"), prior_rate=0.02),
+                Variant("source", first_stage=4, pooled=False)]
     bank = _streams(mcunet, digits, graph, variants)
     x = to_tensor(_stream(digits).images)
-    rows = torch.stack([bank.step(x[i:i + 1].expand(3, -1, -1, -1)) for i in range(SAMPLES)])
-    assert rows[:, 0].tolist() == [int(model.step(x[i:i + 1]).argmax()) for i in range(SAMPLES)]
+    rows, single, strength = [], [], []
+    for i in range(SAMPLES):
+        strength.append((float(model.gate_strength()), float(bank._global_strength()[0, 0])))
+        rows.append(bank.step(x[i:i + 1].expand(3, -1, -1, -1)))
+        single.append(int(model.step(x[i:i + 1]).argmax()))
+    rows = torch.stack(rows)
+    assert rows[:, 0].tolist() == single
+    assert all(abs(a - b) < 1e-9 for a, b in strength) and max(a for a, _ in strength) > 0.0, strength
     classifier = mcunet[0].for_export().classifier
     source = [int(classifier(graph[1].run(x[i:i + 1])[0]).argmax()) for i in range(SAMPLES)]
     assert rows[:, 2].tolist() == source  # nothing folded, nothing aligned: the exported graph's prediction

@@ -15,13 +15,13 @@ from conftest import needs_tool
 
 from edgetune.adapt import fit, prepare
 from edgetune.data import build_stream, to_tensor
-from edgetune.deploy.restore_hook import restore_source_on_collapse
 from edgetune.errors import CheckpointError, ExportError
 from edgetune.export import export, load_manifest
 from edgetune.export.norm_align import CALIBRATION_IMAGES
 from edgetune.int8ref.norm_align_int8 import Int8NormAlign, fold_affine
 from edgetune.int8ref.qdq_model import QDQModel
 from edgetune.methods.norm_align import standardising_affine, update_statistics
+from edgetune.methods.norm_align_gate import gated, global_strength, noise_weight
 
 SAMPLES = 24
 
@@ -161,11 +161,12 @@ def test_host_runtime_predicts_as_the_integer_reference(reference, digits, host)
 
 
 def test_host_step_equals_the_reference_given_its_folds(reference, digits, bundle, host):
-    """Per sample, the reference driven with the device's own folds (scale, offset) computes the same
-    integers (so the same prediction), its float64 update of the statistics from those accumulators is the
-    device's within 1e-5 (relative to each channel's scale), and the device's next fold is the float64 fold
-    of its statistics: scale within 1e-5 relative, offset within one accumulator unit (a float32 quotient
-    next to a rounding tie)."""
+    """Per sample, the reference driven with the device's own folds (scale, offset) and shift-gate strength
+    computes the same integers (so the same prediction), its float64 update of the statistics from those
+    accumulators is the device's within 1e-5 (relative to each channel's scale), the device's gate is the
+    float64 gate of its statistics within 1e-5, and the device's next fold is the float64 gated fold of its
+    statistics: scale within 1e-5 relative, offset within one accumulator unit (a float32 quotient next to a
+    rounding tie)."""
     ref = reference
     ref.reset()
     na = load_manifest(bundle).norm_align
@@ -178,9 +179,11 @@ def test_host_step_equals_the_reference_given_its_folds(reference, digits, bundl
     x = _stream(digits)
     host.reset()
     method = ref.method
-    worst = {"statistics": 0.0, "scale": 0.0, "offset": 0.0}
+    worst = {"statistics": 0.0, "scale": 0.0, "offset": 0.0, "gate": 0.0}
+    gates = []
     for i in range(SAMPLES):
         before = host.state()
+        assert i > 0 or (before["state_gate"][0] == 0.0 and before["state_gate_w"][0] == 0.0)
         momentum = torch.tensor(method.momentum_now(), dtype=torch.float64)
         moments = {}
 
@@ -191,10 +194,18 @@ def test_host_step_equals_the_reference_given_its_folds(reference, digits, bundl
             return tuple(torch.from_numpy(before[f"state_{s}{slots[k]}"]) for s in ("scale", "offset"))
 
         pooled, _ = qdq.run(x[i:i + 1], driven)
-        logits = method.classify(pooled, momentum.float())
+        logits = method.classify(pooled, momentum.float(), torch.from_numpy(before["state_gate"]))
         method.steps += 1
         assert host.step(x[i].numpy()).prediction == int(logits.argmax()), i
         after = host.state()
+        w2 = noise_weight(torch.from_numpy(before["state_gate_w"]).double(), momentum)
+        assert abs(float(after["state_gate_w"][0]) / float(w2) - 1) < 1e-6
+        stats = [tuple(torch.from_numpy(after[f"state_{s}{slot}"]).double() for s in ("mean", "sqmean"))
+                 for slot in range(len(na.convs))]
+        strength = global_strength(stats, ref.source, ref.spread, torch.from_numpy(after["state_gate_w"]).double(),
+                                   method.config.gate_level)
+        worst["gate"] = max(worst["gate"], abs(float(after["state_gate"][0]) - float(strength)))
+        gates.append(float(strength))
         for slot, a in enumerate(na.convs):
             y = moments[slot] * torch.tensor(a.accum_scale, dtype=torch.float64)[None, :, None, None]
             mean, sqmean = update_statistics(torch.from_numpy(before[f"state_mean{slot}"]).double(),
@@ -202,13 +213,13 @@ def test_host_step_equals_the_reference_given_its_folds(reference, digits, bundl
             worst["statistics"] = max(worst["statistics"], _close(after[f"state_mean{slot}"], mean, sqmean),
                                       _close(after[f"state_sqmean{slot}"], sqmean, sqmean))
             src = (torch.tensor(a.source_mean, dtype=torch.float64), torch.tensor(a.source_sqmean, dtype=torch.float64))
-            gain, shift = standardising_affine(torch.from_numpy(after[f"state_mean{slot}"]).double(),
-                                               torch.from_numpy(after[f"state_sqmean{slot}"]).double(), *src)
+            gain, shift = gated(*standardising_affine(*stats[slot], *src), strength)
             factor, offset = fold_affine(gain, shift, torch.tensor(a.accum_scale))
             scale = (torch.tensor(a.requant) * factor).float().numpy()
             worst["scale"] = max(worst["scale"], float(np.abs(after[f"state_scale{slot}"] / scale - 1).max()))
             worst["offset"] = max(worst["offset"], float(np.abs(after[f"state_offset{slot}"] - offset.numpy()).max()))
     assert worst["statistics"] < 1e-5 and worst["scale"] < 1e-5 and worst["offset"] <= 1, worst
+    assert worst["gate"] < 1e-5 and max(gates) > 0.0, (worst, gates)  # the gate opened (closed at reset)
 
 
 def test_reset_and_checkpoint_cover_the_state(bundle, host, digits):
@@ -220,6 +231,10 @@ def test_reset_and_checkpoint_cover_the_state(bundle, host, digits):
     first = [host.step(x[i].numpy()).prediction for i in range(SAMPLES)]
     adapted = host.state()
     assert any(not np.array_equal(adapted[n], source[n]) for n in source if "scale" in n or "offset" in n)
+    # a revealed label (momentum 0) leaves a statistics-only model's state as it is, bit for bit: the step
+    # writes its state in place (no scratch copy), which is sound only because of that
+    host.feedback(x[0].numpy(), 3)
+    assert all(np.array_equal(host.state()[n], adapted[n]) for n in adapted)
     region = bytearray(2 * cr.slot_bytes(host.runtime.payload_bytes()))
     ckpt = cr.Checkpoint.memory(host.lib, region, cr.slot_bytes(host.runtime.payload_bytes()))
     host.runtime.save(ckpt)
@@ -287,7 +302,7 @@ def no_prior(mcunet, digits, tmp_path_factory):
     export(adaptable, digits, out, progress=False)
     ref = Int8NormAlign(copy.deepcopy(adaptable.method), QDQModel(out / "frozen.onnx"))
     ref.calibrate(digits.train_x[:CALIBRATION_IMAGES])
-    return adaptable, ref, HostModel(out, workdir=tmp_path_factory.mktemp("na-no-prior-host"))
+    return adaptable, ref, HostModel(out, workdir=tmp_path_factory.mktemp("na-no-prior-host")), out
 
 
 def test_guard_trip_restores_source_in_torch_and_compiled(no_prior, digits):
@@ -296,11 +311,11 @@ def test_guard_trip_restores_source_in_torch_and_compiled(no_prior, digits):
     and in the torch method; before the first trip the state had moved. (Each side runs free: on a repeated
     image the float32 and float64 folds sit at the same ties sample after sample, so their trips need not
     fall on the same sample.)"""
-    fitted, ref, host = no_prior
+    fitted, ref, host, _ = no_prior
+    assert host.manifest.runtime.guard.restore == "source"  # declared: the runtime links it, no hand wiring
     x = _one_image(digits, 300)
     ref.reset()
     host.reset()
-    restore_source_on_collapse(host)
     source = host.state()
     method = copy.deepcopy(fitted.method)
     method.reset()
@@ -328,6 +343,31 @@ def test_guard_trip_restores_source_in_torch_and_compiled(no_prior, digits):
     assert moved and trips["host"] and trips["reference"] and trips["torch"], trips
     assert min(trips["host"] + trips["reference"] + trips["torch"]) >= 99  # the warm-up: no trip before it
     assert host.counters()["restores"] == len(trips["host"]) and ref.restores == len(trips["reference"])
+
+
+@needs_tool("arm-none-eabi-gcc", "make", "qemu-system-arm")
+def test_guard_trip_restores_source_in_cortex_m4_firmware(no_prior, digits, tmp_path):
+    """The firmware app (no app code for it) restores source on the same trips as the host build: the same
+    predictions on the collapsing stream, the same number of restores, the same final state."""
+    from edgetune.data import Dataset
+    from edgetune.deploy import write_target_project
+    from edgetune.simulate import simulate
+
+    _, _, host, bundle = no_prior
+    n = 240  # past the 100-sample warm-up and the first trip (sample 195 without the shift gate)
+    image = digits.test_x[:1]
+    copies, labels = np.repeat(image, n, 0), np.zeros(n, np.int64)
+    stream = Dataset("one-digit", copies, labels, copies, labels, copies, labels)
+    project = write_target_project(bundle, "cortex-m4", out_dir=tmp_path / "cortex-m4")
+    report = simulate(project.directory, data=stream, corruption="none", n=n, protocol="episodic",
+                      workdir=tmp_path / "sim")
+    x = _one_image(digits, n).numpy()
+    host.reset()
+    want = [host.step(x[i]) for i in range(n)]
+    assert report.predictions == [r.prediction for r in want]
+    assert report.restores == sum(r.restored for r in want) > 0
+    state = host.state()
+    assert all(np.array_equal(np.asarray(report.final_state[k]).reshape(-1), v.reshape(-1)) for k, v in state.items())
 
 
 def test_deployed_norm_align_carries_the_class_prior(fitted, bundle, digits):

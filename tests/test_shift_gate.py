@@ -1,6 +1,7 @@
 """The shift gate of norm-align's int8 variants: its noise unit, its two gates, and gated rows in a batch."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -97,3 +98,35 @@ def test_gate_stays_closed_on_source_images(bank_parts, digits):
 def test_a_bad_gate_is_a_config_error(bank_parts, digits):
     with pytest.raises(ConfigError, match="variant 'g' has gate 'sometimes', gate_level 0.0"):
         _bank(bank_parts, digits, [Variant("g", gate="sometimes", gate_level=0.0)])
+
+
+def _torch_method(mcunet, digits, **overrides):
+    from edgetune.adapt import fit, prepare
+
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "norm-align", overrides, model_name="mcunet-s")
+    fit(adaptable, digits, progress=False, use_cache=False)
+    adaptable.method.reset()
+    return adaptable.method
+
+
+def test_torch_method_gates_its_folds(mcunet, digits):
+    """The torch method carries the gate by default (level 3): closed at reset, its noise weight follows
+    ``noise_weight`` sample by sample, it opens on a shifted stream; a gate that never opens folds nothing,
+    so the method predicts what the unaligned backbone predicts."""
+    method = _torch_method(mcunet, digits, prior_rate="0")
+    assert method.config.gate_level == 3.0 and "gate_w" in method.state_names()
+    n = len(method.aligned)
+    x = to_tensor(build_stream(digits, ("gaussian_noise",), 5, "episodic", 0, SAMPLES)[0].images)
+    strength = []
+    for i in range(SAMPLES):
+        pairs = [(method.get_buffer(f"mean{k}"), method.get_buffer(f"sqmean{k}")) for k in range(n)]
+        w2, momentum = method.get_buffer("gate_w").clone(), torch.tensor(method.momentum_now())
+        strength.append(float(method.gate_strength(pairs, w2)))
+        method.step([x[i:i + 1]])
+        assert torch.equal(method.get_buffer("gate_w"), noise_weight(w2, momentum)), i
+    assert strength[0] == 0.0 and strength[-1] > 0.5, strength
+    closed = _torch_method(mcunet, digits, prior_rate="0", gate_level="1e6")
+    plain = mcunet[0].for_export().eval()
+    with torch.no_grad():
+        assert [int(closed.step([x[i:i + 1]]).argmax()) for i in range(SAMPLES)] == \
+            [int(plain(x[i:i + 1]).argmax()) for i in range(SAMPLES)]

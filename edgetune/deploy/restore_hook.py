@@ -5,6 +5,10 @@ running statistics and the requantisation folded from them. ``et_runtime_set_res
 the generated model's reset instead: a trip sends the whole state back to the bundle's values (the source
 statistics, the identity fold), which is what the torch method and the integer reference do
 (``methods.norm_align.RestoresSource``, ``int8ref.Int8NormAlign``).
+
+Bundles that declare it (manifest ``runtime.guard.restore = "source"``) need none of this: their generated
+model defines ``edgetune_model_restore_source``, which ``et_runtime_init`` links, in every app. This hook is
+the fallback for norm-align bundles written before that field (they read as ``"weights"``).
 """
 from __future__ import annotations
 

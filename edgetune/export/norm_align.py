@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ from edgetune.adapt import Adaptable
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import ExportError
 from edgetune.export.manifest import (FROZEN_FILE, MANIFEST_FILE, TRAINABLE_FILE, AlignedConv, FrozenPart, Manifest,
-                                      NormAlignSpec, OptimizerSpec, TensorSpec, TrainablePart, onnx_name, seal,
-                                      sha256_of)
+                                      NormAlignSpec, OptimizerSpec, RuntimeContract, TensorSpec, TrainablePart,
+                                      onnx_name, seal, sha256_of)
 from edgetune.export.onnx_graphs import export_frozen, export_trainable
 from edgetune.export.ops import SUPPORTED_OPS
 from edgetune.export.quantize import quantize_frozen
@@ -85,15 +85,17 @@ def build_norm_align_bundle(adaptable: Adaptable, data: Dataset, directory: Path
     nodes = [n.name for n in onnx.load(str(frozen_path)).graph.node if n.op_type == "Conv"]
     positions = _positions(qdq, to_tensor(data.train_x[:1]))
     convs, specs = [], []
-    for (k, slot), (mean, sqmean) in zip(sorted(reference.slot.items(), key=lambda kv: kv[1]), reference.source):
+    for (k, slot), (mean, sqmean), spread in zip(sorted(reference.slot.items(), key=lambda kv: kv[1]),
+                                                 reference.source, reference.spread):
         op = qdq.convs[k]
-        c = ConvConstants(op.accum_scale, op.requant, mean.float(), sqmean.float(), positions[k])
+        c = ConvConstants(op.accum_scale, op.requant, mean.float(), sqmean.float(), positions[k], spread[0].float(),
+                          spread[1].float())
         convs.append(c)
         specs.append(AlignedConv(k, nodes[k] if k < len(nodes) else f"conv{k}", len(op.requant), positions[k],
                                  f"state_scale{slot}", f"state_offset{slot}", f"sum{slot}", f"sumsq{slot}",
                                  *(_floats(t) for t in (c.accum_scale, c.requant, c.source_mean, c.source_sqmean))))
     step = NormAlignStep(reference.method, convs)
-    contract = contract_of(step)
+    contract = _with_guard_restore(contract_of(step), step)
 
     trainable_path = directory / TRAINABLE_FILE
     examples = [_step_taps(qdq, reference, to_tensor(data.train_x[i:i + 1])) for i in range(CHECK_SAMPLES)]
@@ -116,6 +118,15 @@ def build_norm_align_bundle(adaptable: Adaptable, data: Dataset, directory: Path
     (directory / MANIFEST_FILE).write_text(manifest.to_json())
     _check_step(directory, manifest, step, examples)
     return manifest
+
+
+def _with_guard_restore(contract: RuntimeContract, step: NormAlignStep) -> RuntimeContract:
+    """``contract`` with the step's declared guard restore ("source": a trip resets the whole state), which the
+    runtime links from the generated model (``edgetune_model_restore_source``)."""
+    g = step.guard()
+    if contract.guard is None or g is None:
+        return contract
+    return replace(contract, guard=replace(contract.guard, restore=g.restore))
 
 
 def _pooled_tap(backbone):

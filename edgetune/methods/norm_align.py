@@ -43,6 +43,7 @@ Statistics come only from the activations the forward already produces; no label
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -50,11 +51,11 @@ from torch import nn
 
 from edgetune.errors import ConfigError
 from edgetune.methods import prior
-from edgetune.methods.base import (CollapseGuard, Method, MethodConfig, Range, TapSpec, declare, ema_momentum,
+from edgetune.methods.norm_align_gate import gated, global_strength, noise_weight, unfused
+from edgetune.methods.base import (CollapseGuard, Guard, Method, MethodConfig, Range, TapSpec, declare, ema_momentum,
                                    entropy, setting, supervised_or)
 
 EPS = 1e-5
-FLOAT32_LOWEST = -3.4028234663852886e38  # max(x, this) is x for every finite float32
 LAYERS = ("convs", "stages")
 KINDS = ("stem", "expand", "depthwise", "project", "head")  # a conv's role (conv_kinds), as int8ref.variants names it
 
@@ -78,14 +79,9 @@ class NormAlignConfig(MethodConfig):
     prior_rate: float = setting(0.02, Range(0.0, 1.0), "class-prior correction of the prediction (Saerens et al. "
                                                       "2002, methods/prior.py): EMA rate of the stream's class prior; "
                                                       "0 turns it off")
-
-
-def unfused(product: torch.Tensor) -> torch.Tensor:
-    """``product`` as it is (for every finite value), kept a product in a compiled graph: TVM's LLVM backend
-    (aarch64) contracts a multiply feeding an add into one fused multiply-add, rounding once where the C
-    build (``-ffp-contract=off``) and torch round twice, and a fold next to a rounding tie of its integer
-    offset then moves by one unit. A ``max`` in between is an op LLVM does not fuse across."""
-    return torch.maximum(product, torch.tensor(FLOAT32_LOWEST, dtype=product.dtype))
+    gate_level: float = setting(3.0, Range(0.0, 1e6), "shift gate (norm_align_gate.py): the fold opens when the "
+                                                         "running statistics' mean z^2 passes this, fully at twice it "
+                                                         "(clean cost 0.7 -> 0.15 points); 0 turns it off")
 
 
 def ema(old: torch.Tensor, new: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
@@ -133,7 +129,11 @@ class AlignedLayer(nn.Module):
         self.inner = inner
         self.register_buffer("source_mean", torch.zeros(channels))
         self.register_buffer("source_sqmean", torch.ones(channels))
+        # the shift gate's noise unit: between-sample variance of one source image's mean and E[y^2]
+        self.register_buffer("spread_mean", torch.zeros(channels))
+        self.register_buffer("spread_sqmean", torch.zeros(channels))
         self.record: list[torch.Tensor] | None = None
+        self.gate: torch.Tensor | None = None  # the shift gate's strength for this sample (None: no gate)
         self.include_sample = True
         self.feed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.updated: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -144,15 +144,18 @@ class AlignedLayer(nn.Module):
         if self.record is not None:
             dims = (0,) + tuple(range(2, y.dim()))  # source pass: sums over every position of every image
             y64 = y.double()
-            for k, part in enumerate((y64.sum(dims), (y64 * y64).sum(dims), torch.tensor(y.numel() / y.shape[1]))):
+            m, q = y64.mean(dims[1:]) if y.dim() > 2 else y64, (y64 * y64).mean(dims[1:]) if y.dim() > 2 else y64 * y64
+            parts = (y64.sum(dims), (y64 * y64).sum(dims), torch.tensor(y.numel() / y.shape[1]), m.sum(0),
+                     (m * m).sum(0), q.sum(0), (q * q).sum(0), torch.tensor(float(y.shape[0])))
+            for k, part in enumerate(parts):
                 self.record[k] += part.clone()
             return y
         if self.feed is None:
             return y
         run_mean, run_sqmean, momentum = self.feed
         self.updated = update_statistics(run_mean, run_sqmean, y, momentum)
-        a, b = standardising_affine(*(self.updated if self.include_sample else (run_mean, run_sqmean)),
-                                    self.source_mean, self.source_sqmean)
+        a, b = gated(*standardising_affine(*(self.updated if self.include_sample else (run_mean, run_sqmean)),
+                                           self.source_mean, self.source_sqmean), self.gate)
         shape = (1, -1) + (1,) * (y.dim() - 2)
         return unfused(y * a.reshape(shape)) + b.reshape(shape)
 
@@ -242,7 +245,12 @@ def _wrap_convs(net: nn.Module, wrapped: list[AlignedLayer]) -> None:
 class RestoresSource(Method):
     """The collapse guard of a method whose adapted state is statistics (no weights to snapshot): a trip sends
     every state buffer back to its value after fit (the source statistics, the identity fold), the schedule
-    goes on. The compiled runtime does the same (``et_runtime_set_restore`` with the generated model reset)."""
+    goes on. Declared (``Guard.restore = "source"``), so the bundle's generated model hands the C runtime its
+    reset as the guard's restore (``edgetune_model_restore_source``): every app does the same."""
+
+    def guard(self) -> Guard | None:
+        g = super().guard()
+        return dataclasses.replace(g, restore="source") if g else None
 
     def reset(self) -> None:
         super().reset()
@@ -282,6 +290,8 @@ class NormAlign(RestoresSource):
             layer.include_sample = config.include_sample
             self.register_buffer(f"mean{k}", torch.zeros_like(layer.source_mean))
             self.register_buffer(f"sqmean{k}", torch.ones_like(layer.source_mean))
+        if config.gate_level > 0:  # the running estimates' noise weight W (norm_align_gate.py), 0 at reset
+            self.register_buffer("gate_w", torch.zeros(1))
         if config.prior_rate > 0:
             self.register_buffer("class_prior", prior.uniform_prior(self.num_classes))
 
@@ -290,23 +300,39 @@ class NormAlign(RestoresSource):
 
     def state_names(self) -> list[str]:
         names = [f"{s}{k}" for k in range(len(self.aligned)) for s in ("mean", "sqmean")]
-        return names + (["class_prior"] if self.config.prior_rate > 0 else [])
+        return names + (["gate_w"] if self.config.gate_level > 0 else []) + (["class_prior"]
+                                                                             if self.config.prior_rate > 0 else [])
+
+    def gate_strength(self, stats: list[tuple[torch.Tensor, torch.Tensor]], w2: torch.Tensor) -> torch.Tensor | None:
+        """The shift gate's strength from the running statistics (``stats``, one pair per aligned layer) up to
+        the previous sample and their noise weight ``w2`` (None without a gate): over every aligned conv's
+        channels, the pooled features' when no conv is aligned."""
+        if self.config.gate_level <= 0:
+            return None
+        convs = [k for k, m in enumerate(self.aligned) if not isinstance(m.inner, nn.Identity)] or \
+            list(range(len(self.aligned)))
+        layers = [self.aligned[k] for k in convs]
+        return global_strength([stats[k] for k in convs], [(m.source_mean, m.source_sqmean) for m in layers],
+                               [(m.spread_mean, m.spread_sqmean) for m in layers], w2, self.config.gate_level)
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:
-        """Source statistics of every aligned layer (population mean and E[y^2] over images and positions)."""
+        """Source statistics of every aligned layer (population mean and E[y^2] over images and positions) and
+        the shift gate's noise unit (the between-image variance of one image's mean and E[y^2])."""
         for layer in self.aligned:
             c = len(layer.source_mean)
-            layer.record, layer.feed = [torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64),
-                                        torch.zeros((), dtype=torch.float64)], None
+            layer.record = [torch.zeros(() if k in (2, 7) else c, dtype=torch.float64) for k in range(8)]
+            layer.feed = None
         for batch in batches:
             for i in range(0, len(batch[0]), 500):
                 self.net(batch[0][i:i + 500])
         for k, layer in enumerate(self.aligned):
-            total, squares, n = layer.record or []
+            total, squares, n, m, m2, q, q2, images = layer.record or []
             mean, sqmean = (total / n).float(), (squares / n).float()
             layer.source_mean.copy_(mean)
             layer.source_sqmean.copy_(sqmean)
+            layer.spread_mean.copy_((m2 / images - (m / images) ** 2).clamp_min(0.0).float())
+            layer.spread_sqmean.copy_((q2 / images - (q / images) ** 2).clamp_min(0.0).float())
             self.get_buffer(f"mean{k}").copy_(mean)
             self.get_buffer(f"sqmean{k}").copy_(sqmean)
             layer.record = None
@@ -316,19 +342,20 @@ class NormAlign(RestoresSource):
         return ema_momentum(self.steps, c.momentum_start, c.momentum_decay, c.momentum_floor)
 
     @torch.no_grad()
-    def classify(self, pooled: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
-        """The float side of an int8 run (``edgetune.int8ref``): pooled alignment, when configured, the
-        classifier, then the class-prior correction; the pooled statistics and the prior are updated in place."""
+    def classify(self, pooled: torch.Tensor, momentum: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The float side of an int8 run (``edgetune.int8ref``): pooled alignment, when configured (moved
+        towards the identity by the shift gate's ``gate``), the classifier, then the class-prior correction; the
+        pooled statistics and the prior are updated in place (the gate's noise weight is the caller's)."""
         if not self.config.pooled:
             logits = self.net.classifier(pooled)
         else:
             k = len(self.aligned) - 1
             head = self.aligned[k]
-            head.feed = (self.get_buffer(f"mean{k}"), self.get_buffer(f"sqmean{k}"), momentum)
+            head.feed, head.gate = (self.get_buffer(f"mean{k}"), self.get_buffer(f"sqmean{k}"), momentum), gate
             logits = self.net.classifier(pooled)
             for name, value in zip((f"mean{k}", f"sqmean{k}"), head.updated or ()):
                 self.get_buffer(name).copy_(value)
-            head.feed = None
+            head.feed, head.gate = None, None
         if self.config.prior_rate > 0:
             logits, next_prior = prior_corrected(logits, self.get_buffer("class_prior"), self.config.prior_rate,
                                                  momentum)
@@ -336,12 +363,18 @@ class NormAlign(RestoresSource):
         return logits
 
     def forward_graph(self, taps, state, momentum, target):
+        n = len(self.aligned)
+        has_gate = self.config.gate_level > 0
+        strength = self.gate_strength([(state[2 * k], state[2 * k + 1]) for k in range(n)], state[2 * n]) \
+            if has_gate else None
         for k, layer in enumerate(self.aligned):
-            layer.feed = (state[2 * k], state[2 * k + 1], momentum)
+            layer.feed, layer.gate = (state[2 * k], state[2 * k + 1], momentum), strength
         logits = self.net(taps[0])
         new_state = [t for layer in self.aligned for t in (layer.updated or (None, None))]
         for layer in self.aligned:
-            layer.feed = None
+            layer.feed, layer.gate = None, None
+        if has_gate:
+            new_state.append(noise_weight(state[2 * n], momentum))
         if self.config.prior_rate > 0:
             logits, next_prior = prior_corrected(logits, state[-1], self.config.prior_rate, momentum)
             new_state.append(next_prior)
