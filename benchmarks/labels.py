@@ -500,6 +500,11 @@ def plot(rows: list[dict], out: Path) -> None:
                 acc = 100 * list(r["held_out_accuracy"].values())[-1]
                 ax.scatter(r["training_bytes"] / 1024, acc)
                 ax.annotate(r["method"], (r["training_bytes"] / 1024, acc), fontsize=7)
+            for r in (r for r in rows if r["study"] == "device" and r["direction"] == direction
+                      and r.get("held_out_accuracy")):  # the same learners on the compiled host runtime
+                acc = 100 * list(r["held_out_accuracy"].values())[-1]
+                ax.scatter(r["training_bytes"] / 1024, acc, marker="s", facecolors="none", edgecolors="k")
+                ax.annotate(f"{r['method']} (compiled)", (r["training_bytes"] / 1024, acc), fontsize=6)
             ax.set_xscale("log")
             ax.set_xlabel("training memory of one step (KB, log)")
             ax.set_ylabel("held-out accuracy after all labels (%)")
