@@ -10,7 +10,9 @@
    linker script sized to the target's 256 KB SRAM / 1 MB flash; build it with arm-none-eabi-gcc;
 4. stream a corrupted test stream into the firmware under qemu-system-arm, one sample at a time,
    twice on the same samples: adapting, and with adaptation off;
-5. print accuracy with and without adaptation, SRAM, flash and guest instructions per sample.
+5. print accuracy with and without adaptation, SRAM, flash and guest instructions per sample;
+6. for a method with early exits (tinytta here: a frozen 4x4-grid head after the first stage), the share
+   of samples that exited early and the instructions they saved, from the adapting run's per-sample records.
 """
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
 from edgetune.data import load_dataset, record_source, source_info
 from edgetune.deploy import build_project, save_initial_state, write_target_project
+from edgetune.deploy.streams import EARLY_EXIT
 from edgetune.export import export
-from edgetune.simulate import simulate
+from edgetune.methods.tinytta import EXIT_SETTINGS
+from edgetune.simulate import run_program, simulate
+from edgetune.targets import get_target
 from edgetune.train import train_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--protocol", default="continual", choices=["episodic", "continual", "label-shift"])
     parser.add_argument("--n", type=int, default=500, help="samples streamed into the simulated device")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-exits", action="store_true", help="tinytta without its early exit (every stage runs)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -59,7 +65,9 @@ def main() -> None:
         backbone, config = load_checkpoint(committed)
         print(f"1. loaded checkpoints/{committed.name} ({config['model']} trained on clean {args.data})")
 
-    adaptable = prepare(copy.deepcopy(backbone), args.method, model_name=args.model, seed=args.seed)
+    # tinytta runs with its measured early exit (a frozen 4x4-grid head after stage 0, EXIT_SETTINGS) unless --no-exits
+    overrides = EXIT_SETTINGS if args.method == "tinytta" and not args.no_exits else {}
+    adaptable = prepare(copy.deepcopy(backbone), args.method, overrides, model_name=args.model, seed=args.seed)
     fit(adaptable, data, seed=args.seed)
     print(f"2. fitted {args.method}'s attachments on labelled {args.data} source data")
 
@@ -78,6 +86,23 @@ def main() -> None:
                       target=args.target, workdir=out / "simulation")
     print("5. result")
     print(report.table())
+    if manifest.runtime.exits is not None:
+        print("6. early exits")
+        print(exit_savings(built, out / "simulation" / "stream.bin", out / "exits", args.target))
+
+
+def exit_savings(built, stream: Path, work: Path, target: str) -> str:
+    """The adapting run again (same firmware, same samples), read per sample: the share that exited early and the
+    instructions saved against running every sample through every stage (the cost of the samples that did)."""
+    records = run_program(built, stream, work, adapt=True).records
+    instructions = records["step"].astype(float) * get_target(target).ticks_to_instructions(1)
+    early = (records["flags"] & EARLY_EXIT) != 0
+    if early.all() or not early.any():
+        return f"  early exits {100 * early.mean():.1f} % of {len(early)} samples (no comparison: all or none exit)"
+    full = instructions[~early].mean()
+    return (f"  early exits {100 * early.mean():.1f} % of {len(early)} samples; {instructions.mean():,.0f} "
+            f"instructions per sample against {full:,.0f} for a sample that runs every stage: "
+            f"{100 * (1 - instructions.mean() / full):.1f} % saved")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Early exits that skip compute: tinytta with an exit threshold that some samples pass.
 
+The exit checked end to end is the measured configuration (``EXIT_SETTINGS``: a frozen head on stage 0's map
+pooled to a 4x4 grid, one probe); the agreement rule's test keeps the pooled heads.
+
 The fidelity chain holds per sample including the exit taken: torch (on the bundle's int8 taps) =
 onnxruntime int8 (frozen.onnx + trainable.onnx) = the compiled host runtime = the firmware in
 QEMU; a sample that exits early runs fewer instructions there than one that does not, because the
@@ -19,6 +22,7 @@ from edgetune.adapt import fit, prepare
 from edgetune.deploy.host import HostModel
 from edgetune.deploy.project import save_initial_state
 from edgetune.export import export
+from edgetune.methods.tinytta import EXIT_SETTINGS
 from edgetune.ort_runtime import OrtTaps, OrtTrainable
 from edgetune.simulate import stream_samples
 
@@ -48,8 +52,10 @@ def stream(digits):
 @pytest.fixture(scope="module")
 def exiting(tiny_cnn, digits, stream, tmp_path_factory):
     """(bundle, fitted tinytta) whose threshold makes about half of the stream exit early."""
-    adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "tinytta", {"fit_epochs": "20", "fit_lr": "0.03"},
-                         model_name="tiny-cnn")
+    # the measured exit configuration: a frozen 4x4-grid head on stage 0's map, fit on shifted copies, one probe
+    settings = {**EXIT_SETTINGS, "fit_epochs": "20", "fit_lr": "0.03"}
+    adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "tinytta", settings, model_name="tiny-cnn")
+    assert adaptable.method.exit_grids[0] == 4 and adaptable.method.exit_stages == (0, adaptable.method.depth - 1)
     fit(adaptable, digits, progress=False)
     taps = [adaptable.taps(torch.from_numpy(stream[0][i:i + 1])) for i in range(SAMPLES)]
     threshold = min((float(t) for t in np.linspace(0.12, 0.96, 22)),
@@ -93,7 +99,7 @@ def test_outputs_do_not_depend_on_the_taps_of_skipped_stages(exiting, stream):
         momentum, target = torch.tensor([m.momentum_now()]), torch.zeros(1, m.num_classes)
         with torch.no_grad():
             logits, loss, new_state = m.forward_graph(taps, state, momentum, target)
-            exit_k = int(new_state[-1].argmax())
+            exit_k = m.exit_stages[int(new_state[-1].argmax())]  # the exit state is one-hot over the declared exits
             garbage = [t if k <= exit_k else torch.randn_like(t) * 7 for k, t in enumerate(taps)]
             logits2, loss2, new_state2 = m.forward_graph(garbage, state, momentum, target)
         assert torch.equal(logits, logits2) and torch.equal(loss, loss2)
@@ -123,7 +129,7 @@ def test_torch_onnxruntime_and_compiled_host_agree_per_sample_including_exits(ex
     for i in range(len(x)):
         o_logits, _, state = trainable(taps_of(torch.from_numpy(x[i:i + 1])), state,
                                        torch.tensor([schedule.at(i)]), torch.zeros(1, m.num_classes))
-        assert int(state[-1].argmax()) == exits0[i], f"sample {i}: onnxruntime exits elsewhere"
+        assert m.exit_stages[int(state[-1].argmax())] == exits0[i], f"sample {i}: onnxruntime exits elsewhere"
         assert float((o_logits - logits0[i]).abs().max()) <= 1e-4, f"sample {i}"
     # the compiled host runtime: the whole sample in C, frozen stages after an exit skipped
     host = HostModel(bundle, workdir=tmp_path / "host")
@@ -192,7 +198,7 @@ def test_agreement_rule_exports_and_onnxruntime_takes_the_same_exits(tiny_cnn, d
         assert torch.equal(logits, logits2) and all(torch.equal(a, m.get_buffer(n))
                                                    for a, n in zip(new_state2, m.state_names()))
         o_logits, _, state = trainable(taps, state, torch.tensor([schedule.at(i)]), target)
-        assert int(state[-1].argmax()) == m.last_exit, f"sample {i}: onnxruntime exits elsewhere"
+        assert m.exit_stages[int(state[-1].argmax())] == m.last_exit, f"sample {i}: onnxruntime exits elsewhere"
         assert float((o_logits - logits).abs().max()) <= 1e-4, f"sample {i}"
     early = sum(e < m.depth - 1 for e in exits)
     assert 0 < early <= SAMPLES - SAMPLES // 4, f"{early} of {SAMPLES} exit early"  # every 4th explores
