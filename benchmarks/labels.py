@@ -235,10 +235,9 @@ def device(args) -> list[dict]:
     through the compiled host runtime (TVM's int8 kernels + the C runtime with the bundle's replay buffer and
     warm-up), the torch method beside it on the same stream; with ``--device-target``, the firmware in QEMU
     (SRAM measured, ``--mcu-n`` samples, every label revealed)."""
-    from edgetune.compilers.emit_learner import append_learner
     from edgetune.data import to_tensor
     from edgetune.deploy import save_initial_state, write_target_project
-    from edgetune.deploy.learner import LearnerHostModel
+    from edgetune.deploy.host import HostModel
     from edgetune.errors import BudgetError, ToolchainError
     from edgetune.export import export
     from edgetune.simulate import simulate
@@ -267,14 +266,14 @@ def device(args) -> list[dict]:
         base = {"study": "device", "direction": f"{cfg['data']} -> digits", "model": cfg["model"], "method": label,
                 "lr": adaptable.method.config.lr, "reinitialised": reinitialised, "nudged": nudged, "stream": len(y),
                 "held_out": len(hy), "memory_bytes": mem, "training_bytes": training_bytes(mem)}
-        model = LearnerHostModel(bundle, workdir=bundle / "host")
+        model = HostModel(bundle, workdir=bundle / "host")
         correct, held_acc = [], {}
         for i in range(len(y)):
             correct.append(model.step(xs[i]).prediction == int(y[i]))
             model.feedback(xs[i], int(y[i]))  # revealed only after the prediction was scored
             if i + 1 in checkpoints:
                 held_acc[i + 1] = held_out_compiled(model, hxs, hy)
-        row = {**base, "runtime": "compiled host", "learner_built": model.learns_with_replay,
+        row = {**base, "runtime": "compiled host", "learner_built": model.manifest.runtime.learner is not None,
                "prequential": float(np.mean(correct)), "curve": np.cumsum(correct).tolist(),
                "held_out_accuracy": held_acc, "seconds": round(time.time() - start, 1)}
         rows.append(row)
@@ -286,7 +285,8 @@ def device(args) -> list[dict]:
             out = {**base, "runtime": f"{args.device_target} (QEMU)", "simulated_samples": args.mcu_n}
             try:
                 project = write_target_project(bundle, args.device_target, out_dir=bundle / args.device_target)
-                out["learner_built"] = append_learner(project.directory / "model", model.manifest)
+                generated = (project.directory / "model" / "et_model_gen.c").read_text()
+                out["learner_built"] = "edgetune_model_learner(" in generated
                 report = simulate(project.directory, data="digits", corruption="none", n=args.mcu_n,
                                   labelled_fraction=1.0, workdir=project.directory / "sim").to_json()
                 out.update(sram_bytes=report["sram_bytes"], flash_bytes=report.get("flash_bytes"),

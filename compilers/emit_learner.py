@@ -1,14 +1,13 @@
 """The C of a bundle's learner (replay buffer, lr warm-up): ``edgetune_model_learner`` for et_runtime_init.
 
-A bundle whose manifest declares ``runtime.learner`` gets this function beside its generated model: the
+A bundle whose manifest declares ``runtime.learner`` gets this function in its generated model
+(``compile_model`` appends it to ``et_model_gen.c``, so every build has it: host, firmware, Linux): the
 learner's settings, where each tap sits in the model's taps buffer (taps start at ``ALIGNMENT``-byte
 boundaries, as the model's emitter lays them out) and a static workspace of ``ET_LEARNER_WORK_BYTES`` (so the
 buffer's bytes are in the firmware's .bss, counted in its measured SRAM). Without a learner it is empty and
 the runtime's weak reference stays NULL (one step per label).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 from edgetune.compilers.plan import ALIGNMENT
 
@@ -58,20 +57,4 @@ def learner_source(manifest) -> str:
 
 
 
-MARK = "edgetune_model_learner("
-
-
-def append_learner(model_dir: str | Path, manifest) -> bool:
-    """Add ``learner_source`` to a generated model's ``et_model_gen.c`` in ``model_dir`` unless it is there
-    already (the model's emitter may write it itself); returns whether the model now declares a learner."""
-    gen = Path(model_dir) / "et_model_gen.c"
-    text = gen.read_text()
-    if MARK in text:
-        return True
-    source = learner_source(manifest)
-    if source:
-        gen.write_text(text + "\n" + source)
-    return bool(source)
-
-
-__all__ = ["append_learner", "learner_source", "tap_layout"]
+__all__ = ["learner_source", "tap_layout"]

@@ -33,6 +33,7 @@ from tvm import tirx
 
 from edgetune.compilers.emit import kernel_module
 from edgetune.compilers.emit_c import c_kernels
+from edgetune.compilers.emit_learner import learner_source
 from edgetune.compilers.emit_model import Interface, ModelSources, Planned, Tensor, emit_model
 from edgetune.compilers.frozen import compile_stage, lower_frozen
 from edgetune.compilers.pipeline import source_kernels
@@ -129,6 +130,11 @@ def compile_model(bundle_dir: str | Path, manifest, initial_state: Mapping[str, 
     train = (planned(lowered.module, lowered.plans[TRAIN_STEP], lowered.constants[TRAIN_STEP], "t_")
              if iface.learns else None)
     sources = emit_model(iface, frozen, infer, train)
+    learner = learner_source(manifest) if iface.learns else ""  # replay buffer + lr warm-up, when declared
+    if learner:
+        files = dict(sources.files)
+        files["et_model_gen.c"] += "\n" + learner
+        sources = replace(sources, files=files)
     pool = workspace_pool_bytes(kernels_c)  # exact; the plans' figure also counts kernel stack arrays
     sources = replace(sources, memory=replace(sources.memory, workspace=pool))
     return GeneratedModel(sources, kernels_c, pool, len(kernels), seconds, tvm.IRModule(kernels),

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgetune.compilers.emit_learner import append_learner, tap_layout
+from edgetune.compilers.emit_learner import tap_layout
 from edgetune.adapt import fit, prepare
 from edgetune.deploy import save_initial_state, write_target_project
 from edgetune.deploy.build import build_project
-from edgetune.deploy.learner import LearnerHostModel
+from edgetune.deploy.host import HostModel
 from edgetune.errors import CheckpointError, ConfigError
 from edgetune.export import export
 from edgetune.export.manifest import Manifest, load_manifest, manifest_digest
@@ -107,8 +107,8 @@ def test_bundle_declares_the_learner_and_counts_its_bytes(learned):
 def _host_run(bundle, x, feedback, method=None):
     """The compiled host build over the stream; with ``method``, the torch method steps on the very taps the C
     frozen forward computed, sample by sample (its predictions are returned beside the host's)."""
-    model = LearnerHostModel(bundle)
-    assert model.learns_with_replay
+    model = HostModel(bundle)
+    assert model.manifest.runtime.learner is not None and model.lib.edgetune_model_learner  # built in by default
     offsets, lengths = tap_layout(model.manifest)
     shapes = [tuple(o.shape) for o in model.manifest.frozen.outputs]
     host, ref = [], []
@@ -159,7 +159,7 @@ def test_cortex_m7_in_qemu_matches_the_host_build(learned, stream, tmp_path):
     x, feedback, path = stream
     model, host, _ = _host_run(bundle, x, feedback)
     project = write_target_project(bundle, "cortex-m7", out_dir=tmp_path / "m7")
-    assert append_learner(project.directory / "model", model.manifest)
+    assert "edgetune_model_learner(" in (project.directory / "model" / "et_model_gen.c").read_text()
     built = build_project(project)
     run = run_program(built, path, tmp_path / "run", adapt=True)
     assert run.records["prediction"].tolist() == host

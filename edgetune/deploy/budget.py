@@ -67,8 +67,10 @@ def _n(v: int | None) -> str:
     return "-" if not v else f"{v:,}"
 
 
-def firmware_budget(target: Target, model: Mapping[str, int], kernels: int) -> MemoryBudget:
-    """The memory of a firmware for ``target`` around a generated model (``ModelMemory`` fields)."""
+def firmware_budget(target: Target, model: Mapping[str, int], kernels: int, learner: int = 0) -> MemoryBudget:
+    """The memory of a firmware for ``target`` around a generated model (``ModelMemory`` fields);
+    ``learner``: the bytes of its learner's workspace (replay buffer, warm-up copy; the manifest's
+    ``memory["replay_buffer"]``)."""
     board = target.board
     rows = [
         MemoryRow("frozen weights, constants, initial values", model["flash_constants"], 0),
@@ -82,6 +84,7 @@ def firmware_budget(target: Target, model: Mapping[str, int], kernels: int) -> M
         MemoryRow("running statistics", 0, model["state"]),
         MemoryRow("input sample, logits, target", 0, model["io"]),
         MemoryRow("runtime: guard histogram + weight snapshot", 0, model["runtime_work"]),
+        MemoryRow("learner: replay buffer + warm-up copy", 0, learner),
         MemoryRow("static data (libc, runtime, app)", 0, STATIC_DATA_BYTES),
     ]
     if board is not None:

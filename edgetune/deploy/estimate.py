@@ -467,6 +467,7 @@ class MethodState:
     input_elems: int
     learns: bool  # a training step runs on the device
     trainable: frozenset[str]  # trainable.onnx initialisers the step updates
+    learner: int = 0  # bytes of the learner's workspace (replay buffer, warm-up copy)
 
     @property
     def state_bytes(self) -> int:
@@ -508,6 +509,7 @@ def estimate_budget(target: Target, frozen: onnx.ModelProto, trainable: onnx.Mod
         MemoryRow("running statistics", 0, 4 * sum(state.states)),
         MemoryRow("input sample, logits, target", 0, 4 * (state.input_elems + 2 * state.classes + 2)),
         MemoryRow("runtime: guard histogram + weight snapshot", 0, 4 * state.classes + param_bytes),
+        MemoryRow("learner: replay buffer + warm-up copy", 0, state.learner if state.learns else 0),
         MemoryRow("static data (libc, runtime, app)", 0, STATIC_DATA_BYTES),
     ]
     if board is not None:
@@ -533,7 +535,8 @@ def estimate_bundle(bundle_dir: str | Path, target: Target, inference_only: bool
         optimizer=sum(_numel(tuple(s.shape)) for s in tr.optimizer.states),
         states=tuple(_numel(tuple(i.shape)) for i in tr.inputs if i.role == "state"),
         classes=manifest.num_classes, input_elems=_numel(tuple(manifest.input.shape)), learns=learns,
-        trainable=frozenset(p.name for p in tr.trainable_parameters()))
+        trainable=frozenset(p.name for p in tr.trainable_parameters()),
+        learner=manifest.memory.get("replay_buffer", 0))
     return estimate_budget(target, onnx.load(str(bundle / manifest.frozen.file)),
                            onnx.load(str(bundle / tr.file)), state, manifest.frozen.quantized)
 

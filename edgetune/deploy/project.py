@@ -178,7 +178,8 @@ def write_target_project(bundle_dir: str | Path, target: str | Target, inference
         _check_estimate(bundle, t, inference_only)
     manifest, generated = _generate(bundle, inference_only, t.tvm_target if t.kind == "linux" else None)
     memory = asdict(generated.sources.memory)
-    budget = firmware_budget(t, memory, generated.kernels)
+    learner = manifest.memory.get("replay_buffer", 0) if generated.sources.memory.params > 0 else 0
+    budget = firmware_budget(t, memory, generated.kernels, learner)
     if t.kind == "mcu":
         check_budget(budget, manifest.frozen.quantized, manifest.method, manifest.model)
 

@@ -190,7 +190,7 @@ def runtime_contract(method: Method) -> RuntimeContract:
     return RuntimeContract(
         momentum_schedule=MomentumSchedule(float(s.start), float(s.decay), float(s.floor)) if s else None,
         exits=ExitSpec(tuple(e.stages), f"state_{onnx_name(e.state)}") if e else None,
-        guard=GuardSpec(float(g.rate), float(g.max_share), int(g.every), int(g.warmup)) if g else None,
+        guard=GuardSpec(float(g.rate), float(g.max_share), int(g.every), int(g.warmup), g.restore) if g else None,
         labels=c.labels.use,
         learner=(LearnerSpec(c.learner.replay, c.learner.replay_steps, c.learner.warmup, c.learner.seed)
                  if c.learner.replay or c.learner.warmup else None))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from edgetune.adapt import Adaptable
 from edgetune.data import Dataset, to_tensor
 from edgetune.errors import ExportError
 from edgetune.export.manifest import (FROZEN_FILE, MANIFEST_FILE, TRAINABLE_FILE, AlignedConv, FrozenPart, Manifest,
-                                      NormAlignSpec, OptimizerSpec, RuntimeContract, TensorSpec, TrainablePart,
+                                      NormAlignSpec, OptimizerSpec, TensorSpec, TrainablePart,
                                       onnx_name, seal, sha256_of)
 from edgetune.export.onnx_graphs import export_frozen, export_trainable
 from edgetune.export.ops import SUPPORTED_OPS
@@ -95,7 +95,7 @@ def build_norm_align_bundle(adaptable: Adaptable, data: Dataset, directory: Path
                                  f"state_scale{slot}", f"state_offset{slot}", f"sum{slot}", f"sumsq{slot}",
                                  *(_floats(t) for t in (c.accum_scale, c.requant, c.source_mean, c.source_sqmean))))
     step = NormAlignStep(reference.method, convs)
-    contract = _with_guard_restore(contract_of(step), step)
+    contract = contract_of(step)
 
     trainable_path = directory / TRAINABLE_FILE
     examples = [_step_taps(qdq, reference, to_tensor(data.train_x[i:i + 1])) for i in range(CHECK_SAMPLES)]
@@ -118,15 +118,6 @@ def build_norm_align_bundle(adaptable: Adaptable, data: Dataset, directory: Path
     (directory / MANIFEST_FILE).write_text(manifest.to_json())
     _check_step(directory, manifest, step, examples)
     return manifest
-
-
-def _with_guard_restore(contract: RuntimeContract, step: NormAlignStep) -> RuntimeContract:
-    """``contract`` with the step's declared guard restore ("source": a trip resets the whole state), which the
-    runtime links from the generated model (``edgetune_model_restore_source``)."""
-    g = step.guard()
-    if contract.guard is None or g is None:
-        return contract
-    return replace(contract, guard=replace(contract.guard, restore=g.restore))
 
 
 def _pooled_tap(backbone):
