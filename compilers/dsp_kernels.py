@@ -35,7 +35,7 @@ CONV_IHWO = "et_dsp_conv3x3_ihwo_s8"
 MAX_K = 1152  # ET_DSP_MAX_K of the header
 
 
-def _shape(buf) -> tuple[int, ...]:
+def buffer_shape(buf) -> tuple[int, ...]:
     return tuple(int(d) for d in buf.shape)
 
 
@@ -43,7 +43,7 @@ def _const(e) -> float | None:
     return float(e.value) if isinstance(e, (tirx.FloatImm, tirx.IntImm)) else None
 
 
-def _output_zero_point(func: tirx.PrimFunc) -> int | None:
+def output_zero_point(func: tirx.PrimFunc) -> int | None:
     """The output zero point of a float-requantised conv epilogue
     ``int8(round(max(min(float(acc + bias) * scale, 127 - zy), -128 - zy)) [+ zy])``, or None when the
     epilogue has any other form (fixed point, a fused add, ...)."""
@@ -86,12 +86,12 @@ def _pointwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     dtypes = tuple(str(t.dtype) for t in (x, w, b, s, y))
     if dtypes != ("int8", "int8", "int32", "float32", "int8"):
         return None
-    (n, cin, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
-    if n != 1 or cpg != cin or (kh, kw) != (1, 1) or _shape(y) != (1, cout, h, wd):
+    (n, cin, h, wd), (cout, cpg, kh, kw) = buffer_shape(x), buffer_shape(w)
+    if n != 1 or cpg != cin or (kh, kw) != (1, 1) or buffer_shape(y) != (1, cout, h, wd):
         return None
     if cout % 2 or (h * wd) % 4 or cin % 4 or cin > MAX_CIN:
         return None  # the micro-kernel's tiles must divide the layer; its input slice lives on the stack
-    zy = _output_zero_point(func)
+    zy = output_zero_point(func)
     if zy is None:
         return None
     data = [tirx.op.buffer_data(p) for p in func.params]
@@ -112,14 +112,14 @@ def _pointwise_moments_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     dtypes = tuple(str(t.dtype) for t in (x, w, b, s, off, y, total, squares))
     if dtypes != ("int8", "int8", "int32", "float32", "float32", "int8", "int64", "int64"):
         return None
-    (n, cin, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
-    if n != 1 or cpg != cin or (kh, kw) != (1, 1) or _shape(y) != (1, cout, h, wd):
+    (n, cin, h, wd), (cout, cpg, kh, kw) = buffer_shape(x), buffer_shape(w)
+    if n != 1 or cpg != cin or (kh, kw) != (1, 1) or buffer_shape(y) != (1, cout, h, wd):
         return None
-    if _shape(total) != (1, cout) or _shape(squares) != (1, cout) or _shape(off) != (cout,):
+    if buffer_shape(total) != (1, cout) or buffer_shape(squares) != (1, cout) or buffer_shape(off) != (cout,):
         return None
     if cout % 2 or (h * wd) % 4 or cin % 4 or cin > MAX_CIN:
         return None
-    zy = _output_zero_point(func)
+    zy = output_zero_point(func)
     if zy is None:
         return None
     data = [tirx.op.buffer_data(p) for p in func.params]
@@ -171,20 +171,20 @@ def _depthwise_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         ("int8", "int8", "int32", "float32", "int8")
     if tuple(str(p.ty.dtype) for p in func.params) != want:
         return None
-    (n, ch, h, wd), (cout, cpg, kh, kw) = _shape(x), _shape(w)
-    if n != 1 or cout != ch or cpg != 1 or (kh, kw) != (3, 3) or len(_shape(y)) != 4 or min(h, wd) < 4:
+    (n, ch, h, wd), (cout, cpg, kh, kw) = buffer_shape(x), buffer_shape(w)
+    if n != 1 or cout != ch or cpg != 1 or (kh, kw) != (3, 3) or len(buffer_shape(y)) != 4 or min(h, wd) < 4:
         return None
-    _, _, oh, ow = _shape(y)
+    _, _, oh, ow = buffer_shape(y)
     stride = _stride(h, oh)
     if stride is None or stride != _stride(wd, ow):
         return None
     pitch = ((((ow + 3) // 4) * 4 - 1) * stride + 6) & ~3  # et_dw_row of the header
     if ((oh - 1) * stride + 3) * pitch > MAX_PLANE:
         return None
-    zx, zy = _pad_value(func), _output_zero_point(func)
+    zx, zy = _pad_value(func), output_zero_point(func)
     if zx is None or zy is None:
         return None
-    if moments and any(_shape(rest[k]) != shape for k, shape in ((0, (ch,)), (2, (1, ch)), (3, (1, ch)))):
+    if moments and any(buffer_shape(rest[k]) != shape for k, shape in ((0, (ch,)), (2, (1, ch)), (3, (1, ch)))):
         return None
     data = [tirx.op.buffer_data(p) for p in func.params]
     name = DEPTHWISE_MOMENTS if moments else DEPTHWISE
@@ -208,15 +208,15 @@ def _conv_call(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     if tuple(str(t.dtype) for t in (x, w, b, s, y)) != ("int8", "int8", "int32", "float32", "int8"):
         return None
     ihwo = kernel == "qconv2d_oc"
-    (n, cin, h, wd), wshape = _shape(x), _shape(w)
+    (n, cin, h, wd), wshape = buffer_shape(x), buffer_shape(w)
     cpg, kh, kw, cout = wshape if ihwo else (wshape[1], wshape[2], wshape[3], wshape[0])
-    if n != 1 or cpg != cin or (kh, kw) != (3, 3) or len(_shape(y)) != 4 or min(h, wd) < 4:
+    if n != 1 or cpg != cin or (kh, kw) != (3, 3) or len(buffer_shape(y)) != 4 or min(h, wd) < 4:
         return None
-    _, _, oh, ow = _shape(y)
+    _, _, oh, ow = buffer_shape(y)
     stride = _stride(h, oh)
     if stride is None or stride != _stride(wd, ow) or cout % 2 or (oh * ow) % 4 or 9 * cin > MAX_K:
         return None
-    zx, zy = _pad_value(func), _output_zero_point(func)
+    zx, zy = _pad_value(func), output_zero_point(func)
     if zx is None or zy is None:
         return None
     data = [tirx.op.buffer_data(p) for p in func.params]

@@ -37,7 +37,7 @@ from edgetune.compilers.schedule import family_of
 from edgetune.errors import CheckpointError, CompileError, EdgetuneError, ToolchainError
 from edgetune.export.manifest import AlignedConv
 from edgetune.export.ops import float_islands
-from edgetune.targets import RUNTIME_DIR
+from edgetune.targets import HOST_KERNELS_DIR
 
 PREFIX = "frozen"
 
@@ -289,15 +289,15 @@ def _emit(lowered, plan: StaticPlan, constants: dict[str, np.ndarray], target: E
 
 
 def micro_kernels_object(target: EmitTarget, path: Path, cflags: Sequence[str] | None = None) -> Path:
-    """The host micro-kernels (``targets/runtime/et_kernels_x86.c``) compiled by ``target.cc`` with ``cflags``
+    """The host micro-kernels (``targets/host/et_kernels_x86.c``) compiled by ``target.cc`` with ``cflags``
     (default ``host_kernels.CFLAGS``: ``-O3 -march=native``, the header's AVX-512 VNNI path where the CPU has it).
 
     Raises:
         ToolchainError: the compiler is missing or fails (its first error line is shown).
     """
     cc = target.cc or "gcc"
-    cmd = [cc, *(host_kernels.CFLAGS if cflags is None else cflags), "-fPIC", "-c", f"-I{RUNTIME_DIR}",
-           str(RUNTIME_DIR / host_kernels.SOURCE), "-o", str(path)]
+    cmd = [cc, *(host_kernels.CFLAGS if cflags is None else cflags), "-fPIC", "-c", f"-I{HOST_KERNELS_DIR}",
+           str(HOST_KERNELS_DIR / host_kernels.SOURCE), "-o", str(path)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as exc:

@@ -1,5 +1,5 @@
 """Host (x86-64) micro-kernels: the int8 convolutions and residual adds of the host library as calls of
-hand-written kernels (``targets/runtime/et_kernels_x86.h``) instead of TVM's LLVM code.
+hand-written kernels (``targets/host/et_kernels_x86.h``) instead of TVM's LLVM code.
 
 TVM 0.27's ``Schedule.tensorize`` crashes (see ``schedule._conv_dot``), so the AVX-512 VNNI instruction
 (VPDPBUSD, 64 byte products per instruction) cannot come from a tensor intrinsic; LLVM's vectoriser does
@@ -33,7 +33,7 @@ import tvm.sym
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from edgetune.compilers.dsp_kernels import _output_zero_point, _shape
+from edgetune.compilers.dsp_kernels import buffer_shape, output_zero_point
 from edgetune.compilers.plan import StaticPlan
 
 HEADER = "et_kernels_x86.h"
@@ -78,7 +78,7 @@ def _float_conv(func: tirx.PrimFunc) -> tuple | None:
     x, w, b, s, y = (p.ty for p in func.params)
     if tuple(str(t.dtype) for t in (x, w, b, s, y)) != ("int8", "int8", "int32", "float32", "int8"):
         return None
-    return _shape(x), _shape(w), _shape(y)
+    return buffer_shape(x), buffer_shape(w), buffer_shape(y)
 
 
 def _pointwise(func: tirx.PrimFunc) -> Replaced | None:
@@ -92,7 +92,7 @@ def _pointwise(func: tirx.PrimFunc) -> Replaced | None:
     (n, cin, h, wd), (cout, cpg, kh, kw), out = shapes
     if n != 1 or cpg != cin or (kh, kw) != (1, 1) or out != (1, cout, h, wd) or cin % 4 or cin * h * wd > MAX_PACKED:
         return None
-    zy = _output_zero_point(func)
+    zy = output_zero_point(func)
     if zy is None:
         return None
     call = tirx.call_extern("int32", POINTWISE, *_data(func), cin, h * wd, cout, zy)
@@ -176,7 +176,7 @@ def _conv(func: tirx.PrimFunc) -> Replaced | None:
     if n != 1 or cpg != cin or len(out) != 4 or out[1] != cout:
         return None
     _, _, oh, ow = out
-    geometry, zy = _geometry(func), _output_zero_point(func)
+    geometry, zy = _geometry(func), output_zero_point(func)
     if geometry is None or zy is None:
         return None
     sh, sw, top, left, zx = geometry
@@ -198,7 +198,7 @@ def _depthwise(func: tirx.PrimFunc) -> Replaced | None:
     if n != 1 or cout != ch or cpg != 1 or len(out) != 4 or out[1] != ch:
         return None
     _, _, oh, ow = out
-    geometry, zy = _geometry(func), _output_zero_point(func)
+    geometry, zy = _geometry(func), output_zero_point(func)
     if geometry is None or zy is None:
         return None
     sh, sw, top, left, zx = geometry
@@ -236,8 +236,8 @@ def _add(func: tirx.PrimFunc) -> Replaced | None:
         return None
     params, y = func.params[:3], func.params[3]
     types = [v.ty for v in func.params]
-    if (tuple(str(t.dtype) for t in types) != ("float32", "int8", "int8", "int8") or _shape(types[0]) != (3,)
-            or not _shape(types[1]) == _shape(types[2]) == _shape(types[3])):
+    if (tuple(str(t.dtype) for t in types) != ("float32", "int8", "int8", "int8") or buffer_shape(types[0]) != (3,)
+            or not buffer_shape(types[1]) == buffer_shape(types[2]) == buffer_shape(types[3])):
         return None
     try:
         sch = Schedule(func)
@@ -263,11 +263,12 @@ def _add(func: tirx.PrimFunc) -> Replaced | None:
             return None
         ld = _load_of(e, found[0])
         for k, (i, o) in enumerate(zip(ld.indices, store.indices)):  # elementwise: the output's own index
-            if not (i.same_as(o) or (isinstance(i, tirx.IntImm) and int(i.value) == 0 and _shape(types[3])[k] == 1)):
+            broadcast = isinstance(i, tirx.IntImm) and int(i.value) == 0 and buffer_shape(types[3])[k] == 1
+            if not (i.same_as(o) or broadcast):
                 return None
         operands.append(found[0])
     call = tirx.call_extern("int32", ADD, *(tirx.op.buffer_data(q) for q in (p, *operands, y)),
-                            int(np.prod(_shape(types[3]))))
+                            int(np.prod(buffer_shape(types[3]))))
     return Replaced(_calling(func, call), f"elementwise: x86 micro-kernel {ADD} (vector FMAs)")
 
 

@@ -20,6 +20,7 @@ from edgetune.registry import Registry
 
 HERE = Path(__file__).resolve().parent
 RUNTIME_DIR = HERE / "runtime"
+HOST_KERNELS_DIR = HERE / "host"  # x86 micro-kernels of the host library only (never built for a device)
 BOARD_DIR = HERE / "board"
 # The runtime's contract (DESIGN section 7): strict C99, warnings are errors, and no FMA
 # contraction, so float results match between the host, aarch64 and Cortex-M builds.

@@ -1,4 +1,4 @@
-"""Host micro-kernels (``targets/runtime/et_kernels_x86.h``, routed by ``compilers/host_kernels.py``): the
+"""Host micro-kernels (``targets/host/et_kernels_x86.h``, routed by ``compilers/host_kernels.py``): the
 AVX-512 VNNI path and the plain C path give the same bytes, both equal to a numpy model of onnxruntime's
 integer arithmetic on awkward shapes (channel counts that fill no tile, pixel tails, stride 2, one input
 channel), and the host library that calls them equals onnxruntime's integer session on the zoo's small
@@ -17,7 +17,7 @@ import pytest
 from conftest import needs_tool
 from edgetune.compilers import FrozenRunner, compile_frozen, host_kernels
 from edgetune.compilers.schedule import family_of
-from edgetune.targets import RUNTIME_DIR
+from edgetune.targets import HOST_KERNELS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -29,8 +29,9 @@ PLAIN = ("-O2",)  # no -march: the x86-64 baseline, no AVX-512 macro, so the hea
 
 def _library(tmp_path: Path, name: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     so = tmp_path / f"{name}.so"
-    subprocess.run(["gcc", *flags, "-fPIC", "-shared", f"-I{RUNTIME_DIR}", str(RUNTIME_DIR / host_kernels.SOURCE),
-                    "-o", str(so), "-lm"], check=True)
+    source = HOST_KERNELS_DIR / host_kernels.SOURCE
+    subprocess.run(["gcc", *flags, "-fPIC", "-shared", f"-I{HOST_KERNELS_DIR}", str(source), "-o", str(so), "-lm"],
+                   check=True)
     return ctypes.CDLL(str(so))
 
 
