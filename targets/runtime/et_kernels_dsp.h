@@ -71,6 +71,44 @@ static inline int32_t et_sxtb16_odd(int32_t v) {
 }
 #endif
 
+/* The accumulation of one 2-channel x 4-pixel tile, shared by et_dsp_rows4 and et_dsp_rows4_moments: the
+ * 4 pixel rows of xt (K bytes each) times the weight rows wa, wb, into the caller's accumulators a0..a3 (wa)
+ * and b0..b3 (wb). A macro, not a function, so both kernels compile to exactly what they did when each had its
+ * own copy (GCC keeps the 8 accumulators in registers; a helper taking them by address would not be
+ * guaranteed to). SIMD part: per 4 of K the weights extended once (SXTB16) for 4 pixels, 16 SMLAD. */
+#if ET_DSP
+#define ET_TILE_2X4_SIMD(xt, K, wa, wb)                                   \
+  for (; c + 4 <= K; c += 4) {                                            \
+    int32_t k = et_load32(wa + c);                                        \
+    const int32_t ae = __sxtb16(k), ao = et_sxtb16_odd(k);                \
+    k = et_load32(wb + c);                                                \
+    const int32_t be = __sxtb16(k), bo = et_sxtb16_odd(k);                \
+    int32_t u = et_load32(xt + c), e = __sxtb16(u), d = et_sxtb16_odd(u); \
+    a0 = __smlad(d, ao, __smlad(e, ae, a0));                              \
+    b0 = __smlad(d, bo, __smlad(e, be, b0));                              \
+    u = et_load32(xt + K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);     \
+    a1 = __smlad(d, ao, __smlad(e, ae, a1));                              \
+    b1 = __smlad(d, bo, __smlad(e, be, b1));                              \
+    u = et_load32(xt + 2 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u); \
+    a2 = __smlad(d, ao, __smlad(e, ae, a2));                              \
+    b2 = __smlad(d, bo, __smlad(e, be, b2));                              \
+    u = et_load32(xt + 3 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u); \
+    a3 = __smlad(d, ao, __smlad(e, ae, a3));                              \
+    b3 = __smlad(d, bo, __smlad(e, be, b3));                              \
+  }
+#else
+#define ET_TILE_2X4_SIMD(xt, K, wa, wb)
+#endif
+#define ET_TILE_2X4(xt, K, wa, wb)                                                                            \
+  do {                                                                                                        \
+    int32_t c = 0;                                                                                            \
+    ET_TILE_2X4_SIMD(xt, K, wa, wb)                                                                           \
+    for (; c < K; ++c) {                                                                                      \
+      a0 += xt[c] * wa[c], a1 += xt[K + c] * wa[c], a2 += xt[2 * K + c] * wa[c], a3 += xt[3 * K + c] * wa[c]; \
+      b0 += xt[c] * wb[c], b1 += xt[K + c] * wb[c], b2 += xt[2 * K + c] * wb[c], b3 += xt[3 * K + c] * wb[c]; \
+    }                                                                                                         \
+  } while (0)
+
 /* The tile loop of the DSP (and plain C) kernels: for every output channel pair (cout even), the 4 pixel
  * rows of xt (K bytes each) times the weight rows w[o], w[o + 1] plus the bias, requantised to
  * y[o * hw .. + 3]: tiles of 2 channels x 4 pixels, per 4 of K 6 word loads, 12 SXTB16 and 16 SMLAD
@@ -83,31 +121,7 @@ static inline void et_dsp_rows4(const int8_t *xt, int32_t K, const int8_t *w, co
     int8_t *ya = y + o * hw;
     const int32_t ba = bias[o], bb = bias[o + 1];
     int32_t a0 = ba, a1 = ba, a2 = ba, a3 = ba, b0 = bb, b1 = bb, b2 = bb, b3 = bb;
-    int32_t c = 0;
-#if ET_DSP
-    for (; c + 4 <= K; c += 4) { /* 2 channels x 4 pixels: the weights extended once for 4 pixels */
-      int32_t k = et_load32(wa + c);
-      const int32_t ae = __sxtb16(k), ao = et_sxtb16_odd(k);
-      k = et_load32(wb + c);
-      const int32_t be = __sxtb16(k), bo = et_sxtb16_odd(k);
-      int32_t u = et_load32(xt + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a0 = __smlad(d, ao, __smlad(e, ae, a0));
-      b0 = __smlad(d, bo, __smlad(e, be, b0));
-      u = et_load32(xt + K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a1 = __smlad(d, ao, __smlad(e, ae, a1));
-      b1 = __smlad(d, bo, __smlad(e, be, b1));
-      u = et_load32(xt + 2 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a2 = __smlad(d, ao, __smlad(e, ae, a2));
-      b2 = __smlad(d, bo, __smlad(e, be, b2));
-      u = et_load32(xt + 3 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a3 = __smlad(d, ao, __smlad(e, ae, a3));
-      b3 = __smlad(d, bo, __smlad(e, be, b3));
-    }
-#endif
-    for (; c < K; ++c) {
-      a0 += xt[c] * wa[c], a1 += xt[K + c] * wa[c], a2 += xt[2 * K + c] * wa[c], a3 += xt[3 * K + c] * wa[c];
-      b0 += xt[c] * wb[c], b1 += xt[K + c] * wb[c], b2 += xt[2 * K + c] * wb[c], b3 += xt[3 * K + c] * wb[c];
-    }
+    ET_TILE_2X4(xt, K, wa, wb);
     const float sa = scale[o], sb = scale[o + 1];
     ya[0] = ET_REQUANT(a0, sa, zy), ya[1] = ET_REQUANT(a1, sa, zy);
     ya[2] = ET_REQUANT(a2, sa, zy), ya[3] = ET_REQUANT(a3, sa, zy);
@@ -239,31 +253,7 @@ static inline void et_dsp_rows4_moments(const int8_t *xt, int32_t K, const int8_
     int8_t *ya = y + o * hw;
     const int32_t ba = bias[o], bb = bias[o + 1];
     int32_t a0 = ba, a1 = ba, a2 = ba, a3 = ba, b0 = bb, b1 = bb, b2 = bb, b3 = bb;
-    int32_t c = 0;
-#if ET_DSP
-    for (; c + 4 <= K; c += 4) {
-      int32_t k = et_load32(wa + c);
-      const int32_t ae = __sxtb16(k), ao = et_sxtb16_odd(k);
-      k = et_load32(wb + c);
-      const int32_t be = __sxtb16(k), bo = et_sxtb16_odd(k);
-      int32_t u = et_load32(xt + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a0 = __smlad(d, ao, __smlad(e, ae, a0));
-      b0 = __smlad(d, bo, __smlad(e, be, b0));
-      u = et_load32(xt + K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a1 = __smlad(d, ao, __smlad(e, ae, a1));
-      b1 = __smlad(d, bo, __smlad(e, be, b1));
-      u = et_load32(xt + 2 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a2 = __smlad(d, ao, __smlad(e, ae, a2));
-      b2 = __smlad(d, bo, __smlad(e, be, b2));
-      u = et_load32(xt + 3 * K + c), e = __sxtb16(u), d = et_sxtb16_odd(u);
-      a3 = __smlad(d, ao, __smlad(e, ae, a3));
-      b3 = __smlad(d, bo, __smlad(e, be, b3));
-    }
-#endif
-    for (; c < K; ++c) {
-      a0 += xt[c] * wa[c], a1 += xt[K + c] * wa[c], a2 += xt[2 * K + c] * wa[c], a3 += xt[3 * K + c] * wa[c];
-      b0 += xt[c] * wb[c], b1 += xt[K + c] * wb[c], b2 += xt[2 * K + c] * wb[c], b3 += xt[3 * K + c] * wb[c];
-    }
+    ET_TILE_2X4(xt, K, wa, wb);
     sum[o] += (int64_t)a0 + a1 + a2 + a3;
     sum[o + 1] += (int64_t)b0 + b1 + b2 + b3;
     sumsq[o] += (int64_t)a0 * a0 + (int64_t)a1 * a1 + (int64_t)a2 * a2 + (int64_t)a3 * a3;
