@@ -7,10 +7,11 @@ samples: with adaptation, and with adaptation off (the source accuracy, and the 
 
 Instructions per sample: the adapted run's (whole ``et_runtime_step``); inference: the run
 without adaptation; adaptation: the difference. Instructions per MAC: the frozen forward's
-instructions over the backbone's multiply-accumulates, over the samples that ran every stage (one
-that exits early skips the later stages' MACs). User-mode QEMU has no instruction counter
-(and emulated time is not device time), so on Linux targets instruction figures are counted by
-``count_aarch64_instructions`` on a short run, or left out.
+instructions over the backbone's multiply-accumulates; left out when samples exit early (the plan
+then runs the backbone in stage segments and only the first is timed apart from the method's step).
+With early exits "adaptation" also holds the difference in exits between the two runs. User-mode QEMU
+has no instruction counter (and emulated time is not device time), so on Linux targets instruction
+figures are counted by ``count_aarch64_instructions`` on a short run, or left out.
 
 The stream is any data source (``edgetune.data.load_data``: a built-in name, an image folder,
 a ``.npz``), checked against the bundle's input shape; its sample shape travels in the stream
@@ -67,7 +68,7 @@ class SimulationReport:
     inference_instructions_per_sample: float | None
     adaptation_instructions_per_sample: float | None
     frozen_instructions_per_sample: float | None
-    instructions_per_mac: float | None  # backbone, over the samples that ran every stage
+    instructions_per_mac: float | None
     macs: int
     early_exit_rate: float
     rejected: int
@@ -109,8 +110,9 @@ class SimulationReport:
                 f"  instructions / sample    {insns(self.instructions_per_sample)}  (inference "
                 f"{insns(self.inference_instructions_per_sample)} + adaptation "
                 f"{insns(self.adaptation_instructions_per_sample)})",
-                f"  backbone                 {insns(self.frozen_instructions_per_sample)} instructions per sample; "
-                f"{ipm} per MAC ({self.macs:,} MACs) on samples that ran every stage",
+                (f"  backbone                 {insns(self.frozen_instructions_per_sample)} instructions for "
+                 f"{self.macs:,} MACs = {ipm} per MAC" if self.frozen_instructions_per_sample is not None else
+                 "  backbone                 not timed apart (early exits: the plan runs in stage segments)"),
                 f"  early exits {100 * self.early_exit_rate:.1f} %, updates {self.updates}, guard restores "
                 f"{self.restores}, rejected {self.rejected}"]
         return "\n".join(rows)
@@ -362,12 +364,12 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
     total = _per_sample(sa["ticks"]["step"], sa["accepted"], built)
     inference = _per_sample(ss["ticks"]["step"], ss["accepted"], built)
     frozen = _per_sample(ss["ticks"]["frozen"], ss["accepted"], built)
-    # per MAC: only samples that ran every stage did all the MACs (an early exit skips the later stages)
-    full = source.records[((source.records["flags"] & (REJECTED | EARLY_EXIT)) == 0)]
-    full_frozen = _per_sample(int(full["frozen"].astype(np.int64).sum()), len(full), built)
     if counted is not None:
         total, inference, frozen = counted
-        full_frozen = frozen  # counted on a short run; Linux targets' exits are not told apart there
+    # with early exits the plan runs in stage segments: the runtime times only the first apart from the step
+    exits = any(bool(np.any((r.records["flags"] & EARLY_EXIT) != 0)) for r in (adapted, source))
+    if exits:
+        frozen = None
     mcu = get_target(p.target).kind == "mcu"
     stack = max(sa["stack_used_bytes"], ss["stack_used_bytes"]) if mcu else None
     return SimulationReport(
@@ -379,7 +381,7 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
         inference_instructions_per_sample=inference,
         adaptation_instructions_per_sample=None if total is None or inference is None else total - inference,
         frozen_instructions_per_sample=frozen,
-        instructions_per_mac=None if full_frozen is None or not p.macs else full_frozen / p.macs, macs=p.macs,
+        instructions_per_mac=None if frozen is None or not p.macs else frozen / p.macs, macs=p.macs,
         early_exit_rate=float(np.mean((adapted.records["flags"][ok] & EARLY_EXIT) != 0)) if accepted else 0.0,
         rejected=int(sa["rejected"]), restores=int(sa["restores"]), updates=int(sa["updates"]),
         simulator_seconds=adapted.seconds + source.seconds, predictions=[int(v) for v in pred],
