@@ -74,6 +74,44 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+LEARNER_HELP = ("how revealed labels are learnt from on every runtime, as KEY=VALUE,...: optimizer=sgd|adam, "
+                "warmup=N (labels of linear lr warm-up), replay=N (a buffer of the last N labelled samples' int8 "
+                "taps), replay_steps=S (replayed steps per label), seed=N; e.g. optimizer=adam,replay=24,"
+                "replay_steps=3 (default: one SGD step per label)")
+
+
+def _learner(spec: str | None):
+    """The ``Learner`` of a ``--learner`` spec (None: the method's default).
+
+    Raises:
+        ConfigError: an unknown key, a value that is not an integer, or settings ``Learner`` refuses.
+    """
+    if spec is None:
+        return None
+    from dataclasses import fields
+
+    from edgetune.methods.base import Learner
+    known = {f.name for f in fields(Learner)}
+    values: dict[str, object] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, sep, value = (t.strip() for t in part.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"--learner: expected KEY=VALUE,... (got {part!r}); give e.g. --learner "
+                              "optimizer=adam,replay=24,replay_steps=3")
+        if key not in known:
+            raise ConfigError(f"--learner: unknown setting {key!r}; use {', '.join(sorted(known))} "
+                              "(e.g. --learner optimizer=adam,replay=24,replay_steps=3)")
+        if key == "optimizer":
+            values[key] = value
+            continue
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"--learner: {key}={value!r} is not an integer; give a whole number, e.g. "
+                              f"{key}=24") from None
+    return Learner(**values)
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     if args.what == "models":
         from edgetune.models import MODEL_HELP, MODELS
@@ -166,6 +204,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from edgetune.data import checkpoint_source, conform, record_source, source_info
     from edgetune.export import export
     _check_out(args.out)
+    learner = _learner(args.learner)  # before the data and the fit: a bad spec is refused at once
     backbone, config = _load(args)
     from edgetune.deploy.budget import preflight_budget  # before data and fit: oversized models refused in seconds
     preflight_budget(backbone, args.target, args.method, _overrides(args.set), not args.no_quantize, config["model"])
@@ -174,6 +213,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     assert source is not None  # checkpoint_source refuses export's only source-less mode ("none")
     source = conform(source, backbone.input_shape, "source-data")
     adaptable = prepare(backbone, args.method, _overrides(args.set), model_name=config["model"])
+    if learner is not None:
+        adaptable.method.use_learner(learner)
     fit(adaptable, source, seed=args.seed, mode=args.source_mode)
     manifest = export(adaptable, source, args.out, quantize=not args.no_quantize, target=args.target)
     record_source(args.out, source_info(source, args.source_mode, origin))
@@ -300,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
+    s.add_argument("--learner", default=None, metavar="KEY=VALUE,...", help=LEARNER_HELP)
     s.add_argument("--no-compile", action="store_true",
                    help="host: only the ONNX bundle, without compiling it for this machine")
     s.add_argument("--build", action="store_true",

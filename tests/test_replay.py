@@ -169,3 +169,19 @@ def test_cortex_m7_in_qemu_matches_the_host_build(learned, stream, tmp_path):
                              check=True).stdout
     size = next(int(line.split()[1], 16) for line in symbols.splitlines() if line.endswith(" et_learner_work"))
     assert size == (model.manifest.memory["replay_buffer"] + 3) // 4 * 4 + 4  # + the word the C rounds up by
+
+
+def test_export_cli_writes_the_learner_it_is_given(tiny_cnn, tmp_path):
+    """``edgetune export --learner`` puts the learner in the bundle: Adam in the optimizer, the replay and warm-up in
+    the manifest's runtime contract (bad specs are refused in one line: tests/test_bad_inputs.py)."""
+    from edgetune.cli import main
+
+    _, ckpt, _ = tiny_cnn
+    out = tmp_path / "bundle"
+    assert main(["export", "tiny-cnn", "--method", "last-layer", "--checkpoint", str(ckpt), "-o", str(out),
+                 "--no-compile", "--learner", "optimizer=adam,replay=4,replay_steps=2,warmup=3"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.trainable.optimizer.kind == "adam"
+    learner = manifest.runtime.learner
+    assert (learner.replay, learner.replay_steps, learner.warmup) == (4, 2, 3)
+    assert manifest.memory["replay_buffer"] > 0
