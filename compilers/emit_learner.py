@@ -2,14 +2,14 @@
 
 A bundle whose manifest declares ``runtime.learner`` gets this function in its generated model
 (``compile_model`` appends it to ``et_model_gen.c``, so every build has it: host, firmware, Linux): the
-learner's settings, where each tap sits in the model's taps buffer (taps start at ``ALIGNMENT``-byte
-boundaries, as the model's emitter lays them out) and a static workspace of ``ET_LEARNER_WORK_BYTES`` (so the
+learner's settings, where each tap sits in the model's taps buffer (``emit_model.tap_offsets``, the layout the
+model's entry points use) and a static workspace of ``ET_LEARNER_WORK_BYTES`` (so the
 buffer's bytes are in the firmware's .bss, counted in its measured SRAM). Without a learner it is empty and
 the runtime's weak reference stays NULL (one step per label).
 """
 from __future__ import annotations
 
-from edgetune.compilers.plan import ALIGNMENT
+from edgetune.compilers.emit_model import tap_offsets
 
 
 def _numel(shape) -> int:
@@ -20,14 +20,10 @@ def _numel(shape) -> int:
 
 
 def tap_layout(manifest) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(first float, floats) of each tap in the generated model's taps buffer, in the frozen graph's order."""
-    offsets, lengths, off = [], [], 0
-    for o in manifest.frozen.outputs:
-        n = _numel(o.shape)
-        offsets.append(off // 4)
-        lengths.append(n)
-        off += (4 * n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-    return tuple(offsets), tuple(lengths)
+    """(first float, floats) of each tap in the generated model's taps buffer, in the frozen graph's order (the
+    frozen outputs are the model's first taps: ``emit_model.tap_offsets``)."""
+    lengths = tuple(_numel(o.shape) for o in manifest.frozen.outputs)
+    return tap_offsets(lengths)[0], lengths
 
 
 def learner_source(manifest) -> str:

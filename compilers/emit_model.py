@@ -144,6 +144,17 @@ class ModelSources:
     state_layout: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, kind, shape) in registration order
 
 
+def tap_offsets(floats: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """Where each tap of ``floats`` floats starts in the generated model's ``et_taps`` buffer (in floats; every tap on
+    an ``ALIGNMENT``-byte boundary, in order), and the buffer's bytes. The one layout of the taps: the model's
+    entry points and the learner's replay (``emit_learner``) both read it."""
+    offsets, off = [], 0
+    for n in floats:
+        offsets.append(off // 4)
+        off += _align(4 * int(n))
+    return tuple(offsets), off
+
+
 def _align(n: int, a: int = ALIGNMENT) -> int:
     return (n + a - 1) // a * a
 
@@ -486,11 +497,8 @@ def emit_model(iface: Interface, frozen: Planned, infer: Planned, train: Planned
         ends = segmented[1]
         method_arena = f"({arena} + {_align(frozen.plan.arena_bytes)})"
 
-    taps_at, off = [], 0
-    for t in iface.taps:
-        taps_at.append(f"(et_taps + {off // 4})")
-        off += _align(4 * t.size)
-    taps_bytes = off
+    offsets, taps_bytes = tap_offsets([t.size for t in iface.taps])
+    taps_at = [f"(et_taps + {o})" for o in offsets]
     ram = {t.name: f"et_st_{_c_ident(t.name)}" for t in iface.states}
     f_fn = _place(frozen, ["et_input_dummy", *[ram[n] for n in iface.frozen_states]],
                   [(taps_at[k], False, None) for k in range(len(iface.taps))], arena)
