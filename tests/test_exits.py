@@ -1,7 +1,7 @@
 """Early exits that skip compute: tinytta with an exit threshold that some samples pass.
 
-The exit checked end to end is the measured configuration (``EXIT_SETTINGS``: a frozen head on stage 0's map
-pooled to a 4x4 grid, one probe); the agreement rule's test keeps the pooled heads.
+The exits checked end to end: the measured configuration (``EXIT_SETTINGS``: a frozen head on stage 0's map
+pooled to a 4x4 grid, one probe) and tinytta's own pooled heads at every stage (a probe after each).
 
 The fidelity chain holds per sample including the exit taken: torch (on the bundle's int8 taps) =
 onnxruntime int8 (frozen.onnx + trainable.onnx) = the compiled host runtime = the firmware in
@@ -49,13 +49,17 @@ def stream(digits):
     return x.reshape(len(x), 1, 32, 32).astype(np.float32), labels
 
 
-@pytest.fixture(scope="module")
-def exiting(tiny_cnn, digits, stream, tmp_path_factory):
-    """(bundle, fitted tinytta) whose threshold makes about half of the stream exit early."""
-    # the measured exit configuration: a frozen 4x4-grid head on stage 0's map, fit on shifted copies, one probe
-    settings = {**EXIT_SETTINGS, "fit_epochs": "20", "fit_lr": "0.03"}
+@pytest.fixture(scope="module", params=["grid", "pooled"])
+def exiting(request, tiny_cnn, digits, stream, tmp_path_factory):
+    """(bundle, fitted tinytta) whose threshold makes about half of the stream exit early: "grid", the measured
+    exit configuration (a frozen 4x4-grid head on stage 0's map, fit on shifted copies, one probe); "pooled",
+    tinytta's own heads on pooled taps at every stage (a probe after each)."""
+    settings = {**(EXIT_SETTINGS if request.param == "grid" else {}), "fit_epochs": "20", "fit_lr": "0.03"}
     adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "tinytta", settings, model_name="tiny-cnn")
-    assert adaptable.method.exit_grids[0] == 4 and adaptable.method.exit_stages == (0, adaptable.method.depth - 1)
+    if request.param == "grid":
+        assert adaptable.method.exit_grids[0] == 4 and adaptable.method.exit_stages == (0, adaptable.method.depth - 1)
+    else:
+        assert adaptable.method.exit_stages == tuple(range(adaptable.method.depth))
     fit(adaptable, digits, progress=False)
     taps = [adaptable.taps(torch.from_numpy(stream[0][i:i + 1])) for i in range(SAMPLES)]
     threshold = min((float(t) for t in np.linspace(0.12, 0.96, 22)),
