@@ -10,6 +10,7 @@ the matrix can be run in pieces) and are rendered to ``results/mcu.md``.
 
     python benchmarks/bench_mcu.py --methods tinytta --targets cortex-m4,rpi4 --n 100
     python benchmarks/bench_mcu.py --extras          # inference-only SRAM baseline + tent's budget
+    python benchmarks/bench_mcu.py --methods tinytta --targets cortex-m4 --set exit_threshold=0.5 --out results/x
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def checkpoint(path: Path, model: str, data) -> torch.nn.Module:
     return load_checkpoint(path)[0]
 
 
-def bundle_for(backbone, model: str, method: str, data, out: Path) -> Path:
-    adaptable = prepare(copy.deepcopy(backbone), method, model_name=model)
+def bundle_for(backbone, model: str, method: str, data, out: Path, overrides: dict[str, str] | None = None) -> Path:
+    adaptable = prepare(copy.deepcopy(backbone), method, overrides, model_name=model)
     fit(adaptable, data, progress=False)
     export(adaptable, data, out, progress=False)
     save_initial_state(out, adaptable.method)
@@ -210,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extras", action="store_true", help="inference-only SRAM baseline and tent's budget only")
     p.add_argument("--work", default=None, help="checkpoints and bundles (default: the edgetune cache)")
     p.add_argument("--out", default="results")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every method in --methods (as `edgetune eval --set`); repeatable")
     args = p.parse_args(argv)
+    bad = [s for s in args.set if "=" not in s]
+    if bad:
+        p.error(f"--set takes KEY=VALUE (got {bad[0]!r}); e.g. --set exit_threshold=0.5")
+    overrides = dict(s.split("=", 1) for s in args.set)
+    # bundles with overrides get their own folder, so the cached default bundles stay what they were
+    suffix = "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
     torch.set_num_threads(1)
     work, out = Path(args.work) if args.work else cache_dir() / "bench-mcu", Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -237,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 "cortex-m4")
     else:
         for method in args.methods.split(","):
-            bundle = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}")
+            bundle = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}{suffix}", overrides)
             for target in args.targets.split(","):
                 start = time.perf_counter()
-                results.setdefault("runs", {})[f"{method}|{target}"] = measure(bundle, target, args.n)
+                label = f"{method} ({','.join(f'{k}={v}' for k, v in sorted(overrides.items()))})" if overrides \
+                    else method
+                results.setdefault("runs", {})[f"{label}|{target}"] = measure(bundle, target, args.n)
                 print(f"{method} on {target}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     results["when"] = time.strftime("%Y-%m-%d")
     store.write_text(json.dumps(results, indent=1) + "\n")
