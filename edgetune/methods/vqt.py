@@ -21,7 +21,15 @@ CNN (the same idea without attention layers): per stage, m learnable vectors att
 stage's frozen feature map (softmax over the H*W positions of ``q . x_p / sqrt(C)``; keys and
 values are the features themselves) and return attention-weighted summaries; the head reads
 [pooled last stage ‖ all summaries]. Taps: every stage's map plus the pooled last stage. Queries
-start at zero, i.e. as global average pooling.
+start at zero, i.e. as global average pooling. Two choices the paper leaves open for CNNs (it has no
+CNN form), both off by default:
+
+* ``positions``: a ViT's tokens carry a position embedding, a conv feature map does not, so a
+  content-only query cannot pick out a region. With ``positions`` each query also has a learnable
+  logit bias per position of each stage (``softmax(q . x_p / sqrt(C) + b_{q,p})``; m x H*W floats
+  per stage, one tensor over all stages), zero at start so an unfitted vqt is unchanged (global
+  average pooling). ViT refuses it (its tokens already carry positions).
+* ``standardise``: each CNN query summary through a parameter-free LayerNorm, as the ViT path does.
 
 Both: the head starts as the backbone's classifier on the final feature with zero weights on the
 queries, so an unfitted vqt predicts exactly like ``source``. Test time: queries
@@ -44,6 +52,7 @@ digits, held-out accuracy after 1,258 labels, aligned 74.7 vs ``align=false`` 72
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -51,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetune.errors import ModelError
+from edgetune.errors import ConfigError, ModelError
 from edgetune.methods.align import FeatureAligner
 from edgetune.methods.base import (Method, MethodConfig, Range, Schedule, TapSpec, declare, entropy, setting,
                                    supervised_or)
@@ -64,6 +73,10 @@ class VQTConfig(MethodConfig):
     entropy_weight: float = setting(0.0, Range(0.0, 100.0), "weight of the unsupervised entropy loss (0: learn "
                                                             "only from revealed labels, the supervised mode)")
     queries: int = setting(2, Range(1, 256), "learnable query tokens per layer (ViT) or per stage (CNN)")
+    positions: bool = field(default=False, metadata={"help": "CNN: a learnable attention-logit bias per query and "
+                                                              "position (queries can pick out regions)"})
+    standardise: bool = field(default=False, metadata={"help": "CNN: standardise each query summary (parameter-free "
+                                                                "LayerNorm, as the ViT path)"})
     align: bool = field(default=True, metadata={"help": "align the final feature the head reads (forward-only "
                                                         "feature alignment, as feature-align)"})
     momentum_start: float = setting(0.1, Range(0.0, 1.0), "alignment: EMA momentum of the first sample")
@@ -84,6 +97,9 @@ class VQT(Method):
         self.vit = backbone.kind == "vit"
         widths = backbone.stage_widths()
         m = max(1, config.queries)
+        if self.vit and (config.positions or config.standardise):
+            raise ConfigError("vqt: positions/standardise are CNN options (observed a ViT backbone, whose tokens carry "
+                              "position embeddings and whose query outputs are standardised already); drop them")
         if self.vit:
             layers = list(backbone.stages[1:])
             missing = [k + 1 for k, layer in enumerate(layers) if not hasattr(layer, "forward_queries")]
@@ -97,6 +113,11 @@ class VQT(Method):
         else:
             self.queries = nn.ParameterList(nn.Parameter(torch.zeros(m, c)) for c in widths)
             summary = m * sum(widths)
+            # one tensor for every stage's position biases: zero-initialised tensors of equal shape would be
+            # merged into one initialiser by the ONNX exporter (see benchmarks/labels.py distinct_zeros)
+            self.sizes = [math.prod(shape[1:]) for shape in backbone.stage_shapes()]
+            if config.positions:
+                self.positions = nn.Parameter(torch.zeros(m, sum(self.sizes)))
         self.head = nn.Linear(widths[-1] + summary, self.num_classes)
         with torch.no_grad():  # start as the source classifier: queries contribute nothing until fitted
             self.head.weight.zero_()
@@ -109,7 +130,7 @@ class VQT(Method):
         return tuple(TapSpec(k, pooled=False) for k in queried) + (TapSpec(self.depth - 1, pooled=True),)
 
     def trainable_names(self) -> list[str]:
-        return [n for n, _ in self.named_parameters() if n.startswith(("queries.", "head."))]
+        return [n for n, _ in self.named_parameters() if n.startswith(("queries.", "head.")) or n == "positions"]
 
     def state_names(self) -> list[str]:
         return self.aligner.state_names("aligner.") if self.aligner is not None else []
@@ -131,11 +152,17 @@ class VQT(Method):
                 out = cast(TransformerLayer, layer).forward_queries(self.queries[k].expand(n, -1, -1), taps[k])
                 parts.append(F.layer_norm(out, out.shape[-1:]).flatten(1))
             return torch.cat(parts, 1)
-        parts = [taps[-1]]
-        for q, fmap in zip(self.queries, taps[:-1]):
+        parts, offset = [taps[-1]], 0
+        for q, fmap, size in zip(self.queries, taps[:-1], self.sizes):
             flat = fmap.flatten(2)  # N x C x HW
-            attention = torch.softmax(q @ flat * flat.shape[1] ** -0.5, dim=-1)  # N x m x HW
-            parts.append((attention @ flat.transpose(1, 2)).flatten(1))
+            scores = q @ flat * flat.shape[1] ** -0.5  # N x m x HW
+            if self.config.positions:
+                scores = scores + self.positions[:, offset:offset + size]
+            offset += size
+            summary = torch.softmax(scores, dim=-1) @ flat.transpose(1, 2)  # N x m x C
+            if self.config.standardise:
+                summary = F.layer_norm(summary, summary.shape[-1:])
+            parts.append(summary.flatten(1))
         return torch.cat(parts, 1)
 
     def fit_loss(self, taps, labels):

@@ -1,0 +1,90 @@
+"""vqt's CNN options (``positions``: a learnable attention-logit bias per query and position; ``standardise``): an
+unfitted vqt with them predicts as without them, ViT refuses them, and with labels the torch method and the compiled
+host build (int8 backbone + the C runtime with Adam and replay) take the same steps, the position bias included,
+which really moves. tiny-cnn, tens of samples."""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edgetune.adapt import fit, prepare, source_taps
+from edgetune.compilers.emit_learner import tap_layout
+from edgetune.deploy import save_initial_state
+from edgetune.deploy.host import HostModel
+from edgetune.errors import ConfigError
+from edgetune.export import export
+from edgetune.methods.base import Learner
+from edgetune.models import build_model
+from edgetune.simulate import stream_samples
+
+LEARNER = Learner("adam", replay=5, replay_steps=2, seed=3)
+N = 30
+TOL = 1e-4  # as tests/test_replay.py: float32 summation order differs between torch and the C kernels
+OPTIONS = {"positions": "true", "standardise": "true"}
+
+
+def test_unfitted_options_change_nothing_and_vit_refuses_them(tiny_cnn, digits):
+    """Zero position biases (and a summary the head reads with zero weights) leave an unfitted vqt as it was."""
+    plain = prepare(copy.deepcopy(tiny_cnn[0]), "vqt", {}, model_name="tiny-cnn")
+    placed = prepare(copy.deepcopy(tiny_cnn[0]), "vqt", OPTIONS, model_name="tiny-cnn")
+    m = placed.method
+    sizes = [int(np.prod(s[1:])) for s in tiny_cnn[0].stage_shapes()]
+    assert tuple(m.positions.shape) == (m.config.queries, sum(sizes)) and "positions" in m.trainable_names()
+    taps = source_taps(placed, digits.test_x[:8])
+    with torch.no_grad():
+        a, b = plain.method.head(plain.method.features(list(taps))), m.head(m.features(list(taps)))
+        assert torch.allclose(a, b, atol=1e-6)
+        m.positions.normal_()  # a fitted bias does change what the queries summarise
+        assert not torch.allclose(m.features(list(taps)), plain.method.features(list(taps)), atol=1e-3)
+    vit = build_model("vit-tiny", num_classes=10)
+    with pytest.raises(ConfigError, match="vqt: positions/standardise are CNN options"):
+        prepare(vit, "vqt", {"positions": "true"}, model_name="vit-tiny")
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_cnn, digits, tmp_path_factory):
+    """vqt with both options on tiny-cnn and the study's kind of learner, exported int8."""
+    adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "vqt", {"fit_epochs": "2", "lr": "0.003", **OPTIONS},
+                        model_name="tiny-cnn")
+    fit(adaptable, digits, progress=False, max_samples=300)
+    adaptable.method.use_learner(LEARNER)
+    bundle = tmp_path_factory.mktemp("vqt-positions-bundle")
+    export(adaptable, digits, bundle, progress=False)
+    save_initial_state(bundle, adaptable.method)
+    return adaptable, bundle
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a host C compiler (apt install gcc)")
+def test_torch_and_compiled_host_learn_the_position_bias_alike(learned):
+    """Per sample the same prediction; at the end the same weights (within float32 summation noise), and the
+    position bias has moved from where the fit left it by far more than that noise."""
+    adaptable, bundle = learned
+    x, _, _, feedback = stream_samples("digits", ("gaussian_noise",), 5, "continual", N, labelled_fraction=0.67)
+    method = copy.deepcopy(adaptable.method)
+    method.reset()
+    fitted = method.positions.detach().clone()
+    model = HostModel(bundle)
+    offsets, lengths = tap_layout(model.manifest)
+    shapes = [tuple(o.shape) for o in model.manifest.frozen.outputs]
+    host, ref = [], []
+    for i in range(len(x)):
+        host.append(model.step(x[i]).prediction)
+        buf = np.ctypeslib.as_array(model.runtime.model.contents.taps, shape=(offsets[-1] + lengths[-1],))
+        taps = [torch.from_numpy(buf[o:o + n].copy().reshape(s)) for o, n, s in zip(offsets, lengths, shapes)]
+        ref.append(int(method.step(taps).argmax()))  # torch on the very taps the C frozen forward computed
+        if feedback[i] >= 0:
+            model.feedback(x[i], int(feedback[i]))
+            method.step(taps, torch.nn.functional.one_hot(torch.tensor([int(feedback[i])]), 10).float())
+    assert host == ref
+    state = model.state()
+    names = {p.torch_name: p.name for p in model.manifest.trainable.parameters if p.trainable}
+    assert "positions" in names
+    for torch_name, name in names.items():
+        ref_w = dict(method.named_parameters())[torch_name].detach().numpy().reshape(state[name].shape)
+        assert np.abs(state[name] - ref_w).max() <= TOL, torch_name
+    moved = float((method.positions.detach() - fitted).abs().max())
+    assert moved > 100 * TOL, moved  # the labels reached the position bias (in C as in torch, checked above)
