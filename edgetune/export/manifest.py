@@ -200,6 +200,21 @@ class RuntimeContract:
     learner: LearnerSpec | None = None  # None: one step per label, constant lr (bundles before replay)
 
 
+TASK_KINDS = ("same", "new")  # the bundle's classes: the source's, or a new task's learnt on the device
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Whose classes the bundle predicts. ``"same"``: the source's, as fitted. ``"new"`` (transfer): the class
+    layers ``reinitialised`` start at zero and learn the classes of the stream ``data`` from revealed labels
+    (``edgetune.adapt.start_new_task``); a stream of another built-in dataset is refused. Bundles written before
+    the field read as ``"same"``, what they are."""
+
+    kind: str = "same"
+    data: str = ""  # "new": the stream dataset whose classes are learnt (a built-in name, or a file / folder name)
+    reinitialised: tuple[str, ...] = ()  # "new": torch names of the parameters that started at zero
+
+
 @dataclass(frozen=True)
 class AlignedConv:
     """One convolution of frozen.onnx that norm-align re-standardises through its requantisation.
@@ -299,6 +314,7 @@ class Manifest:
     digest: str = ""  # sha256 of this manifest with digest "" (``manifest_digest``)
     # norm-align only: the compiled frozen graph's extra inputs (state) and outputs (statistics)
     norm_align: NormAlignSpec | None = None
+    task: TaskSpec = TaskSpec()  # the source's classes unless exported for a new task (``record_task``)
 
     def to_json(self) -> str:
         fields_ = asdict(self)
@@ -341,6 +357,9 @@ class Manifest:
             f"labels: {r.labels}" + (f"; replay {r.learner.replay} samples x {r.learner.replay_steps} steps "
                                      f"(seed {r.learner.seed}), lr warm-up over {r.learner.warmup} labels"
                                      if r.learner else ""),
+            ("task: same (the source's classes)" if self.task.kind == "same" else
+             f"task: new (the classes of {self.task.data}, learnt on the device from revealed labels; started at zero: "
+             f"{', '.join(self.task.reinitialised)})"),
             *([f"norm-align: {len(self.norm_align.convs)} aligned convs (graph positions "
                f"{[a.conv for a in self.norm_align.convs]}, {sum(a.channels for a in self.norm_align.convs)} channels)"
                "; their requantisation scale and offset are frozen inputs from the state"]
@@ -384,6 +403,11 @@ class Manifest:
                                     or learner.seed >= 2 ** 32 or (learner.replay > 0 and learner.replay_steps == 0)):
             raise CheckpointError(f"manifest: runtime.learner {learner} is invalid (counts >= 0, replay needs steps, "
                                   "seed < 2^32); re-export the bundle")
+        task = manifest.task
+        if task.kind not in TASK_KINDS or (task.kind == "new") != bool(task.data and task.reinitialised):
+            raise CheckpointError(f"manifest: task {task} is invalid (kind one of {', '.join(TASK_KINDS)}; a new task "
+                                  "names its data and the layers it restarted, the same task neither); re-export the "
+                                  "bundle")
         if r.exits is not None and (r.exits.state not in states or r.exits.count < 2):
             raise CheckpointError(f"manifest: runtime.exits names state {r.exits.state!r} with {r.exits.count} "
                                   "exits (needs a state input and >= 2 exits); re-export the bundle")
@@ -470,13 +494,15 @@ def file_sha256(path: Path) -> str:
 
 def manifest_digest(manifest: Manifest) -> str:
     """The sha256 of ``manifest`` with an empty digest field (canonical JSON, sorted keys; an absent
-    ``norm_align`` and a guard's default ``restore`` are left out, so bundles sealed before those fields existed
-    keep their digest)."""
+    ``norm_align``, the default ``task`` and a guard's default ``restore`` are left out, so bundles sealed before
+    those fields existed keep their digest)."""
     fields_ = asdict(replace(manifest, digest=""))
     if fields_["norm_align"] is None:
         del fields_["norm_align"]
     if fields_["runtime"]["learner"] is None:  # bundles sealed before learners keep their digest
         del fields_["runtime"]["learner"]
+    if manifest.task == TaskSpec():  # bundles sealed before the task field (all of the same task) keep theirs
+        del fields_["task"]
     guard = fields_["runtime"]["guard"]
     if guard is not None and guard["restore"] == "weights":
         del guard["restore"]
@@ -502,6 +528,21 @@ def seal_bundle(bundle_dir: str | Path) -> Manifest:
     d = Path(bundle_dir)
     manifest = seal(load_manifest(d, side_files=False), d)
     (d / MANIFEST_FILE).write_text(manifest.to_json())
+    return manifest
+
+
+def record_task(bundle_dir: str | Path, task: TaskSpec) -> Manifest:
+    """Record ``task`` in a bundle's manifest and seal it again (``seal_bundle``): ``export`` writes the
+    source's task, and a bundle exported for a new task says so before anything is built from it.
+
+    Raises:
+        CheckpointError: as ``load_manifest`` (graphs only), or ``task`` is not a valid task.
+    """
+    d = Path(bundle_dir)
+    manifest = seal(replace(load_manifest(d, side_files=False), task=task), d)
+    text = manifest.to_json()
+    Manifest.from_json(text)  # an invalid task is refused before it is written
+    (d / MANIFEST_FILE).write_text(text)
     return manifest
 
 
