@@ -1,7 +1,8 @@
-"""vqt's CNN options (``positions``: a learnable attention-logit bias per query and position; ``standardise``): an
-unfitted vqt with them predicts as without them, ViT refuses them, and with labels the torch method and the compiled
-host build (int8 backbone + the C runtime with Adam and replay) take the same steps, the position bias included,
-which really moves. tiny-cnn, tens of samples."""
+"""vqt's CNN options (``positions``: a learnable attention-logit bias per query and position; ``standardise``;
+``align_queries``: summaries standardised by running statistics): an unfitted vqt with them predicts as without them,
+ViT refuses them, and with labels the torch method and the compiled host build (int8 backbone + the C runtime with
+Adam and replay) take the same steps, the position bias and the summaries' statistics included, and the bias really
+moves. tiny-cnn, tens of samples."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,7 @@ from edgetune.deploy import save_initial_state
 from edgetune.deploy.host import HostModel
 from edgetune.errors import ConfigError
 from edgetune.export import export
+from edgetune.export.manifest import onnx_name
 from edgetune.methods.base import Learner
 from edgetune.models import build_model
 from edgetune.simulate import stream_samples
@@ -24,24 +26,29 @@ from edgetune.simulate import stream_samples
 LEARNER = Learner("adam", replay=5, replay_steps=2, seed=3)
 N = 30
 TOL = 1e-4  # as tests/test_replay.py: float32 summation order differs between torch and the C kernels
-OPTIONS = {"positions": "true", "standardise": "true"}
+OPTIONS = {"positions": "true", "standardise": "true", "align_queries": "true"}
 
 
 def test_unfitted_options_change_nothing_and_vit_refuses_them(tiny_cnn, digits):
-    """Zero position biases (and a summary the head reads with zero weights) leave an unfitted vqt as it was."""
+    """Zero position biases and summaries the head reads with zero weights leave an unfitted vqt as it was; the
+    summaries' running statistics follow the stream without a label."""
     plain = prepare(copy.deepcopy(tiny_cnn[0]), "vqt", {}, model_name="tiny-cnn")
     placed = prepare(copy.deepcopy(tiny_cnn[0]), "vqt", OPTIONS, model_name="tiny-cnn")
     m = placed.method
     sizes = [int(np.prod(s[1:])) for s in tiny_cnn[0].stage_shapes()]
     assert tuple(m.positions.shape) == (m.config.queries, sum(sizes)) and "positions" in m.trainable_names()
+    assert "query_mean0" in m.state_names() and m.schedule() is not None
     taps = source_taps(placed, digits.test_x[:8])
+    before = m.get_buffer("query_mean0").clone()
+    for i in range(8):
+        sample = [t[i:i + 1] for t in taps]
+        assert torch.allclose(plain.method.step(sample), m.step(sample), atol=1e-5)
+    assert not torch.equal(m.get_buffer("query_mean0"), before)  # the statistics moved with the stream
     with torch.no_grad():
-        a, b = plain.method.head(plain.method.features(list(taps))), m.head(m.features(list(taps)))
-        assert torch.allclose(a, b, atol=1e-6)
         m.positions.normal_()  # a fitted bias does change what the queries summarise
         assert not torch.allclose(m.features(list(taps)), plain.method.features(list(taps)), atol=1e-3)
     vit = build_model("vit-tiny", num_classes=10)
-    with pytest.raises(ConfigError, match="vqt: positions/standardise are CNN options"):
+    with pytest.raises(ConfigError, match="vqt: positions/standardise/align_queries are CNN options"):
         prepare(vit, "vqt", {"positions": "true"}, model_name="vit-tiny")
 
 
@@ -86,5 +93,9 @@ def test_torch_and_compiled_host_learn_the_position_bias_alike(learned):
     for torch_name, name in names.items():
         ref_w = dict(method.named_parameters())[torch_name].detach().numpy().reshape(state[name].shape)
         assert np.abs(state[name] - ref_w).max() <= TOL, torch_name
+    stats = [n for n in method.state_names() if n.startswith("query_")]
+    assert stats and all(f"state_{onnx_name(n)}" in state for n in stats), sorted(state)
+    for n in stats:  # the summaries' running statistics, followed in C as in torch
+        assert np.abs(state[f"state_{onnx_name(n)}"] - method.get_buffer(n).numpy()).max() <= TOL, n
     moved = float((method.positions.detach() - fitted).abs().max())
     assert moved > 100 * TOL, moved  # the labels reached the position bias (in C as in torch, checked above)

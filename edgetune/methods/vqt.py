@@ -30,6 +30,15 @@ CNN form), both off by default:
   per stage, one tensor over all stages), zero at start so an unfitted vqt is unchanged (global
   average pooling). ViT refuses it (its tokens already carry positions).
 * ``standardise``: each CNN query summary through a parameter-free LayerNorm, as the ViT path does.
+* ``align_queries``: every feature of every CNN query summary re-standardised to zero mean and unit
+  variance by its own running statistics (the estimator and momentum schedule of ``align``; source
+  statistics measured at calibration; the statistics are behind a gradient stop, as BatchNorm's in
+  eval mode; the fit standardises by its batch's statistics). Why: the head reads the final
+  feature at its source scale beside summaries of the early stages whose values are ~10x smaller,
+  and one learning rate per weight then leaves those summaries barely used. Measured before the
+  choice (offline linear probes of [final ‖ average-pooled stages] on the digits stream, 180
+  validation images, Adam, one pass, replay 24 x 3): raw features 82.2, per-feature standardised
+  by the stream's statistics 88.9-93.3, by the source's 86.1, LayerNorm per stage 85.6.
 
 Both: the head starts as the backbone's classifier on the final feature with zero weights on the
 queries, so an unfitted vqt predicts exactly like ``source``. Test time: queries
@@ -61,9 +70,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.errors import ConfigError, ModelError
-from edgetune.methods.align import FeatureAligner
+from edgetune.methods.align import EPS, FeatureAligner
 from edgetune.methods.base import (Method, MethodConfig, Range, Schedule, TapSpec, declare, entropy, setting,
-                                   supervised_or)
+                                   stop_gradient, supervised_or)
 from edgetune.models.zoo import TransformerLayer
 
 
@@ -77,6 +86,9 @@ class VQTConfig(MethodConfig):
                                                               "position (queries can pick out regions)"})
     standardise: bool = field(default=False, metadata={"help": "CNN: standardise each query summary (parameter-free "
                                                                 "LayerNorm, as the ViT path)"})
+    align_queries: bool = field(default=False, metadata={"help": "CNN: standardise every query summary feature by "
+                                                                  "its running statistics (as align does the final "
+                                                                  "feature)"})
     align: bool = field(default=True, metadata={"help": "align the final feature the head reads (forward-only "
                                                         "feature alignment, as feature-align)"})
     momentum_start: float = setting(0.1, Range(0.0, 1.0), "alignment: EMA momentum of the first sample")
@@ -97,9 +109,10 @@ class VQT(Method):
         self.vit = backbone.kind == "vit"
         widths = backbone.stage_widths()
         m = max(1, config.queries)
-        if self.vit and (config.positions or config.standardise):
-            raise ConfigError("vqt: positions/standardise are CNN options (observed a ViT backbone, whose tokens carry "
-                              "position embeddings and whose query outputs are standardised already); drop them")
+        if self.vit and (config.positions or config.standardise or config.align_queries):
+            raise ConfigError("vqt: positions/standardise/align_queries are CNN options (observed a ViT backbone, "
+                              "whose tokens carry position embeddings and whose query outputs are standardised "
+                              "already); drop them")
         if self.vit:
             layers = list(backbone.stages[1:])
             missing = [k + 1 for k, layer in enumerate(layers) if not hasattr(layer, "forward_queries")]
@@ -118,6 +131,10 @@ class VQT(Method):
             self.sizes = [math.prod(shape[1:]) for shape in backbone.stage_shapes()]
             if config.positions:
                 self.positions = nn.Parameter(torch.zeros(m, sum(self.sizes)))
+            if config.align_queries:  # running statistics of every summary feature: mean and E[x^2]
+                for k, c in enumerate(widths):
+                    self.register_buffer(f"query_mean{k}", torch.zeros(m * c))
+                    self.register_buffer(f"query_sqmean{k}", torch.ones(m * c))
         self.head = nn.Linear(widths[-1] + summary, self.num_classes)
         with torch.no_grad():  # start as the source classifier: queries contribute nothing until fitted
             self.head.weight.zero_()
@@ -133,26 +150,41 @@ class VQT(Method):
         return [n for n, _ in self.named_parameters() if n.startswith(("queries.", "head.")) or n == "positions"]
 
     def state_names(self) -> list[str]:
-        return self.aligner.state_names("aligner.") if self.aligner is not None else []
+        names = self.aligner.state_names("aligner.") if self.aligner is not None else []
+        if self.config.align_queries:
+            names += [f"query_{s}{k}" for k in range(len(self.queries)) for s in ("mean", "sqmean")]
+        return names
 
     def calibrate(self, batches) -> None:
         if self.aligner is not None:
             self.aligner.calibrate([torch.cat([b[-1] for b in batches])])
+        if self.config.align_queries:
+            with torch.no_grad():
+                taps = [torch.cat([b[k] for b in batches]) for k in range(len(batches[0]))]
+                for k, z in enumerate(self.summaries(taps)):
+                    mean = z.double().mean(0)
+                    getattr(self, f"query_mean{k}").copy_(mean.float())
+                    getattr(self, f"query_sqmean{k}").copy_((z.double() ** 2).mean(0).float())
 
     def schedule(self) -> Schedule | None:
         c = self.config
-        return Schedule(c.momentum_start, c.momentum_decay, c.momentum_floor) if self.aligner is not None else None
+        aligns = self.aligner is not None or c.align_queries
+        return Schedule(c.momentum_start, c.momentum_decay, c.momentum_floor) if aligns else None
 
     def features(self, taps: list[torch.Tensor]) -> torch.Tensor:
         """[final feature ‖ query summaries] for a batch of taps (any batch size)."""
+        return torch.cat([taps[-1]] + self.summaries(taps), 1)
+
+    def summaries(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every layer's / stage's query summary, N x (m * C) each (not aligned)."""
         n = taps[0].shape[0]
         if self.vit:
-            parts = [taps[-1]]
+            parts = []
             for k, layer in enumerate(self.layers):
                 out = cast(TransformerLayer, layer).forward_queries(self.queries[k].expand(n, -1, -1), taps[k])
                 parts.append(F.layer_norm(out, out.shape[-1:]).flatten(1))
-            return torch.cat(parts, 1)
-        parts, offset = [taps[-1]], 0
+            return parts
+        parts, offset = [], 0
         for q, fmap, size in zip(self.queries, taps[:-1], self.sizes):
             flat = fmap.flatten(2)  # N x C x HW
             scores = q @ flat * flat.shape[1] ** -0.5  # N x m x HW
@@ -163,15 +195,30 @@ class VQT(Method):
             if self.config.standardise:
                 summary = F.layer_norm(summary, summary.shape[-1:])
             parts.append(summary.flatten(1))
-        return torch.cat(parts, 1)
+        return parts
 
     def fit_loss(self, taps, labels):
-        return F.cross_entropy(self.head(self.features(taps)), labels)
+        if not self.config.align_queries:
+            return F.cross_entropy(self.head(self.features(taps)), labels)
+        # the fit's batch stands in for the running statistics the stream keeps at test time
+        parts = [(z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + EPS) for z in self.summaries(taps)]
+        return F.cross_entropy(self.head(torch.cat([taps[-1]] + parts, 1)), labels)
 
     def forward_graph(self, taps, state, momentum, target):
         taps, new_state = list(taps), []
         if self.aligner is not None:  # source taps in fit_loss are at the source statistics: no alignment there
             taps[-1], mean, sqmean = self.aligner.align(0, taps[-1], state[0], state[1], momentum)
             new_state = [mean, sqmean]
-        logits = self.head(self.features(taps))
+        if not self.config.align_queries:
+            logits = self.head(self.features(taps))
+        else:
+            parts, stats = [taps[-1]], list(state[len(new_state):])
+            for k, z in enumerate(self.summaries(taps)):
+                x = stop_gradient(z)[0]  # the statistics follow the sample but carry no gradient
+                mean = (1.0 - momentum) * stats[2 * k] + momentum * x
+                sqmean = (1.0 - momentum) * stats[2 * k + 1] + momentum * x * x
+                var = torch.clamp(sqmean - mean * mean, min=0.0)
+                parts.append((z - mean) / torch.sqrt(var + EPS))
+                new_state += [mean, sqmean]
+            logits = self.head(torch.cat(parts, 1))
         return logits, supervised_or(self.config.entropy_weight * entropy(logits).sum(), logits, target), new_state
