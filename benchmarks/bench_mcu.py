@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="checkpoints and bundles (default: the edgetune cache)")
     p.add_argument("--out", default="results")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every method in --methods (as `edgetune eval --set`); repeatable")
+                   help="config override for every method in --methods (as `edgetune eval --set`; with --extras: "
+                        "tinytta's, and only its inference-only comparison runs); repeatable")
     args = p.parse_args(argv)
     bad = [s for s in args.set if "=" not in s]
     if bad:
@@ -229,21 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("digits")
     backbone = checkpoint(ROOT / "checkpoints" / "mcunet-s-digits", "mcunet-s", data)
     if args.extras:
-        bundle = bundle_for(backbone, "mcunet-s", "tinytta", data, work / "bundle-tinytta")
+        bundle = bundle_for(backbone, "mcunet-s", "tinytta", data, work / f"bundle-tinytta{suffix}", overrides)
         adaptive = measure(bundle, "cortex-m4", args.n)
         baseline = measure(bundle, "cortex-m4", args.n, inference_only=True)
         results.setdefault("extras", {})["inference_only"] = {
             "adaptive_sram": adaptive["sram_bytes"], "inference_only_sram": baseline["sram_bytes"],
-            "adaptive_memory": adaptive["memory"], "inference_only_memory": baseline["memory"]}
-        overhead = results["extras"].setdefault("overhead", {})
-        for method, target in (("feature-align", "cortex-m4"), ("tinytta", "cortex-m4"), ("lst", "cortex-m4"),
-                               ("vqt", "cortex-m7")):
-            b = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}")
-            adaptive, baseline = measure(b, target, args.n), measure(b, target, args.n, inference_only=True)
-            overhead[method] = {"target": target, "adaptive_sram": adaptive["sram_bytes"],
-                                "inference_only_sram": baseline["sram_bytes"]}
-        results["extras"]["tent"] = tent_budget(checkpoint(work / "mcunet-s-gn", "mcunet-s-gn", data), data,
-                                                "cortex-m4")
+            "adaptive_memory": adaptive["memory"], "inference_only_memory": baseline["memory"],
+            "overrides": overrides}
+        # --set is tinytta's configuration here: the other methods' comparison and tent's budget are left out
+        if not overrides:
+            overhead = results["extras"].setdefault("overhead", {})
+            for method, target in (("feature-align", "cortex-m4"), ("tinytta", "cortex-m4"), ("lst", "cortex-m4"),
+                                   ("vqt", "cortex-m7")):
+                b = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}")
+                adaptive, baseline = measure(b, target, args.n), measure(b, target, args.n, inference_only=True)
+                overhead[method] = {"target": target, "adaptive_sram": adaptive["sram_bytes"],
+                                    "inference_only_sram": baseline["sram_bytes"]}
+            results["extras"]["tent"] = tent_budget(checkpoint(work / "mcunet-s-gn", "mcunet-s-gn", data), data,
+                                                    "cortex-m4")
     else:
         for method in args.methods.split(","):
             bundle = bundle_for(backbone, "mcunet-s", method, data, work / f"bundle-{method}{suffix}", overrides)
