@@ -1,7 +1,7 @@
 """Early exits that skip compute: tinytta with an exit threshold that some samples pass.
 
-The exits checked end to end: the measured configuration (``EXIT_SETTINGS``: a frozen head on stage 0's map
-pooled to a 4x4 grid, one probe) and tinytta's own pooled heads at every stage (a probe after each).
+The exits checked end to end: tinytta's default (a frozen head on stage 0's map pooled to a 4x4 grid, one probe)
+and pooled heads at every stage (``exit_grid=1``, every exit open: a probe after each).
 
 The fidelity chain holds per sample including the exit taken: torch (on the bundle's int8 taps) =
 onnxruntime int8 (frozen.onnx + trainable.onnx) = the compiled host runtime = the firmware in
@@ -22,11 +22,11 @@ from edgetune.adapt import fit, prepare
 from edgetune.deploy.host import HostModel
 from edgetune.deploy.project import save_initial_state
 from edgetune.export import export
-from edgetune.methods.tinytta import EXIT_SETTINGS
 from edgetune.ort_runtime import OrtTaps, OrtTrainable
 from edgetune.simulate import stream_samples
 
 SAMPLES = 48
+POOLED = {"exit_grid": "1", "exit_stages": ""}  # pooled heads at every stage, each exit open (a probe after each)
 QEMU_TOOLS = ("arm-none-eabi-gcc", "qemu-system-arm", "make")
 
 
@@ -51,16 +51,19 @@ def stream(digits):
 
 @pytest.fixture(scope="module", params=["grid", "pooled"])
 def exiting(request, tiny_cnn, digits, stream, tmp_path_factory):
-    """(bundle, fitted tinytta) whose threshold makes about half of the stream exit early: "grid", the measured
-    exit configuration (a frozen 4x4-grid head on stage 0's map, fit on shifted copies, one probe); "pooled",
-    tinytta's own heads on pooled taps at every stage (a probe after each)."""
-    settings = {**(EXIT_SETTINGS if request.param == "grid" else {}), "fit_epochs": "20", "fit_lr": "0.03"}
+    """(bundle, fitted tinytta) whose threshold makes about half of the stream exit early: "grid", tinytta's
+    default exit (a frozen 4x4-grid head on stage 0's map, fit on shifted copies, one probe); "pooled", heads on
+    pooled taps at every stage (a probe after each)."""
+    settings = {**(POOLED if request.param == "pooled" else {}), "fit_epochs": "20", "fit_lr": "0.03"}
     adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "tinytta", settings, model_name="tiny-cnn")
     if request.param == "grid":
         assert adaptable.method.exit_grids[0] == 4 and adaptable.method.exit_stages == (0, adaptable.method.depth - 1)
     else:
         assert adaptable.method.exit_stages == tuple(range(adaptable.method.depth))
     fit(adaptable, digits, progress=False)
+    m = adaptable.method  # after the fit, gradients reach only the heads that learn at test time (not a grid head)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == set(m.trainable_names())
+    assert ("heads.0.weight" in m.trainable_names()) == (request.param == "pooled")
     taps = [adaptable.taps(torch.from_numpy(stream[0][i:i + 1])) for i in range(SAMPLES)]
     threshold = min((float(t) for t in np.linspace(0.12, 0.96, 22)),
                     key=lambda t: abs(_exit_share(adaptable.method, taps, t) - 0.5))
@@ -178,7 +181,7 @@ def test_in_qemu_an_early_exit_runs_fewer_instructions_and_exits_agree_with_the_
 def test_agreement_rule_exports_and_onnxruntime_takes_the_same_exits(tiny_cnn, digits, stream, tmp_path):
     """The drift-aware rule (agreement trackers, exploration clock) is graph arithmetic: trainable.onnx in
     onnxruntime takes torch's exits and predictions, and skipped stages' taps change nothing."""
-    settings = {"fit_epochs": "20", "fit_lr": "0.03", "exit_agreement": "0.5", "exit_explore": "4",
+    settings = {**POOLED, "fit_epochs": "20", "fit_lr": "0.03", "exit_agreement": "0.5", "exit_explore": "4",
                 "exit_rate": "0.2", "lr": "0"}  # lr 0: the forward alone, compared exactly
     adaptable = prepare(copy.deepcopy(tiny_cnn[0]), "tinytta", settings, model_name="tiny-cnn")
     fit(adaptable, digits, progress=False)

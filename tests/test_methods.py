@@ -186,10 +186,12 @@ def test_batchnorm_methods_reduce_to_the_source_model(method, overrides, digits)
 
 def test_tinytta_early_exit_selects_the_first_confident_prefix_and_updates_only_heads_that_ran(digits):
     x = _stream(digits, 2)
-    never = _prepared(_backbone("tiny-cnn"), "tinytta")
+    # pooled heads at every exit (exit_grid 1, every stage open), so that each head reads its pooled tap and learns
+    pooled = {"exit_grid": "1", "exit_stages": ""}
+    never = _prepared(_backbone("tiny-cnn"), "tinytta", exit_threshold="1", **pooled)
     never.step(x[:1])
-    assert never.method.last_exit == never.method.depth - 1
-    always = _prepared(_backbone("tiny-cnn"), "tinytta", exit_threshold="0", align="false")
+    assert never.method.last_exit == never.method.depth - 1 and never.method.exits() is None
+    always = _prepared(_backbone("tiny-cnn"), "tinytta", exit_threshold="0", align="false", **pooled)
     m = always.method
     heads_before = [{k: v.clone() for k, v in h.state_dict().items()} for h in m.heads]
     with torch.no_grad():  # exit 0 alone: the prediction is the first head's
