@@ -1,8 +1,11 @@
 """Early exits that save compute: tinytta's exit threshold swept on Fashion-MNIST-C, accuracy against
 mean guest instructions per sample on a simulated Cortex-M4.
 
-    python benchmarks/exits.py --out results/exits                   # 300 samples per corruption
+    python benchmarks/exits.py --out results/exits-grid              # tinytta's default exit, 300 per corruption
     python benchmarks/exits.py --quick --out /tmp/exits               # 40 per corruption, 3 corruptions
+
+tinytta runs with its config defaults (the frozen 4x4-grid exit after stage 0) plus ``--set`` (repeatable). The
+earlier studies on pooled heads at every exit (``results/exits``) take ``--set exit_grid=1 --set exit_stages=``.
 
 The rule (TinyTTA's, Jia et al. NeurIPS 2024, on the *aligned* ensemble): exit at the first stage
 whose confidence-weighted prefix ensemble of the aligned exits has max-probability above the
@@ -29,7 +32,7 @@ taps); instructions = exit shares x the per-exit instructions measured in QEMU i
 ``--cost-samples`` test samples through the firmware at thresholds 0, 0.5 and 1: every exit taken). It writes
 ``agreement.json``, ``agreement.md`` and ``agreement.png``.
 
-    python benchmarks/exits.py --rule agreement --rate 0.02 --out results/exits
+    python benchmarks/exits.py --rule agreement --rate 0.02 --set exit_grid=1 --set exit_stages= --out results/exits
 
 ``--rule bounds``: what any exit rule on tinytta's heads could reach, from the prefix ensembles of the no-exit
 run on the test stream (``bounds.json``, ``bounds.md``): an oracle that exits at the first prefix whose
@@ -43,7 +46,8 @@ the same bundle, checked equal to the firmware), plus the no-exit plan's cost (t
 tables use as full inference. ``--reprice FILE --costs TABLE``: a committed ``exits.json`` or ``agreement.json``
 re-priced with another per-exit table (exit decisions and accuracy kept; nothing measured).
 
-    python benchmarks/exits.py --rule costs --cost-samples 100 --out results/exits --costs-out costs-kernels2.json
+    python benchmarks/exits.py --rule costs --cost-samples 100 --set exit_grid=1 --set exit_stages= \
+        --out results/exits --costs-out costs-kernels2.json
     python benchmarks/exits.py --reprice results/exits/exits-kernels1.json --costs results/exits/costs-kernels2.json
 """
 from __future__ import annotations
@@ -154,7 +158,8 @@ def main() -> None:
                                                          "agreement.json with --costs (nothing measured)")
     parser.add_argument("--costs-out", default="costs.json", help="costs: file name of the per-exit table in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a tinytta setting (repeatable), e.g. --set exit_grid=4 --set exit_stages=0")
+                        help="a tinytta setting over its defaults (repeatable), e.g. --set exit_grid=1 "
+                             "--set exit_stages= for pooled heads at every exit")
     args = parser.parse_args()
     if args.reprice:
         reprice(Path(args.reprice), args.costs, Path(args.out))
