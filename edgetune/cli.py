@@ -16,6 +16,7 @@ import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from edgetune.data.options import add_data_options
 from edgetune.errors import (BUG_EXIT_CODE, EXIT_CODES, INTERRUPTED_EXIT_CODE, USAGE_EXIT_CODE, BudgetError,
@@ -92,7 +93,7 @@ def _learner(spec: str | None):
 
     from edgetune.methods.base import Learner
     known = {f.name for f in fields(Learner)}
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # str (optimizer) or int (the counts): Learner checks each
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         key, sep, value = (t.strip() for t in part.partition("="))
         if not sep or not key:
@@ -189,14 +190,40 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from edgetune.data import checkpoint_source, checkpoint_stream
     from edgetune.evaluate import evaluate
 
+    learner = _learner(args.learner)  # before the data and the fit: a bad spec is refused at once
     backbone, config = _load(args)
     data, resize, crop = checkpoint_stream(config, args.data, args.resize, args.crop)
     source, origin = checkpoint_source(config, args.source_data, args.source_mode, resize, crop)
     report = evaluate(backbone, config["model"], args.method, data, args.corruption, args.severity, args.protocol,
                       args.seed, args.samples_per_corruption, args.backbone, _overrides(args.set),
                       args.labelled_fraction, progress=not args.json, source=source, source_mode=args.source_mode,
-                      warmup=args.warmup, source_origin=origin, resize=resize, crop=crop, task=args.task)
+                      warmup=args.warmup, source_origin=origin, resize=resize, crop=crop, task=args.task,
+                      learner=learner)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+
+
+def _new_task_stream(args: argparse.Namespace, backbone) -> str:
+    """The name of the stream whose classes a ``--task new`` bundle learns (``--data``), checked before the fit.
+
+    Raises:
+        ConfigError: no ``--data``, or a stream of more classes than the model outputs.
+        DataError: the stream cannot be loaded, or has no labels to learn its classes from.
+    """
+    from edgetune.data import load_data
+    from edgetune.data.datasets import DATASETS
+    from edgetune.errors import DataError
+    from edgetune.evaluate import check_stream_classes
+
+    if not args.data:
+        raise ConfigError("export: --task new learns the classes of the stream the device will see, but no stream "
+                          "was named; pass --data DATA (e.g. --data digits; the source stays the checkpoint's "
+                          "training data, or --source-data)")
+    stream = load_data(args.data, args.resize, args.crop)
+    if not stream.labelled:
+        raise DataError(f"export: --task new learns the classes of {args.data} from revealed labels, but it has no "
+                        "labels; pass labelled stream data (--data)")
+    check_stream_classes(stream.num_classes, backbone.num_classes, str(args.data), "export")
+    return stream.name if stream.name in DATASETS.names() else Path(stream.name).name  # no machine path in a bundle
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -208,19 +235,33 @@ def _cmd_export(args: argparse.Namespace) -> None:
     backbone, config = _load(args)
     from edgetune.deploy.budget import preflight_budget  # before data and fit: oversized models refused in seconds
     preflight_budget(backbone, args.target, args.method, _overrides(args.set), not args.no_quantize, config["model"])
-    source, origin = checkpoint_source(config, args.source_data or args.data, args.source_mode, args.resize,
-                                       args.crop, command="export")
+    new_task = args.task == "new"
+    stream = _new_task_stream(args, backbone) if new_task else ""
+    # a new task's --data is the stream; the source stays the model's own training data unless --source-data
+    source, origin = checkpoint_source(config, args.source_data or (None if new_task else args.data),
+                                       args.source_mode, args.resize, args.crop, command="export")
     assert source is not None  # checkpoint_source refuses export's only source-less mode ("none")
     source = conform(source, backbone.input_shape, "source-data")
     adaptable = prepare(backbone, args.method, _overrides(args.set), model_name=config["model"])
     if learner is not None:
         adaptable.method.use_learner(learner)
+    if new_task:
+        import copy
+
+        from edgetune.evaluate import restart_classes
+        restart_classes(copy.deepcopy(adaptable))  # a method with no class layer to restart: refused before the fit
     fit(adaptable, source, seed=args.seed, mode=args.source_mode)
+    restarted = restart_classes(adaptable) if new_task else []  # the class layers start at zero for the stream
     manifest = export(adaptable, source, args.out, quantize=not args.no_quantize, target=args.target)
     record_source(args.out, source_info(source, args.source_mode, origin))
     from edgetune.export import seal_bundle
     seal_bundle(args.out)  # source.json is written after export: its hash goes into the manifest too
-    print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})")
+    if new_task:
+        from edgetune.export.manifest import TaskSpec, record_task
+        record_task(args.out, TaskSpec("new", stream, tuple(restarted)))
+    print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})"
+          + (f"; new task: {', '.join(restarted)} start at zero and learn the classes of {stream} from revealed "
+             "labels on the device" if new_task else ""))
     from edgetune.deploy.commands import deploy_after_export
     line = deploy_after_export(args.out, adaptable.method, args.target, build_it=args.build,
                                compile_host=not args.no_compile)
@@ -324,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same: the stream has the source's classes; new: transfer to the stream's own classes (the "
                         "method's class layers start at zero and learn them from revealed labels; needs "
                         "--labelled-fraction). A stream of another built-in dataset than the source needs 'new'")
+    s.add_argument("--learner", default=None, metavar="KEY=VALUE,...", help=LEARNER_HELP + "; needs "
+                   "--labelled-fraction")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -342,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method config field (see `edgetune list methods -v`)")
     s.add_argument("--learner", default=None, metavar="KEY=VALUE,...", help=LEARNER_HELP)
+    s.add_argument("--task", default="same", choices=["same", "new"],
+                   help="same: the bundle predicts the source's classes; new: transfer to the classes of the stream "
+                        "--data names (the method's class layers start at zero and learn them on the device from "
+                        "revealed labels: simulate --labelled-fraction F); the source stays the model's training "
+                        "data (or --source-data)")
     s.add_argument("--no-compile", action="store_true",
                    help="host: only the ONNX bundle, without compiling it for this machine")
     s.add_argument("--build", action="store_true",

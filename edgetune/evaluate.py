@@ -248,6 +248,50 @@ def tap_function(adaptable: Adaptable, data, backbone: str = "torch") -> tuple[T
 BACKBONES = ("torch", "onnx-int8", "compiled")
 
 
+def check_stream_classes(stream_classes: int, model_classes: int, stream: str, component: str = "eval") -> None:
+    """A new task is learnt by the model's own class layers: the stream may have fewer classes (the other
+    outputs are never a target), not more.
+
+    Raises:
+        ConfigError: the stream has more classes than the model outputs.
+    """
+    if stream_classes > model_classes:
+        raise ConfigError(f"{component}: the stream {stream} has {stream_classes} classes, more than the model's "
+                          f"{model_classes} outputs a new task can learn; stream data with at most {model_classes} "
+                          "classes, or train a backbone with as many classes (train-source)")
+
+
+def restart_classes(adaptable: Adaptable) -> list[str]:
+    """The method's class layers start at zero for a new task (``start_new_task``), each distinct from the others.
+
+    Two zero tensors of one shape (lst's ``head.bias`` and ``classifier.bias``) are one value to torch's ONNX
+    exporter, which keeps one initialiser for both, and trainable.onnx would lose a trainable parameter. The k-th
+    duplicate of a shape is therefore filled with k * 1e-30 (a normal float32: its logits move by 1e-30, so only
+    exact ties change, the same on every runtime). Returns the restarted parameter names.
+
+    Raises:
+        ConfigError: the method has no class layer (a ``Linear`` with one output per class), or none it trains.
+    """
+    from edgetune.adapt import start_new_task
+
+    method = adaptable.method
+    if not any(isinstance(m, torch.nn.Linear) and m.out_features == method.num_classes for m in method.modules()):
+        raise ConfigError(f"task: {method.name} has no class layer to restart (no Linear with {method.num_classes} "
+                          "outputs); use a method that learns from labels (last-layer, lst, vqt, bias-only, "
+                          "full-finetune)")
+    names = start_new_task(adaptable)
+    params, seen = dict(method.named_parameters()), dict[tuple[int, ...], int]()
+    with torch.no_grad():
+        for name in names:
+            shape = tuple(params[name].shape)
+            if seen.get(shape):
+                params[name].fill_(seen[shape] * 1e-30)
+            seen[shape] = seen.get(shape, 0) + 1
+    method._initial = None  # reset() returns to these values (start_new_task's own reset saw the plain zeros)
+    method.reset()
+    return names
+
+
 def _compiled(adaptable: Adaptable, data, segments: list[Segment], labelled_fraction: float, seed: int,
               progress: bool) -> tuple[StreamResult, str]:
     """Export ``adaptable`` (int8) and stream the segments through its compiled host runtime.
@@ -278,7 +322,7 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
              overrides: dict[str, str] | None = None, labelled_fraction: float = 0.0,
              progress: bool = True, source=None, source_mode: str = "labelled", warmup: int = WARMUP,
              source_origin: str | None = None, resize: tuple[int, int] | None = None,
-             crop: tuple[int, int] | None = None, task: str = "same") -> EvalReport:
+             crop: tuple[int, int] | None = None, task: str = "same", learner=None) -> EvalReport:
     """Fit ``method`` (and ``source``, the no-adaptation floor) on the *source*, stream the shifted
     test split of ``data`` (the *stream*) through both, and report online accuracy side by side
     with the method's memory table and what served as source.
@@ -298,16 +342,21 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     than the source is refused with ``same``: its classes mean other things, and the accuracy
     would be silently wrong (``edgetune.data.roles.check_task``).
 
+    ``learner``: how the method learns from revealed labels (``edgetune.methods.base.Learner``: Adam, replay,
+    warm-up), given to it after the fit (``Method.use_learner``) on every runtime: the torch step, and the
+    bundle's manifest that the compiled runtime builds in; None: the method's default.
+
     Raises:
         EdgetuneError: bad names or options (see ``prepare``, ``build_stream``, ``run_stream``);
             DataError: data or source samples whose shape is not the model's input, or a
             labelled mode with an unlabelled source.
         ConfigError: a stream of another built-in dataset with ``task='same'``; ``task='new'``
-            without labels or with a method that cannot learn new classes.
+            without labels, with a method that cannot learn new classes or a stream of more classes than the
+            model's; a ``learner`` with no label revealed.
     """
     import copy
 
-    from edgetune.adapt import fit, prepare, start_new_task
+    from edgetune.adapt import fit, prepare
     from edgetune.data import build_stream, conform, load_data, parse_corruptions
     from edgetune.data.roles import check_mode, check_task, source_info
     from edgetune.memory import memory_table
@@ -316,6 +365,9 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
         raise ConfigError(f"eval: unknown runtime {backbone_kind!r}; pick one of {', '.join(BACKBONES)}")
     check_mode(source_mode)
     check_task(task, labelled_fraction)
+    if learner is not None and not labelled_fraction:
+        raise ConfigError("eval: --learner says how revealed labels are learnt from, but none is revealed "
+                          "(--labelled-fraction 0); pass --labelled-fraction F with F > 0, or drop --learner")
     shape = tuple(backbone.input_shape)
     stream_data = conform(load_data(data, resize, crop), shape, "data")
     if isinstance(corruptions, str):
@@ -324,6 +376,8 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     src, origin = _source_role(stream_data, source, source_mode, segments, warmup, shape, resize, crop)
     origin = source_origin or origin
     check_task(task, labelled_fraction, stream_data.name, src.name if source_mode != "none" else None)
+    if task == "new":
+        check_stream_classes(stream_data.num_classes, backbone.num_classes, stream_data.name)
     reinitialised: list[str] = []
     results: dict[str, StreamResult] = {}
     labels: dict[str, str] = {}
@@ -332,7 +386,9 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
         adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
         fit(adaptable, src, seed=seed, progress=progress, mode=source_mode)
         if task == "new" and name == method:
-            reinitialised = start_new_task(adaptable)
+            reinitialised = restart_classes(adaptable)
+        if learner is not None and name == method:
+            adaptable.method.use_learner(learner)  # the torch step uses it; export writes it for the C runtime
         if backbone_kind == "compiled":
             results[name], labels[name] = _compiled(adaptable, src, segments, frac, seed, progress)
         else:

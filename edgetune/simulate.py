@@ -80,6 +80,9 @@ class SimulationReport:
     final_state: dict[str, np.ndarray] = field(repr=False)
     source_data: dict | None = None  # what the bundle was fitted and calibrated on (SourceInfo), if recorded
     sample_shape: tuple[int, ...] = ()
+    task: str = "same"  # "new": the bundle learns the stream's classes from revealed labels (manifest's task)
+    labelled_fraction: float = 0.0
+    halves: tuple[float, float] | None = None  # accuracy over the stream's first and second half (labels revealed)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -87,6 +90,8 @@ class SimulationReport:
             d.pop(k)
         for k in ("online_accuracy", "source_accuracy"):
             d[k] = None if math.isnan(d[k]) else d[k]
+        if self.halves is not None:
+            d["halves"] = [None if math.isnan(v) else v for v in self.halves]
         return d
 
     def table(self) -> str:
@@ -103,8 +108,13 @@ class SimulationReport:
         rows = [f"{self.method} on {self.model}, {self.target}: {self.data} {self.corruption} severity "
                 f"{self.severity}, {self.protocol}, {self.n} samples of {'x'.join(map(str, self.sample_shape))}",
                 f"  source (fit, calibration) {fitted}",
-                f"  online accuracy          {100 * self.online_accuracy:6.1f} %   (source, same samples: "
-                f"{100 * self.source_accuracy:.1f} %)",
+                *([f"  new task                 the classes of {self.data}, learnt on the device from revealed labels "
+                   f"({100 * self.labelled_fraction:.0f} % of samples, each after it was scored); the class layers "
+                   "started at zero, so 'source' predicts from nothing"] if self.task == "new" else []),
+                f"  {'prequential' if self.task == 'new' else 'online'} accuracy".ljust(27)
+                + f"{100 * self.online_accuracy:6.1f} %   (source, same samples: {100 * self.source_accuracy:.1f} %)",
+                *([f"  learning curve           first half {_pct(self.halves[0])} %, second half "
+                   f"{_pct(self.halves[1])} %"] if self.halves is not None else []),
                 f"  flash                    {self.flash_bytes:,} B",
                 f"  SRAM                     {sram}",
                 f"  instructions / sample    {insns(self.instructions_per_sample)}  (inference "
@@ -116,6 +126,59 @@ class SimulationReport:
                 f"  early exits {100 * self.early_exit_rate:.1f} %, updates {self.updates}, guard restores "
                 f"{self.restores}, rejected {self.rejected}"]
         return "\n".join(rows)
+
+
+def _pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{100 * v:.1f}"
+
+
+def bundle_task(bundle_dir: str | Path):
+    """The ``TaskSpec`` of the bundle that ``bundle_dir`` is (or holds the project of); a project copied away
+    from its bundle reads as the same task (there is no manifest left to say otherwise).
+
+    Raises:
+        CheckpointError: the bundle's manifest is damaged (``load_manifest``).
+    """
+    from edgetune.export.manifest import MANIFEST_FILE, TaskSpec, load_manifest
+
+    for folder in (Path(bundle_dir), Path(bundle_dir).parent):
+        if (folder / MANIFEST_FILE).is_file():
+            return load_manifest(folder).task
+    return TaskSpec()
+
+
+def check_stream_task(task, stream: str, source: str | None, labelled_fraction: float) -> None:
+    """A stream against the classes a bundle predicts (``task``, the manifest's ``TaskSpec``): a new-task bundle
+    learns the classes of its own stream data, from revealed labels only; a same-task bundle predicts its source's
+    classes, so a stream of another built-in dataset (whose classes mean other things) would be scored silently
+    wrong. Folders and ``.npz`` files may be the user's own recordings of the same classes: allowed.
+
+    Raises:
+        ConfigError: as described, with the command that makes a bundle for the stream.
+    """
+    from edgetune.data.datasets import DATASETS
+
+    builtin = set(DATASETS.names())
+    if task.kind == "new":
+        if not labelled_fraction > 0:
+            raise ConfigError(f"simulate: this bundle learns the classes of {task.data} from revealed labels only "
+                              f"(labelled fraction {labelled_fraction:g}: it would predict from zero weights); pass "
+                              "--labelled-fraction F with F > 0")
+        if stream != task.data and stream in builtin:
+            raise ConfigError(f"simulate: this bundle learns the classes of {task.data} (exported with --task new "
+                              f"--data {task.data}), not those of the stream {stream}; stream {task.data} (--data "
+                              f"{task.data}), or export a bundle with --task new --data {stream}")
+        return
+    if source is not None and stream != source and {stream, source} <= builtin:
+        raise ConfigError(f"simulate: the stream {stream} is another dataset than {source}, whose classes this bundle "
+                          "predicts (other classes: its accuracy would be silently wrong); stream "
+                          f"{source}, or export a bundle for the new task (edgetune export ... --task new --data "
+                          f"{stream}) and simulate it with --labelled-fraction F")
+
+
+def _halves(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    half = len(labels) // 2
+    return _accuracy(pred[:half], labels[:half]), _accuracy(pred[half:], labels[half:])
 
 
 def stream_samples(data, corruptions: tuple[str, ...], severity: int, protocol: str, n: int, seed: int = 0,
@@ -287,18 +350,22 @@ def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_nois
     (with and without adaptation) and measure accuracy, memory and instructions.
 
     ``data=None``: the test split of the data the bundle was fitted on (its ``source.json``),
-    else ``digits``. ``corruption``: one name, a comma list, ``all`` (sensor shifts for 1-D
+    else ``digits``; for a bundle exported for a new task (``--task new``), the data whose classes it learns.
+    A stream of other classes than the bundle's is refused (``check_stream_task``).
+    ``corruption``: one name, a comma list, ``all`` (sensor shifts for 1-D
     inputs) or ``none`` (as ``edgetune eval``). ``progress``: say on stderr what runs while the
     simulator works.
 
     Raises:
         CheckpointError: the bundle has no target project (export it with --target).
-        ConfigError: the bundle has projects for several targets and ``target`` is not given, or
-            bad stream options.
+        ConfigError: the bundle has projects for several targets and ``target`` is not given, bad
+            stream options, or a stream of other classes than the bundle's (``check_stream_task``).
         ToolchainError: the toolchain or simulator is missing or fails.
         DataError: the data's samples do not have the bundle's input shape.
     """
-    from edgetune.data import parse_corruptions, recorded_source
+    from dataclasses import replace
+
+    from edgetune.data import load_data, parse_corruptions, recorded_source
     from edgetune.data.sources import describe
 
     if workdir is not None:
@@ -308,8 +375,11 @@ def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_nois
         raise ConfigError(f"simulate: {bundle_dir} has projects for {', '.join(p.target for p in projects)}; "
                           "pick one with --target")
     info = recorded_source(bundle_dir)
+    task = bundle_task(bundle_dir)
     if data is None:
-        data = info.data if info is not None else "digits"
+        data = task.data if task.kind == "new" else info.data if info is not None else "digits"
+    check_stream_task(task, load_data(data, resize, crop).name, info.data if info is not None else None,
+                      labelled_fraction)
     shape = tuple(projects[0].input_shape)[1:]  # the manifest's input is a batch of one
     corruptions = parse_corruptions(corruption, "image" if len(shape) == 3 else "array")
     x, labels, resets, feedback = stream_samples(data, corruptions, severity, protocol, n, seed, labelled_fraction,
@@ -329,8 +399,10 @@ def simulate(bundle_dir: str | Path, data=None, corruption: str = "gaussian_nois
         step, _ = count_instructions(built, x, work, adapt=True)
         inference, frozen = count_instructions(built, x, work, adapt=False)
         counted = (step, inference, frozen)
-    return report(built, adapted, source, labels, describe(data), corruption, severity, protocol, counted,
-                  info.to_json() if info else None)
+    result = report(built, adapted, source, labels, describe(data), corruption, severity, protocol, counted,
+                    info.to_json() if info else None)
+    halves = _halves(adapted.records["prediction"], labels) if labelled_fraction else None
+    return replace(result, task=task.kind, labelled_fraction=labelled_fraction, halves=halves)
 
 
 def _check_workdir(work: Path) -> None:
@@ -389,4 +461,5 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
         sample_shape=tuple(p.input_shape)[1:])
 
 
-__all__ = ["RunResult", "SimulationReport", "report", "run_program", "simulate", "stream_samples"]
+__all__ = ["RunResult", "SimulationReport", "bundle_task", "check_stream_task", "report", "run_program", "simulate",
+           "stream_samples"]

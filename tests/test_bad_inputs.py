@@ -416,6 +416,13 @@ CLI = [
     Row("export-learner-not-integer", [*EXPORT, "--learner", "replay=many"], 1, says="whole number"),
     Row("export-learner-bad-optimizer", [*EXPORT, "--learner", "optimizer=rmsprop"], 1, says="adam"),
     Row("export-learner-no-value", [*EXPORT, "--learner", "adam"], 1, says="KEY=VALUE"),
+    Row("eval-learner-unknown-key", [*EVAL, "--learner", "optimiser=adam"], 1, says="optimizer"),
+    Row("eval-learner-not-integer", [*EVAL, "--learner", "replay=many"], 1, says="whole number"),
+    Row("eval-learner-without-labels", [*EVAL, "--learner", "replay=4"], 1, says="--labelled-fraction"),
+    Row("export-task-new-no-stream", [*EXPORT, "--task", "new"], 1, says="--data"),
+    Row("export-task-new-no-class-layer-learns", [*EXPORT, "--task", "new", "--data", "digits"], 1,
+        says="cannot learn new classes"),
+    Row("export-task-unknown", [*EXPORT, "--task", "other"], 2),
     Row("export-weights-nan", EXPORT, 5, ck=ck_nonfinite(float("nan")), says="finite"),
     Row("export-weights-truncated", EXPORT, 5, ck=ck_weights_bytes("truncated")),
     Row("export-no-checkpoint", ["export", "tiny-cnn", "--method", "source", "-o", "{tmp}/out"], 2),
@@ -462,6 +469,8 @@ CLI = [
     Row("simulate-manifest-edited", SIM, 5, bd=bd_edit("manifest-lr"), says="manifest"),
     Row("simulate-initial-state-edited", SIM, 5, bd=bd_edit("initial-state"), says="initial_state"),
     Row("simulate-source-edited", SIM, 5, bd=bd_edit("source"), says="source.json"),
+    Row("simulate-stream-of-other-classes", [*SIM, "--data", "fashion-mnist", "--labelled-fraction", "1"], 1,
+        says="--task new"),
 ]
 
 
@@ -551,6 +560,21 @@ def _evaluate(c: Ctx, **kw) -> object:
                     args.pop("severity"), args.pop("protocol"), **args)
 
 
+def _npz_classes(c: Ctx, classes: int) -> str:
+    """A labelled .npz of the checkpoint's 1 x 32 x 32 samples with ``classes`` classes (in the row's folder)."""
+    rng = np.random.default_rng(0)
+    path = c.tmp / f"classes{classes}.npz"
+    y = np.arange(60) % classes
+    np.savez(path, x_train=rng.random((60, 1, 32, 32), dtype=np.float32), y_train=y,
+             x_test=rng.random((60, 1, 32, 32), dtype=np.float32), y_test=y)
+    return str(path)
+
+
+def _learner():
+    from edgetune.methods.base import Learner
+    return Learner(replay=4)
+
+
 def _simulate(c: Ctx, bundle=None, **kw) -> object:
     from edgetune.simulate import simulate
     return simulate(bundle(c) if bundle else c.bundle, **kw)
@@ -604,6 +628,12 @@ API = [
     ApiRow("simulate-data-other-shape", lambda c: _simulate(c, data=str(c.npz_other)), DataError, "16"),
     ApiRow("simulate-frozen-edited", lambda c: _simulate(c, bd_edit("frozen")), CheckpointError, "frozen.onnx"),
     ApiRow("simulate-workdir-file", lambda c: _simulate(c, workdir=c.file("wd")), ConfigError),
+    ApiRow("simulate-stream-of-other-classes", lambda c: _simulate(c, data="fashion-mnist"), ConfigError, "--task new"),
+    ApiRow("evaluate-learner-without-labels", lambda c: _evaluate(c, learner=_learner()), ConfigError,
+           "--labelled-fraction"),
+    ApiRow("evaluate-task-new-more-classes", lambda c: _evaluate(c, method="last-layer", task="new",
+                                                                 labelled_fraction=1.0, data=_npz_classes(c, 12)),
+           ConfigError, "12 classes"),
     ApiRow("load_data-unknown", _load("no-such-dataset"), DataError),
     ApiRow("load_data-missing-path", _load("/nonexistent/edgetune/data.npz"), DataError),
     ApiRow("load_data-garbage-npz", _load(lambda c: str(c.file("g.npz", "junk"))), DataError),

@@ -38,7 +38,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("bundle", help="bundle folder written by `edgetune export --target T`")
     s.add_argument("--target", default=None, help="which project when the bundle has several")
     from edgetune.data.options import add_data_options
-    add_data_options(s, None, "the stream (its test split; default: the data the bundle was fitted on):")
+    add_data_options(s, None, "the stream (its test split; default: the data the bundle was fitted on, or the data "
+                              "whose classes a bundle exported with --task new learns):")
     s.add_argument("--corruption", default="gaussian_noise",
                    help="a name, a comma list, 'all', or 'none' (the data as it is: a real shift)")
     s.add_argument("--severity", type=int, default=5, choices=range(1, 6), metavar="{1..5}")
@@ -48,7 +49,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--protocol", default="episodic", choices=["episodic", "continual", "label-shift"])
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--labelled-fraction", type=_fraction, default=0.0, metavar="P",
-                   help="supervised mode: reveal this fraction of labels after scoring")
+                   help="supervised mode: reveal this fraction of labels after scoring (a bundle exported with "
+                        "--task new learns its classes from them only: P > 0)")
     s.add_argument("--workdir", default=None, help="keep the stream, results and state files here")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     s.set_defaults(func=_cmd_simulate)
