@@ -541,7 +541,9 @@ def tune(args, path: Path) -> None:
         study = "transfer" if r["study"] == "transfer" else "personal"
         score = list(r["held_out_accuracy"].values())[-1] if study == "transfer" else r["mean"]
         best = [x for x in rows if x["study"] == r["study"] and x["method"] == r["method"]]
-        top = max(best, key=lambda x: list(x["held_out_accuracy"].values())[-1] if study == "transfer" else x["mean"])
+        # transfer: a tie on the held-out accuracy (a few hundred images) goes to the better prequential accuracy
+        top = max(best, key=lambda x: (list(x["held_out_accuracy"].values())[-1], x["prequential"])
+                  if study == "transfer" else x["mean"])
         if r is top:
             chosen.setdefault(study, {})[r["method"]] = r["lr"]
             print(f"chosen {study} {r['method']}: lr {r['lr']:g} ({100 * score:.1f} on validation)")
