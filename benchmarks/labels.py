@@ -622,6 +622,7 @@ def main() -> None:
     tag = args.tag or ("labels" if args.part == "all" else f"labels-{args.part}")
     settings = {k: v for k, v in vars(args).items() if k not in ("fit_overrides", "chosen")}
     settings["chosen_lr"] = args.chosen
+    settings["work"] = "WORKDIR"  # scratch bundles, not part of the results (and no machine path in them)
     (out / f"{tag}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     write_tables(rows, out / f"{tag}.md", args)
     plot(rows, out)
