@@ -301,6 +301,54 @@ def device(args) -> list[dict]:
     return rows
 
 
+def probe(args) -> list[dict]:
+    """Why vqt's summaries were under-used (the evidence for vqt's ``align_queries``): a linear head on
+    [pooled last stage ‖ every stage average-pooled] -- vqt's head input at zero queries -- learnt one label at a
+    time (Adam, zero start, one pass over the transfer stream, each label followed by 3 steps on samples drawn
+    from the last 24) from the features as they are, standardised per feature by the source's statistics (2,000
+    Fashion-MNIST training images), by the stream's own, or LayerNorm'd per stage; held-out accuracy on the digits
+    validation split. Offline (the stream's statistics are an oracle a device does not have); float torch."""
+    import torch.nn.functional as F
+    from edgetune.adapt import prepare
+
+    backbone, cfg = load_checkpoint(args.checkpoint)
+    source, target = load_dataset(cfg["data"]), load_dataset("digits")
+    rng = np.random.RandomState(args.seed)  # the draws of ``transfer``'s validation run
+    order = rng.permutation(len(target.train_y))[:args.transfer_stream]
+    held = rng.permutation(len(target.val_y))[:args.held_out]
+    y, hy = torch.as_tensor(target.train_y[order]).long(), torch.as_tensor(target.val_y[held]).long()
+    adaptable = prepare(copy.deepcopy(backbone), "vqt", {}, model_name=cfg["model"], seed=args.seed)
+
+    def pooled(images: np.ndarray, layer_norm: bool = False) -> torch.Tensor:
+        taps = source_taps(adaptable, images)
+        parts = [t.flatten(2).mean(2) for t in taps[:-1]]
+        return torch.cat([taps[-1]] + [F.layer_norm(z, z.shape[-1:]) if layer_norm else z for z in parts], 1)
+
+    f, hf, src = pooled(target.train_x[order]), pooled(target.val_x[held]), pooled(source.train_x[:2000])
+    standard = {"as they are": (f, hf)}
+    for name, ref in (("source statistics", src), ("stream statistics (oracle)", f)):
+        mean, std = ref.mean(0), ref.std(0) + 1e-5
+        standard[name] = ((f - mean) / std, (hf - mean) / std)
+    standard["LayerNorm per stage"] = (pooled(target.train_x[order], True), pooled(target.val_x[held], True))
+    rows = []
+    for name, (a, b) in standard.items():
+        for lr in args.lrs:
+            torch.manual_seed(args.seed)
+            head = torch.nn.Linear(a.shape[1], 10)
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+            opt, draws = torch.optim.Adam(head.parameters(), lr), np.random.RandomState(args.seed)
+            for i in range(len(y)):
+                for j in [i] + (draws.randint(max(0, i - 24), i, 3).tolist() if i else []):
+                    opt.zero_grad()
+                    F.cross_entropy(head(a[j:j + 1]), y[j:j + 1]).backward()
+                    opt.step()
+            acc = float((head(b).argmax(1) == hy).float().mean())
+            rows.append({"study": "probe", "features": name, "lr": lr, "held_out": len(hy), "accuracy": acc})
+            print(f"probe {name:<28} lr {lr:<7g} validation held-out {100 * acc:5.1f}", flush=True)
+    return rows
+
+
 class CachedTaps:
     """Frozen taps depend only on the backbone, the tap specs and the images: compute them once."""
 
@@ -447,6 +495,16 @@ def write_tables(rows: list[dict], path: Path, args) -> None:
             flash = _kb(r["flash_bytes"]) if r.get("flash_bytes") else "-"
             lines.append(f"| {r['method']} | {_kb(r['training_bytes'])} | {sram} | {flash} |")
         lines.append("")
+    probe_rows = [r for r in rows if r["study"] == "probe"]
+    if probe_rows:
+        lrs = list(dict.fromkeys(r["lr"] for r in probe_rows))
+        lines += [f"## Linear head on [pooled last stage ‖ stages average-pooled], one label at a time (Adam, "
+                  f"replay 24 x 3), held-out on {probe_rows[0]['held_out']} validation images", "",
+                  "| features | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "| --- |" + " ---: |" * len(lrs)]
+        for name in dict.fromkeys(r["features"] for r in probe_rows):
+            acc = {r["lr"]: r["accuracy"] for r in probe_rows if r["features"] == name}
+            lines.append(f"| {name} | " + " | ".join(f"{100 * acc[lr]:.1f}" for lr in lrs) + " |")
+        lines.append("")
     device_rows = [r for r in rows if r["study"] == "device"]
     if device_rows:
         r0 = device_rows[0]
@@ -556,7 +614,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny-cnn, few samples, 2 fit epochs: a smoke run")
     p.add_argument("--tune", action="store_true", help="choose every learner's lr on validation data (chosen.json)")
-    p.add_argument("--part", default="all", choices=["all", "transfer", "personal", "mcu", "device"])
+    p.add_argument("--part", default="all", choices=["all", "transfer", "personal", "mcu", "device", "probe"])
     p.add_argument("--device-methods", default="lst:optim=adam+replay=24+rsteps=3+reduction=4",
                    help="device part: transfer specs run through the compiled host runtime")
     p.add_argument("--device-target", default="", help="device part: also simulate this MCU target in QEMU")
@@ -619,6 +677,8 @@ def main() -> None:
         rows += mcu(args)
     if args.part == "device":
         rows += device(args)
+    if args.part == "probe":
+        rows += probe(args)
     tag = args.tag or ("labels" if args.part == "all" else f"labels-{args.part}")
     settings = {k: v for k, v in vars(args).items() if k not in ("fit_overrides", "chosen")}
     settings["chosen_lr"] = args.chosen

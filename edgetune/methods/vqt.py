@@ -36,9 +36,12 @@ CNN form), both off by default:
   eval mode; the fit standardises by its batch's statistics). Why: the head reads the final
   feature at its source scale beside summaries of the early stages whose values are ~10x smaller,
   and one learning rate per weight then leaves those summaries barely used. Measured before the
-  choice (offline linear probes of [final ‖ average-pooled stages] on the digits stream, 180
-  validation images, Adam, one pass, replay 24 x 3): raw features 82.2, per-feature standardised
-  by the stream's statistics 88.9-93.3, by the source's 86.1, LayerNorm per stage 85.6.
+  choice (``benchmarks/labels.py --part probe``: a linear head on [final ‖ average-pooled stages],
+  one label at a time over the digits stream, Adam, replay 24 x 3, best lr, 180 validation images):
+  features as they are 82.2, standardised per feature by the stream's statistics 93.3, by the
+  source's 86.7, LayerNorm per stage 85.6. Transfer Fashion-MNIST -> digits (mcunet-s, 1,258
+  labels, held-out test): vqt with Adam, replay 24 x 3, ``align_queries`` and ``positions`` 90.5
+  (full fine-tuning 90.5; the same learner without ``align_queries`` 79.4).
 
 Both: the head starts as the backbone's classifier on the final feature with zero weights on the
 queries, so an unfitted vqt predicts exactly like ``source``. Test time: queries
