@@ -84,6 +84,9 @@ def test_fit_views_are_shifted_copies_with_half_label_half_classifier_targets():
     assert [f.shape for f in feats] == [(n, 256), (n, 24), (n, 40), (n, 96)]
     torch.testing.assert_close(targets.sum(1), torch.ones(n))
     assert bool((targets[torch.arange(n), labels.repeat(shifted_views.COPIES)] >= 0.5).all())
+    small = _tinytta("mcunet-s", (1, 32, 32), fit_view_images="5")  # the first 5 images per copy
+    feats, targets = small.method.fit_views(small.frozen, images, labels, 0)
+    assert len(targets) == 5 * shifted_views.COPIES and feats[0].shape == (5 * shifted_views.COPIES, 256)
     pooled = _tinytta("mcunet-s", (1, 32, 32), exit_grid="1")
     assert pooled.method.fit_views(pooled.frozen, images, labels, 0) is None  # pooled heads: the plain fit
 

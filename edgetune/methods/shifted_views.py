@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from edgetune.data import to_tensor
 from edgetune.errors import DataError
 
-SAMPLES = 5000  # source images per copy
+SAMPLES = 5000  # source images per copy by default (tinytta: fit_view_images)
 # (kind, strength); the first copy is the clean one. Chosen once for the exit-heads study (results/exits-variants).
 SHIFTS = (("clean", 0.0), ("noise", 0.06), ("noise", 0.12), ("noise", 0.2), ("blur", 0.8), ("blur", 1.6),
           ("contrast", 0.5), ("contrast", 0.25), ("brightness", 0.3), ("brightness", -0.3), ("shift", 3.0),

@@ -113,6 +113,8 @@ class TinyTTAConfig(MethodConfig):
     exit_stages: tuple[int, ...] = field(default=(0,), metadata={
         "help": "the early exits that may be taken (exit k: after stage k; empty: every early exit); the runtime "
                 "probes only after these stages"})
+    fit_view_images: int = setting(shifted_views.SAMPLES, Range(1, 1_000_000), "fit of grid heads: source images per "
+                                   "shifted copy (default: the measured fit; fewer fit faster and worse)")
     grid_heads_learn: bool = field(default=False, metadata={
         "help": "heads on a grid (exit_grid > 1) self-train at test time too (default: fit on source, then frozen)"})
 
@@ -240,7 +242,7 @@ class TinyTTA(Method):
 
     def fit_views(self, frozen, images, targets, seed: int):
         """The pre-deployment fit's data when a head reads a grid: (features, soft targets) of
-        ``shifted_views.COPIES`` copies of the first ``shifted_views.SAMPLES`` source images, each copy
+        ``shifted_views.COPIES`` copies of the first ``fit_view_images`` source images, each copy
         under one generic shift (none of them a test corruption) and re-standardised to the clean copy's
         statistics (what alignment does to such a stream); target = half the label, half the final
         classifier's prediction on the aligned sample (after Kaya et al., Shallow-Deep Networks, ICML
@@ -252,7 +254,7 @@ class TinyTTA(Method):
         """
         if all(g == 1 for g in self.exit_grids):
             return None
-        n = min(len(images), shifted_views.SAMPLES)
+        n = min(len(images), self.config.fit_view_images)
         x, targets = shifted_views.as_float(images[:n]), targets[:n]
         labels = targets if targets.dim() == 2 else F.one_hot(targets.long(), self.num_classes).float()
         rng = torch.Generator().manual_seed(seed)
