@@ -17,6 +17,7 @@ from edgetune.compilers.emit_learner import tap_layout
 from edgetune.deploy import save_initial_state
 from edgetune.deploy.host import HostModel
 from edgetune.errors import ConfigError
+from edgetune.evaluate import evaluate
 from edgetune.export import export
 from edgetune.export.manifest import onnx_name
 from edgetune.methods.base import Learner
@@ -99,3 +100,15 @@ def test_torch_and_compiled_host_learn_the_position_bias_alike(learned):
         assert np.abs(state[f"state_{onnx_name(n)}"] - method.get_buffer(n).numpy()).max() <= TOL, n
     moved = float((method.positions.detach() - fitted).abs().max())
     assert moved > 100 * TOL, moved  # the labels reached the position bias (in C as in torch, checked above)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a host C compiler (apt install gcc)")
+def test_label_feedback_with_the_options_agrees_int8_reference_and_compiled(tiny_cnn, digits):
+    """As tests/test_labels.py for vqt's defaults: with half the labels revealed, torch on onnxruntime int8 taps and
+    the whole sample in compiled C predict the same class per sample (a float near-tie may flip one)."""
+    args = (tiny_cnn[0], "tiny-cnn", "vqt", digits, ("gaussian_noise", "contrast"), 5, "continual", 0, 30)
+    kw = {"overrides": {"fit_epochs": "3", **OPTIONS}, "labelled_fraction": 0.5, "progress": False}
+    ref = evaluate(*args, backbone_kind="onnx-int8", **kw)
+    got = evaluate(*args, backbone_kind="compiled", **kw)
+    assert got.result.samples == ref.result.samples == 60
+    assert np.mean(np.array(got.result.predictions) == np.array(ref.result.predictions)) >= 0.98
