@@ -11,10 +11,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import needs_tool
 
 from edgetune.adapt import fit, prepare, source_taps
 from edgetune.compilers.emit_learner import tap_layout
-from edgetune.deploy import save_initial_state
+from edgetune.deploy import save_initial_state, write_target_project
+from edgetune.deploy.build import build_project
 from edgetune.deploy.host import HostModel
 from edgetune.errors import ConfigError
 from edgetune.evaluate import evaluate
@@ -22,7 +24,7 @@ from edgetune.export import export
 from edgetune.export.manifest import onnx_name
 from edgetune.methods.base import Learner
 from edgetune.models import build_model
-from edgetune.simulate import stream_samples
+from edgetune.simulate import run_program, stream_samples, write_stream
 
 LEARNER = Learner("adam", replay=5, replay_steps=2, seed=3)
 N = 30
@@ -112,3 +114,31 @@ def test_label_feedback_with_the_options_agrees_int8_reference_and_compiled(tiny
     got = evaluate(*args, backbone_kind="compiled", **kw)
     assert got.result.samples == ref.result.samples == 60
     assert np.mean(np.array(got.result.predictions) == np.array(ref.result.predictions)) >= 0.98
+
+
+@pytest.mark.toolchain
+@needs_tool("arm-none-eabi-gcc", "qemu-system-arm", "make")
+def test_cortex_m7_in_qemu_matches_the_host_build_with_the_options(learned, digits, tmp_path):
+    """The firmware takes the host build's steps with the options: every prediction, and the final weights and
+    summary statistics within 1e-4. vqt's own learner (SGD, one step per label): with Adam's moments or a replay
+    buffer of tiny-cnn's full-resolution taps the firmware would not fit the 512 KB of SRAM (Adam and the replay
+    are checked in QEMU by tests/test_replay.py)."""
+    adaptable = copy.deepcopy(learned[0])
+    adaptable.method.use_learner(Learner())
+    bundle = tmp_path / "bundle"
+    export(adaptable, digits, bundle, progress=False)
+    save_initial_state(bundle, adaptable.method)
+    x, _, resets, feedback = stream_samples("digits", ("gaussian_noise",), 5, "continual", N, labelled_fraction=0.67)
+    path = write_stream(tmp_path / "stream.bin", x, resets, feedback, 10)
+    model, host = HostModel(bundle), []
+    for i in range(len(x)):
+        host.append(model.step(x[i]).prediction)
+        if feedback[i] >= 0:
+            model.feedback(x[i], int(feedback[i]))
+    built = build_project(write_target_project(bundle, "cortex-m7", out_dir=tmp_path / "m7"))
+    run = run_program(built, path, tmp_path / "run", adapt=True)
+    assert run.records["prediction"].tolist() == host
+    state = model.state()
+    assert "positions" in state and any(n.startswith("state_query_mean") for n in state)
+    for name, value in state.items():
+        assert np.abs(run.state[name] - value).max() <= TOL, name
