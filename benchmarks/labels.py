@@ -199,24 +199,6 @@ def _slug(label: str) -> str:
     return label.replace(":", "_").replace("=", "-").replace("+", "_")
 
 
-def distinct_zeros(method, names: list[str]) -> list[str]:
-    """Re-initialised class layers of the same shape are all zero, and torch's ONNX exporter merges initialisers of
-    equal value (e.g. lst's ``head.bias`` and ``classifier.bias``), leaving one of them out of trainable.onnx. The
-    k-th duplicate is filled with k * 1e-30 instead (its logits move by 1e-30: only exact ties change). Returns the
-    parameters so changed."""
-    named, seen, changed = dict(method.named_parameters()), {}, []
-    with torch.no_grad():
-        for n in names:
-            k = seen.get(tuple(named[n].shape), 0)
-            seen[tuple(named[n].shape)] = k + 1
-            if k:
-                named[n].fill_(k * 1e-30)
-                changed.append(n)
-    method._initial = None  # reset() returns here
-    method.reset()
-    return changed
-
-
 def held_out_compiled(model, images: np.ndarray, labels: np.ndarray) -> float:
     """Held-out accuracy of a compiled host model's current weights: a second runtime on the same model with
     adaptation off (infer at momentum 0: nothing changes, as ``predict``)."""
@@ -240,6 +222,7 @@ def device(args) -> list[dict]:
     from edgetune.deploy.host import HostModel
     from edgetune.errors import BudgetError, ToolchainError
     from edgetune.export import export
+    from edgetune.export.manifest import TaskSpec, record_task
     from edgetune.simulate import simulate
 
     backbone, cfg = load_checkpoint(args.checkpoint)
@@ -256,15 +239,15 @@ def device(args) -> list[dict]:
         start = time.time()
         adaptable = prepared(backbone, cfg["model"], method, overrides, source, args,
                              chosen_lr(args, "transfer", label))
-        reinitialised = start_new_task(adaptable)
-        nudged = distinct_zeros(adaptable.method, reinitialised)
+        reinitialised = start_new_task(adaptable)  # duplicate zero tensors come back distinct (exportable)
         install_learner(adaptable.method, learner(overrides)[1], args.seed)
         bundle = Path(args.work) / f"device-{cfg['model']}-{_slug(label)}"
         export(adaptable, source, bundle, progress=False)
         save_initial_state(bundle, adaptable.method)
+        record_task(bundle, TaskSpec("new", "digits", tuple(reinitialised)))  # the bundle says what it learns
         mem = memory_table(adaptable)
         base = {"study": "device", "direction": f"{cfg['data']} -> digits", "model": cfg["model"], "method": label,
-                "lr": adaptable.method.config.lr, "reinitialised": reinitialised, "nudged": nudged, "stream": len(y),
+                "lr": adaptable.method.config.lr, "reinitialised": reinitialised, "stream": len(y),
                 "held_out": len(hy), "memory_bytes": mem, "training_bytes": training_bytes(mem)}
         model = HostModel(bundle, workdir=bundle / "host")
         correct, held_acc = [], {}

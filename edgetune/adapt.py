@@ -317,21 +317,32 @@ def start_new_task(adaptable: Adaptable) -> list[str]:
     the fit left it. Returns the re-initialised parameter names (the report says them).
 
     Zero, not a random draw: a fresh class layer should know nothing (uniform predictions), and it
-    is the same on every runtime without carrying a seed.
+    is the same on every runtime without carrying a seed. The k-th zero tensor of a shape already
+    restarted (lst's ``head.bias`` beside ``classifier.bias``) is filled with k * 1e-30 instead: torch's
+    ONNX exporter keeps one initialiser for equal constants, and trainable.onnx would lose a trainable
+    parameter (the logits move by 1e-30, so only exact ties change, the same on every runtime).
 
     Raises:
-        ConfigError: no re-initialised parameter is trainable, so the method cannot learn the new classes.
+        ConfigError: the method has no class layer, or no re-initialised parameter is trainable, so the
+            method cannot learn the new classes.
     """
     from edgetune.errors import ConfigError
 
     method = adaptable.method
     names: list[str] = []
+    seen: dict[tuple[int, ...], int] = {}
     with torch.no_grad():
         for module_name, module in method.named_modules():
             if isinstance(module, nn.Linear) and module.out_features == method.num_classes:
                 for kind, param in module.named_parameters(recurse=False):
-                    param.zero_()
+                    k = seen.get(tuple(param.shape), 0)
+                    seen[tuple(param.shape)] = k + 1
+                    param.fill_(k * 1e-30)
                     names.append(f"{module_name}.{kind}")
+    if not names:
+        raise ConfigError(f"task: {method.name} has no class layer to restart (no Linear with {method.num_classes} "
+                          "outputs); use a method that learns from labels (last-layer, lst, vqt, bias-only, "
+                          "full-finetune)")
     learns = set(method.trainable_names()) if method.config.lr > 0 else set()
     if not learns & set(names):
         trainable = ", ".join(method.trainable_names()) or "none"

@@ -227,7 +227,7 @@ def _new_task_stream(args: argparse.Namespace, backbone) -> str:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from edgetune.adapt import fit, prepare
+    from edgetune.adapt import fit, prepare, start_new_task
     from edgetune.data import checkpoint_source, conform, record_source, source_info
     from edgetune.export import export
     _check_out(args.out)
@@ -247,11 +247,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
         adaptable.method.use_learner(learner)
     if new_task:
         import copy
-
-        from edgetune.evaluate import restart_classes
-        restart_classes(copy.deepcopy(adaptable))  # a method with no class layer to restart: refused before the fit
+        start_new_task(copy.deepcopy(adaptable))  # a method with no class layer to restart: refused before the fit
     fit(adaptable, source, seed=args.seed, mode=args.source_mode)
-    restarted = restart_classes(adaptable) if new_task else []  # the class layers start at zero for the stream
+    restarted = start_new_task(adaptable) if new_task else []  # the class layers start at zero for the stream
     manifest = export(adaptable, source, args.out, quantize=not args.no_quantize, target=args.target)
     record_source(args.out, source_info(source, args.source_mode, origin))
     from edgetune.export import seal_bundle

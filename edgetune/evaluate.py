@@ -261,37 +261,6 @@ def check_stream_classes(stream_classes: int, model_classes: int, stream: str, c
                           "classes, or train a backbone with as many classes (train-source)")
 
 
-def restart_classes(adaptable: Adaptable) -> list[str]:
-    """The method's class layers start at zero for a new task (``start_new_task``), each distinct from the others.
-
-    Two zero tensors of one shape (lst's ``head.bias`` and ``classifier.bias``) are one value to torch's ONNX
-    exporter, which keeps one initialiser for both, and trainable.onnx would lose a trainable parameter. The k-th
-    duplicate of a shape is therefore filled with k * 1e-30 (a normal float32: its logits move by 1e-30, so only
-    exact ties change, the same on every runtime). Returns the restarted parameter names.
-
-    Raises:
-        ConfigError: the method has no class layer (a ``Linear`` with one output per class), or none it trains.
-    """
-    from edgetune.adapt import start_new_task
-
-    method = adaptable.method
-    if not any(isinstance(m, torch.nn.Linear) and m.out_features == method.num_classes for m in method.modules()):
-        raise ConfigError(f"task: {method.name} has no class layer to restart (no Linear with {method.num_classes} "
-                          "outputs); use a method that learns from labels (last-layer, lst, vqt, bias-only, "
-                          "full-finetune)")
-    names = start_new_task(adaptable)
-    params, seen = dict(method.named_parameters()), dict[tuple[int, ...], int]()
-    with torch.no_grad():
-        for name in names:
-            shape = tuple(params[name].shape)
-            if seen.get(shape):
-                params[name].fill_(seen[shape] * 1e-30)
-            seen[shape] = seen.get(shape, 0) + 1
-    method._initial = None  # reset() returns to these values (start_new_task's own reset saw the plain zeros)
-    method.reset()
-    return names
-
-
 def _compiled(adaptable: Adaptable, data, segments: list[Segment], labelled_fraction: float, seed: int,
               progress: bool) -> tuple[StreamResult, str]:
     """Export ``adaptable`` (int8) and stream the segments through its compiled host runtime.
@@ -356,7 +325,7 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
     """
     import copy
 
-    from edgetune.adapt import fit, prepare
+    from edgetune.adapt import fit, prepare, start_new_task
     from edgetune.data import build_stream, conform, load_data, parse_corruptions
     from edgetune.data.roles import check_mode, check_task, source_info
     from edgetune.memory import memory_table
@@ -386,7 +355,7 @@ def evaluate(backbone, model_name: str, method: str, data, corruptions: tuple[st
         adaptable = prepare(copy.deepcopy(backbone), name, ovr, model_name=model_name, seed=seed)
         fit(adaptable, src, seed=seed, progress=progress, mode=source_mode)
         if task == "new" and name == method:
-            reinitialised = restart_classes(adaptable)
+            reinitialised = start_new_task(adaptable)
         if learner is not None and name == method:
             adaptable.method.use_learner(learner)  # the torch step uses it; export writes it for the C runtime
         if backbone_kind == "compiled":

@@ -136,7 +136,7 @@ class VQT(Method):
             self.queries = nn.ParameterList(nn.Parameter(torch.zeros(m, c)) for c in widths)
             summary = m * sum(widths)
             # one tensor for every stage's position biases: zero-initialised tensors of equal shape would be
-            # merged into one initialiser by the ONNX exporter (see benchmarks/labels.py distinct_zeros)
+            # merged into one initialiser by the ONNX exporter (see edgetune.adapt.start_new_task)
             self.sizes = [math.prod(shape[1:]) for shape in backbone.stage_shapes()]
             if config.positions:
                 self.positions = nn.Parameter(torch.zeros(m, sum(self.sizes)))
