@@ -13,6 +13,7 @@ genuinely too small for the bundle.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import struct
@@ -32,6 +33,7 @@ from edgetune.deploy.host import HostModel
 from edgetune.deploy.streams import REJECTED
 from edgetune.errors import BudgetError
 from edgetune.export import export, exportable_methods, load_manifest
+from edgetune.methods import METHODS
 from edgetune.simulate import run_program, stream_samples
 from edgetune.targets import HERE, get_target
 from test_board_qemu import read_slots  # the independent (zlib) reader of the slot format
@@ -89,7 +91,10 @@ def deployed(request, mcunet, digits, stream, tmp_path_factory) -> Deployed:
     training becomes chaotic and float32 rounding alone (torch vs C summation order) grows past
     1e-4 within 300 samples."""
     method = request.param
-    adaptable = prepare(copy.deepcopy(mcunet[0]), method, {"fit_epochs": "3", "lr": "0.001"}, model_name="mcunet-s")
+    settings = {"fit_epochs": "3", "lr": "0.001", "fit_view_images": "200"}  # tinytta: a small fit of its grid head
+    known = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    adaptable = prepare(copy.deepcopy(mcunet[0]), method, {k: v for k, v in settings.items() if k in known},
+                        model_name="mcunet-s")
     fit(adaptable, digits, progress=False)
     bundle = tmp_path_factory.mktemp(f"bundle-{method}")
     export(adaptable, digits, bundle, progress=False)
@@ -168,7 +173,11 @@ def test_device_run_matches_the_host_build(deployed, stream, where, tmp_path):
     assert run.summary["updates"] == (N + labelled if deployed.projects[target].learns else 0)
     if t.kind == "mcu":
         assert 0 < run.summary["stack_used_bytes"] < run.summary["stack_bytes"]
-        assert run.summary["ticks"]["frozen"] > run.summary["ticks"]["method"] > 0
+        ticks = run.summary["ticks"]
+        if load_manifest(deployed.bundle).runtime.exits is None:
+            assert ticks["frozen"] > ticks["method"] > 0
+        else:  # with early exits the plan runs in stage segments: only the first is timed apart from the step
+            assert ticks["frozen"] > 0 and ticks["method"] > 0
 
 
 # --- small bundle: static linking, power cuts, budget refusal --------------------------------------------------

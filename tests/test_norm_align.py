@@ -187,7 +187,9 @@ def test_variant_options_fold_what_they_say(mcunet, digits, graph):
 
 
 def test_tinytta_row_reads_the_aligned_stage_outputs(mcunet, digits, graph):
-    adaptable = prepare(copy.deepcopy(mcunet[0]), "tinytta", {}, model_name="mcunet-s")
+    # the study's tinytta reads pooled stage outputs: pooled heads at every exit, no exits (its earlier default)
+    pooled = {"exit_grid": "1", "exit_stages": "", "exit_threshold": "1"}
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "tinytta", pooled, model_name="mcunet-s")
     fit(adaptable, digits, progress=False)
     bank = _streams(mcunet, digits, graph, [Variant("tinytta", first_stage=4, tinytta=True),
                                             Variant("composed", tinytta=True)], adaptable.method)
