@@ -130,7 +130,8 @@ def render(results: dict) -> str:
                          f"{r['refused'].splitlines()[0].split('(')[1].split(')')[0]} | | | | | | | | | | |")
             continue
         ratio = (r["adaptation_instructions_per_sample"] / r["inference_instructions_per_sample"]
-                 if r["inference_instructions_per_sample"] else None)
+                 if r["inference_instructions_per_sample"] and r["adaptation_instructions_per_sample"] is not None
+                 else None)  # None with early exits: the source run takes other paths
         lines.append(f"| {method} | {target} | {100 * r['online_accuracy']:.1f} | {100 * r['source_accuracy']:.1f} | "
                      f"{_n(r['instructions_per_sample'])} | {_n(r['inference_instructions_per_sample'])} | "
                      f"{_n(r['adaptation_instructions_per_sample'])} | "
@@ -175,8 +176,9 @@ def plot(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     keys = sorted(runs, key=lambda k: (k.split("|")[1], k.split("|")[0]))
     labels = [k.replace("|", "\n") for k in keys]
-    inference = [runs[k]["inference_instructions_per_sample"] / 1e6 for k in keys]
-    adaptation = [runs[k]["adaptation_instructions_per_sample"] / 1e6 for k in keys]
+    # with early exits the adaptation share is not defined (see edgetune.simulate): the whole bar is the adapted run
+    adaptation = [(runs[k]["adaptation_instructions_per_sample"] or 0) / 1e6 for k in keys]
+    inference = [runs[k]["instructions_per_sample"] / 1e6 - a for k, a in zip(keys, adaptation)]
     x = list(range(len(keys)))
     left.bar(x, inference, label="inference")
     left.bar(x, adaptation, bottom=inference, label="adaptation")

@@ -27,6 +27,7 @@ import exit_variants as ev
 import exits as bench
 from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
+from edgetune.methods.tinytta import POOLED_NO_EXITS
 from edgetune.data import TEST_CORRUPTIONS, build_stream, load_dataset, to_tensor
 from edgetune.deploy import build_project, save_initial_state, write_target_project
 from edgetune.deploy.host import HostModel
@@ -56,7 +57,7 @@ def main() -> None:
     x = x[np.linspace(0, len(x) - 1, args.samples).astype(int)]
     start = time.time()
     if args.baseline:
-        adaptable = prepare(copy.deepcopy(backbone), "tinytta", model_name="mcunet-s", seed=0)
+        adaptable = prepare(copy.deepcopy(backbone), "tinytta", POOLED_NO_EXITS, model_name="mcunet-s", seed=0)
         fit(adaptable, data, seed=0, progress=False)
         method = adaptable.method
     else:

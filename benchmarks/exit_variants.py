@@ -68,7 +68,7 @@ from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream
 from edgetune.export import export
 from edgetune.methods.align import FeatureAligner
 from edgetune.methods.base import TapSpec
-from edgetune.methods.tinytta import TinyTTA, exit_head
+from edgetune.methods.tinytta import POOLED_NO_EXITS, TinyTTA, exit_head
 
 import exits as bench  # benchmarks/exits.py: the sweep point, stream taps and the per-exit pricing
 
@@ -399,7 +399,7 @@ def main() -> None:
 
     data = load_dataset("fashion-mnist")
     backbone, _ = load_checkpoint(ROOT / "checkpoints" / "mcunet-s-fashion-mnist")
-    adaptable = prepare(copy.deepcopy(backbone), "tinytta", model_name="mcunet-s", seed=args.seed)
+    adaptable = prepare(copy.deepcopy(backbone), "tinytta", POOLED_NO_EXITS, model_name="mcunet-s", seed=args.seed)
     fit(adaptable, data, seed=args.seed, progress=False)
     cache = work / f"streams-{n}-{len(test_c)}-{args.seed}.pt"
     if cache.exists():
@@ -575,7 +575,8 @@ def heads_name(variant: Variant) -> str:
 def rich_setup(cls, backbone, data, work: Path, n: int, val_c, test_c, seed: int):
     """(adaptable of a grid study variant, its int8 stream taps: whole maps of the early stages, cached)."""
     backbone = prepare(copy.deepcopy(backbone), "tinytta").backbone  # frozen, as prepare leaves it
-    adaptable = Adaptable(backbone, cls(backbone, prepare(backbone, "tinytta").method.config), "mcunet-s")
+    pooled = prepare(backbone, "tinytta", POOLED_NO_EXITS).method.config  # the study's heads read pooled outputs
+    adaptable = Adaptable(backbone, cls(backbone, pooled), "mcunet-s")
     adaptable.method.calibrate([batched_taps(adaptable, adaptable.method, data.train_x[:5000])])
     cache = work / f"streams-maps-{n}-{len(test_c)}-{seed}.pt"  # the same maps serve every grid
     if cache.exists():

@@ -124,7 +124,8 @@ def table(rows: list[dict], sim: dict | None, args: argparse.Namespace, commands
                   "instructions / sample | of which adaptation |", "|---:|---:|---:|---:|---:|---:|---:|",
                   f"| {sim['n']} | {100 * sim['source_accuracy']:.1f} | {100 * sim['online_accuracy']:.1f} | "
                   f"{sim['sram_bytes']:,} | {sim['flash_bytes']:,} | {sim['instructions_per_sample']:,.0f} | "
-                  f"{sim['adaptation_instructions_per_sample']:,.0f} |"]
+                  + ("-" if sim['adaptation_instructions_per_sample'] is None
+                     else f"{sim['adaptation_instructions_per_sample']:,.0f}") + " |"]
     lines += ["", "Commands (WORK: the benchmark's `--work` folder):", "", "```"]
     lines += [c.replace(str(args.work), "WORK") for c in commands if '"' not in c] + ["```", ""]
     return "\n".join(lines)

@@ -36,6 +36,7 @@ import torch
 
 from edgetune.adapt import fit, prepare
 from edgetune.checkpoint import load_checkpoint
+from edgetune.methods.tinytta import POOLED_NO_EXITS
 from edgetune.data import TEST_CORRUPTIONS, VALIDATION_CORRUPTIONS, build_stream, load_dataset, to_tensor
 from edgetune.evaluate import run_stream
 from edgetune.export.quantize import calibration_images
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> None:
             variants.append(dataclasses.replace(Variant(), name="norm-align (DUA, stages 2-3)"))
     tinytta = None
     if any(v.tinytta for v in variants):  # tinytta's heads fitted as the accuracy benchmark fits them
-        adaptable = prepare(copy.deepcopy(main), "tinytta", {}, model_name=main_cfg["model"])
+        adaptable = prepare(copy.deepcopy(main), "tinytta", POOLED_NO_EXITS, model_name=main_cfg["model"])
         fit(adaptable, data, seed=0, progress=False)
         tinytta = adaptable.method
     ctx = Context(qdq, conv_stages(main), main.for_export().classifier,

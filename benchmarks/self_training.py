@@ -27,7 +27,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,11 +39,15 @@ from edgetune.data import VALIDATION_CORRUPTIONS, build_stream, load_dataset
 from edgetune.evaluate import run_stream, tap_function
 from edgetune.methods import prior
 from edgetune.methods.base import Range, declare, setting, stop_gradient
-from edgetune.methods.tinytta import TinyTTA, TinyTTAConfig
+from edgetune.methods.tinytta import POOLED_NO_EXITS, TinyTTA, TinyTTAConfig
 
 
 @dataclass(frozen=True)
 class VariantConfig(TinyTTAConfig):
+    # the study ran on tinytta's pooled heads without exits (the default before the grid exit)
+    exit_threshold: float = setting(1.0, Range(0.0, 1.0), "exit early above this confidence (1: never)")
+    exit_grid: tuple[int, ...] = field(default=(), metadata={"help": "grid of each early exit's head (study: pooled)"})
+    exit_stages: tuple[int, ...] = field(default=(), metadata={"help": "open early exits (study: every stage)"})
     hard: int = setting(0, Range(0, 1), "hard pseudo-labels")
     tau: float = setting(0.0, Range(0.0, 1.0), "confidence filter of the update")
     cls: int = setting(0, Range(0, 1), "the classifier learns too")
@@ -143,7 +147,7 @@ def main() -> None:
             if spec not in taps:  # the frozen int8 graph does not depend on the rule: export plain tinytta
                 plain = adaptable
                 if method == "tinytta-variant":
-                    plain = prepare(copy.deepcopy(backbone), "tinytta", model_name=cfg["model"])
+                    plain = prepare(copy.deepcopy(backbone), "tinytta", POOLED_NO_EXITS, model_name=cfg["model"])
                     fit(plain, data, seed=0, progress=False)
                 fn, _ = tap_function(plain, data, "onnx-int8")
                 cache: dict[str, list] = {}

@@ -117,9 +117,14 @@ class SimulationReport:
                    f"{_pct(self.halves[1])} %"] if self.halves is not None else []),
                 f"  flash                    {self.flash_bytes:,} B",
                 f"  SRAM                     {sram}",
-                f"  instructions / sample    {insns(self.instructions_per_sample)}  (inference "
-                f"{insns(self.inference_instructions_per_sample)} + adaptation "
-                f"{insns(self.adaptation_instructions_per_sample)})",
+                (f"  instructions / sample    {insns(self.instructions_per_sample)}  (inference "
+                 f"{insns(self.inference_instructions_per_sample)} + adaptation "
+                 f"{insns(self.adaptation_instructions_per_sample)})"
+                 if self.adaptation_instructions_per_sample is not None or self.inference_instructions_per_sample
+                 is None else
+                 f"  instructions / sample    {insns(self.instructions_per_sample)}  (adaptation off: "
+                 f"{insns(self.inference_instructions_per_sample)}; with early exits the two runs take other paths, "
+                 "so the difference is not the step's cost)"),
                 (f"  backbone                 {insns(self.frozen_instructions_per_sample)} instructions for "
                  f"{self.macs:,} MACs = {ipm} per MAC" if self.frozen_instructions_per_sample is not None else
                  "  backbone                 not timed apart (early exits: the plan runs in stage segments)"),
@@ -440,7 +445,7 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
         total, inference, frozen = counted
     # with early exits the plan runs in stage segments: the runtime times only the first apart from the step
     exits = any(bool(np.any((r.records["flags"] & EARLY_EXIT) != 0)) for r in (adapted, source))
-    if exits:
+    if exits:  # nor is adapted - source the step's cost: the two runs exit on different samples
         frozen = None
     mcu = get_target(p.target).kind == "mcu"
     stack = max(sa["stack_used_bytes"], ss["stack_used_bytes"]) if mcu else None
@@ -451,7 +456,7 @@ def report(built: Built, adapted: RunResult, source: RunResult, labels: np.ndarr
         sram_bytes=built.static_ram_bytes + stack if stack is not None else None,
         static_ram_bytes=built.static_ram_bytes, stack_bytes=stack, instructions_per_sample=total,
         inference_instructions_per_sample=inference,
-        adaptation_instructions_per_sample=None if total is None or inference is None else total - inference,
+        adaptation_instructions_per_sample=None if total is None or inference is None or exits else total - inference,
         frozen_instructions_per_sample=frozen,
         instructions_per_mac=None if frozen is None or not p.macs else frozen / p.macs, macs=p.macs,
         early_exit_rate=float(np.mean((adapted.records["flags"][ok] & EARLY_EXIT) != 0)) if accepted else 0.0,

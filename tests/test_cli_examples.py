@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,3 +169,8 @@ def test_examples_run(script, args, expect, tmp_path):
     if "main_job" in script:  # the result table: adapted and source accuracy on the same samples, memory
         assert "online accuracy" in proc.stdout and "(source, same samples:" in proc.stdout
         assert "SRAM" in proc.stdout and "flash" in proc.stdout
+        # tinytta's default early exit: the share and the instructions saved, measured per sample in QEMU; with exits
+        # the adapted and source runs take other paths, so no "adaptation" share is claimed
+        saved = re.search(r"early exits ([0-9.]+) % of 30 samples; .* ([0-9.]+) % saved", proc.stdout)
+        assert saved and 0 < float(saved.group(1)) < 100 and float(saved.group(2)) > 0, proc.stdout[-1500:]
+        assert "so the difference is not the step's cost" in proc.stdout

@@ -126,6 +126,10 @@ class TinyTTAConfig(MethodConfig):
                               f"exit_grid={self.exit_grid}, exit_stages={self.exit_stages}); e.g. exit_grid=4,1,1")
 
 
+# The default before the grid exit: pooled heads at every stage, no exits (the studies that read pooled stage
+# outputs, and the README rows "without exits", pass these settings).
+POOLED_NO_EXITS = {"exit_grid": "", "exit_stages": "", "exit_threshold": "1"}
+
 FIT_LABEL_WEIGHT = 0.5  # grid heads' fit target: this much label, the rest the final classifier (results/exits-grid)
 
 
