@@ -222,7 +222,7 @@ def device(args) -> list[dict]:
     from edgetune.deploy.host import HostModel
     from edgetune.errors import BudgetError, ToolchainError
     from edgetune.export import export
-    from edgetune.export.manifest import TaskSpec, record_task
+    from edgetune.export.manifest import TaskSpec, seal_bundle
     from edgetune.simulate import simulate
 
     backbone, cfg = load_checkpoint(args.checkpoint)
@@ -244,7 +244,7 @@ def device(args) -> list[dict]:
         bundle = Path(args.work) / f"device-{cfg['model']}-{_slug(label)}"
         export(adaptable, source, bundle, progress=False)
         save_initial_state(bundle, adaptable.method)
-        record_task(bundle, TaskSpec("new", "digits", tuple(reinitialised)))  # the bundle says what it learns
+        seal_bundle(bundle, TaskSpec("new", "digits", tuple(reinitialised)))  # the bundle says what it learns
         mem = memory_table(adaptable)
         base = {"study": "device", "direction": f"{cfg['data']} -> digits", "model": cfg["model"], "method": label,
                 "lr": adaptable.method.config.lr, "reinitialised": reinitialised, "stream": len(y),

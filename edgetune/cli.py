@@ -253,10 +253,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
     manifest = export(adaptable, source, args.out, quantize=not args.no_quantize, target=args.target)
     record_source(args.out, source_info(source, args.source_mode, origin))
     from edgetune.export import seal_bundle
-    seal_bundle(args.out)  # source.json is written after export: its hash goes into the manifest too
-    if new_task:
-        from edgetune.export.manifest import TaskSpec, record_task
-        record_task(args.out, TaskSpec("new", stream, tuple(restarted)))
+    from edgetune.export.manifest import TaskSpec
+    # source.json is written after export: its hash goes into the manifest too, with a new task's classes
+    seal_bundle(args.out, TaskSpec("new", stream, tuple(restarted)) if new_task else None)
     print(f"wrote {args.out} ({manifest.method} on {manifest.model}, target {args.target})"
           + (f"; new task: {', '.join(restarted)} start at zero and learn the classes of {stream} from revealed "
              "labels on the device" if new_task else ""))

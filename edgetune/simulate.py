@@ -9,7 +9,8 @@ Instructions per sample: the adapted run's (whole ``et_runtime_step``); inferenc
 without adaptation; adaptation: the difference. Instructions per MAC: the frozen forward's
 instructions over the backbone's multiply-accumulates; left out when samples exit early (the plan
 then runs the backbone in stage segments and only the first is timed apart from the method's step).
-With early exits "adaptation" also holds the difference in exits between the two runs. User-mode QEMU
+With early exits there is no "adaptation" figure either: the two runs exit on different samples, so
+their difference is not the step's cost. User-mode QEMU
 has no instruction counter (and emulated time is not device time), so on Linux targets instruction
 figures are counted by ``count_aarch64_instructions`` on a short run, or left out.
 

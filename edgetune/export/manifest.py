@@ -314,7 +314,7 @@ class Manifest:
     digest: str = ""  # sha256 of this manifest with digest "" (``manifest_digest``)
     # norm-align only: the compiled frozen graph's extra inputs (state) and outputs (statistics)
     norm_align: NormAlignSpec | None = None
-    task: TaskSpec = TaskSpec()  # the source's classes unless exported for a new task (``record_task``)
+    task: TaskSpec = TaskSpec()  # the source's classes unless exported for a new task (``seal_bundle``)
 
     def to_json(self) -> str:
         fields_ = asdict(self)
@@ -518,30 +518,21 @@ def seal(manifest: Manifest, directory: str | Path) -> Manifest:
     return replace(sealed, digest=manifest_digest(sealed))
 
 
-def seal_bundle(bundle_dir: str | Path) -> Manifest:
+def seal_bundle(bundle_dir: str | Path, task: TaskSpec | None = None) -> Manifest:
     """Record the side files written after ``export`` (``source.json``, a re-saved initial state) in
-    the bundle's manifest and rewrite it; the graphs are checked first.
+    the bundle's manifest and rewrite it; the graphs are checked first. ``task``: also record whose classes the
+    bundle predicts (a bundle exported for a new task says so before anything is built from it); None keeps it.
 
     Raises:
-        CheckpointError: as ``load_manifest`` (graphs only: side files are what this records).
+        CheckpointError: as ``load_manifest`` (graphs only: side files are what this records), or ``task`` is
+            not a valid task (refused before anything is written).
     """
     d = Path(bundle_dir)
-    manifest = seal(load_manifest(d, side_files=False), d)
-    (d / MANIFEST_FILE).write_text(manifest.to_json())
-    return manifest
-
-
-def record_task(bundle_dir: str | Path, task: TaskSpec) -> Manifest:
-    """Record ``task`` in a bundle's manifest and seal it again (``seal_bundle``): ``export`` writes the
-    source's task, and a bundle exported for a new task says so before anything is built from it.
-
-    Raises:
-        CheckpointError: as ``load_manifest`` (graphs only), or ``task`` is not a valid task.
-    """
-    d = Path(bundle_dir)
-    manifest = seal(replace(load_manifest(d, side_files=False), task=task), d)
+    manifest = load_manifest(d, side_files=False)
+    manifest = seal(manifest if task is None else replace(manifest, task=task), d)
     text = manifest.to_json()
-    Manifest.from_json(text)  # an invalid task is refused before it is written
+    if task is not None:
+        Manifest.from_json(text)  # checks the task
     (d / MANIFEST_FILE).write_text(text)
     return manifest
 
