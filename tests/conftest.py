@@ -64,3 +64,13 @@ def needs_tool(*tools: str):
     """Skip marker for tests that need an external tool — only where it is truly absent."""
     missing = [t for t in tools if shutil.which(t) is None]
     return pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)} (CI installs it)")
+
+
+def known_settings(method: str, settings: dict[str, str]) -> dict[str, str]:
+    """The entries of ``settings`` that are config fields of ``method``: one set of overrides for every method of a
+    parametrised test (e.g. ``fit_view_images`` reaches tinytta only)."""
+    import dataclasses
+
+    from edgetune.methods import METHODS
+    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    return {k: v for k, v in settings.items() if k in fields}

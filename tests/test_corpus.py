@@ -37,6 +37,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import known_settings
 from corpus_models import (CORPUS, Outcome, build, export_and_compile, fit_linear_probe, frozen_taps, graph_macs,
                            labelled_samples, sample_inputs)
 from edgetune.compilers import FrozenRunner
@@ -415,13 +416,9 @@ def test_build_model_takes_any_input_shape():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(REFERENCE))
 def test_methods_prepare_and_step_on_reference_models(name, method, references):
-    import dataclasses
-
     from edgetune.adapt import prepare
-    from edgetune.methods import METHODS as REGISTRY
 
-    fields = {f.name for f in dataclasses.fields(REGISTRY.get(method).Config)}
-    overrides = {k: v for k, v in {"lr": "0.01", "entropy_weight": "1"}.items() if k in fields}
+    overrides = known_settings(method, {"lr": "0.01", "entropy_weight": "1"})
     backbone = copy.deepcopy(references[name])
     adaptable = prepare(backbone, method, overrides, model_name=name)
     logits = adaptable.step(torch.from_numpy(sample_inputs(backbone.input_shape, 1)))

@@ -13,7 +13,6 @@ genuinely too small for the bundle.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 import struct
@@ -33,9 +32,9 @@ from edgetune.deploy.host import HostModel
 from edgetune.deploy.streams import REJECTED
 from edgetune.errors import BudgetError
 from edgetune.export import export, exportable_methods, load_manifest
-from edgetune.methods import METHODS
 from edgetune.simulate import run_program, stream_samples
 from edgetune.targets import HERE, get_target
+from conftest import known_settings
 from test_board_qemu import read_slots  # the independent (zlib) reader of the slot format
 
 N = 300
@@ -92,9 +91,7 @@ def deployed(request, mcunet, digits, stream, tmp_path_factory) -> Deployed:
     1e-4 within 300 samples."""
     method = request.param
     settings = {"fit_epochs": "3", "lr": "0.001", "fit_view_images": "200"}  # tinytta: a small fit of its grid head
-    known = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
-    adaptable = prepare(copy.deepcopy(mcunet[0]), method, {k: v for k, v in settings.items() if k in known},
-                        model_name="mcunet-s")
+    adaptable = prepare(copy.deepcopy(mcunet[0]), method, known_settings(method, settings), model_name="mcunet-s")
     fit(adaptable, digits, progress=False)
     bundle = tmp_path_factory.mktemp(f"bundle-{method}")
     export(adaptable, digits, bundle, progress=False)

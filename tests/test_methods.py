@@ -18,6 +18,7 @@ from edgetune.errors import ConfigError
 from edgetune.methods import METHODS
 from edgetune.methods.base import Exits
 from edgetune.models import build_model
+from conftest import known_settings
 
 FAST = {"fit_epochs": "2", "lr": "0.01", "entropy_weight": "1"}  # a visible unsupervised update in a few steps
 DEFAULT_MODEL = "tiny-cnn"
@@ -53,9 +54,8 @@ def _backbone(model: str):
 
 
 def _prepared(backbone, method: str, **overrides):
-    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
     torch.manual_seed(0)
-    return prepare(backbone, method, {k: v for k, v in {**FAST, **overrides}.items() if k in fields})
+    return prepare(backbone, method, known_settings(method, {**FAST, **overrides}))
 
 
 def _stream(digits, n: int = 4) -> torch.Tensor:
@@ -114,8 +114,7 @@ def test_contradictory_declarations_are_refused_in_one_line(digits):
 def test_fit_improves_the_attachments(method, digits, tiny_cnn):
     torch.manual_seed(0)
     small = {"fit_epochs": "3", "fit_view_images": "200"}  # tinytta: its grid exit head fit on 200 images per copy
-    known = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
-    adaptable = prepare(tiny_cnn[0], method, {k: v for k, v in small.items() if k in known})
+    adaptable = prepare(tiny_cnn[0], method, known_settings(method, small))
     report = fit(adaptable, digits, progress=False, use_cache=False, max_samples=400)
     assert report["val_loss_after"] < report["val_loss_before"] - 0.01
 
@@ -259,8 +258,8 @@ def test_tinytta_agreement_rule_exits_where_trackers_are_open_and_explores(digit
 @pytest.mark.parametrize("model", ["tiny-cnn", "vit-tiny"])
 def test_vqt_starts_as_the_source_classifier(model, digits):
     backbone = _backbone(model)
-    known = {f.name for f in dataclasses.fields(METHODS.get("vqt").Config)}  # unaligned: alignment moves it
-    adaptable = prepare(backbone, "vqt", {k: v for k, v in {"lr": "0", "align": "false"}.items() if k in known})
+    # unaligned: alignment moves it
+    adaptable = prepare(backbone, "vqt", known_settings("vqt", {"lr": "0", "align": "false"}))
     x = _stream(digits, 1)
     with torch.no_grad():
         torch.testing.assert_close(adaptable.step(x), backbone(x), rtol=1e-5, atol=1e-5)

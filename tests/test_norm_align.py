@@ -20,6 +20,7 @@ from edgetune.int8ref.norm_align_int8 import Int8NormAlign, fold_affine, int8_gr
 from edgetune.int8ref.qdq_model import QDQModel
 from edgetune.int8ref.variants import AlignedStreams, Variant, conv_kinds, conv_stages
 from edgetune.methods import norm_align  # noqa: F401 - registers norm-align
+from edgetune.methods.tinytta import POOLED_NO_EXITS
 from edgetune.models import build_model
 
 SAMPLES = 40
@@ -188,8 +189,7 @@ def test_variant_options_fold_what_they_say(mcunet, digits, graph):
 
 def test_tinytta_row_reads_the_aligned_stage_outputs(mcunet, digits, graph):
     # the study's tinytta reads pooled stage outputs: pooled heads at every exit, no exits (its earlier default)
-    pooled = {"exit_grid": "1", "exit_stages": "", "exit_threshold": "1"}
-    adaptable = prepare(copy.deepcopy(mcunet[0]), "tinytta", pooled, model_name="mcunet-s")
+    adaptable = prepare(copy.deepcopy(mcunet[0]), "tinytta", POOLED_NO_EXITS, model_name="mcunet-s")
     fit(adaptable, digits, progress=False)
     bank = _streams(mcunet, digits, graph, [Variant("tinytta", first_stage=4, tinytta=True),
                                             Variant("composed", tinytta=True)], adaptable.method)
